@@ -1,0 +1,185 @@
+"""The ``btrfs`` driver: volumes are subvolumes, snapshots are read-only snapshots.
+
+Subvolume work goes through btrfsutil (python3-btrfsutil), not the ``btrfs`` command, so
+errors arrive as exceptions with errno rather than text to parse. A pool without a source
+lives on a sparse loop file under the state root, mounted at activation; a pool given an
+existing directory on btrfs uses it in place and never mounts or formats anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import btrfsutil  # type: ignore[import-not-found]
+
+from migrator import proc
+from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
+from migrator.errors import AlreadyExists, NoSpace, NotFound, StorageError
+from migrator.names import SnapshotName
+
+
+def _storage_error(what: str, e: Exception) -> StorageError:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return NoSpace(f"{what}: no space left on the btrfs pool")
+    return StorageError(f"{what}: {e}")
+
+
+def make_loop_filesystem(image: Path, size: int) -> None:
+    """A sparse file formatted as btrfs (the pool's disk when no device is given)."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with open(image, "xb") as f:
+        f.truncate(size)
+    os.chmod(image, 0o600)
+    proc.run(["mkfs.btrfs", "-q", "-f", str(image)], timeout=60)
+
+
+class BtrfsBackend:
+    name: ClassVar[str] = "btrfs"
+
+    def __init__(self, path: Path, loop_file: Path | None = None) -> None:
+        self.path = path
+        self.loop_file = loop_file
+
+    # pool lifecycle ----------------------------------------------------------------------
+    def activate(self) -> None:
+        if self.loop_file is not None and not os.path.ismount(self.path):
+            if not self.loop_file.exists():
+                raise StorageError(f"btrfs pool disk {self.loop_file} is missing")
+            self.path.mkdir(parents=True, exist_ok=True)
+            proc.run(["mount", "-o", "loop,noatime,user_subvol_rm_allowed",
+                      str(self.loop_file), str(self.path)], timeout=60)
+        if not self.path.is_dir():
+            raise StorageError(f"btrfs pool directory {self.path} is missing")
+
+    def deactivate(self) -> None:
+        if self.loop_file is not None and os.path.ismount(self.path):
+            # mount -o loop sets autoclear, so the loop device goes with the unmount
+            proc.run(["umount", str(self.path)], timeout=60)
+
+    def destroy(self) -> None:
+        if self.loop_file is not None:
+            self.deactivate()
+            self.loop_file.unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+        else:
+            for sub in ("containers", "containers-snapshots", "customs", "customs-snapshots",
+                        "images"):
+                p = self.path / sub
+                if p.exists():
+                    self._delete_tree(p)
+
+    # volumes -----------------------------------------------------------------------------
+    def volume_path(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s" / vol.name
+
+    def _snap_dir(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s-snapshots" / vol.name
+
+    def volume_exists(self, vol: VolumeRef) -> bool:
+        p = self.volume_path(vol)
+        return p.is_dir() and btrfsutil.is_subvolume(str(p))
+
+    def create_volume(self, vol: VolumeRef) -> Path:
+        p = self.volume_path(vol)
+        if p.exists():
+            raise AlreadyExists(f"volume {vol} already exists")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            btrfsutil.create_subvolume(str(p))
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot create subvolume {p}", e) from e
+        os.chmod(p, 0o711)
+        return p
+
+    def create_volume_from(self, vol: VolumeRef, source: VolumeRef) -> Path:
+        dst = self.volume_path(vol)
+        if dst.exists():
+            raise AlreadyExists(f"volume {vol} already exists")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            btrfsutil.create_snapshot(str(self.volume_path(source)), str(dst))
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot snapshot {source} into {vol}", e) from e
+        return dst
+
+    def _delete_tree(self, p: Path) -> None:
+        try:
+            if btrfsutil.is_subvolume(str(p)):
+                btrfsutil.delete_subvolume(str(p), recursive=True)
+                return
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot delete subvolume {p}", e) from e
+        for child in p.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                self._delete_tree(child)
+            else:
+                child.unlink()
+        p.rmdir()
+
+    def delete_volume(self, vol: VolumeRef) -> None:
+        for s in self.list_snapshots(vol):
+            self.delete_snapshot(vol, SnapshotName(s.name))
+        sd = self._snap_dir(vol)
+        if sd.exists():
+            sd.rmdir()
+        p = self.volume_path(vol)
+        if p.exists():
+            self._delete_tree(p)
+
+    # snapshots ---------------------------------------------------------------------------
+    def snapshot(self, vol: VolumeRef, snap: SnapshotName) -> Snapshot:
+        dst = self._snap_dir(vol) / snap
+        if dst.exists():
+            raise AlreadyExists(f"snapshot {vol}/{snap} already exists")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            btrfsutil.create_snapshot(str(self.volume_path(vol)), str(dst), read_only=True)
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot snapshot {vol}", e) from e
+        return Snapshot(vol, snap, dst)
+
+    def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
+        d = self._snap_dir(vol)
+        if not d.is_dir():
+            return []
+        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir())
+                if not p.name.startswith(".")]
+
+    def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
+        p = self._snap_dir(vol) / snap
+        if not p.exists():
+            return
+        try:
+            btrfsutil.set_subvolume_read_only(str(p), False)
+            btrfsutil.delete_subvolume(str(p), recursive=True)
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot delete snapshot {vol}/{snap}", e) from e
+
+    def restore_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
+        src = self._snap_dir(vol) / snap
+        if not src.is_dir():
+            raise NotFound(f"snapshot {vol}/{snap} not found on disk")
+        cur = self.volume_path(vol)
+        new = cur.with_name(f".{cur.name}.restore")
+        if new.exists():
+            self._delete_tree(new)
+        try:
+            btrfsutil.create_snapshot(str(src), str(new))  # writable copy, O(1)
+        except btrfsutil.BtrfsUtilError as e:
+            raise _storage_error(f"cannot restore {vol}/{snap}", e) from e
+        old = cur.with_name(f".{cur.name}.old")
+        cur.rename(old)
+        new.rename(cur)
+        self._delete_tree(old)
+
+    def usage(self) -> PoolUsage:
+        return statvfs_usage(self.path)
+
+    def migration_types(self) -> list[str]:
+        return ["btrfs", "rsync"]

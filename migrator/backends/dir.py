@@ -1,0 +1,129 @@
+"""The ``dir`` driver: volumes are plain directories, snapshots are full copies.
+
+Works on any filesystem. Copies go through ``cp -a --reflink=auto`` (xattrs, ACLs, hard
+links, devices, sparse files and numeric ids kept; CoW clones where the filesystem can).
+Restores are staged: the snapshot is copied beside the volume, then swapped in by rename, so
+a failure mid-copy leaves the volume as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from migrator import proc
+from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
+from migrator.errors import AlreadyExists, NotFound, StorageError
+from migrator.names import SnapshotName
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree exactly (the one copy primitive of the dir driver)."""
+    proc.run(["cp", "-a", "--reflink=auto", "--sparse=always", str(src), str(dst)],
+             timeout=None)
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        # rm -rf --one-file-system: never follow a bind mount left inside a volume.
+        proc.run(["rm", "-rf", "--one-file-system", str(path)], timeout=None)
+
+
+class DirBackend:
+    name: ClassVar[str] = "dir"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def activate(self) -> None:
+        if not self.path.is_dir():
+            raise StorageError(
+                f"dir pool directory {self.path} is missing",
+                "was it deleted by hand? recreate the directory or delete the pool",
+            )
+
+    def deactivate(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        remove_tree(self.path)
+
+    def volume_path(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s" / vol.name
+
+    def _snap_dir(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s-snapshots" / vol.name
+
+    def volume_exists(self, vol: VolumeRef) -> bool:
+        return self.volume_path(vol).is_dir()
+
+    def create_volume(self, vol: VolumeRef) -> Path:
+        p = self.volume_path(vol)
+        if p.exists():
+            raise AlreadyExists(f"volume {vol} already exists in pool {self.path}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.mkdir(mode=0o711)
+        return p
+
+    def create_volume_from(self, vol: VolumeRef, source: VolumeRef) -> Path:
+        dst = self.volume_path(vol)
+        if dst.exists():
+            raise AlreadyExists(f"volume {vol} already exists")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        remove_tree(tmp)
+        try:
+            copy_tree(self.volume_path(source), tmp)
+            tmp.rename(dst)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        return dst
+
+    def delete_volume(self, vol: VolumeRef) -> None:
+        remove_tree(self.volume_path(vol))
+        remove_tree(self._snap_dir(vol))
+
+    def snapshot(self, vol: VolumeRef, snap: SnapshotName) -> Snapshot:
+        dst = self._snap_dir(vol) / snap
+        if dst.exists():
+            raise AlreadyExists(f"snapshot {vol}/{snap} already exists")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{snap}.tmp")
+        remove_tree(tmp)
+        try:
+            copy_tree(self.volume_path(vol), tmp)
+            tmp.rename(dst)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        return Snapshot(vol, snap, dst)
+
+    def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
+        d = self._snap_dir(vol)
+        if not d.is_dir():
+            return []
+        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir())
+                if not p.name.startswith(".")]
+
+    def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
+        remove_tree(self._snap_dir(vol) / snap)
+
+    def restore_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
+        src = self._snap_dir(vol) / snap
+        if not src.is_dir():
+            raise NotFound(f"snapshot {vol}/{snap} not found on disk")
+        cur = self.volume_path(vol)
+        new = cur.with_name(f".{cur.name}.restore")
+        old = cur.with_name(f".{cur.name}.old")
+        remove_tree(new)
+        copy_tree(src, new)  # may fail: the volume is untouched
+        cur.rename(old)
+        new.rename(cur)
+        remove_tree(old)
+
+    def usage(self) -> PoolUsage:
+        return statvfs_usage(self.path)
+
+    def migration_types(self) -> list[str]:
+        return ["rsync"]

@@ -1,0 +1,142 @@
+"""One error hierarchy for the whole project.
+
+Every error a user can meet is a ``MigratorError`` subclass carrying a distinct exit code and
+a hint. Only ``migrator.cli.main`` turns them into exit codes; library code just raises.
+``retryable`` separates what may succeed on a second try (a lost connection) from what will
+not (bad input, no space): pipelines decide retry and rollback on it.
+"""
+
+from __future__ import annotations
+
+
+class MigratorError(Exception):
+    """Base of every error the tool reports to a user."""
+
+    exit_code = 1
+    retryable = False
+    hint = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(MigratorError):
+    """A name, value or argument that can never be valid."""
+
+    exit_code = 3
+
+
+class NotFound(MigratorError):
+    """A container, pool, image, snapshot or host that does not exist."""
+
+    exit_code = 4
+
+
+class AlreadyExists(MigratorError):
+    """Creating something whose name is taken."""
+
+    exit_code = 5
+
+
+class InvalidState(MigratorError):
+    """The object exists but is in the wrong state (running when it must be stopped...)."""
+
+    exit_code = 6
+
+
+class Protected(MigratorError):
+    """A protection setting refuses the operation."""
+
+    exit_code = 7
+
+
+class CommandFailed(MigratorError):
+    """An external command (lxc-*, btrfs, debootstrap...) exited non-zero."""
+
+    exit_code = 8
+
+    def __init__(
+        self, argv: list[str], returncode: int, stderr: str, hint: str | None = None
+    ) -> None:
+        tail = stderr.strip().splitlines()[-5:]
+        detail = ("\n  " + "\n  ".join(tail)) if tail else ""
+        super().__init__(f"command {argv[0]!r} failed with exit code {returncode}{detail}", hint)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class CommandTimeout(MigratorError):
+    """An external command did not finish in time."""
+
+    exit_code = 9
+    retryable = True
+
+
+class MissingDependency(MigratorError):
+    """A required system tool or kernel feature is absent."""
+
+    exit_code = 10
+    hint = "run `make setup` (scripts/setup-host.sh) as root to install what the tool needs"
+
+
+class StorageError(MigratorError):
+    """A storage pool operation failed (mount, subvolume, copy)."""
+
+    exit_code = 11
+
+
+class NoSpace(StorageError):
+    """The target has not enough free space."""
+
+    exit_code = 12
+    hint = "free space on the pool or grow it, then retry"
+
+
+class ContainerError(MigratorError):
+    """LXC failed to start, stop or otherwise drive a container."""
+
+    exit_code = 13
+
+
+class ImageError(MigratorError):
+    """An image could not be built, read or is malformed."""
+
+    exit_code = 14
+
+
+class StateStoreError(MigratorError):
+    """The state database is unreadable, locked or from a newer version."""
+
+    exit_code = 15
+
+
+class NetworkError(MigratorError):
+    """Bridge, namespace or address allocation failed."""
+
+    exit_code = 16
+
+
+ALL_ERRORS: tuple[type[MigratorError], ...] = (
+    MigratorError,
+    InvalidInput,
+    NotFound,
+    AlreadyExists,
+    InvalidState,
+    Protected,
+    CommandFailed,
+    CommandTimeout,
+    MissingDependency,
+    StorageError,
+    NoSpace,
+    ContainerError,
+    ImageError,
+    StateStoreError,
+    NetworkError,
+)

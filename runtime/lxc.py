@@ -1,0 +1,214 @@
+"""The one module that drives LXC: renders container configs and runs the lxc-* tools.
+
+Commands go through ``migrator.proc`` with the host's network namespace, because LXC's
+command sockets are per network namespace: a host in a namespace sees only its containers.
+The command-line tools are used rather than python3-lxc for the same reason (the binding
+talks to the sockets of the namespace the Python process is in).
+
+Config choices made here for CRIU (checkpoint/restore must work for every container):
+``lxc.tty.max = 0`` and ``lxc.console.path = none`` (CRIU cannot dump the pty pairs LXC
+makes for them), and no ``lxc.apparmor.profile`` line at all (the kernel has no AppArmor and
+a named profile makes CRIU restore fail). systemd containers boot with
+``systemd.legacy_systemd_cgroup_controller=1`` so systemd attaches no bpf programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from migrator import proc
+from migrator.errors import CommandFailed, ContainerError, InvalidState
+from runtime.idmap import IdMap
+from runtime.network import NetworkConfig
+
+LXC_COMMON = "/usr/share/lxc/config"
+# Device nodes a privileged container may use (LXC's common.conf list).
+PRIVILEGED_DEVICES = ["c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
+                      "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm"]
+
+HALT_SIGNALS = {"busybox": "SIGUSR1", "systemd": "SIGRTMIN+4"}  # busybox halt; systemd poweroff
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to render one container's LXC config."""
+
+    name: str
+    rootfs: Path
+    log_file: Path
+    init: str  # "systemd" or "busybox"
+    ipv4: str | None
+    network: NetworkConfig
+    idmap: IdMap | None  # None: privileged
+    memory: int | None = None
+    cpus: int | None = None
+
+
+def hwaddr(name: str, ipv4: str | None) -> str:
+    """A stable locally-administered MAC, so a migrated container keeps its address."""
+    h = hashlib.sha256(f"{name}/{ipv4}".encode()).digest()
+    return "00:16:3e:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+def cpuset(cpus: int) -> str:
+    return "0" if cpus == 1 else f"0-{cpus - 1}"
+
+
+def render_config(spec: ContainerSpec) -> str:
+    lines = [
+        "# Written by migrator; edit with `migrate config set`, not by hand.",
+        f"lxc.uts.name = {spec.name}",
+        f"lxc.rootfs.path = dir:{spec.rootfs}",
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.console.path = none",
+        "lxc.pty.max = 1024",
+        f"lxc.signal.halt = {HALT_SIGNALS.get(spec.init, 'SIGPWR')}",
+        f"lxc.log.file = {spec.log_file}",
+        "lxc.log.level = WARN",
+        f"lxc.seccomp.profile = {LXC_COMMON}/common.seccomp",
+        "lxc.mount.entry = /sys/fs/fuse/connections sys/fs/fuse/connections none "
+        "bind,optional 0 0",
+    ]
+    if spec.init == "systemd":
+        lines.append("lxc.init.cmd = /sbin/init systemd.legacy_systemd_cgroup_controller=1")
+    if spec.idmap is None:
+        lines += [
+            "lxc.cap.drop = sys_module mac_admin mac_override sys_time sys_rawio",
+            "lxc.mount.auto = cgroup:mixed proc:mixed sys:mixed",
+            "lxc.cgroup.devices.deny = a",
+            "lxc.cgroup.devices.allow = c *:* m",
+            "lxc.cgroup.devices.allow = b *:* m",
+        ]
+        lines += [f"lxc.cgroup.devices.allow = {d}" for d in PRIVILEGED_DEVICES]
+    else:
+        lines += ["lxc.mount.auto = cgroup:mixed proc:mixed sys:rw", *spec.idmap.lxc_lines()]
+    net = spec.network
+    if spec.ipv4:
+        lines += [
+            "lxc.net.0.type = veth",
+            f"lxc.net.0.link = {net.bridge}",
+            "lxc.net.0.name = eth0",
+            "lxc.net.0.flags = up",
+            f"lxc.net.0.hwaddr = {hwaddr(spec.name, spec.ipv4)}",
+            f"lxc.net.0.ipv4.address = {spec.ipv4}/{net.prefixlen}",
+            f"lxc.net.0.ipv4.gateway = {net.gateway}",
+        ]
+    else:
+        lines.append("lxc.net.0.type = empty")
+    if spec.memory:
+        lines.append(f"lxc.cgroup.memory.limit_in_bytes = {spec.memory}")
+    if spec.cpus:
+        lines.append(f"lxc.cgroup.cpuset.cpus = {cpuset(spec.cpus)}")
+    return "\n".join(lines) + "\n"
+
+
+class LxcDriver:
+    """lxc-* commands for one host (lxcpath + network namespace)."""
+
+    def __init__(self, lxcpath: Path, netns: str | None) -> None:
+        self.lxcpath = lxcpath
+        self.netns = netns
+
+    def _run(self, argv: list[str], **kw) -> proc.Completed:  # type: ignore[no-untyped-def]
+        return proc.run(argv, netns=self.netns, **kw)
+
+    def config_path(self, name: str) -> Path:
+        return self.lxcpath / name / "config"
+
+    def write_config(self, spec: ContainerSpec) -> None:
+        d = self.lxcpath / spec.name
+        d.mkdir(mode=0o700, exist_ok=True)
+        tmp = d / "config.tmp"
+        tmp.write_text(render_config(spec))
+        tmp.replace(d / "config")
+
+    def remove_config(self, name: str) -> None:
+        d = self.lxcpath / name
+        for f in ("config", "config.tmp", "lxc.log"):
+            (d / f).unlink(missing_ok=True)
+        if d.exists():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def states(self) -> dict[str, tuple[str, str]]:
+        """name -> (STATE, IPV4) for every container LXC knows in this host's namespace."""
+        if not any(self.lxcpath.iterdir()):
+            return {}
+        out = self._run(["lxc-ls", "-P", str(self.lxcpath), "-f", "-F", "NAME,STATE,IPV4"]).stdout
+        result = {}
+        for line in out.splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 2:
+                ip = parts[2] if len(parts) > 2 and parts[2] != "-" else ""
+                result[parts[0]] = (parts[1], ip.rstrip(","))
+        return result
+
+    def state(self, name: str) -> str:
+        r = self._run(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-sH"], check=False)
+        return r.stdout.strip() or "STOPPED"
+
+    def start(self, name: str, timeout: float = 30) -> None:
+        log_file = self.lxcpath / name / "lxc.log"
+        log_file.unlink(missing_ok=True)
+        try:
+            self._run(["lxc-start", "-P", str(self.lxcpath), "-n", name], timeout=timeout)
+            self._run(["lxc-wait", "-P", str(self.lxcpath), "-n", name, "-s", "RUNNING",
+                       "-t", str(int(timeout))], timeout=timeout + 5)
+        except CommandFailed as e:
+            detail = log_file.read_text(errors="replace").strip().splitlines()[-6:] if \
+                log_file.exists() else []
+            raise ContainerError(
+                f"container {name!r} failed to start: " + ("\n  ".join(["", *detail]) or
+                                                            e.message),
+                f"full log: {log_file}",
+            ) from e
+
+    def stop(self, name: str, timeout: int = 30, force: bool = False) -> None:
+        argv = ["lxc-stop", "-P", str(self.lxcpath), "-n", name]
+        argv += ["-k"] if force else ["-t", str(timeout)]
+        r = self._run(argv, check=False, timeout=timeout + 30)
+        if r.returncode != 0 and self.state(name) != "STOPPED":
+            raise ContainerError(f"container {name!r} did not stop: {r.stderr.strip()}",
+                                 "try `--force`")
+
+    def freeze(self, name: str) -> None:
+        self._require(name, "RUNNING", "freeze")
+        self._run(["lxc-freeze", "-P", str(self.lxcpath), "-n", name])
+
+    def unfreeze(self, name: str) -> None:
+        self._require(name, "FROZEN", "unfreeze")
+        self._run(["lxc-unfreeze", "-P", str(self.lxcpath), "-n", name])
+
+    def _require(self, name: str, want: str, verb: str) -> None:
+        st = self.state(name)
+        if st != want:
+            raise InvalidState(f"cannot {verb} {name!r}: it is {st.lower()}")
+
+    def attach_argv(self, name: str, argv: list[str], env: dict[str, str]) -> list[str]:
+        full = ["lxc-attach", "-P", str(self.lxcpath), "-n", name, "--clear-env"]
+        for k, v in env.items():
+            full += ["-v", f"{k}={v}"]
+        return full + ["--", *argv]
+
+    def attach(self, name: str, argv: list[str], env: dict[str, str],
+               input: str | None = None, timeout: float | None = 300) -> proc.Completed:
+        """Run a command in the container, capturing output (stdin closed unless given)."""
+        return self._run(self.attach_argv(name, argv, env), check=False, input=input,
+                         timeout=timeout)
+
+    def attach_interactive(self, name: str, argv: list[str], env: dict[str, str]) -> int:
+        return proc.run_interactive(self.attach_argv(name, argv, env), netns=self.netns)
+
+    def set_cgroup(self, name: str, key: str, value: str) -> None:
+        self._run(["lxc-cgroup", "-P", str(self.lxcpath), "-n", name, key, value])
+
+    def wait_stopped(self, name: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.state(name) != "STOPPED" and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -1,0 +1,297 @@
+"""The state store: one SQLite database per host, under the host's state root.
+
+SQLite in WAL mode so readers (``list``) never block a writer; the schema is versioned with
+``PRAGMA user_version`` and upgraded by an ordered list of migrations, each in a transaction,
+so an old state root opens with a new program and a newer one is refused rather than damaged.
+JSON columns hold open-ended key/value config (LXD-style ``security.privileged`` keys).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrator.errors import AlreadyExists, NotFound, StateStoreError
+
+MIGRATIONS: list[str] = [
+    # 1: the foundation
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE pools (
+        name TEXT PRIMARY KEY, driver TEXT NOT NULL, source TEXT NOT NULL,
+        config TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+    CREATE TABLE images (
+        fingerprint TEXT PRIMARY KEY, alias TEXT UNIQUE, properties TEXT NOT NULL,
+        size INTEGER NOT NULL, created REAL NOT NULL);
+    CREATE TABLE containers (
+        name TEXT PRIMARY KEY, pool TEXT NOT NULL REFERENCES pools(name),
+        image TEXT, ipv4 TEXT UNIQUE, config TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL);
+    CREATE TABLE volumes (
+        pool TEXT NOT NULL REFERENCES pools(name), name TEXT NOT NULL, type TEXT NOT NULL,
+        config TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL,
+        PRIMARY KEY (pool, type, name));
+    CREATE TABLE snapshots (
+        container TEXT NOT NULL REFERENCES containers(name) ON DELETE CASCADE,
+        name TEXT NOT NULL, created REAL NOT NULL, config TEXT NOT NULL DEFAULT '{}',
+        expires REAL, PRIMARY KEY (container, name));
+    CREATE TABLE operations (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,
+        stages TEXT NOT NULL DEFAULT '[]', detail TEXT NOT NULL DEFAULT '{}',
+        error TEXT, created REAL NOT NULL, updated REAL NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class PoolRecord:
+    name: str
+    driver: str
+    source: str
+    config: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+
+@dataclass
+class ContainerRecord:
+    name: str
+    pool: str
+    image: str | None
+    ipv4: str | None
+    config: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+
+
+@dataclass
+class SnapshotRecord:
+    container: str
+    name: str
+    created: float
+    config: dict[str, str] = field(default_factory=dict)
+    expires: float | None = None
+
+
+@dataclass
+class ImageRecord:
+    fingerprint: str
+    alias: str | None
+    properties: dict[str, Any]
+    size: int
+    created: float
+
+
+class StateStore:
+    """Typed access to the host's database. One instance per process and host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StateStoreError(f"cannot open state database {path}: {e}") from e
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateStoreError(
+                f"state database {self.path} has schema {version}, newer than this program's "
+                f"{SCHEMA_VERSION}",
+                "upgrade the migrator package on this host",
+            )
+        for i in range(version, SCHEMA_VERSION):
+            with self.transaction():
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version = {i + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: take the write lock up front so two writers queue, not deadlock."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+
+    # settings ---------------------------------------------------------------------------
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO settings(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    # pools ------------------------------------------------------------------------------
+    def add_pool(self, rec: PoolRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO pools(name, driver, source, config, created) VALUES(?,?,?,?,?)",
+                (rec.name, rec.driver, rec.source, json.dumps(rec.config), time.time()),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(f"storage pool {rec.name!r} already exists") from e
+
+    def get_pool(self, name: str) -> PoolRecord:
+        row = self.db.execute("SELECT * FROM pools WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"storage pool {name!r} not found", "see `migrate pool list`")
+        return PoolRecord(
+            row["name"], row["driver"], row["source"], json.loads(row["config"]), row["created"]
+        )
+
+    def list_pools(self) -> list[PoolRecord]:
+        rows = self.db.execute("SELECT name FROM pools ORDER BY name").fetchall()
+        return [self.get_pool(r[0]) for r in rows]
+
+    def delete_pool(self, name: str) -> None:
+        self.db.execute("DELETE FROM pools WHERE name=?", (name,))
+
+    def pool_users(self, name: str) -> list[str]:
+        rows = self.db.execute(
+            "SELECT name FROM containers WHERE pool=? UNION "
+            "SELECT type || '/' || name FROM volumes WHERE pool=? AND type != 'container'",
+            (name, name),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # containers -------------------------------------------------------------------------
+    def add_container(self, rec: ContainerRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO containers(name, pool, image, ipv4, config, created) "
+                "VALUES(?,?,?,?,?,?)",
+                (rec.name, rec.pool, rec.image, rec.ipv4, json.dumps(rec.config), time.time()),
+            )
+        except sqlite3.IntegrityError as e:
+            if "ipv4" in str(e):
+                raise AlreadyExists(f"address {rec.ipv4} is already in use") from e
+            raise AlreadyExists(f"container {rec.name!r} already exists") from e
+
+    def get_container(self, name: str) -> ContainerRecord:
+        row = self.db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"container {name!r} not found", "see `migrate list`")
+        return self._container(row)
+
+    @staticmethod
+    def _container(row: sqlite3.Row) -> ContainerRecord:
+        return ContainerRecord(
+            row["name"],
+            row["pool"],
+            row["image"],
+            row["ipv4"],
+            json.loads(row["config"]),
+            row["created"],
+        )
+
+    def list_containers(self) -> list[ContainerRecord]:
+        rows = self.db.execute("SELECT * FROM containers ORDER BY name").fetchall()
+        return [self._container(r) for r in rows]
+
+    def has_container(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM containers WHERE name=?", (name,)).fetchone() is not None
+
+    def update_container_config(self, name: str, config: dict[str, str]) -> None:
+        self.db.execute(
+            "UPDATE containers SET config=? WHERE name=?", (json.dumps(config), name)
+        )
+
+    def delete_container(self, name: str) -> None:
+        self.db.execute("DELETE FROM containers WHERE name=?", (name,))
+
+    def used_ipv4(self) -> set[str]:
+        rows = self.db.execute("SELECT ipv4 FROM containers WHERE ipv4 IS NOT NULL").fetchall()
+        return {r[0] for r in rows}
+
+    # snapshots --------------------------------------------------------------------------
+    def add_snapshot(self, rec: SnapshotRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO snapshots(container, name, created, config, expires) "
+                "VALUES(?,?,?,?,?)",
+                (rec.container, rec.name, rec.created, json.dumps(rec.config), rec.expires),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(
+                f"snapshot {rec.container}/{rec.name} already exists", "pick another name"
+            ) from e
+
+    def list_snapshots(self, container: str) -> list[SnapshotRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM snapshots WHERE container=? ORDER BY created, name", (container,)
+        ).fetchall()
+        return [
+            SnapshotRecord(r["container"], r["name"], r["created"], json.loads(r["config"]),
+                           r["expires"])
+            for r in rows
+        ]
+
+    def get_snapshot(self, container: str, name: str) -> SnapshotRecord:
+        for s in self.list_snapshots(container):
+            if s.name == name:
+                return s
+        raise NotFound(
+            f"snapshot {container}/{name} not found", f"see `migrate snapshot list {container}`"
+        )
+
+    def delete_snapshot(self, container: str, name: str) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE container=? AND name=?", (container, name))
+
+    # images -----------------------------------------------------------------------------
+    def add_image(self, rec: ImageRecord) -> None:
+        with self.transaction():
+            if rec.alias:
+                # an alias moves to the newest image, as in LXD
+                self.db.execute("UPDATE images SET alias=NULL WHERE alias=?", (rec.alias,))
+            self.db.execute(
+                "INSERT INTO images(fingerprint, alias, properties, size, created) "
+                "VALUES(?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET alias=excluded.alias",
+                (rec.fingerprint, rec.alias, json.dumps(rec.properties), rec.size, rec.created),
+            )
+
+    def find_image(self, ref: str) -> ImageRecord:
+        row = self.db.execute(
+            "SELECT * FROM images WHERE alias=? OR fingerprint=?", (ref, ref)
+        ).fetchone()
+        if row is None and len(ref) >= 8:
+            rows = self.db.execute(
+                "SELECT * FROM images WHERE fingerprint LIKE ?", (ref + "%",)
+            ).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        if row is None:
+            raise NotFound(
+                f"image {ref!r} not found",
+                "see `migrate image list`, or build one: `migrate image build busybox`",
+            )
+        return ImageRecord(row["fingerprint"], row["alias"], json.loads(row["properties"]),
+                           row["size"], row["created"])
+
+    def list_images(self) -> list[ImageRecord]:
+        rows = self.db.execute("SELECT fingerprint FROM images ORDER BY created").fetchall()
+        return [self.find_image(r[0]) for r in rows]
+
+    def delete_image(self, fingerprint: str) -> None:
+        self.db.execute("DELETE FROM images WHERE fingerprint=?", (fingerprint,))
