@@ -36,7 +36,7 @@ from migrator.errors import ImageError, InvalidInput, NotFound
 from migrator.names import ImageAlias
 from runtime.state import ImageRecord, StateStore
 
-RECIPE_VERSION = 3  # bump when a recipe's output changes, so caches are rebuilt
+RECIPE_VERSION = 4  # bump when a recipe's output changes, so caches are rebuilt
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SUITES = ("bookworm", "trixie", "bullseye")
 MAX_METADATA = 1 << 20
@@ -48,7 +48,8 @@ DEBIAN_MASKED_UNITS = [
     "systemd-logind.service", "getty-static.service", "console-getty.service",
     "systemd-networkd-wait-online.service", "dbus.service", "dbus.socket",
     "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
-    "systemd-journald-audit.socket",
+    "systemd-journald-audit.socket", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
 ]
 PROTECT_HOSTNAME_UNITS = ["systemd-logind", "systemd-localed", "systemd-timedated",
                           "systemd-hostnamed"]

@@ -208,6 +208,9 @@ class LxcDriver:
     def set_cgroup(self, name: str, key: str, value: str) -> None:
         self._run(["lxc-cgroup", "-P", str(self.lxcpath), "-n", name, key, value])
 
+    def get_cgroup(self, name: str, key: str) -> str:
+        return self._run(["lxc-cgroup", "-P", str(self.lxcpath), "-n", name, key]).stdout.strip()
+
     def wait_stopped(self, name: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while self.state(name) != "STOPPED" and time.monotonic() < deadline:

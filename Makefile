@@ -1,0 +1,32 @@
+# Everything runs as root on Debian bookworm. `make demo` and `make test` set the machine up
+# first (scripts/setup-host.sh: idempotent, a few seconds when already done).
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit integration lint bench clean-tests
+
+setup:
+	bash scripts/setup-host.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest tests -v -rfEs --durations=15
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+integration: setup
+	$(PY) -m pytest tests/integration -v -rfEs
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/bench_runtime.py
+
+# Leftovers of an interrupted test run (hosts are normally torn down by the fixtures).
+clean-tests: setup
+	$(PY) scripts/clean_test_hosts.py

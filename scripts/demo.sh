@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The main job on an embedded default: a test host in its own network namespace, an image
+# built, a pool created, containers launched, exec'd into, snapshotted, restored and listed.
+# Everything is torn down at the end (and on failure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+ROOT=/var/tmp/migrator-demo/host-a
+m() { echo "+ migrate $*" >&2; migrate --root "$ROOT" "$@"; }
+cleanup() { migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+cleanup
+
+m init --netns migdemo-a --subnet 192.0.2.1/24
+m image build busybox
+m image build debian/bookworm
+m pool create default --driver dir
+m pool create fast --driver btrfs --size 4GiB
+m launch busybox web-1
+m launch debian/bookworm deb-1 --pool fast -c limits.memory=512MiB
+m exec web-1 -- sh -c 'echo "hello from $(hostname)" > /root/greeting; cat /root/greeting'
+m exec deb-1 -- systemctl is-system-running --wait
+m exec web-1 -- ping -c 1 -W 2 192.0.2.11
+m snapshot create web-1 before
+m exec web-1 -- sh -c 'echo overwritten > /root/greeting'
+m snapshot restore web-1/before
+m exec web-1 -- cat /root/greeting
+m snapshot create deb-1
+m list
+m list --format json > /dev/null
+m pool list
+echo "demo OK" >&2
