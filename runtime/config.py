@@ -34,12 +34,12 @@ def _cpus(v: str) -> str:
     try:
         n = int(v)
     except ValueError as e:
-        raise InvalidInput(f"limits.cpu must be a whole number of CPUs, got {v!r}",
-                           "e.g. limits.cpu=2") from e
+        raise InvalidInput(
+            f"limits.cpu must be a whole number of CPUs, got {v!r}", "e.g. limits.cpu=2"
+        ) from e
     avail = os.cpu_count() or 1
     if not 1 <= n <= avail:
-        raise InvalidInput(f"limits.cpu={n} but this host has {avail} CPUs",
-                           f"use 1..{avail}")
+        raise InvalidInput(f"limits.cpu={n} but this host has {avail} CPUs", f"use 1..{avail}")
     return str(n)
 
 

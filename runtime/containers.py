@@ -21,7 +21,6 @@ from migrator.errors import (
     ContainerError,
     InvalidState,
     MigratorError,
-    NotFound,
     Protected,
 )
 from migrator.names import ContainerName, SnapshotName
@@ -116,8 +115,13 @@ class Containers:
         )
 
     # create / delete ---------------------------------------------------------------------
-    def create(self, image_ref: str, name: str, pool: str | None = None,
-               config: dict[str, str] | None = None) -> ContainerRecord:
+    def create(
+        self,
+        image_ref: str,
+        name: str,
+        pool: str | None = None,
+        config: dict[str, str] | None = None,
+    ) -> ContainerRecord:
         cname = ContainerName(name)
         conf = dict(config or {})
         for k, v in list(conf.items()):
@@ -171,14 +175,20 @@ class Containers:
             _copy_rootfs(src_rootfs, p / "rootfs")
             idmap.shift_tree(p / "rootfs", shift)
 
-    def launch(self, image_ref: str, name: str, pool: str | None = None,
-               config: dict[str, str] | None = None) -> ContainerRecord:
+    def launch(
+        self,
+        image_ref: str,
+        name: str,
+        pool: str | None = None,
+        config: dict[str, str] | None = None,
+    ) -> ContainerRecord:
         rec = self.create(image_ref, name, pool, config)
         try:
             self.start(rec.name)
         except MigratorError as e:
             e.hint = (e.hint + "; " if e.hint else "") + (
-                f"the container was created; inspect it, then `migrate delete {rec.name}`")
+                f"the container was created; inspect it, then `migrate delete {rec.name}`"
+            )
             raise
         return rec
 
@@ -192,8 +202,10 @@ class Containers:
         st = self.lxc.state(rec.name)
         if st != "STOPPED":
             if not force:
-                raise InvalidState(f"container {rec.name!r} is {st.lower()}",
-                                   "stop it first, or delete with --force")
+                raise InvalidState(
+                    f"container {rec.name!r} is {st.lower()}",
+                    "stop it first, or delete with --force",
+                )
             if st == "FROZEN":
                 self.lxc.unfreeze(rec.name)
             self.lxc.stop(rec.name, force=True)
@@ -235,12 +247,14 @@ class Containers:
         rec = self.get(name)
         st = self.lxc.state(rec.name)
         if st != "RUNNING":
-            raise InvalidState(f"container {rec.name!r} is {st.lower()}",
-                               f"start it: `migrate start {rec.name}`")
+            raise InvalidState(
+                f"container {rec.name!r} is {st.lower()}", f"start it: `migrate start {rec.name}`"
+            )
         return rec
 
-    def exec(self, name: str, argv: list[str], input: str | None = None,
-             timeout: float | None = 300) -> tuple[int, str, str]:
+    def exec(
+        self, name: str, argv: list[str], input: str | None = None, timeout: float | None = 300
+    ) -> tuple[int, str, str]:
         """Run ``argv`` in the container; returns (exit code, stdout, stderr)."""
         rec = self._running(name)
         r = self.lxc.attach(rec.name, argv, EXEC_ENV, input=input, timeout=timeout)
@@ -253,8 +267,32 @@ class Containers:
             env["TERM"] = term
         return self.lxc.attach_interactive(rec.name, argv, env)
 
+    def wait_booted(self, name: str, timeout: float = 120) -> str:
+        """Wait until the container's init has finished booting; return its state word.
+
+        systemd: ``systemctl is-system-running --wait`` (retried while systemd's bus socket
+        does not exist yet, which is the first half-second after start). Other inits have no
+        boot to wait for.
+        """
+        rec = self._running(name)
+        if rec.config.get("image.init") != "systemd":
+            return "running"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            r = self.lxc.attach(rec.name, ["systemctl", "is-system-running", "--wait"],
+                                EXEC_ENV, timeout=max(left, 1))
+            state = r.stdout.strip()
+            if state:
+                return state
+            if time.monotonic() > deadline:
+                raise ContainerError(f"container {rec.name!r} did not finish booting in "
+                                     f"{timeout:.0f}s: {r.stderr.strip()}",
+                                     f"look inside: `migrate exec {rec.name} -- journalctl -b`")
+            time.sleep(0.2)
+
     # listing -----------------------------------------------------------------------------
-    def list(self) -> list[ContainerInfo]:
+    def list_all(self) -> list[ContainerInfo]:
         live = self.lxc.states()
         out = []
         for rec in self.state.list_containers():
@@ -289,8 +327,10 @@ class Containers:
             "security.privileged", "false"
         ):
             if running:
-                raise InvalidState("security.privileged can only change while stopped",
-                                   f"`migrate stop {rec.name}` first")
+                raise InvalidState(
+                    "security.privileged can only change while stopped",
+                    f"`migrate stop {rec.name}` first",
+                )
             base = idmap.default_idmap().base
             delta = -base if new["security.privileged"] == "true" else base
             idmap.shift_tree(self.rootfs(rec), delta)
@@ -375,8 +415,8 @@ def _copy_rootfs(src: Path, dst: Path) -> None:
     from migrator.backends.dir import copy_tree
 
     if not src.is_dir():
-        raise ContainerError(f"image rootfs {src} is missing",
-                             "re-import the image: `migrate image delete` then import/build")
+        raise ContainerError(
+            f"image rootfs {src} is missing",
+            "re-import the image: `migrate image delete` then import/build",
+        )
     copy_tree(src, dst)
-
-

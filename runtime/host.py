@@ -7,6 +7,7 @@ runtime does goes through a ``Host``, which is what later pipelines open on both
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -100,8 +101,9 @@ class Host:
     ) -> PoolRecord:
         pname = PoolName(name)
         if driver not in BACKENDS:
-            raise InvalidInput(f"unknown storage driver {driver!r}",
-                               f"use one of: {', '.join(BACKENDS)}")
+            raise InvalidInput(
+                f"unknown storage driver {driver!r}", f"use one of: {', '.join(BACKENDS)}"
+            )
         if any(p.name == pname for p in self.state.list_pools()):
             raise InvalidInput(f"storage pool {pname!r} already exists", "pick another name")
         config: dict[str, str] = {}
@@ -111,8 +113,10 @@ class Host:
             if source and not path.is_dir():
                 raise InvalidInput(f"source directory {path} does not exist")
             if source and any(path.iterdir()):
-                raise InvalidInput(f"source directory {path} is not empty",
-                                   "give an empty directory so no data can be mixed up")
+                raise InvalidInput(
+                    f"source directory {path} is not empty",
+                    "give an empty directory so no data can be mixed up",
+                )
             if not path.exists():
                 path.mkdir(parents=True)
                 created_here.append(path)
@@ -131,8 +135,10 @@ class Host:
             else:
                 loop = self.disks_dir / f"{pname}.img"
                 if loop.exists():
-                    raise InvalidInput(f"{loop} already exists",
-                                       "a pool of that name was not cleaned up; remove the file")
+                    raise InvalidInput(
+                        f"{loop} already exists",
+                        "a pool of that name was not cleaned up; remove the file",
+                    )
                 make_loop_filesystem(loop, parse_size(size) if size else DEFAULT_POOL_SIZE)
                 created_here.append(loop)
                 config["path"] = str(self.pools_dir / pname)
@@ -144,10 +150,9 @@ class Host:
             backend.activate()
             self.state.add_pool(rec)
         except BaseException:
-            try:
+            # best-effort undo: the original error is the one to report
+            with contextlib.suppress(Exception):
                 open_backend(driver, config).deactivate()
-            except Exception:  # noqa: S110 - best-effort undo; the original error matters
-                pass
             for p in created_here:
                 if p.is_dir():
                     p.rmdir()
@@ -181,8 +186,10 @@ class Host:
     def default_pool(self) -> str:
         pools = self.state.list_pools()
         if not pools:
-            raise StorageError("this host has no storage pool",
-                               "create one: `migrate pool create default --driver dir`")
+            raise StorageError(
+                "this host has no storage pool",
+                "create one: `migrate pool create default --driver dir`",
+            )
         for p in pools:
             if p.name == "default":
                 return p.name

@@ -28,7 +28,10 @@ class IdMap:
     size: int = MAP_SIZE
 
     def lxc_lines(self) -> list[str]:
-        return [f"lxc.idmap = u 0 {self.base} {self.size}", f"lxc.idmap = g 0 {self.base} {self.size}"]
+        return [
+            f"lxc.idmap = u 0 {self.base} {self.size}",
+            f"lxc.idmap = g 0 {self.base} {self.size}",
+        ]
 
 
 def parse_subid(text: str, user: str = "root") -> tuple[int, int] | None:

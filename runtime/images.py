@@ -45,14 +45,27 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # systemd units that cannot work, or cannot be checkpointed, in a container here: logind and
 # dbus run nested UTS namespaces / non-root processes CRIU cannot dump on these machines.
 DEBIAN_MASKED_UNITS = [
-    "systemd-logind.service", "getty-static.service", "console-getty.service",
-    "systemd-networkd-wait-online.service", "dbus.service", "dbus.socket",
-    "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
-    "systemd-journald-audit.socket", "sys-kernel-debug.mount", "sys-kernel-tracing.mount",
+    "systemd-logind.service",
+    "getty-static.service",
+    "console-getty.service",
+    "systemd-networkd-wait-online.service",
+    "dbus.service",
+    "dbus.socket",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "systemd-journald-audit.socket",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
     "sys-kernel-config.mount",
 ]
-PROTECT_HOSTNAME_UNITS = ["systemd-logind", "systemd-localed", "systemd-timedated",
-                          "systemd-hostnamed"]
+PROTECT_HOSTNAME_UNITS = [
+    "systemd-logind",
+    "systemd-localed",
+    "systemd-timedated",
+    "systemd-hostnamed",
+]
 
 Log = Callable[[str], None]
 
@@ -81,8 +94,10 @@ def _open_stream(f: IO[bytes]) -> tarfile.TarFile:
 def _clean_member_name(name: str) -> str:
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts:
-        raise ImageError(f"unsafe path in image archive: {name!r}",
-                         "the archive is malformed or malicious; nothing was extracted")
+        raise ImageError(
+            f"unsafe path in image archive: {name!r}",
+            "the archive is malformed or malicious; nothing was extracted",
+        )
     parts = [x for x in p.parts if x not in (".", "")]
     return "/".join(parts)
 
@@ -101,18 +116,23 @@ def validate_archive(path: Path) -> ImageContent:
                     continue
                 top = name.split("/", 1)[0]
                 if name != "metadata.yaml" and top not in ("rootfs", "templates"):
-                    raise ImageError(f"unexpected member {m.name!r} in image archive",
-                                     "an image holds metadata.yaml, rootfs/ and templates/")
+                    raise ImageError(
+                        f"unexpected member {m.name!r} in image archive",
+                        "an image holds metadata.yaml, rootfs/ and templates/",
+                    )
                 parents = name.split("/")
                 for i in range(1, len(parents)):
                     if "/".join(parents[:i]) in symlinks:
-                        raise ImageError(f"member {m.name!r} lies behind a symlink of the "
-                                         "archive", "the archive is malformed or malicious")
+                        raise ImageError(
+                            f"member {m.name!r} lies behind a symlink of the archive",
+                            "the archive is malformed or malicious",
+                        )
                 if m.islnk():
                     target = _clean_member_name(m.linkname)
                     if target not in seen:
-                        raise ImageError(f"hard link {m.name!r} points outside the archive "
-                                         f"({m.linkname!r})")
+                        raise ImageError(
+                            f"hard link {m.name!r} points outside the archive ({m.linkname!r})"
+                        )
                 if m.issym():
                     symlinks.add(name)
                 if (m.ischr() or m.isblk()) and not name.startswith("rootfs/dev/"):
@@ -131,8 +151,10 @@ def validate_archive(path: Path) -> ImageContent:
     except yaml.YAMLError as e:
         raise ImageError(f"metadata.yaml in {path} is not valid YAML: {e}") from e
     if not isinstance(metadata, dict):
-        raise ImageError(f"{path} has no metadata.yaml mapping",
-                         "a unified image tarball holds metadata.yaml and rootfs/")
+        raise ImageError(
+            f"{path} has no metadata.yaml mapping",
+            "a unified image tarball holds metadata.yaml and rootfs/",
+        )
     if "rootfs" not in seen:
         raise ImageError(f"{path} has no rootfs/ directory")
     return ImageContent(metadata, count, size)
@@ -149,16 +171,44 @@ def sha256_file(path: Path) -> str:
 def pack(src_dir: Path, out: Path) -> None:
     """Write the unified tarball of ``src_dir`` (metadata.yaml, rootfs/, templates/)."""
     members = [m for m in ("metadata.yaml", "rootfs", "templates") if (src_dir / m).exists()]
-    proc.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls",
-              "--sparse", "-I", "zstd -T0 -3 -q", "-C", str(src_dir), "-cf", str(out),
-              *members], timeout=None)
+    proc.run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--sparse",
+            "-I",
+            "zstd -T0 -3 -q",
+            "-C",
+            str(src_dir),
+            "-cf",
+            str(out),
+            *members,
+        ],
+        timeout=None,
+    )
 
 
 def unpack(archive: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
-    proc.run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls",
-              "--same-permissions", "--same-owner", "-C", str(dest), "-xf", str(archive)],
-             timeout=None)
+    proc.run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--same-permissions",
+            "--same-owner",
+            "-C",
+            str(dest),
+            "-xf",
+            str(archive),
+        ],
+        timeout=None,
+    )
 
 
 # recipes -------------------------------------------------------------------------------------
@@ -182,8 +232,23 @@ def build_busybox_rootfs(rootfs: Path) -> dict[str, Any]:
     busybox = shutil.which("busybox")
     if busybox is None:
         raise ImageError("busybox is not installed", "apt-get install busybox-static")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "proc", "sys", "dev", "tmp",
-              "root", "var/log", "run", "mnt", "home", "lib"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/init.d",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "root",
+        "var/log",
+        "run",
+        "mnt",
+        "home",
+        "lib",
+    ):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     os.chmod(rootfs / "tmp", 0o1777)
     os.chmod(rootfs / "root", 0o700)
@@ -195,11 +260,12 @@ def build_busybox_rootfs(rootfs: Path) -> dict[str, Any]:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
     # busybox init with no tty: run rcS once, then idle; halts on SIGUSR1 (lxc.signal.halt)
-    (rootfs / "etc/inittab").write_text("::sysinit:/etc/init.d/rcS\n"
-                                        "::shutdown:/bin/umount -a -r\n")
+    (rootfs / "etc/inittab").write_text("::sysinit:/etc/init.d/rcS\n::shutdown:/bin/umount -a -r\n")
     rcs = rootfs / "etc/init.d/rcS"
-    rcs.write_text("#!/bin/sh\nmount -t tmpfs -o mode=1777 tmpfs /tmp 2>/dev/null\n"
-                   "hostname -F /etc/hostname 2>/dev/null\nexit 0\n")
+    rcs.write_text(
+        "#!/bin/sh\nmount -t tmpfs -o mode=1777 tmpfs /tmp 2>/dev/null\n"
+        "hostname -F /etc/hostname 2>/dev/null\nexit 0\n"
+    )
     rcs.chmod(0o755)
     (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (rootfs / "etc/group").write_text("root:x:0:\n")
@@ -211,8 +277,17 @@ def build_debian_rootfs(rootfs: Path, suite: str, log: Log) -> dict[str, Any]:
     if suite not in DEBIAN_SUITES:
         raise InvalidInput(f"unknown Debian suite {suite!r}", f"use one of {DEBIAN_SUITES}")
     log(f"debootstrap {suite} (minbase + systemd-sysv) from {DEBIAN_MIRROR}")
-    proc.run(["debootstrap", "--variant=minbase", "--include=systemd-sysv,iproute2",
-              suite, str(rootfs), DEBIAN_MIRROR], timeout=1800)
+    proc.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=systemd-sysv,iproute2",
+            suite,
+            str(rootfs),
+            DEBIAN_MIRROR,
+        ],
+        timeout=1800,
+    )
     etc = rootfs / "etc/systemd/system"
     for unit in DEBIAN_MASKED_UNITS:
         link = etc / unit
@@ -244,8 +319,9 @@ def build_recipe(recipe: str, out: Path, log: Log) -> None:
         elif recipe.startswith("debian/"):
             meta = build_debian_rootfs(rootfs, recipe.split("/", 1)[1], log)
         else:
-            raise InvalidInput(f"no recipe for image {recipe!r}",
-                               "build `busybox` or `debian/bookworm`")
+            raise InvalidInput(
+                f"no recipe for image {recipe!r}", "build `busybox` or `debian/bookworm`"
+            )
         (work / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         (work / "templates").mkdir()
         log("packing the image tarball")
@@ -338,5 +414,3 @@ class ImageStore:
 def read_stream_to_file(stream: IO[bytes], dest: Path) -> None:
     with open(dest, "wb") as f:
         shutil.copyfileobj(stream, f, 1 << 20)
-
-

@@ -14,6 +14,7 @@ a named profile makes CRIU restore fail). systemd containers boot with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -26,8 +27,18 @@ from runtime.network import NetworkConfig
 
 LXC_COMMON = "/usr/share/lxc/config"
 # Device nodes a privileged container may use (LXC's common.conf list).
-PRIVILEGED_DEVICES = ["c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
-                      "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm"]
+PRIVILEGED_DEVICES = [
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 136:* rwm",
+    "c 10:229 rwm",
+]
 
 HALT_SIGNALS = {"busybox": "SIGUSR1", "systemd": "SIGRTMIN+4"}  # busybox halt; systemd poweroff
 
@@ -70,8 +81,7 @@ def render_config(spec: ContainerSpec) -> str:
         f"lxc.log.file = {spec.log_file}",
         "lxc.log.level = WARN",
         f"lxc.seccomp.profile = {LXC_COMMON}/common.seccomp",
-        "lxc.mount.entry = /sys/fs/fuse/connections sys/fs/fuse/connections none "
-        "bind,optional 0 0",
+        "lxc.mount.entry = /sys/fs/fuse/connections sys/fs/fuse/connections none bind,optional 0 0",
     ]
     if spec.init == "systemd":
         lines.append("lxc.init.cmd = /sbin/init systemd.legacy_systemd_cgroup_controller=1")
@@ -131,10 +141,8 @@ class LxcDriver:
         for f in ("config", "config.tmp", "lxc.log"):
             (d / f).unlink(missing_ok=True)
         if d.exists():
-            try:
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:
-                pass
 
     def states(self) -> dict[str, tuple[str, str]]:
         """name -> (STATE, IPV4) for every container LXC knows in this host's namespace."""
@@ -158,14 +166,28 @@ class LxcDriver:
         log_file.unlink(missing_ok=True)
         try:
             self._run(["lxc-start", "-P", str(self.lxcpath), "-n", name], timeout=timeout)
-            self._run(["lxc-wait", "-P", str(self.lxcpath), "-n", name, "-s", "RUNNING",
-                       "-t", str(int(timeout))], timeout=timeout + 5)
+            self._run(
+                [
+                    "lxc-wait",
+                    "-P",
+                    str(self.lxcpath),
+                    "-n",
+                    name,
+                    "-s",
+                    "RUNNING",
+                    "-t",
+                    str(int(timeout)),
+                ],
+                timeout=timeout + 5,
+            )
         except CommandFailed as e:
-            detail = log_file.read_text(errors="replace").strip().splitlines()[-6:] if \
-                log_file.exists() else []
+            detail = (
+                log_file.read_text(errors="replace").strip().splitlines()[-6:]
+                if log_file.exists()
+                else []
+            )
             raise ContainerError(
-                f"container {name!r} failed to start: " + ("\n  ".join(["", *detail]) or
-                                                            e.message),
+                f"container {name!r} failed to start: " + ("\n  ".join(["", *detail]) or e.message),
                 f"full log: {log_file}",
             ) from e
 
@@ -174,8 +196,9 @@ class LxcDriver:
         argv += ["-k"] if force else ["-t", str(timeout)]
         r = self._run(argv, check=False, timeout=timeout + 30)
         if r.returncode != 0 and self.state(name) != "STOPPED":
-            raise ContainerError(f"container {name!r} did not stop: {r.stderr.strip()}",
-                                 "try `--force`")
+            raise ContainerError(
+                f"container {name!r} did not stop: {r.stderr.strip()}", "try `--force`"
+            )
 
     def freeze(self, name: str) -> None:
         self._require(name, "RUNNING", "freeze")
@@ -196,11 +219,18 @@ class LxcDriver:
             full += ["-v", f"{k}={v}"]
         return full + ["--", *argv]
 
-    def attach(self, name: str, argv: list[str], env: dict[str, str],
-               input: str | None = None, timeout: float | None = 300) -> proc.Completed:
+    def attach(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        input: str | None = None,
+        timeout: float | None = 300,
+    ) -> proc.Completed:
         """Run a command in the container, capturing output (stdin closed unless given)."""
-        return self._run(self.attach_argv(name, argv, env), check=False, input=input,
-                         timeout=timeout)
+        return self._run(
+            self.attach_argv(name, argv, env), check=False, input=input, timeout=timeout
+        )
 
     def attach_interactive(self, name: str, argv: list[str], env: dict[str, str]) -> int:
         return proc.run_interactive(self.attach_argv(name, argv, env), netns=self.netns)

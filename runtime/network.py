@@ -39,31 +39,37 @@ def parse_subnet(text: str) -> ipaddress.IPv4Interface:
     try:
         iface = ipaddress.IPv4Interface(text)
     except ValueError as e:
-        raise InvalidInput(f"invalid subnet {text!r}", "write it as BRIDGE-ADDRESS/PREFIX, "
-                           "e.g. 192.0.2.1/24") from e
+        raise InvalidInput(
+            f"invalid subnet {text!r}", "write it as BRIDGE-ADDRESS/PREFIX, e.g. 192.0.2.1/24"
+        ) from e
     if iface.network.prefixlen > 28 or iface.ip == iface.network.network_address:
-        raise InvalidInput(f"subnet {text!r} is unusable",
-                           "give the bridge's own address and a prefix of at most /28, "
-                           "e.g. 192.0.2.1/24")
+        raise InvalidInput(
+            f"subnet {text!r} is unusable",
+            "give the bridge's own address and a prefix of at most /28, e.g. 192.0.2.1/24",
+        )
     return iface
 
 
 def validate_ifname(name: str) -> str:
     if not (1 <= len(name) <= 15) or not all(c.isalnum() or c in "-_" for c in name):
-        raise InvalidInput(f"invalid interface or namespace name {name!r}",
-                           "use up to 15 letters, digits, '-' or '_'")
+        raise InvalidInput(
+            f"invalid interface or namespace name {name!r}",
+            "use up to 15 letters, digits, '-' or '_'",
+        )
     return name
 
 
 def allocate_ipv4(net: NetworkConfig, used: set[str]) -> str:
     """The lowest free address from .10 up (deterministic, so tests can predict it)."""
     hosts = list(net.address.network.hosts())
-    for ip in hosts[FIRST_HOST_OFFSET - 1:]:
+    for ip in hosts[FIRST_HOST_OFFSET - 1 :]:
         s = str(ip)
         if s not in used and ip != net.address.ip:
             return s
-    raise NetworkError(f"no free address left in {net.address.network}",
-                       "delete unused containers or use a larger subnet")
+    raise NetworkError(
+        f"no free address left in {net.address.network}",
+        "delete unused containers or use a larger subnet",
+    )
 
 
 def netns_exists(name: str) -> bool:

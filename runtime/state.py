@@ -212,12 +212,12 @@ class StateStore:
         return [self._container(r) for r in rows]
 
     def has_container(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM containers WHERE name=?", (name,)).fetchone() is not None
+        return (
+            self.db.execute("SELECT 1 FROM containers WHERE name=?", (name,)).fetchone() is not None
+        )
 
     def update_container_config(self, name: str, config: dict[str, str]) -> None:
-        self.db.execute(
-            "UPDATE containers SET config=? WHERE name=?", (json.dumps(config), name)
-        )
+        self.db.execute("UPDATE containers SET config=? WHERE name=?", (json.dumps(config), name))
 
     def delete_container(self, name: str) -> None:
         self.db.execute("DELETE FROM containers WHERE name=?", (name,))
@@ -244,8 +244,9 @@ class StateStore:
             "SELECT * FROM snapshots WHERE container=? ORDER BY created, name", (container,)
         ).fetchall()
         return [
-            SnapshotRecord(r["container"], r["name"], r["created"], json.loads(r["config"]),
-                           r["expires"])
+            SnapshotRecord(
+                r["container"], r["name"], r["created"], json.loads(r["config"]), r["expires"]
+            )
             for r in rows
         ]
 
@@ -286,8 +287,13 @@ class StateStore:
                 f"image {ref!r} not found",
                 "see `migrate image list`, or build one: `migrate image build busybox`",
             )
-        return ImageRecord(row["fingerprint"], row["alias"], json.loads(row["properties"]),
-                           row["size"], row["created"])
+        return ImageRecord(
+            row["fingerprint"],
+            row["alias"],
+            json.loads(row["properties"]),
+            row["size"],
+            row["created"],
+        )
 
     def list_images(self) -> list[ImageRecord]:
         rows = self.db.execute("SELECT fingerprint FROM images ORDER BY created").fetchall()

@@ -17,9 +17,9 @@ m image build debian/bookworm
 m pool create default --driver dir
 m pool create fast --driver btrfs --size 4GiB
 m launch busybox web-1
-m launch debian/bookworm deb-1 --pool fast -c limits.memory=512MiB
+m launch debian/bookworm deb-1 --pool fast -c limits.memory=512MiB --wait
 m exec web-1 -- sh -c 'echo "hello from $(hostname)" > /root/greeting; cat /root/greeting'
-m exec deb-1 -- systemctl is-system-running --wait
+m exec deb-1 -- systemctl is-system-running
 m exec web-1 -- ping -c 1 -W 2 192.0.2.11
 m snapshot create web-1 before
 m exec web-1 -- sh -c 'echo overwritten > /root/greeting'

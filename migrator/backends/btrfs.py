@@ -8,6 +8,7 @@ existing directory on btrfs uses it in place and never mounts or formats anythin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -49,8 +50,16 @@ class BtrfsBackend:
             if not self.loop_file.exists():
                 raise StorageError(f"btrfs pool disk {self.loop_file} is missing")
             self.path.mkdir(parents=True, exist_ok=True)
-            proc.run(["mount", "-o", "loop,noatime,user_subvol_rm_allowed",
-                      str(self.loop_file), str(self.path)], timeout=60)
+            proc.run(
+                [
+                    "mount",
+                    "-o",
+                    "loop,noatime,user_subvol_rm_allowed",
+                    str(self.loop_file),
+                    str(self.path),
+                ],
+                timeout=60,
+            )
         if not self.path.is_dir():
             raise StorageError(f"btrfs pool directory {self.path} is missing")
 
@@ -63,13 +72,16 @@ class BtrfsBackend:
         if self.loop_file is not None:
             self.deactivate()
             self.loop_file.unlink(missing_ok=True)
-            try:
+            with contextlib.suppress(OSError):
                 self.path.rmdir()
-            except OSError:
-                pass
         else:
-            for sub in ("containers", "containers-snapshots", "customs", "customs-snapshots",
-                        "images"):
+            for sub in (
+                "containers",
+                "containers-snapshots",
+                "customs",
+                "customs-snapshots",
+                "images",
+            ):
                 p = self.path / sub
                 if p.exists():
                     self._delete_tree(p)
@@ -148,8 +160,7 @@ class BtrfsBackend:
         d = self._snap_dir(vol)
         if not d.is_dir():
             return []
-        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir())
-                if not p.name.startswith(".")]
+        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir()) if not p.name.startswith(".")]
 
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
         p = self._snap_dir(vol) / snap

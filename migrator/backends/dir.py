@@ -19,8 +19,7 @@ from migrator.names import SnapshotName
 
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a directory tree exactly (the one copy primitive of the dir driver)."""
-    proc.run(["cp", "-a", "--reflink=auto", "--sparse=always", str(src), str(dst)],
-             timeout=None)
+    proc.run(["cp", "-a", "--reflink=auto", "--sparse=always", str(src), str(dst)], timeout=None)
 
 
 def remove_tree(path: Path) -> None:
@@ -103,8 +102,7 @@ class DirBackend:
         d = self._snap_dir(vol)
         if not d.is_dir():
             return []
-        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir())
-                if not p.name.startswith(".")]
+        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir()) if not p.name.startswith(".")]
 
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
         remove_tree(self._snap_dir(vol) / snap)

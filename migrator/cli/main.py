@@ -21,9 +21,11 @@ from migrator.cli.render import Format, human_size, render
 from migrator.errors import ALL_ERRORS, InvalidInput, MigratorError
 from migrator.names import split_snapshot_ref
 
-EXIT_CODES_HELP = "Exit codes: 0 ok, 2 usage, " + ", ".join(
-    f"{c.exit_code} {c.__name__}" for c in ALL_ERRORS if c.exit_code != 1
-) + ", 1 other error."
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 2 usage, "
+    + ", ".join(f"{c.exit_code} {c.__name__}" for c in ALL_ERRORS if c.exit_code != 1)
+    + ", 1 other error."
+)
 
 app = typer.Typer(
     help="System containers on LXC: run, snapshot, copy, migrate and back them up.\n\n"
@@ -32,8 +34,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-image_app = typer.Typer(help="Build, import, export and delete images (LXD unified tarballs).",
-                        no_args_is_help=True)
+image_app = typer.Typer(
+    help="Build, import, export and delete images (LXD unified tarballs).", no_args_is_help=True
+)
 pool_app = typer.Typer(help="Storage pools (dir, btrfs).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Container snapshots.", no_args_is_help=True)
 config_app = typer.Typer(help="Container configuration keys.", no_args_is_help=True)
@@ -85,12 +88,18 @@ def say(msg: str) -> None:
 @app.callback()
 def _global(
     ctx: typer.Context,
-    root: Path = typer.Option(None, "--root", envvar="MIGRATOR_ROOT",
-                              help="State root of this host [default: /var/lib/migrator]"),
+    root: Path = typer.Option(
+        None,
+        "--root",
+        envvar="MIGRATOR_ROOT",
+        help="State root of this host [default: /var/lib/migrator]",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show commands and details"),
 ) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     ctx.obj = Ctx(root, verbose)
     _CURRENT.append(ctx.obj)
 
@@ -98,8 +107,9 @@ def _global(
 # host ------------------------------------------------------------------------------------------
 @app.command("init")
 def init_cmd(
-    netns: str = typer.Option(None, help="Run this host's containers in this network namespace "
-                              "(created if missing)"),
+    netns: str = typer.Option(
+        None, help="Run this host's containers in this network namespace (created if missing)"
+    ),
     subnet: str = typer.Option(None, help="Bridge address and prefix [default: 203.0.113.1/24]"),
     bridge: str = typer.Option(None, help="Bridge name [default: migbr0]"),
 ) -> None:
@@ -107,8 +117,10 @@ def init_cmd(
     h = _ctx().host
     h.init(netns, subnet, bridge)
     n = h.network_config()
-    say(f"host ready at {h.root}: bridge {n.bridge} {n.address}"
-        + (f" in netns {n.netns}" if n.netns else ""))
+    say(
+        f"host ready at {h.root}: bridge {n.bridge} {n.address}"
+        + (f" in netns {n.netns}" if n.netns else "")
+    )
 
 
 @app.command("teardown")
@@ -118,8 +130,7 @@ def teardown_cmd(
 ) -> None:
     """Stop every container, unmount pools, remove the host's network namespace."""
     if not yes:
-        raise InvalidInput("teardown stops every container of this host",
-                           "add --yes to confirm")
+        raise InvalidInput("teardown stops every container of this host", "add --yes to confirm")
     from runtime.teardown import teardown
 
     teardown(_ctx().host, purge=purge)
@@ -137,8 +148,10 @@ def image_build(
     c = _ctx().containers
     t = time.monotonic()
     rec = c.images.build(recipe, alias, say, rebuild=rebuild)
-    say(f"image {rec.alias} ({rec.fingerprint[:12]}, {human_size(rec.size)}) ready in "
-        f"{time.monotonic() - t:.1f}s")
+    say(
+        f"image {rec.alias} ({rec.fingerprint[:12]}, {human_size(rec.size)}) ready in "
+        f"{time.monotonic() - t:.1f}s"
+    )
 
 
 @image_app.command("import")
@@ -176,9 +189,14 @@ def image_export(
 def image_list(fmt: Format = FORMAT_OPT) -> None:
     """List images."""
     rows = [
-        {"alias": r.alias, "fingerprint": r.fingerprint[:12], "os": r.properties.get("os"),
-         "release": r.properties.get("release"), "size": human_size(r.size),
-         "description": r.properties.get("description")}
+        {
+            "alias": r.alias,
+            "fingerprint": r.fingerprint[:12],
+            "os": r.properties.get("os"),
+            "release": r.properties.get("release"),
+            "size": human_size(r.size),
+            "description": r.properties.get("description"),
+        }
         for r in _ctx().containers.images.list()
     ]
     cols = ["alias", "fingerprint", "os", "release", "size", "description"]
@@ -197,8 +215,11 @@ def image_delete(image: str = typer.Argument(..., help="Alias or fingerprint")) 
 def pool_create(
     name: str,
     driver: str = typer.Option(..., "--driver", "-d", help="dir or btrfs"),
-    source: str = typer.Option(None, help="dir: an empty directory; btrfs: a directory on a "
-                               "mounted btrfs [default: a loop file under the state root]"),
+    source: str = typer.Option(
+        None,
+        help="dir: an empty directory; btrfs: a directory on a "
+        "mounted btrfs [default: a loop file under the state root]",
+    ),
     size: str = typer.Option(None, help="Size of the btrfs loop file [default: 10GiB]"),
 ) -> None:
     """Create a storage pool."""
@@ -213,9 +234,16 @@ def pool_list(fmt: Format = FORMAT_OPT) -> None:
     rows = []
     for p in h.state.list_pools():
         u = h.backend(p.name).usage()
-        rows.append({"name": p.name, "driver": p.driver, "path": p.config["path"],
-                     "used": human_size(u.used), "total": human_size(u.total),
-                     "used_by": len(h.state.pool_users(p.name))})
+        rows.append(
+            {
+                "name": p.name,
+                "driver": p.driver,
+                "path": p.config["path"],
+                "used": human_size(u.used),
+                "total": human_size(u.total),
+                "used_by": len(h.state.pool_users(p.name)),
+            }
+        )
     typer.echo(render(rows, ["name", "driver", "path", "used", "total", "used_by"], fmt))
 
 
@@ -226,10 +254,17 @@ def pool_info(name: str, fmt: Format = FORMAT_OPT) -> None:
     p = h.state.get_pool(name)
     b = h.backend(p.name)
     u = b.usage()
-    info = {"name": p.name, "driver": p.driver, "source": p.source or "(managed)",
-            "path": p.config["path"], "loop_file": p.config.get("loop_file"),
-            "used_bytes": u.used, "total_bytes": u.total,
-            "migration_types": b.migration_types(), "used_by": h.state.pool_users(p.name)}
+    info = {
+        "name": p.name,
+        "driver": p.driver,
+        "source": p.source or "(managed)",
+        "path": p.config["path"],
+        "loop_file": p.config.get("loop_file"),
+        "used_bytes": u.used,
+        "total_bytes": u.total,
+        "migration_types": b.migration_types(),
+        "used_by": h.state.pool_users(p.name),
+    }
     if fmt == Format.json:
         typer.echo(json.dumps(info, indent=2))
     else:
@@ -245,7 +280,8 @@ def pool_delete(name: str) -> None:
 
 
 # containers ------------------------------------------------------------------------------------
-def _create(image: str, name: str, pool: str | None, config: list[str], start: bool) -> None:
+def _create(image: str, name: str, pool: str | None, config: list[str], start: bool,
+            wait: bool = False) -> None:
     from runtime.config import parse_assignments
 
     c = _ctx().containers
@@ -254,6 +290,12 @@ def _create(image: str, name: str, pool: str | None, config: list[str], start: b
     rec = (c.launch if start else c.create)(image, name, pool, conf)
     verb = "launched" if start else "created"
     say(f"{verb} {rec.name} on pool {rec.pool} ({rec.ipv4}) in {time.monotonic() - t:.2f}s")
+    if wait:
+        say(f"{rec.name} booted: {c.wait_booted(rec.name)} after {time.monotonic() - t:.1f}s")
+
+
+WAIT_OPT = typer.Option(False, "--wait", help="Wait until init has finished booting "
+                        "(systemd: is-system-running)")
 
 
 @app.command("launch")
@@ -262,9 +304,10 @@ def launch(
     name: str = typer.Argument(..., help="Container name"),
     pool: str = typer.Option(None, "--pool", "-p", help="Storage pool [default: default]"),
     config: list[str] = typer.Option(None, "--config", "-c", help="KEY=VALUE, repeatable"),
+    wait: bool = WAIT_OPT,
 ) -> None:
     """Create a container from an image and start it."""
-    _create(image, name, pool, config, True)
+    _create(image, name, pool, config, True, wait)
 
 
 @app.command("create")
@@ -279,10 +322,12 @@ def create(
 
 
 @app.command("start")
-def start(names: list[str]) -> None:
+def start(names: list[str], wait: bool = WAIT_OPT) -> None:
     """Start containers."""
     for n in names:
         _ctx().containers.start(n)
+        if wait:
+            say(f"{n} booted: {_ctx().containers.wait_booted(n)}")
 
 
 @app.command("stop")
@@ -344,7 +389,7 @@ LIST_COLUMNS = ["name", "state", "ipv4", "pool", "snapshots"]
 @app.command("list")
 def list_cmd(fmt: Format = FORMAT_OPT) -> None:
     """List containers: NAME, STATE, IPV4, POOL, SNAPSHOTS."""
-    infos = _ctx().containers.list()
+    infos = _ctx().containers.list_all()
     if fmt == Format.json:
         typer.echo(json.dumps([i.as_dict() for i in infos], indent=2))
     else:
@@ -377,7 +422,9 @@ def delete(
 
 # config ----------------------------------------------------------------------------------------
 @config_app.command("set")
-def config_set(name: str, assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")) -> None:
+def config_set(
+    name: str, assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")
+) -> None:
     """Set keys: security.privileged, security.protection.delete, limits.memory, limits.cpu,
     user.*"""
     from runtime.config import parse_assignments
@@ -423,9 +470,14 @@ def snapshot_create(
 @snapshot_app.command("list")
 def snapshot_list(name: str, fmt: Format = FORMAT_OPT) -> None:
     """List a container's snapshots."""
-    rows = [{"name": s.name, "created": time.strftime("%Y-%m-%d %H:%M:%S",
-                                                        time.localtime(s.created)),
-             "expires": s.expires} for s in _ctx().containers.snapshot_list(name)]
+    rows = [
+        {
+            "name": s.name,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)),
+            "expires": s.expires,
+        }
+        for s in _ctx().containers.snapshot_list(name)
+    ]
     typer.echo(render(rows, ["name", "created", "expires"], fmt))
 
 
@@ -436,11 +488,11 @@ def snapshot_restore(
 ) -> None:
     """Restore a snapshot's files and config exactly (a running container is restarted)."""
     ct, s = split_snapshot_ref(ref)
-    s = s or snap
-    if not s:
+    which = s or snap
+    if not which:
         raise InvalidInput("which snapshot?", "e.g. `migrate snapshot restore web-1/snap0`")
-    restarted = _ctx().containers.snapshot_restore(ct, s)
-    say(f"restored {ct} to {s}" + (" (restarted)" if restarted else ""))
+    restarted = _ctx().containers.snapshot_restore(ct, which)
+    say(f"restored {ct} to {which}" + (" (restarted)" if restarted else ""))
 
 
 @snapshot_app.command("delete")
@@ -450,11 +502,11 @@ def snapshot_delete(
 ) -> None:
     """Delete a snapshot."""
     ct, s = split_snapshot_ref(ref)
-    s = s or snap
-    if not s:
+    which = s or snap
+    if not which:
         raise InvalidInput("which snapshot?", "e.g. `migrate snapshot delete web-1/snap0`")
-    _ctx().containers.snapshot_delete(ct, s)
-    say(f"deleted snapshot {ct}/{s}")
+    _ctx().containers.snapshot_delete(ct, which)
+    say(f"deleted snapshot {ct}/{which}")
 
 
 def main() -> None:

@@ -27,8 +27,16 @@ from tests.conftest import IN_CI
 
 TEST_BASE = Path("/var/tmp/migrator-tests")
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
-REQUIRED_TOOLS = ["lxc-start", "lxc-attach", "mkfs.btrfs", "ip", "debootstrap", "busybox", "tar",
-                  "zstd"]
+REQUIRED_TOOLS = [
+    "lxc-start",
+    "lxc-attach",
+    "mkfs.btrfs",
+    "ip",
+    "debootstrap",
+    "busybox",
+    "tar",
+    "zstd",
+]
 
 
 def _require_environment() -> None:
@@ -50,12 +58,18 @@ class TestHost:
     host: Host
     cts: Containers
 
-    def cli(self, *args: str, check: bool = False, input: str | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = False, input: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real `migrate` command line against this host."""
-        r = subprocess.run([*MIGRATE, "--root", str(self.root), *args], capture_output=True,
-                           text=True, input=input, timeout=timeout,
-                           cwd=Path(__file__).resolve().parents[2])
+        r = subprocess.run(
+            [*MIGRATE, "--root", str(self.root), *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"migrate {' '.join(args)} -> {r.returncode}\n{r.stderr}")
         return r
@@ -89,9 +103,11 @@ def make_host(image_cache: Path) -> Iterator:
     """Factory: make_host(images=("busybox",), pools=("dir",)) -> TestHost."""
     made: list[TestHost] = []
 
-    def factory(images: tuple[str, ...] = ("busybox",),
-                pools: tuple[str, ...] = ("dir", "btrfs"),
-                subnet: str = "192.0.2.1/24") -> TestHost:
+    def factory(
+        images: tuple[str, ...] = ("busybox",),
+        pools: tuple[str, ...] = ("dir", "btrfs"),
+        subnet: str = "192.0.2.1/24",
+    ) -> TestHost:
         tag = uuid.uuid4().hex[:8]
         root = TEST_BASE / f"host-{tag}"
         netns = f"mt-{tag}"

@@ -70,7 +70,9 @@ def test_snapshot_restore_puts_back_exact_bytes(host, pool: str) -> None:
     assert [s.name for s in snap] == ["before"]
     assert (snap[0].path / "rootfs/root/f").read_text() == "v1\n"
 
-    assert host.exec("s1", "sh", "-c", "echo v2 > /root/f; rm /root/data.bin; touch /root/new")[0] == 0
+    assert (
+        host.exec("s1", "sh", "-c", "echo v2 > /root/f; rm /root/data.bin; touch /root/new")[0] == 0
+    )
     r = host.cli("snapshot", "restore", "s1/before", check=True)
     assert "restarted" in r.stderr
     assert host.cts.status("s1") == "RUNNING"
@@ -97,7 +99,7 @@ def test_hosts_are_isolated_by_network_namespace(make_host) -> None:
     a = make_host(pools=("dir",))
     b = make_host(pools=("dir",), subnet="198.51.100.1/24")
     a.cli("launch", "busybox", "only-a", check=True)
-    assert [i.name for i in a.cts.list()] == ["only-a"]
+    assert [i.name for i in a.cts.list_all()] == ["only-a"]
     assert b.cts.lxc.states() == {}
     # the bridge exists only in a's namespace; b's container cannot see a's address
     b.cli("launch", "busybox", "only-b", check=True)
@@ -145,13 +147,16 @@ def test_bad_input_is_refused_and_changes_nothing(host) -> None:
         assert "Hint:" in r.stderr or code in (5, 6), (args, r.stderr)
     assert host.cli("list", "-f", "json", check=True).stdout == before
     assert sorted(p.name for p in (host.root / "lxc").iterdir()) == lxc_before
-    assert sorted(p.name for p in (host.root / "storage-pools/dir/containers").iterdir()) == \
-        vols_before
+    assert (
+        sorted(p.name for p in (host.root / "storage-pools/dir/containers").iterdir())
+        == vols_before
+    )
 
 
 def test_limits_are_applied(host) -> None:
-    host.cli("launch", "busybox", "lim", "-c", "limits.memory=96MiB", "-c", "limits.cpu=1",
-             check=True)
+    host.cli(
+        "launch", "busybox", "lim", "-c", "limits.memory=96MiB", "-c", "limits.cpu=1", check=True
+    )
     # read the enforced values from the container's cgroup on the host side
     assert int(host.cts.lxc.get_cgroup("lim", "memory.limit_in_bytes")) == 96 * 2**20
     assert host.cts.lxc.get_cgroup("lim", "cpuset.cpus") == "0"
@@ -160,8 +165,9 @@ def test_limits_are_applied(host) -> None:
     # and it really limits: allocating 200 MiB in the container fails
     rc, _, _ = host.exec("lim", "sh", "-c", "head -c 200m /dev/zero | tail > /dev/null")
     assert rc != 0
-    assert host.cli("config", "get", "lim", "limits.memory", check=True).stdout.strip() == \
-        str(128 * 2**20)
+    assert host.cli("config", "get", "lim", "limits.memory", check=True).stdout.strip() == str(
+        128 * 2**20
+    )
 
 
 def test_privileged_toggle_reshifts_rootfs(host) -> None:

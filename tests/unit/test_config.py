@@ -89,8 +89,10 @@ def test_unknown_key_lists_known_keys() -> None:
 
 
 def test_user_keys_are_free_form() -> None:
-    assert cfg.validate("user.note", "anything = goes, even\nnewlines") == \
-        "anything = goes, even\nnewlines"
+    assert (
+        cfg.validate("user.note", "anything = goes, even\nnewlines")
+        == "anything = goes, even\nnewlines"
+    )
     assert cfg.validate("user.x", "") == ""
 
 

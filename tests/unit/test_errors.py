@@ -19,7 +19,8 @@ def test_every_error_is_a_migrator_error() -> None:
 
 def test_all_error_classes_of_the_module_are_listed() -> None:
     defined = {
-        obj for obj in vars(errors).values()
+        obj
+        for obj in vars(errors).values()
         if isinstance(obj, type) and issubclass(obj, MigratorError)
     }
     assert defined == set(ALL_ERRORS)

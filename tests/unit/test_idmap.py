@@ -107,12 +107,29 @@ def tree(tmp_path: Path) -> Path:
     (root / "link").symlink_to("/etc/passwd")  # absolute, pointing outside: must not follow
     os.lchown(root / "link", 5, 6)
     (root / "dangling").symlink_to("nowhere")
-    os.setxattr(root / "home/user/file", "system.posix_acl_access", acl(
-        (ACL_USER_OBJ, 6, UNDEF), (ACL_USER, 6, 1000), (ACL_GROUP_OBJ, 4, UNDEF),
-        (ACL_GROUP, 4, 1001), (ACL_MASK, 6, UNDEF), (ACL_OTHER, 4, UNDEF)))
-    os.setxattr(root / "shared", "system.posix_acl_default", acl(
-        (ACL_USER_OBJ, 7, UNDEF), (ACL_GROUP_OBJ, 5, UNDEF), (ACL_GROUP, 7, 50),
-        (ACL_MASK, 7, UNDEF), (ACL_OTHER, 5, UNDEF)))
+    os.setxattr(
+        root / "home/user/file",
+        "system.posix_acl_access",
+        acl(
+            (ACL_USER_OBJ, 6, UNDEF),
+            (ACL_USER, 6, 1000),
+            (ACL_GROUP_OBJ, 4, UNDEF),
+            (ACL_GROUP, 4, 1001),
+            (ACL_MASK, 6, UNDEF),
+            (ACL_OTHER, 4, UNDEF),
+        ),
+    )
+    os.setxattr(
+        root / "shared",
+        "system.posix_acl_default",
+        acl(
+            (ACL_USER_OBJ, 7, UNDEF),
+            (ACL_GROUP_OBJ, 5, UNDEF),
+            (ACL_GROUP, 7, 50),
+            (ACL_MASK, 7, UNDEF),
+            (ACL_OTHER, 5, UNDEF),
+        ),
+    )
     return root
 
 
@@ -172,9 +189,17 @@ def test_shift_tree_shifts_acl_entries(tree: Path) -> None:
 def test_shift_acl_user_entry_spec_example(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("")
-    os.setxattr(f, "system.posix_acl_access", acl(
-        (ACL_USER_OBJ, 6, UNDEF), (ACL_USER, 6, 1000), (ACL_GROUP_OBJ, 4, UNDEF),
-        (ACL_MASK, 6, UNDEF), (ACL_OTHER, 4, UNDEF)))
+    os.setxattr(
+        f,
+        "system.posix_acl_access",
+        acl(
+            (ACL_USER_OBJ, 6, UNDEF),
+            (ACL_USER, 6, 1000),
+            (ACL_GROUP_OBJ, 4, UNDEF),
+            (ACL_MASK, 6, UNDEF),
+            (ACL_OTHER, 4, UNDEF),
+        ),
+    )
     assert shift_tree(f, 65536) == 1
     entries = acl_entries(os.getxattr(f, "system.posix_acl_access"))
     assert [e for e in entries if e[0] == ACL_USER] == [(ACL_USER, 6, 1000 + 65536)]
@@ -211,14 +236,21 @@ def test_shift_below_zero_refused(tmp_path: Path) -> None:
 def test_shift_acl_pure_function() -> None:
     v = acl((ACL_USER_OBJ, 7, UNDEF), (ACL_USER, 5, 10), (ACL_GROUP, 1, 20), (ACL_OTHER, 0, UNDEF))
     shifted = idmap._shift_acl(v, 3)
-    assert acl_entries(shifted) == [(ACL_USER_OBJ, 7, UNDEF), (ACL_USER, 5, 13),
-                                    (ACL_GROUP, 1, 23), (ACL_OTHER, 0, UNDEF)]
+    assert acl_entries(shifted) == [
+        (ACL_USER_OBJ, 7, UNDEF),
+        (ACL_USER, 5, 13),
+        (ACL_GROUP, 1, 23),
+        (ACL_OTHER, 0, UNDEF),
+    ]
     assert idmap._shift_acl(shifted, -3) == v
 
 
-@pytest.mark.xfail(strict=True, reason="shift_tree walks every name, so a file with two "
-                   "hard links in the tree is shifted twice (runtime/idmap.py shift_tree: "
-                   "remember (st_dev, st_ino) of nlink>1 inodes already shifted)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="shift_tree walks every name, so a file with two "
+    "hard links in the tree is shifted twice (runtime/idmap.py shift_tree: "
+    "remember (st_dev, st_ino) of nlink>1 inodes already shifted)",
+)
 def test_shift_tree_hard_links_shifted_once(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()
@@ -228,16 +260,27 @@ def test_shift_tree_hard_links_shifted_once(tmp_path: Path) -> None:
     assert owner(root / "a") == (DELTA, DELTA)
 
 
-@pytest.mark.xfail(strict=True, reason="an ACL entry id that leaves 0..2**32-1 after the "
-                   "shift raises struct.error (not InvalidInput) after lchown already changed "
-                   "the owner (runtime/idmap.py _shift_acl / _shift_one)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="an ACL entry id that leaves 0..2**32-1 after the "
+    "shift raises struct.error (not InvalidInput) after lchown already changed "
+    "the owner (runtime/idmap.py _shift_acl / _shift_one)",
+)
 def test_shift_acl_out_of_range_is_refused_cleanly(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("")
     os.chown(f, DELTA, DELTA)
-    os.setxattr(f, "system.posix_acl_access", acl(
-        (ACL_USER_OBJ, 6, UNDEF), (ACL_USER, 6, 1000), (ACL_GROUP_OBJ, 4, UNDEF),
-        (ACL_MASK, 6, UNDEF), (ACL_OTHER, 4, UNDEF)))
+    os.setxattr(
+        f,
+        "system.posix_acl_access",
+        acl(
+            (ACL_USER_OBJ, 6, UNDEF),
+            (ACL_USER, 6, 1000),
+            (ACL_GROUP_OBJ, 4, UNDEF),
+            (ACL_MASK, 6, UNDEF),
+            (ACL_OTHER, 4, UNDEF),
+        ),
+    )
     with pytest.raises(InvalidInput):
         shift_tree(f, -DELTA)
     assert owner(f) == (DELTA, DELTA)

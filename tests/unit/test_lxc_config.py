@@ -78,14 +78,14 @@ def test_privileged_has_devices_and_no_idmap() -> None:
 
 def test_mount_auto_differs() -> None:
     assert values(render_config(spec(idmap=None)), "lxc.mount.auto") == [
-        "cgroup:mixed proc:mixed sys:mixed"]
+        "cgroup:mixed proc:mixed sys:mixed"
+    ]
     assert values(render_config(spec()), "lxc.mount.auto") == ["cgroup:mixed proc:mixed sys:rw"]
 
 
 def test_systemd_init_line_only_for_systemd() -> None:
     sd = render_config(spec(init="systemd"))
-    assert values(sd, "lxc.init.cmd") == [
-        "/sbin/init systemd.legacy_systemd_cgroup_controller=1"]
+    assert values(sd, "lxc.init.cmd") == ["/sbin/init systemd.legacy_systemd_cgroup_controller=1"]
     assert values(sd, "lxc.signal.halt") == ["SIGRTMIN+4"]
     bb = render_config(spec(init="busybox"))
     assert "lxc.init.cmd" not in bb

@@ -47,17 +47,21 @@ def test_parse_subnet_refuses_small_prefix(text: str) -> None:
         parse_subnet(text)
 
 
-@pytest.mark.parametrize("text", ["garbage", "", "192.0.2.1/33", "300.0.0.1/24",
-                                  "2001:db8::1/64", "192.0.2.1/24/1"])
+@pytest.mark.parametrize(
+    "text", ["garbage", "", "192.0.2.1/33", "300.0.0.1/24", "2001:db8::1/64", "192.0.2.1/24/1"]
+)
 def test_parse_subnet_refuses_garbage(text: str) -> None:
     with pytest.raises(InvalidInput) as ei:
         parse_subnet(text)
     assert "192.0.2.1/24" in ei.value.hint
 
 
-@pytest.mark.xfail(strict=True, reason="parse_subnet accepts the broadcast address as the "
-                   "bridge address (runtime/network.py parse_subnet checks only the network "
-                   "address)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="parse_subnet accepts the broadcast address as the "
+    "bridge address (runtime/network.py parse_subnet checks only the network "
+    "address)",
+)
 def test_parse_subnet_refuses_broadcast_address() -> None:
     with pytest.raises(InvalidInput):
         parse_subnet("192.0.2.255/24")
@@ -125,9 +129,12 @@ def test_ifname_rejects(name: str) -> None:
     assert ei.value.hint
 
 
-@pytest.mark.xfail(strict=True, reason="validate_ifname counts characters and uses "
-                   "str.isalnum(), so non-ASCII names pass; 15 'é' are 30 bytes, over "
-                   "IFNAMSIZ (runtime/network.py validate_ifname)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="validate_ifname counts characters and uses "
+    "str.isalnum(), so non-ASCII names pass; 15 'é' are 30 bytes, over "
+    "IFNAMSIZ (runtime/network.py validate_ifname)",
+)
 def test_ifname_rejects_non_ascii() -> None:
     with pytest.raises(InvalidInput):
         validate_ifname("é" * 15)
