@@ -24,7 +24,7 @@ class ContainerName(str):
     kind = "container"
 
     def __new__(cls, value: str) -> ContainerName:
-        if not isinstance(value, str) or not _LABEL.match(value) or value.endswith("-"):
+        if not isinstance(value, str) or not _LABEL.fullmatch(value) or value.endswith("-"):
             raise InvalidInput(f"invalid {cls.kind} name {value!r}", NAME_HINT)
         return super().__new__(cls, value)
 
@@ -41,7 +41,7 @@ class SnapshotName(str):
     """A validated snapshot name (also allows '.', '_' and a leading digit)."""
 
     def __new__(cls, value: str) -> SnapshotName:
-        if not isinstance(value, str) or not _SNAP.match(value) or ".." in value:
+        if not isinstance(value, str) or not _SNAP.fullmatch(value) or ".." in value:
             raise InvalidInput(
                 f"invalid snapshot name {value!r}",
                 "use letters, digits, '.', '_' and '-', at most 63 characters (e.g. snap0)",
@@ -55,7 +55,7 @@ class ImageAlias(str):
     def __new__(cls, value: str) -> ImageAlias:
         if (
             not isinstance(value, str)
-            or not _ALIAS.match(value)
+            or not _ALIAS.fullmatch(value)
             or ".." in value
             or "//" in value
             or value.endswith("/")

@@ -71,6 +71,8 @@ def _shift_acl(value: bytes, delta: int) -> bytes:
         tag, perm, ident = struct.unpack_from("<HHI", value, off)
         if tag in (ACL_USER, ACL_GROUP):
             ident += delta
+            if not 0 <= ident < 2**32 - 1:
+                raise InvalidInput(f"ACL entry id {ident - delta} cannot be shifted by {delta}")
         out += struct.pack("<HHI", tag, perm, ident)
     return bytes(out)
 
@@ -79,17 +81,20 @@ def _shift_one(path: str, st: os.stat_result, delta: int, limit: int) -> None:
     uid, gid = st.st_uid + delta, st.st_gid + delta
     if not (0 <= uid < limit and 0 <= gid < limit):
         raise InvalidInput(f"{path}: owner {st.st_uid}:{st.st_gid} cannot be shifted by {delta}")
+    acls: dict[str, bytes] = {}
+    if not stat.S_ISLNK(st.st_mode):
+        for name in ACL_XATTRS:  # computed first: a bad ACL id refuses before any change
+            try:
+                acls[name] = _shift_acl(os.getxattr(path, name, follow_symlinks=False), delta)
+            except OSError:
+                continue
     os.lchown(path, uid, gid)
     if stat.S_ISLNK(st.st_mode):
         return
     if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(path, stat.S_IMODE(st.st_mode))  # chown dropped them
-    for name in ACL_XATTRS:
-        try:
-            v = os.getxattr(path, name, follow_symlinks=False)
-        except OSError:
-            continue
-        os.setxattr(path, name, _shift_acl(v, delta), follow_symlinks=False)
+    for name, value in acls.items():
+        os.setxattr(path, name, value, follow_symlinks=False)
 
 
 def shift_tree(root: Path, delta: int) -> int:
@@ -102,12 +107,17 @@ def shift_tree(root: Path, delta: int) -> int:
     _shift_one(str(root), st, delta, limit)
     n += 1
     dev = st.st_dev
+    linked: set[int] = set()  # inodes with several names: shift each inode once
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             s = os.lstat(p)
             if s.st_dev != dev:  # never cross into a mount inside the rootfs
                 continue
+            if s.st_nlink > 1 and not stat.S_ISDIR(s.st_mode):
+                if s.st_ino in linked:
+                    continue
+                linked.add(s.st_ino)
             _shift_one(p, s, delta, limit)
             n += 1
     return n

@@ -16,7 +16,10 @@ recipe, so a second host or a second test run imports instead of running deboots
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import os
 import shutil
 import sys
@@ -82,13 +85,39 @@ def cache_dir() -> Path:
 
 
 # archive validation ------------------------------------------------------------------------
-def _open_stream(f: IO[bytes]) -> tarfile.TarFile:
-    head = f.read(4)
+class _CountingReader:
+    """A decompressed stream that counts what it hands out (to detect truncation)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _decompressed(f: IO[bytes]) -> _CountingReader:
+    """Explicit decompressors (not tarfile's ``r|*``): they raise on a truncated stream."""
+    head = f.read(6)
     f.seek(0)
-    if head == ZSTD_MAGIC:
-        reader = zstandard.ZstdDecompressor().stream_reader(f)
-        return tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]
-    return tarfile.open(fileobj=f, mode="r|*")
+    raw: Any
+    if head.startswith(ZSTD_MAGIC):
+        raw = zstandard.ZstdDecompressor().stream_reader(f)
+    elif head.startswith(b"\x1f\x8b"):
+        raw = gzip.GzipFile(fileobj=f)
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        raw = lzma.LZMAFile(f)
+    elif head.startswith(b"BZh"):
+        raw = bz2.BZ2File(f)
+    else:
+        raw = f
+    return _CountingReader(raw)
 
 
 def _clean_member_name(name: str) -> str:
@@ -109,7 +138,9 @@ def validate_archive(path: Path) -> ImageContent:
     symlinks: set[str] = set()
     count = size = 0
     try:
-        with open(path, "rb") as f, _open_stream(f) as tar:
+        with open(path, "rb") as f:
+            stream = _decompressed(f)
+            tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
             for m in tar:
                 name = _clean_member_name(m.name)
                 if not name:
@@ -146,7 +177,14 @@ def validate_archive(path: Path) -> ImageContent:
                 seen.add(name)
                 count += 1
                 size += m.size
-    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError) as e:
+            # stream mode stops quietly at a cut: demand the two zero end blocks
+            end = tar.offset
+            stream.drain()
+            if stream.count < end + 2 * tarfile.BLOCKSIZE:
+                raise ImageError(f"{path} is truncated (the tar archive has no end)",
+                                 "copy the image again; nothing was extracted")
+    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, TypeError,
+            ValueError, lzma.LZMAError) as e:
         raise ImageError(f"{path} is not a readable image archive: {e}") from e
     except yaml.YAMLError as e:
         raise ImageError(f"metadata.yaml in {path} is not valid YAML: {e}") from e

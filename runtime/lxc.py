@@ -59,7 +59,7 @@ class ContainerSpec:
 
 
 def hwaddr(name: str, ipv4: str | None) -> str:
-    """A stable locally-administered MAC, so a migrated container keeps its address."""
+    """A stable MAC in LXD's 00:16:3e range, so a migrated container keeps its address."""
     h = hashlib.sha256(f"{name}/{ipv4}".encode()).digest()
     return "00:16:3e:" + ":".join(f"{b:02x}" for b in h[:3])
 

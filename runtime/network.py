@@ -42,7 +42,9 @@ def parse_subnet(text: str) -> ipaddress.IPv4Interface:
         raise InvalidInput(
             f"invalid subnet {text!r}", "write it as BRIDGE-ADDRESS/PREFIX, e.g. 192.0.2.1/24"
         ) from e
-    if iface.network.prefixlen > 28 or iface.ip == iface.network.network_address:
+    if iface.network.prefixlen > 28 or iface.ip in (
+        iface.network.network_address, iface.network.broadcast_address
+    ):
         raise InvalidInput(
             f"subnet {text!r} is unusable",
             "give the bridge's own address and a prefix of at most /28, e.g. 192.0.2.1/24",
@@ -51,7 +53,11 @@ def parse_subnet(text: str) -> ipaddress.IPv4Interface:
 
 
 def validate_ifname(name: str) -> str:
-    if not (1 <= len(name) <= 15) or not all(c.isalnum() or c in "-_" for c in name):
+    if (
+        not name.isascii()
+        or not (1 <= len(name) <= 15)
+        or not all(c.isalnum() or c in "-_" for c in name)
+    ):
         raise InvalidInput(
             f"invalid interface or namespace name {name!r}",
             "use up to 15 letters, digits, '-' or '_'",

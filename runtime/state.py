@@ -186,6 +186,8 @@ class StateStore:
                 (rec.name, rec.pool, rec.image, rec.ipv4, json.dumps(rec.config), time.time()),
             )
         except sqlite3.IntegrityError as e:
+            if "FOREIGN KEY" in str(e):
+                raise NotFound(f"storage pool {rec.pool!r} not found") from e
             if "ipv4" in str(e):
                 raise AlreadyExists(f"address {rec.ipv4} is already in use") from e
             raise AlreadyExists(f"container {rec.name!r} already exists") from e
@@ -235,6 +237,8 @@ class StateStore:
                 (rec.container, rec.name, rec.created, json.dumps(rec.config), rec.expires),
             )
         except sqlite3.IntegrityError as e:
+            if "FOREIGN KEY" in str(e):
+                raise NotFound(f"container {rec.container!r} not found") from e
             raise AlreadyExists(
                 f"snapshot {rec.container}/{rec.name} already exists", "pick another name"
             ) from e
@@ -269,7 +273,7 @@ class StateStore:
                 self.db.execute("UPDATE images SET alias=NULL WHERE alias=?", (rec.alias,))
             self.db.execute(
                 "INSERT INTO images(fingerprint, alias, properties, size, created) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET alias=excluded.alias",
+                "VALUES(?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET alias=coalesce(excluded.alias, images.alias)",
                 (rec.fingerprint, rec.alias, json.dumps(rec.properties), rec.size, rec.created),
             )
 
@@ -277,9 +281,9 @@ class StateStore:
         row = self.db.execute(
             "SELECT * FROM images WHERE alias=? OR fingerprint=?", (ref, ref)
         ).fetchone()
-        if row is None and len(ref) >= 8:
+        if row is None and len(ref) >= 8 and all(c in "0123456789abcdef" for c in ref):
             rows = self.db.execute(
-                "SELECT * FROM images WHERE fingerprint LIKE ?", (ref + "%",)
+                "SELECT * FROM images WHERE substr(fingerprint, 1, ?) = ?", (len(ref), ref)
             ).fetchall()
             row = rows[0] if len(rows) == 1 else None
         if row is None:

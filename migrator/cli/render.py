@@ -35,7 +35,7 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: Format) 
         return json.dumps(list(rows), indent=2, default=str)
     if fmt == Format.csv:
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
         for r in rows:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in columns])

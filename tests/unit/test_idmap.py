@@ -245,12 +245,6 @@ def test_shift_acl_pure_function() -> None:
     assert idmap._shift_acl(shifted, -3) == v
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shift_tree walks every name, so a file with two "
-    "hard links in the tree is shifted twice (runtime/idmap.py shift_tree: "
-    "remember (st_dev, st_ino) of nlink>1 inodes already shifted)",
-)
 def test_shift_tree_hard_links_shifted_once(tmp_path: Path) -> None:
     root = tmp_path / "r"
     root.mkdir()
@@ -260,12 +254,6 @@ def test_shift_tree_hard_links_shifted_once(tmp_path: Path) -> None:
     assert owner(root / "a") == (DELTA, DELTA)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an ACL entry id that leaves 0..2**32-1 after the "
-    "shift raises struct.error (not InvalidInput) after lchown already changed "
-    "the owner (runtime/idmap.py _shift_acl / _shift_one)",
-)
 def test_shift_acl_out_of_range_is_refused_cleanly(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("")

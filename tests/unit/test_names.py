@@ -53,12 +53,6 @@ def test_container_name_rejects_non_str() -> None:
         ContainerName(5)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'$' in the name regexes matches before a trailing "
-    "newline, so 'web-1\\n' is accepted (migrator/names.py _LABEL: use \\Z "
-    "or re.fullmatch)",
-)
 def test_container_name_rejects_trailing_newline() -> None:
     with pytest.raises(InvalidInput):
         ContainerName("web-1\n")

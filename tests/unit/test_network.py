@@ -56,12 +56,6 @@ def test_parse_subnet_refuses_garbage(text: str) -> None:
     assert "192.0.2.1/24" in ei.value.hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_subnet accepts the broadcast address as the "
-    "bridge address (runtime/network.py parse_subnet checks only the network "
-    "address)",
-)
 def test_parse_subnet_refuses_broadcast_address() -> None:
     with pytest.raises(InvalidInput):
         parse_subnet("192.0.2.255/24")
@@ -129,12 +123,6 @@ def test_ifname_rejects(name: str) -> None:
     assert ei.value.hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate_ifname counts characters and uses "
-    "str.isalnum(), so non-ASCII names pass; 15 'é' are 30 bytes, over "
-    "IFNAMSIZ (runtime/network.py validate_ifname)",
-)
 def test_ifname_rejects_non_ascii() -> None:
     with pytest.raises(InvalidInput):
         validate_ifname("é" * 15)

@@ -77,13 +77,6 @@ def test_csv() -> None:
     assert not out.endswith("\n")  # typer.echo adds the final newline
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csv.writer's default lineterminator is \\r\\n and "
-    "render strips only '\\n', so CSV lines end in '\\r' and the text ends "
-    "with a stray '\\r' (migrator/cli/render.py render: "
-    "csv.writer(buf, lineterminator='\\n'))",
-)
 def test_csv_unix_line_endings() -> None:
     out = render(ROWS, COLS, Format.csv)
     assert out == "name,state,ipv4\nweb-1,RUNNING,192.0.2.10\ndb,STOPPED,"

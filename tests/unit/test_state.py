@@ -190,19 +190,13 @@ def test_duplicate_ipv4(pooled: StateStore) -> None:
     assert not pooled.has_container("web-2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="add_container maps every IntegrityError that is not "
-    "about ipv4 to AlreadyExists, so an unknown pool (a foreign key failure) "
-    "reports 'container already exists' (runtime/state.py add_container)",
-)
 def test_container_in_unknown_pool(db: StateStore) -> None:
     with pytest.raises(NotFound):
         db.add_container(ContainerRecord("web-1", "nopool", None, None))
 
 
 def test_container_in_unknown_pool_is_not_stored(db: StateStore) -> None:
-    with pytest.raises(AlreadyExists):  # see the xfail above: the type is wrong, not the refusal
+    with pytest.raises(NotFound):
         db.add_container(ContainerRecord("web-1", "nopool", None, None))
     assert not db.has_container("web-1")
 
@@ -224,7 +218,7 @@ def test_snapshots(pooled: StateStore) -> None:
 
 
 def test_snapshot_of_unknown_container_refused(db: StateStore) -> None:
-    with pytest.raises(AlreadyExists):  # the foreign key refuses it (reported as a conflict)
+    with pytest.raises(NotFound):
         db.add_snapshot(SnapshotRecord("ghost", "snap0", 1.0))
     assert db.list_snapshots("ghost") == []
 
@@ -303,26 +297,12 @@ def test_image_reimport_updates_alias(db: StateStore) -> None:
         db.find_image("old")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="re-adding a known fingerprint without an alias "
-    "sets its alias to NULL (ON CONFLICT ... SET alias=excluded.alias), so "
-    "`image import` of an already imported file drops its alias "
-    "(runtime/state.py add_image: SET alias=coalesce(excluded.alias, alias))",
-)
 def test_image_reimport_without_alias_keeps_alias(db: StateStore) -> None:
     db.add_image(img(FP1, "busybox", 1.0))
     db.add_image(img(FP1, None, 2.0))
     assert db.find_image(FP1).alias == "busybox"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_image passes the reference to LIKE unescaped, so "
-    "'%' and '_' act as wildcards: '________' finds any lone image "
-    "(runtime/state.py find_image: use substr(fingerprint, 1, ?) = ? or GLOB "
-    "after checking the ref is hex)",
-)
 def test_image_prefix_is_not_a_pattern(db: StateStore) -> None:
     db.add_image(img(FP1, None, 1.0))
     with pytest.raises(NotFound):
