@@ -110,9 +110,9 @@ def _decompressed(f: IO[bytes]) -> _CountingReader:
     if head.startswith(ZSTD_MAGIC):
         raw = zstandard.ZstdDecompressor().stream_reader(f)
     elif head.startswith(b"\x1f\x8b"):
-        raw = gzip.GzipFile(fileobj=f)
+        raw = gzip.GzipFile(fileobj=f)  # closed with the file by the caller
     elif head.startswith(b"\xfd7zXZ\x00"):
-        raw = lzma.LZMAFile(f)
+        raw = lzma.LZMAFile(f)  # noqa: SIM115 - closed with the file by the caller
     elif head.startswith(b"BZh"):
         raw = bz2.BZ2File(f)
     else:
@@ -140,7 +140,7 @@ def validate_archive(path: Path) -> ImageContent:
     try:
         with open(path, "rb") as f:
             stream = _decompressed(f)
-            tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
+            tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
             for m in tar:
                 name = _clean_member_name(m.name)
                 if not name:
@@ -206,47 +206,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Flags that keep a rootfs exact: numeric ids, xattrs (file capabilities), ACLs.
+TAR_EXACT = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+
+
 def pack(src_dir: Path, out: Path) -> None:
     """Write the unified tarball of ``src_dir`` (metadata.yaml, rootfs/, templates/)."""
     members = [m for m in ("metadata.yaml", "rootfs", "templates") if (src_dir / m).exists()]
-    proc.run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--acls",
-            "--sparse",
-            "-I",
-            "zstd -T0 -3 -q",
-            "-C",
-            str(src_dir),
-            "-cf",
-            str(out),
-            *members,
-        ],
-        timeout=None,
-    )
+    argv = ["tar", *TAR_EXACT, "--sparse", "-I", "zstd -T0 -3 -q", "-C", str(src_dir), "-cf",
+            str(out), *members]
+    proc.run(argv, timeout=None)
 
 
 def unpack(archive: Path, dest: Path) -> None:
     dest.mkdir(parents=True)
-    proc.run(
-        [
-            "tar",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--acls",
-            "--same-permissions",
-            "--same-owner",
-            "-C",
-            str(dest),
-            "-xf",
-            str(archive),
-        ],
-        timeout=None,
-    )
+    argv = ["tar", *TAR_EXACT, "--same-permissions", "--same-owner", "-C", str(dest), "-xf",
+            str(archive)]
+    proc.run(argv, timeout=None)
 
 
 # recipes -------------------------------------------------------------------------------------

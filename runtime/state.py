@@ -273,7 +273,8 @@ class StateStore:
                 self.db.execute("UPDATE images SET alias=NULL WHERE alias=?", (rec.alias,))
             self.db.execute(
                 "INSERT INTO images(fingerprint, alias, properties, size, created) "
-                "VALUES(?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET alias=coalesce(excluded.alias, images.alias)",
+                "VALUES(?,?,?,?,?) ON CONFLICT(fingerprint) "
+                "DO UPDATE SET alias=coalesce(excluded.alias, images.alias)",
                 (rec.fingerprint, rec.alias, json.dumps(rec.properties), rec.size, rec.created),
             )
 
