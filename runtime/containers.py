@@ -9,6 +9,7 @@ also applied live to a running container).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
+from migrator.backends.dir import copy_tree
 from migrator.errors import (
     AlreadyExists,
     ContainerError,
@@ -28,7 +30,8 @@ from runtime import config as cfg
 from runtime import idmap
 from runtime.host import Host
 from runtime.images import ImageStore
-from runtime.lxc import ContainerSpec, LxcDriver
+from runtime.lxc import ContainerSpec, LxcDriver, cpuset
+from runtime.network import allocate_ipv4
 from runtime.state import ContainerRecord, SnapshotRecord
 
 EXEC_ENV = {
@@ -132,7 +135,7 @@ class Containers:
         pool_name = pool or self.host.default_pool()
         backend = self.host.backend(pool_name)  # raises NotFound for an unknown pool
         net = self.host.network_config()
-        ipv4 = _allocate(net, self.state.used_ipv4())
+        ipv4 = allocate_ipv4(net, self.state.used_ipv4())
         privileged = cfg.is_true(conf, "security.privileged")
         for key in ("os", "release", "init"):
             if key in image.properties:
@@ -148,8 +151,7 @@ class Containers:
         return self.get(cname)
 
     def spec_for_new(self, rec: ContainerRecord, rootfs: Path) -> ContainerSpec:
-        s = self.spec(rec)
-        return ContainerSpec(**{**s.__dict__, "rootfs": rootfs})
+        return dataclasses.replace(self.spec(rec), rootfs=rootfs)
 
     def _populate_volume(self, backend: Any, vol: VolumeRef, fp: str, privileged: bool) -> None:
         """Fill a new container volume with the image's rootfs, shifted when unprivileged.
@@ -352,8 +354,6 @@ class Containers:
         self.state.update_container_config(rec.name, conf)
 
     def _apply_limits_live(self, name: str, new: dict[str, str]) -> None:
-        from runtime.lxc import cpuset
-
         if "limits.memory" in new:
             self.lxc.set_cgroup(name, "memory.limit_in_bytes", new["limits.memory"])
         if "limits.cpu" in new:
@@ -405,15 +405,7 @@ class Containers:
         return was_running
 
 
-def _allocate(net: Any, used: set[str]) -> str:
-    from runtime.network import allocate_ipv4
-
-    return allocate_ipv4(net, used)
-
-
 def _copy_rootfs(src: Path, dst: Path) -> None:
-    from migrator.backends.dir import copy_tree
-
     if not src.is_dir():
         raise ContainerError(
             f"image rootfs {src} is missing",
