@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -42,13 +41,6 @@ def netns_prefix(netns: str | None) -> list[str]:
         return []
     # -S: skip site import, the helper only needs the standard library (start-up ~15 ms).
     return [sys.executable, "-S", str(NSEXEC), netns, "--"]
-
-
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise MissingDependency(f"required tool {tool!r} is not installed")
-    return path
 
 
 def run(

@@ -240,10 +240,17 @@ class Containers:
         self.start(name)
 
     def freeze(self, name: str) -> None:
-        self.lxc.freeze(self.get(name).name)
+        self.lxc.freeze(self._in_state(name, "RUNNING", "freeze").name)
 
     def unfreeze(self, name: str) -> None:
-        self.lxc.unfreeze(self.get(name).name)
+        self.lxc.unfreeze(self._in_state(name, "FROZEN", "unfreeze").name)
+
+    def _in_state(self, name: str, want: str, verb: str) -> ContainerRecord:
+        rec = self.get(name)
+        st = self.lxc.state(rec.name)
+        if st != want:
+            raise InvalidState(f"cannot {verb} {rec.name!r}: it is {st.lower()}")
+        return rec
 
     def _running(self, name: str) -> ContainerRecord:
         rec = self.get(name)

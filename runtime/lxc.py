@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import proc
-from migrator.errors import CommandFailed, ContainerError, InvalidState
+from migrator.errors import CommandFailed, ContainerError
 from runtime.idmap import IdMap
 from runtime.network import NetworkConfig
 
@@ -201,17 +200,10 @@ class LxcDriver:
             )
 
     def freeze(self, name: str) -> None:
-        self._require(name, "RUNNING", "freeze")
         self._run(["lxc-freeze", "-P", str(self.lxcpath), "-n", name])
 
     def unfreeze(self, name: str) -> None:
-        self._require(name, "FROZEN", "unfreeze")
         self._run(["lxc-unfreeze", "-P", str(self.lxcpath), "-n", name])
-
-    def _require(self, name: str, want: str, verb: str) -> None:
-        st = self.state(name)
-        if st != want:
-            raise InvalidState(f"cannot {verb} {name!r}: it is {st.lower()}")
 
     def attach_argv(self, name: str, argv: list[str], env: dict[str, str]) -> list[str]:
         full = ["lxc-attach", "-P", str(self.lxcpath), "-n", name, "--clear-env"]
@@ -240,8 +232,3 @@ class LxcDriver:
 
     def get_cgroup(self, name: str, key: str) -> str:
         return self._run(["lxc-cgroup", "-P", str(self.lxcpath), "-n", name, key]).stdout.strip()
-
-    def wait_stopped(self, name: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while self.state(name) != "STOPPED" and time.monotonic() < deadline:
-            time.sleep(0.1)
