@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,23 @@ MIGRATIONS: list[str] = [
         stages TEXT NOT NULL DEFAULT '[]', detail TEXT NOT NULL DEFAULT '{}',
         error TEXT, created REAL NOT NULL, updated REAL NOT NULL);
     """,
+    # 2: storage issue: snapshot identity across copies, custom volume snapshots, attachments
+    """
+    ALTER TABLE snapshots ADD COLUMN uuid TEXT NOT NULL DEFAULT '';
+    CREATE TABLE volume_snapshots (
+        pool TEXT NOT NULL, type TEXT NOT NULL, volume TEXT NOT NULL, name TEXT NOT NULL,
+        created REAL NOT NULL, uuid TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (pool, type, volume, name),
+        FOREIGN KEY (pool, type, volume) REFERENCES volumes(pool, type, name)
+            ON DELETE CASCADE ON UPDATE CASCADE);
+    CREATE TABLE attachments (
+        container TEXT NOT NULL REFERENCES containers(name) ON DELETE CASCADE,
+        pool TEXT NOT NULL, type TEXT NOT NULL DEFAULT 'custom', volume TEXT NOT NULL,
+        path TEXT NOT NULL,
+        PRIMARY KEY (container, path),
+        FOREIGN KEY (pool, type, volume) REFERENCES volumes(pool, type, name)
+            ON UPDATE CASCADE);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,11 +89,43 @@ class ContainerRecord:
 
 @dataclass
 class SnapshotRecord:
+    """A container snapshot. ``uuid`` is its identity: it travels with every copy, so two
+    hosts (or two containers) can tell a shared snapshot from one that merely has the
+    same name."""
+
     container: str
     name: str
     created: float
     config: dict[str, str] = field(default_factory=dict)
     expires: float | None = None
+    uuid: str = ""
+
+
+@dataclass
+class VolumeRecord:
+    pool: str
+    type: str
+    name: str
+    config: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+
+
+@dataclass
+class VolumeSnapshotRecord:
+    pool: str
+    type: str
+    volume: str
+    name: str
+    created: float
+    uuid: str = ""
+
+
+@dataclass
+class AttachmentRecord:
+    container: str
+    pool: str
+    volume: str
+    path: str
 
 
 @dataclass
@@ -230,11 +280,14 @@ class StateStore:
 
     # snapshots --------------------------------------------------------------------------
     def add_snapshot(self, rec: SnapshotRecord) -> None:
+        if not rec.uuid:
+            rec.uuid = uuidlib.uuid4().hex
         try:
             self.db.execute(
-                "INSERT INTO snapshots(container, name, created, config, expires) "
-                "VALUES(?,?,?,?,?)",
-                (rec.container, rec.name, rec.created, json.dumps(rec.config), rec.expires),
+                "INSERT INTO snapshots(container, name, created, config, expires, uuid) "
+                "VALUES(?,?,?,?,?,?)",
+                (rec.container, rec.name, rec.created, json.dumps(rec.config), rec.expires,
+                 rec.uuid),
             )
         except sqlite3.IntegrityError as e:
             if "FOREIGN KEY" in str(e):
@@ -249,7 +302,8 @@ class StateStore:
         ).fetchall()
         return [
             SnapshotRecord(
-                r["container"], r["name"], r["created"], json.loads(r["config"]), r["expires"]
+                r["container"], r["name"], r["created"], json.loads(r["config"]), r["expires"],
+                r["uuid"],
             )
             for r in rows
         ]
@@ -264,6 +318,115 @@ class StateStore:
 
     def delete_snapshot(self, container: str, name: str) -> None:
         self.db.execute("DELETE FROM snapshots WHERE container=? AND name=?", (container, name))
+
+    def set_container_pool(self, name: str, pool: str) -> None:
+        self.db.execute("UPDATE containers SET pool=? WHERE name=?", (pool, name))
+
+    def rename_container(self, old: str, new: str) -> None:
+        """Rename a container with its snapshots and attachments, in one transaction."""
+        with self.transaction():
+            self.db.execute("PRAGMA defer_foreign_keys=ON")
+            try:
+                self.db.execute("UPDATE containers SET name=? WHERE name=?", (new, old))
+            except sqlite3.IntegrityError as e:
+                raise AlreadyExists(f"container {new!r} already exists") from e
+            self.db.execute("UPDATE snapshots SET container=? WHERE container=?", (new, old))
+            self.db.execute("UPDATE attachments SET container=? WHERE container=?", (new, old))
+
+    # custom volumes ---------------------------------------------------------------------
+    def add_volume(self, rec: VolumeRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO volumes(pool, name, type, config, created) VALUES(?,?,?,?,?)",
+                (rec.pool, rec.name, rec.type, json.dumps(rec.config), time.time()),
+            )
+        except sqlite3.IntegrityError as e:
+            if "FOREIGN KEY" in str(e):
+                raise NotFound(f"storage pool {rec.pool!r} not found") from e
+            raise AlreadyExists(f"volume {rec.pool}/{rec.name} already exists") from e
+
+    def get_volume(self, pool: str, name: str, type: str = "custom") -> VolumeRecord:
+        row = self.db.execute(
+            "SELECT * FROM volumes WHERE pool=? AND type=? AND name=?", (pool, type, name)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"volume {name!r} not found in pool {pool!r}",
+                           "see `migrate volume list`")
+        return VolumeRecord(row["pool"], row["type"], row["name"], json.loads(row["config"]),
+                            row["created"])
+
+    def list_volumes(self, pool: str | None = None, type: str = "custom") -> list[VolumeRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM volumes WHERE type=? AND (? IS NULL OR pool=?) ORDER BY pool, name",
+            (type, pool, pool),
+        ).fetchall()
+        return [VolumeRecord(r["pool"], r["type"], r["name"], json.loads(r["config"]),
+                             r["created"]) for r in rows]
+
+    def delete_volume(self, pool: str, name: str, type: str = "custom") -> None:
+        self.db.execute("DELETE FROM volumes WHERE pool=? AND type=? AND name=?",
+                        (pool, type, name))
+
+    def move_volume(self, pool: str, name: str, new_pool: str, new_name: str,
+                    type: str = "custom") -> None:
+        """Point the record (and its snapshots and attachments) at a new pool and/or name."""
+        try:
+            self.db.execute(
+                "UPDATE volumes SET pool=?, name=? WHERE pool=? AND type=? AND name=?",
+                (new_pool, new_name, pool, type, name),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(f"volume {new_pool}/{new_name} already exists") from e
+
+    def add_volume_snapshot(self, rec: VolumeSnapshotRecord) -> None:
+        if not rec.uuid:
+            rec.uuid = uuidlib.uuid4().hex
+        try:
+            self.db.execute(
+                "INSERT INTO volume_snapshots(pool, type, volume, name, created, uuid) "
+                "VALUES(?,?,?,?,?,?)",
+                (rec.pool, rec.type, rec.volume, rec.name, rec.created, rec.uuid),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(f"snapshot {rec.volume}/{rec.name} already exists") from e
+
+    def list_volume_snapshots(self, pool: str, volume: str,
+                              type: str = "custom") -> list[VolumeSnapshotRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM volume_snapshots WHERE pool=? AND type=? AND volume=? "
+            "ORDER BY created, name", (pool, type, volume),
+        ).fetchall()
+        return [VolumeSnapshotRecord(r["pool"], r["type"], r["volume"], r["name"], r["created"],
+                                     r["uuid"]) for r in rows]
+
+    def delete_volume_snapshot(self, pool: str, volume: str, name: str,
+                               type: str = "custom") -> None:
+        self.db.execute(
+            "DELETE FROM volume_snapshots WHERE pool=? AND type=? AND volume=? AND name=?",
+            (pool, type, volume, name),
+        )
+
+    def add_attachment(self, rec: AttachmentRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO attachments(container, pool, volume, path) VALUES(?,?,?,?)",
+                (rec.container, rec.pool, rec.volume, rec.path),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(f"{rec.container!r} already has a volume at {rec.path}") from e
+
+    def list_attachments(self, container: str | None = None, pool: str | None = None,
+                         volume: str | None = None) -> list[AttachmentRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM attachments WHERE (? IS NULL OR container=?) AND "
+            "(? IS NULL OR pool=?) AND (? IS NULL OR volume=?) ORDER BY container, path",
+            (container, container, pool, pool, volume, volume),
+        ).fetchall()
+        return [AttachmentRecord(r["container"], r["pool"], r["volume"], r["path"]) for r in rows]
+
+    def delete_attachment(self, container: str, pool: str, volume: str) -> None:
+        self.db.execute("DELETE FROM attachments WHERE container=? AND pool=? AND volume=?",
+                        (container, pool, volume))
 
     # images -----------------------------------------------------------------------------
     def add_image(self, rec: ImageRecord) -> None:

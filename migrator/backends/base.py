@@ -10,11 +10,13 @@ receive (negotiated between two pools by the copy pipelines).
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 from migrator.names import ContainerName, SnapshotName
+from migrator.streams import ProgressMeter, SendStream
 
 VOLUME_TYPES = ("container", "custom", "image")
 
@@ -38,9 +40,15 @@ class VolumeRef:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """A read-only point-in-time copy of a volume.
+
+    ``path`` is where its files can be read directly, or ``None`` where the driver has no
+    such path (zfs-fuse has no ``.zfs/snapshot``): read it through ``mount_snapshot``.
+    """
+
     volume: VolumeRef
     name: str
-    path: Path
+    path: Path | None
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class StorageBackend(Protocol):
     """A storage pool driver bound to one pool (its record's config names its paths)."""
 
     name: ClassVar[str]
+    #: whether files on this pool can carry xattrs and POSIX ACLs (zfs-fuse cannot)
+    supports_xattrs: ClassVar[bool]
 
     def activate(self) -> None:
         """Make the pool usable (mount its loop file...). Idempotent."""
@@ -85,7 +95,32 @@ class StorageBackend(Protocol):
 
     def usage(self) -> PoolUsage: ...
 
-    def migration_types(self) -> list[str]: ...
+    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
+        """Rename a volume and its snapshots (the volume is not in use)."""
+
+    def migration_types(self) -> list[str]:
+        """Stream formats this pool sends and receives, best first (ends with the generic)."""
+
+    def snapshot_identity(self, snap: Snapshot) -> str | None:
+        """A token equal on both ends when a snapshot was copied with the native stream.
+
+        btrfs: the received UUID, else the subvolume UUID; zfs: the snapshot guid. Native
+        incremental sends are only attempted from a base whose identities match.
+        """
+
+    def mount_snapshot(self, snap: Snapshot) -> AbstractContextManager[Path]:
+        """A readable directory with the snapshot's files for the duration of the block."""
+
+    def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
+        """Start a stream of ``snap`` (incremental from ``parent`` when given)."""
+
+    def receive(
+        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+    ) -> Snapshot:
+        """Consume ``stream``: the volume's content becomes the stream's, kept as snapshot
+        ``name``. The volume is created by a full stream. On failure nothing partial is
+        left: no new snapshot, and the volume as it was (or absent, if the stream created it).
+        """
 
 
 def statvfs_usage(path: Path) -> PoolUsage:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import btrfsutil  # type: ignore[import-not-found]
 
 from migrator import proc
+from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
-from migrator.errors import AlreadyExists, NoSpace, NotFound, StorageError
+from migrator.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
 from migrator.names import SnapshotName
+from migrator.streams import ProgressMeter, SendStream, receive_with
 
 
 def _storage_error(what: str, e: Exception) -> StorageError:
@@ -39,6 +42,7 @@ def make_loop_filesystem(image: Path, size: int) -> None:
 
 class BtrfsBackend:
     name: ClassVar[str] = "btrfs"
+    supports_xattrs: ClassVar[bool] = True
 
     def __init__(self, path: Path, loop_file: Path | None = None) -> None:
         self.path = path
@@ -176,21 +180,93 @@ class BtrfsBackend:
         src = self._snap_dir(vol) / snap
         if not src.is_dir():
             raise NotFound(f"snapshot {vol}/{snap} not found on disk")
+        self._replace_volume_with(vol, src)
+
+    def _replace_volume_with(self, vol: VolumeRef, src: Path) -> None:
+        """The volume becomes a writable snapshot of ``src`` (O(1)); swapped in by rename."""
         cur = self.volume_path(vol)
         new = cur.with_name(f".{cur.name}.restore")
         if new.exists():
             self._delete_tree(new)
+        new.parent.mkdir(parents=True, exist_ok=True)
         try:
             btrfsutil.create_snapshot(str(src), str(new))  # writable copy, O(1)
         except btrfsutil.BtrfsUtilError as e:
-            raise _storage_error(f"cannot restore {vol}/{snap}", e) from e
+            raise _storage_error(f"cannot make {vol} from {src.name}", e) from e
+        if not cur.exists():
+            new.rename(cur)
+            return
         old = cur.with_name(f".{cur.name}.old")
         cur.rename(old)
         new.rename(cur)
         self._delete_tree(old)
 
+    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
+        if self.volume_exists(new) or self._snap_dir(new).exists():
+            raise AlreadyExists(f"volume {new} already exists")
+        self.volume_path(vol).rename(self.volume_path(new))
+        if self._snap_dir(vol).exists():
+            self._snap_dir(vol).rename(self._snap_dir(new))
+
+    # streams -----------------------------------------------------------------------------
+    def snapshot_identity(self, snap: Snapshot) -> str | None:
+        try:
+            info = btrfsutil.subvolume_info(str(snap.path))
+        except btrfsutil.BtrfsUtilError:
+            return None
+        uuid = info.received_uuid if any(info.received_uuid) else info.uuid
+        return bytes(uuid).hex()
+
+    @contextlib.contextmanager
+    def mount_snapshot(self, snap: Snapshot) -> Iterator[Path]:
+        assert snap.path is not None
+        yield snap.path
+
+    def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
+        assert snap.path is not None
+        if how == "tar":
+            return generic.tar_send(snap.path, snap.name)
+        if how != "btrfs":
+            raise InvalidInput(f"the btrfs driver cannot send a {how!r} stream")
+        argv = ["btrfs", "send", "-q"]
+        if parent is not None:
+            assert parent.path is not None
+            argv += ["-p", str(parent.path)]
+        size = generic.tree_size(snap.path) if parent is None else None
+        return SendStream([*argv, str(snap.path)], "btrfs", snap.name,
+                          parent.name if parent else None, size_hint=size)
+
+    def receive(
+        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+    ) -> Snapshot:
+        if stream.how == "tar":
+            return generic.tar_receive(self, vol, name, stream, meter)
+        if stream.how != "btrfs":
+            stream.kill()
+            raise InvalidInput(f"the btrfs driver cannot receive a {stream.how!r} stream")
+        if stream.name != name:
+            stream.kill()
+            raise InvalidInput(f"btrfs stream carries {stream.name!r}, not {name!r}")
+        sd = self._snap_dir(vol)
+        dst = sd / name
+        if dst.exists():
+            stream.kill()
+            raise AlreadyExists(f"snapshot {vol}/{name} already exists")
+        sd.mkdir(parents=True, exist_ok=True)
+        try:
+            receive_with(["btrfs", "receive", "-q", str(sd)], stream, meter,
+                         no_space_markers=("No space left", "ENOSPC"))
+            self._replace_volume_with(vol, dst)
+        except BaseException:
+            if dst.exists():
+                with contextlib.suppress(Exception):
+                    btrfsutil.set_subvolume_read_only(str(dst), False)
+                    btrfsutil.delete_subvolume(str(dst), recursive=True)
+            raise
+        return Snapshot(vol, name, dst)
+
     def usage(self) -> PoolUsage:
         return statvfs_usage(self.path)
 
     def migration_types(self) -> list[str]:
-        return ["btrfs", "rsync"]
+        return ["btrfs", *generic.GENERIC_TYPES]

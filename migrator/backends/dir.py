@@ -8,13 +8,17 @@ a failure mid-copy leaves the volume as it was.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 from migrator import proc
+from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
-from migrator.errors import AlreadyExists, NotFound, StorageError
+from migrator.errors import AlreadyExists, InvalidInput, NotFound, StorageError
 from migrator.names import SnapshotName
+from migrator.streams import ProgressMeter, SendStream
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -30,6 +34,7 @@ def remove_tree(path: Path) -> None:
 
 class DirBackend:
     name: ClassVar[str] = "dir"
+    supports_xattrs: ClassVar[bool] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -123,5 +128,34 @@ class DirBackend:
     def usage(self) -> PoolUsage:
         return statvfs_usage(self.path)
 
+    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
+        if self.volume_exists(new) or self._snap_dir(new).exists():
+            raise AlreadyExists(f"volume {new} already exists")
+        self.volume_path(vol).rename(self.volume_path(new))
+        if self._snap_dir(vol).exists():
+            self._snap_dir(vol).rename(self._snap_dir(new))
+
     def migration_types(self) -> list[str]:
-        return ["rsync"]
+        return list(generic.GENERIC_TYPES)
+
+    def snapshot_identity(self, snap: Snapshot) -> str | None:
+        return None  # plain copies carry no identity; the state store's uuid is used
+
+    @contextlib.contextmanager
+    def mount_snapshot(self, snap: Snapshot) -> Iterator[Path]:
+        assert snap.path is not None
+        yield snap.path
+
+    def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
+        assert snap.path is not None
+        if how != "tar":
+            raise InvalidInput(f"the dir driver cannot send a {how!r} stream")
+        return generic.tar_send(snap.path, snap.name)
+
+    def receive(
+        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+    ) -> Snapshot:
+        if stream.how != "tar":
+            stream.kill()
+            raise InvalidInput(f"the dir driver cannot receive a {stream.how!r} stream")
+        return generic.tar_receive(self, vol, name, stream, meter)

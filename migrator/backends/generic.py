@@ -1,0 +1,154 @@
+"""The generic transfer methods every pool supports: ``rsync`` (local delta) and ``tar``.
+
+``rsync`` needs both trees on one machine (or rsync's own protocol over a transport) and
+sends only changed files, so it is the fallback for refresh between different drivers.
+``tar`` is a one-way stream (GNU tar, numeric ids, xattrs, ACLs, hard links, sparse files,
+devices) that any transport or compressor can carry; it is always a full copy.
+
+Both keep ownership numerically: an unprivileged container's shifted uids stay as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from migrator import proc
+from migrator.backends.base import Snapshot, VolumeRef
+from migrator.errors import CommandFailed, NoSpace, StorageError
+from migrator.streams import ProgressMeter, SendStream, receive_with, run_watched
+
+GENERIC_TYPES = ["rsync", "tar"]
+
+_TAR_META = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+
+
+def tree_size(path: Path) -> int | None:
+    """Apparent bytes under ``path`` (the total for a full copy's progress), if ``du`` can."""
+    r = proc.run(["du", "-sb", "--", str(path)], check=False, timeout=600)
+    try:
+        return int(r.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def tar_send(path: Path, name: str, xattrs: bool = True) -> SendStream:
+    """A tar stream of the directory ``path`` (a mounted snapshot), members relative to it.
+
+    ``xattrs=False`` for a source that cannot hold any (zfs-fuse), so tar does not ask.
+    """
+    flags = _TAR_META if xattrs else ["--numeric-owner", "--no-xattrs", "--no-acls"]
+    argv = ["tar", "--create", "--file=-", *flags, "--sparse", "--format=posix",
+            "-C", str(path), "."]
+    return SendStream(argv, "tar", name, size_hint=tree_size(path))
+
+
+NOT_STORABLE = ("Cannot set", "Operation not supported")
+
+
+def tar_extract(stream: SendStream, dest: Path, meter: ProgressMeter | None) -> int:
+    """Unpack a tar stream into ``dest`` exactly (owners, modes, xattrs, ACLs).
+
+    GNU tar refuses members with ``..`` and strips leading ``/``; ``--delay-directory-
+    restore`` sets directory modes last so read-only directories still fill. tar only warns
+    (exit 0) when the target cannot store an xattr or ACL: such warnings fail the receive,
+    so nothing is dropped silently on a pool without xattrs (zfs-fuse).
+    """
+    argv = ["tar", "--extract", "--file=-", *_TAR_META, "--same-permissions",
+            "--same-owner", "--delay-directory-restore", "-C", str(dest)]
+    try:
+        return receive_with(argv, stream, meter, fatal_stderr=NOT_STORABLE)
+    except CommandFailed as e:
+        if any(m in e.stderr for m in NOT_STORABLE):
+            raise _not_storable(dest, e.stderr) from e
+        raise
+
+
+def _not_storable(dest: Path, detail: str) -> StorageError:
+    first = detail.strip().splitlines()[0] if detail.strip() else ""
+    return StorageError(
+        f"the target pool cannot store the source's xattrs or ACLs ({first})",
+        "pick a target pool that keeps xattrs (dir, btrfs), or remove them at the source; "
+        "nothing was changed on the target",
+    )
+
+
+def tar_receive(
+    backend: Any, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+) -> Snapshot:
+    """Receive a tar stream as the volume's new content plus snapshot ``name``.
+
+    A new volume is filled in place and deleted if anything fails. An existing volume is
+    never touched until the whole stream has arrived in a scratch volume; it is then
+    synced over with rsync, so a broken stream leaves it exactly as it was.
+    """
+    if not backend.volume_exists(vol):
+        path = backend.create_volume(vol)
+        try:
+            tar_extract(stream, path, meter)
+            return backend.snapshot(vol, name)
+        except BaseException:
+            stream.kill()
+            backend.delete_volume(vol)
+            raise
+    scratch = VolumeRef(vol.type, f"{vol.name[:50]}-recv")
+    if backend.volume_exists(scratch):
+        backend.delete_volume(scratch)
+    spath = backend.create_volume(scratch)
+    try:
+        tar_extract(stream, spath, meter)
+        rsync_tree(spath, backend.volume_path(vol))
+    finally:
+        stream.kill()
+        backend.delete_volume(scratch)
+    return backend.snapshot(vol, name)
+
+
+_PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
+_STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size): ([\d,]+)")
+
+
+def rsync_tree(
+    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = False,
+    dry_run: bool = False,
+) -> int:
+    """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
+
+    ``-aHSAX --numeric-ids``: hard links, sparse files, devices, xattrs, ACLs and numeric
+    owners survive; a target that cannot store an xattr or ACL (zfs-fuse) makes rsync fail
+    (exit 23), which is reported, never ignored. Only changed files are written, which is
+    what makes a refresh between different drivers cheap. ``checksum`` compares contents
+    instead of size and mtime; ``dry_run`` changes nothing and counts what differs.
+    """
+    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
+            "--no-inc-recursive"]
+    if dry_run:
+        argv += ["--dry-run"]
+    if checksum:
+        argv += ["--checksum"]
+    argv += [f"{src}/", f"{dst}/"]
+
+    def on_line(line: str) -> None:
+        m = _PROGRESS.match(line)
+        if m and meter is not None:
+            done = int(m.group(1).replace(",", ""))
+            pct = int(m.group(2))
+            meter.set_done(done, done * 100 // pct if pct else None)
+
+    rc, out, err = run_watched(argv, on_line)
+    if rc != 0:
+        if "No space left" in err:
+            raise NoSpace(f"rsync to {dst}: no space left on the target pool",
+                          "free space on the target pool or pick another pool")
+        if rc == 23 and "Operation not supported" in err:
+            raise _not_storable(dst, err)
+        raise CommandFailed(argv, rc, err.strip())
+    stats: dict[str, int] = {}
+    for line in out.splitlines():
+        m = _STAT.match(line.strip())
+        if m:
+            stats[m.group(1)] = int(m.group(2).replace(",", ""))
+    if meter is not None:
+        meter.finish()
+    return stats.get("Literal data", 0)
