@@ -99,7 +99,7 @@ def _copyable_config(config: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in config.items() if not k.startswith("volatile.")}
 
 
-def _native_base_ok(src: StorageBackend, src_vol: VolumeRef, dst: StorageBackend,
+def native_base_ok(src: StorageBackend, src_vol: VolumeRef, dst: StorageBackend,
                     dst_vol: VolumeRef) -> Any:
     def check(name: str) -> bool:
         a = {s.name: s for s in src.list_snapshots(src_vol)}.get(name)
@@ -162,7 +162,7 @@ def copy_container(
     dst_infos = ([SnapInfo(s.name, s.uuid) for s in state.list_snapshots(dst_name)]
                  if dst_rec else None)
     how = negotiate(src_b.migration_types(), dst_b.migration_types())
-    plan = plan_transfer(src_infos, dst_infos, how, _native_base_ok(src_b, src_vol, dst_b, dst_vol))
+    plan = plan_transfer(src_infos, dst_infos, how, native_base_ok(src_b, src_vol, dst_b, dst_vol))
     if instance_only:
         plan.send, plan.skipped = [], []
         plan.notes = [n for n in plan.notes if not n.startswith("skipped")]

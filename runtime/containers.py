@@ -115,6 +115,10 @@ class Containers:
             idmap=None if privileged else idmap.default_idmap(),
             memory=int(mem) if mem else None,
             cpus=int(cpus) if cpus else None,
+            mounts=tuple(
+                (self.host.backend(a.pool).volume_path(VolumeRef("custom", a.volume)), a.path)
+                for a in self.state.list_attachments(container=rec.name)
+            ),
         )
 
     # create / delete ---------------------------------------------------------------------

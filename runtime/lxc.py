@@ -55,6 +55,8 @@ class ContainerSpec:
     idmap: IdMap | None  # None: privileged
     memory: int | None = None
     cpus: int | None = None
+    # custom volumes bind-mounted in: (host directory, absolute path inside the container)
+    mounts: tuple[tuple[Path, str], ...] = ()
 
 
 def hwaddr(name: str, ipv4: str | None) -> str:
@@ -108,6 +110,8 @@ def render_config(spec: ContainerSpec) -> str:
         ]
     else:
         lines.append("lxc.net.0.type = empty")
+    for src, target in spec.mounts:
+        lines.append(f"lxc.mount.entry = {src} {target.lstrip('/')} none bind,create=dir 0 0")
     if spec.memory:
         lines.append(f"lxc.cgroup.memory.limit_in_bytes = {spec.memory}")
     if spec.cpus:

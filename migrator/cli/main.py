@@ -37,7 +37,7 @@ app = typer.Typer(
 image_app = typer.Typer(
     help="Build, import, export and delete images (LXD unified tarballs).", no_args_is_help=True
 )
-pool_app = typer.Typer(help="Storage pools (dir, btrfs).", no_args_is_help=True)
+pool_app = typer.Typer(help="Storage pools (dir, btrfs, zfs).", no_args_is_help=True)
 snapshot_app = typer.Typer(help="Container snapshots.", no_args_is_help=True)
 config_app = typer.Typer(help="Container configuration keys.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
@@ -214,13 +214,13 @@ def image_delete(image: str = typer.Argument(..., help="Alias or fingerprint")) 
 @pool_app.command("create")
 def pool_create(
     name: str,
-    driver: str = typer.Option(..., "--driver", "-d", help="dir or btrfs"),
+    driver: str = typer.Option(..., "--driver", "-d", help="dir, btrfs or zfs"),
     source: str = typer.Option(
         None,
-        help="dir: an empty directory; btrfs: a directory on a "
-        "mounted btrfs [default: a loop file under the state root]",
+        help="dir: an empty directory; btrfs: a directory on a mounted btrfs; zfs: an "
+        "existing pool or dataset [default: a loop file under the state root]",
     ),
-    size: str = typer.Option(None, help="Size of the btrfs loop file [default: 10GiB]"),
+    size: str = typer.Option(None, help="Size of the btrfs/zfs loop file [default: 10GiB]"),
 ) -> None:
     """Create a storage pool."""
     rec = _ctx().host.create_pool(name, driver, source, size)
@@ -507,6 +507,11 @@ def snapshot_delete(
         raise InvalidInput("which snapshot?", "e.g. `migrate snapshot delete web-1/snap0`")
     _ctx().containers.snapshot_delete(ct, which)
     say(f"deleted snapshot {ct}/{which}")
+
+
+from migrator.cli import storage  # noqa: E402 - registers its commands on the same app
+
+storage.register(app)
 
 
 def main() -> None:

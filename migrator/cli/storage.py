@@ -1,0 +1,221 @@
+"""Commands that move data between pools: copy, move (and rename), custom volumes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from migrator.cli.progress import Bars
+from migrator.cli.render import Format, human_size, render
+
+volume_app = typer.Typer(
+    help="Custom storage volumes: directories on a pool, mounted into containers.",
+    no_args_is_help=True,
+)
+volume_snapshot_app = typer.Typer(help="Snapshots of custom volumes.", no_args_is_help=True)
+volume_app.add_typer(volume_snapshot_app, name="snapshot")
+
+FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json (a summary)")
+POOL_OPT = typer.Option(None, "--pool", "-p", help="Pool the volume is on "
+                        "[default: the only pool with a volume of that name]")
+
+
+def _ctx() -> Any:
+    from migrator.cli.main import _ctx as current
+
+    return current()
+
+
+def say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def report(result: Any, fmt: Format, verb: str) -> None:
+    """Human summary on stderr, or the whole result as JSON on stdout."""
+    if fmt == Format.json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    line = (f"{verb} {result.source} -> {result.target} on pool {result.pool} via "
+            f"{result.method}: {human_size(result.bytes)} in {result.seconds:.1f}s")
+    say(line)
+    if result.snapshots_added:
+        say(f"  snapshots added: {', '.join(result.snapshots_added)}")
+    if result.snapshots_skipped:
+        say(f"  snapshots skipped: {', '.join(result.snapshots_skipped)}")
+    if result.downtime is not None:
+        say(f"  down for {result.downtime:.1f}s (stop, final sync, start)")
+    if result.verified:
+        say(f"  verified: {result.verified}")
+    for n in result.notes:
+        say(f"  note: {n}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(volume_app, name="volume")
+    app.command("copy")(copy_cmd)
+    app.command("move")(move_cmd)
+
+
+def copy_cmd(
+    source: str = typer.Argument(..., help="Container to copy"),
+    target: str = typer.Argument(..., help="Name of the copy"),
+    pool: str = typer.Option(None, "--pool", "-p", help="Pool of the copy [default: source's]"),
+    instance_only: bool = typer.Option(False, "--instance-only",
+                                       help="Copy the container without its snapshots"),
+    refresh: bool = typer.Option(
+        False, "--refresh",
+        help="Update an existing (stopped) copy: send only what changed since the newest "
+        "shared snapshot and add missing snapshots; target-only snapshots are kept"),
+    allow_inconsistent: bool = typer.Option(
+        False, "--allow-inconsistent",
+        help="Copy a running container's live files without freezing it for a snapshot"),
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Copy a container, with its snapshots, on this host (any pool to any pool).
+
+    The fastest method both pools support is used: btrfs send/receive or zfs send/recv
+    between pools of the same driver, rsync otherwise. A running container is copied from
+    a snapshot taken while it is briefly frozen.
+    """
+    from migrator.copy import copy_container
+
+    with Bars() as bars:
+        r = copy_container(_ctx().containers, source, target, pool, instance_only, refresh,
+                           allow_inconsistent, bars)
+    report(r, fmt, "refreshed" if refresh else "copied")
+
+
+def move_cmd(
+    name: str = typer.Argument(..., help="Container to move or rename"),
+    new_name: str = typer.Argument(None, help="New name (rename; the container must be stopped)"),
+    pool: str = typer.Option(None, "--pool", "-p", help="Move to this pool"),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Checksum every file before removing the source "
+                                "[default: file list, metadata and a checksum sample]"),
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Move a container to another pool (with all snapshots), or rename it.
+
+    Staged: the source is removed only after the target is verified; a failure at any
+    point leaves the container whole on its source pool. A running container is copied
+    live, then stopped for a final sync and started on the new pool (downtime reported).
+    """
+    from migrator.copy import move_container, rename_container
+    from migrator.errors import InvalidInput
+
+    if not pool and not new_name:
+        raise InvalidInput("nothing to do", "give --pool P to move, or a NEW_NAME to rename")
+    cts = _ctx().containers
+    current = name
+    if pool:
+        with Bars() as bars:
+            r = move_container(cts, name, pool, verify, bars)
+        report(r, fmt, "moved")
+    if new_name:
+        rename_container(cts, current, new_name)
+        if fmt == Format.json and not pool:
+            typer.echo(json.dumps({"source": name, "target": new_name, "method": "rename"}))
+        else:
+            say(f"renamed {name} -> {new_name}")
+
+
+# volumes ---------------------------------------------------------------------------------
+def _volumes() -> Any:
+    from runtime.volumes import Volumes
+
+    return Volumes(_ctx().containers)
+
+
+@volume_app.command("create")
+def volume_create(name: str,
+                  pool: str = typer.Option(None, "--pool", "-p",
+                                           help="Pool [default: default]")) -> None:
+    """Create an empty custom volume."""
+    rec = _volumes().create(name, pool)
+    say(f"volume {rec.name} created on pool {rec.pool}")
+
+
+@volume_app.command("list")
+def volume_list(pool: str = typer.Option(None, "--pool", "-p", help="Only this pool"),
+                fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+    """List custom volumes with their users."""
+    rows = [v.as_dict() | {"used_by": ",".join(v.used_by)} for v in _volumes().list_all(pool)]
+    typer.echo(render(rows, ["pool", "name", "used_by", "snapshots", "path"], fmt))
+
+
+@volume_app.command("delete")
+def volume_delete(name: str, pool: str = POOL_OPT) -> None:
+    """Delete a detached volume and its snapshots."""
+    _volumes().delete(name, pool)
+    say(f"volume {name} deleted")
+
+
+@volume_app.command("attach")
+def volume_attach(name: str, container: str,
+                  path: str = typer.Argument(..., help="Mount point inside, e.g. /srv/data"),
+                  pool: str = POOL_OPT) -> None:
+    """Mount a volume into a container at PATH (takes effect at the next start)."""
+    running = _volumes().attach(name, container, path, pool)
+    say(f"volume {name} attached to {container} at {path}"
+        + (f"; restart {container} to mount it" if running else ""))
+
+
+@volume_app.command("detach")
+def volume_detach(name: str, container: str, pool: str = POOL_OPT) -> None:
+    """Remove a volume from a container (takes effect at the next start)."""
+    running = _volumes().detach(name, container, pool)
+    say(f"volume {name} detached from {container}"
+        + (f"; restart {container} to unmount it" if running else ""))
+
+
+@volume_snapshot_app.command("create")
+def volume_snapshot_create(name: str, snap: str = typer.Argument(None),
+                           pool: str = POOL_OPT) -> None:
+    """Snapshot a volume (default names snap0, snap1...)."""
+    s = _volumes().snapshot_create(name, snap, pool)
+    say(f"snapshot {name}/{s} created")
+
+
+@volume_snapshot_app.command("list")
+def volume_snapshot_list(name: str, pool: str = POOL_OPT,
+                         fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+    """List a volume's snapshots."""
+    rows = [{"name": s.name, "created": s.created, "uuid": s.uuid}
+            for s in _volumes().snapshot_list(name, pool)]
+    typer.echo(render(rows, ["name", "created", "uuid"], fmt))
+
+
+@volume_snapshot_app.command("delete")
+def volume_snapshot_delete(name: str, snap: str, pool: str = POOL_OPT) -> None:
+    """Delete a volume snapshot."""
+    _volumes().snapshot_delete(name, snap, pool)
+    say(f"snapshot {name}/{snap} deleted")
+
+
+@volume_app.command("copy")
+def volume_copy(
+    name: str, target: str, pool: str = POOL_OPT,
+    target_pool: str = typer.Option(None, "--target-pool", help="[default: the same pool]"),
+    refresh: bool = typer.Option(False, "--refresh", help="Update an existing copy"),
+    volume_only: bool = typer.Option(False, "--volume-only", help="Without snapshots"),
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Copy a volume with its snapshots (to another pool with --target-pool)."""
+    with Bars() as bars:
+        r = _volumes().copy(name, target, pool, target_pool, refresh, volume_only, bars)
+    report(r, fmt, "refreshed" if refresh else "copied")
+
+
+@volume_app.command("move")
+def volume_move(
+    name: str, new_name: str = typer.Argument(None, help="New name"), pool: str = POOL_OPT,
+    target_pool: str = typer.Option(None, "--target-pool", help="Move to this pool"),
+    verify: bool = typer.Option(False, "--verify", help="Checksum every file first"),
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Move a volume to another pool and/or rename it (its containers must be stopped)."""
+    with Bars() as bars:
+        r = _volumes().move(name, target_pool, new_name, pool, verify, bars)
+    report(r, fmt, "moved")
