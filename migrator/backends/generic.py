@@ -110,7 +110,7 @@ _STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size)
 
 
 def rsync_tree(
-    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = False,
+    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = True,
     dry_run: bool = False,
 ) -> int:
     """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
@@ -118,8 +118,10 @@ def rsync_tree(
     ``-aHSAX --numeric-ids``: hard links, sparse files, devices, xattrs, ACLs and numeric
     owners survive; a target that cannot store an xattr or ACL (zfs-fuse) makes rsync fail
     (exit 23), which is reported, never ignored. Only changed files are written, which is
-    what makes a refresh between different drivers cheap. ``checksum`` compares contents
-    instead of size and mtime; ``dry_run`` changes nothing and counts what differs.
+    what makes a refresh between different drivers cheap. ``checksum`` (the default)
+    compares the contents of files whose size matches instead of trusting size and mtime:
+    two writes of the same length within one mtime tick would otherwise be skipped and the
+    target silently keep old data. ``dry_run`` changes nothing.
     """
     argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
             "--no-inc-recursive"]

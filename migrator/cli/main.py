@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -48,37 +47,7 @@ app.add_typer(config_app, name="config")
 FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table, json or csv")
 
 
-class Ctx:
-    """Per-invocation objects, opened lazily so `--help` never touches the state root."""
-
-    def __init__(self, root: Path | None, verbose: bool) -> None:
-        self.root = root
-        self.verbose = verbose
-        self._host: Any = None
-        self._cts: Any = None
-
-    @property
-    def host(self) -> Any:
-        if self._host is None:
-            from runtime.host import Host, root_from_env
-
-            self._host = Host(root_from_env(self.root))
-        return self._host
-
-    @property
-    def containers(self) -> Any:
-        if self._cts is None:
-            from runtime.containers import Containers
-
-            self._cts = Containers(self.host)
-        return self._cts
-
-
-_CURRENT: list[Ctx] = []
-
-
-def _ctx() -> Ctx:
-    return _CURRENT[-1]
+from migrator.cli.context import _CURRENT, Ctx, _ctx  # noqa: E402
 
 
 def say(msg: str) -> None:

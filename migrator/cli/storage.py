@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from migrator.cli.context import _ctx
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
 
@@ -20,12 +21,6 @@ volume_app.add_typer(volume_snapshot_app, name="snapshot")
 FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json (a summary)")
 POOL_OPT = typer.Option(None, "--pool", "-p", help="Pool the volume is on "
                         "[default: the only pool with a volume of that name]")
-
-
-def _ctx() -> Any:
-    from migrator.cli.main import _ctx as current
-
-    return current()
 
 
 def say(msg: str) -> None:
