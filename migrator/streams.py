@@ -254,9 +254,11 @@ def receive_with(
             rproc.wait()
             stream.kill()
             raise pump_error
+        rc = _wait(rproc)
+        if pump_error is not None and rc == 0 and _only_zeros_left(stream):
+            pump_error = None  # tar stops at its end marker; what it left is record padding
         if pump_error is not None:
             stream.kill()
-        rc = _wait(rproc)
         err.seek(0)
         rerr = err.read().decode(errors="replace").strip()
         if rc != 0:
@@ -272,6 +274,17 @@ def receive_with(
             raise CommandFailed(full, rc, rerr)
         stream.close()
         return moved
+
+
+def _only_zeros_left(stream: SendStream | IO[bytes]) -> bool:
+    """Drain the rest of ``stream``; True when it held nothing but zero bytes."""
+    fd = stream.fileno()
+    while True:
+        data = os.read(fd, CHUNK)
+        if not data:
+            return True
+        if data.count(0) != len(data):
+            return False
 
 
 def _wait(p: subprocess.Popen[bytes], timeout: float | None = None) -> int:
