@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: a test host in its own network namespace, an image
-# built, a pool created, containers launched, exec'd into, snapshotted, restored and listed.
+# built, dir/btrfs/zfs pools created, containers launched, exec'd into, snapshotted, restored,
+# copied and refreshed, moved between pools while running, with a custom volume attached.
 # Everything is torn down at the end (and on failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ m image build busybox
 m image build debian/bookworm
 m pool create default --driver dir
 m pool create fast --driver btrfs --size 4GiB
+m pool create tank --driver zfs --size 1GiB
 m launch busybox web-1
 m launch debian/bookworm deb-1 --pool fast -c limits.memory=512MiB --wait
 m exec web-1 -- sh -c 'echo "hello from $(hostname)" > /root/greeting; cat /root/greeting'
@@ -26,6 +28,17 @@ m exec web-1 -- sh -c 'echo overwritten > /root/greeting'
 m snapshot restore web-1/before
 m exec web-1 -- cat /root/greeting
 m snapshot create deb-1
+m volume create shared --pool fast
+m volume attach shared web-1 /srv/shared
+m restart web-1
+m exec web-1 -- sh -c 'echo on-a-volume > /srv/shared/note'
+m copy web-1 web-2 --pool fast
+m exec web-1 -- sh -c 'echo newer > /root/greeting'
+m snapshot create web-1 after
+m copy web-1 web-2 --refresh
+m move web-1 --pool tank
+m exec web-1 -- cat /srv/shared/note /root/greeting
+m move web-2 --pool default --verify
 m list
 m list --format json > /dev/null
 m pool list
