@@ -354,3 +354,56 @@ def test_writes_visible_to_a_second_connection(tmp_path: Path, db: StateStore) -
         assert [p.name for p in other.list_pools()] == ["p1"]
     finally:
         other.close()
+
+
+# schema 2: snapshot identity, custom volumes, attachments ------------------------------------
+def test_snapshot_uuid_assigned_and_kept(pooled: StateStore) -> None:
+    from runtime.state import ContainerRecord, SnapshotRecord
+
+    pooled.add_container(ContainerRecord("c", "default", None, "10.0.0.2", {}))
+    pooled.add_snapshot(SnapshotRecord("c", "s0", 1.0))
+    pooled.add_snapshot(SnapshotRecord("c", "s1", 2.0, uuid="given"))
+    got = {s.name: s.uuid for s in pooled.list_snapshots("c")}
+    assert len(got["s0"]) == 32 and got["s1"] == "given"
+
+
+def test_rename_container_moves_snapshots_and_attachments(pooled: StateStore) -> None:
+    from runtime.state import AttachmentRecord, ContainerRecord, SnapshotRecord, VolumeRecord
+
+    pooled.add_container(ContainerRecord("old", "default", None, "10.0.0.2", {}))
+    pooled.add_container(ContainerRecord("other", "default", None, "10.0.0.3", {}))
+    pooled.add_snapshot(SnapshotRecord("old", "s0", 1.0))
+    pooled.add_volume(VolumeRecord("default", "custom", "v"))
+    pooled.add_attachment(AttachmentRecord("old", "default", "v", "/srv"))
+    pooled.rename_container("old", "new")
+    assert not pooled.has_container("old") and pooled.get_container("new").ipv4 == "10.0.0.2"
+    assert [s.name for s in pooled.list_snapshots("new")] == ["s0"]
+    assert pooled.list_attachments("new")[0].path == "/srv"
+    with pytest.raises(AlreadyExists):
+        pooled.rename_container("new", "other")
+    assert pooled.has_container("new")  # the failed rename changed nothing
+
+
+def test_volume_move_cascades_to_snapshots_and_attachments(pooled: StateStore) -> None:
+    from runtime.state import (
+        AttachmentRecord,
+        ContainerRecord,
+        PoolRecord,
+        VolumeRecord,
+        VolumeSnapshotRecord,
+    )
+
+    pooled.add_pool(PoolRecord("q", "dir", "", {"path": "/q"}))
+    pooled.add_container(ContainerRecord("c", "default", None, None, {}))
+    pooled.add_volume(VolumeRecord("default", "custom", "v"))
+    pooled.add_volume_snapshot(VolumeSnapshotRecord("default", "custom", "v", "s0", 1.0))
+    pooled.add_attachment(AttachmentRecord("c", "default", "v", "/srv"))
+    pooled.move_volume("default", "v", "q", "w")
+    assert [v.name for v in pooled.list_volumes("q")] == ["w"]
+    assert [s.name for s in pooled.list_volume_snapshots("q", "w")] == ["s0"]
+    att = pooled.list_attachments("c")[0]
+    assert (att.pool, att.volume) == ("q", "w")
+    pooled.delete_container("c")
+    assert pooled.list_attachments() == []
+    pooled.delete_volume("q", "w")
+    assert pooled.list_volume_snapshots("q", "w") == []
