@@ -26,6 +26,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_runtime.py
+	$(PY) bench/bench_storage.py
 
 # Leftovers of an interrupted test run (hosts are normally torn down by the fixtures).
 clean-tests: setup

@@ -170,6 +170,9 @@ def copy_container(
     running = cts.lxc.state(src.name) != "STOPPED"
     by_name = {s.name: s for s in src_snaps}
     added: list[str] = []
+    keep: SnapshotName | None = None
+    if dst_rec is not None and plan.how == "rsync" and dst_b.cheap_snapshots:
+        keep = temp_snapshot_name()
 
     with Stages() as st:
         if dst_rec is None:
@@ -180,14 +183,15 @@ def copy_container(
                     dst_b.delete_snapshot(dst_vol, SnapshotName(n))
 
             st.add_undo("delete added snapshots", drop_added)
-            if plan.how == "rsync":
+            if keep is not None:
                 # rsync rewrites the target in place: keep its content to put back on failure
-                keep = temp_snapshot_name()
-                dst_b.snapshot(dst_vol, keep)
+                # (only where a snapshot is free; a dir target is completed by a re-run)
+                saved: SnapshotName = keep
+                dst_b.snapshot(dst_vol, saved)
 
                 def put_back() -> None:
-                    dst_b.restore_snapshot(dst_vol, keep)
-                    dst_b.delete_snapshot(dst_vol, keep)
+                    dst_b.restore_snapshot(dst_vol, saved)
+                    dst_b.delete_snapshot(dst_vol, saved)
 
                 st.add_undo("restore target", put_back)
         live = plan.how == "rsync" and (not running or allow_inconsistent)
@@ -220,7 +224,7 @@ def copy_container(
                                                   s.expires, s.uuid))
         st.add_undo("remove record", lambda: _forget(cts, dst_name) if dst_rec is None else None)
         cts.lxc.write_config(cts.spec(cts.get(dst_name)))
-        if dst_rec is not None and plan.how == "rsync":
+        if keep is not None:
             dst_b.delete_snapshot(dst_vol, keep)
     result.seconds = time.monotonic() - t0
     return result

@@ -20,7 +20,8 @@ SAMPLE = 32
 
 
 def _diff(src: Path, dst: Path, xattrs: bool, checksum: bool) -> list[str]:
-    argv = ["rsync", "-aHS", "--numeric-ids", "--delete", "--dry-run", "--itemize-changes"]
+    argv = ["rsync", "-aHS", "--numeric-ids", "--delete", "--dry-run", "--itemize-changes",
+            "--modify-window=-1"]
     if xattrs:
         argv += ["-AX"]
     if checksum:

@@ -63,6 +63,8 @@ class StorageBackend(Protocol):
     name: ClassVar[str]
     #: whether files on this pool can carry xattrs and POSIX ACLs (zfs-fuse cannot)
     supports_xattrs: ClassVar[bool]
+    #: whether a snapshot costs O(1) (CoW) rather than a full copy of the volume
+    cheap_snapshots: ClassVar[bool]
 
     def activate(self) -> None:
         """Make the pool usable (mount its loop file...). Idempotent."""

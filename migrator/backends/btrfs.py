@@ -43,6 +43,7 @@ def make_loop_filesystem(image: Path, size: int) -> None:
 class BtrfsBackend:
     name: ClassVar[str] = "btrfs"
     supports_xattrs: ClassVar[bool] = True
+    cheap_snapshots: ClassVar[bool] = True
 
     def __init__(self, path: Path, loop_file: Path | None = None) -> None:
         self.path = path

@@ -35,6 +35,7 @@ def remove_tree(path: Path) -> None:
 class DirBackend:
     name: ClassVar[str] = "dir"
     supports_xattrs: ClassVar[bool] = True
+    cheap_snapshots: ClassVar[bool] = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -110,7 +110,7 @@ _STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size)
 
 
 def rsync_tree(
-    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = True,
+    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = False,
     dry_run: bool = False,
 ) -> int:
     """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
@@ -118,13 +118,14 @@ def rsync_tree(
     ``-aHSAX --numeric-ids``: hard links, sparse files, devices, xattrs, ACLs and numeric
     owners survive; a target that cannot store an xattr or ACL (zfs-fuse) makes rsync fail
     (exit 23), which is reported, never ignored. Only changed files are written, which is
-    what makes a refresh between different drivers cheap. ``checksum`` (the default)
-    compares the contents of files whose size matches instead of trusting size and mtime:
-    two writes of the same length within one mtime tick would otherwise be skipped and the
-    target silently keep old data. ``dry_run`` changes nothing.
+    what makes a refresh between different drivers cheap. Files are compared by size and
+    mtime to the nanosecond (``--modify-window=-1``): rsync's default whole-second check
+    skipped a same-length rewrite within one second and left old data on the target (a
+    test caught it). ``checksum`` compares contents instead (verification passes);
+    ``dry_run`` changes nothing.
     """
-    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
-            "--no-inc-recursive"]
+    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--modify-window=-1", "--stats",
+            "--info=progress2", "--no-inc-recursive"]
     if dry_run:
         argv += ["--dry-run"]
     if checksum:
