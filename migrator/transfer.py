@@ -181,10 +181,11 @@ def execute(
     if plan.how != "rsync":
         raise InvalidInput(f"unknown transfer method {plan.how!r}")
     target = dst.volume_path(dst_vol) if dst.volume_exists(dst_vol) else dst.create_volume(dst_vol)
+    exact = src.subsecond_mtimes and dst.subsecond_mtimes  # else compare contents
     for name in plan.send:
         with src.mount_snapshot(_snap(src, src_vol, name)) as path:
             meter = ProgressMeter(progress, f"{src_vol.name}@{name}")
-            stats.bytes += rsync_tree(path, target, meter)
+            stats.bytes += rsync_tree(path, target, meter, checksum=not exact, exact_times=exact)
         dst.snapshot(dst_vol, SnapshotName(name))
         stats.snapshots.append(name)
         done(name)
@@ -193,5 +194,6 @@ def execute(
             path = stack.enter_context(src.mount_snapshot(_snap(src, src_vol, final)))
         else:
             path = final
-        stats.bytes += rsync_tree(path, target, ProgressMeter(progress, f"{src_vol.name}"))
+        stats.bytes += rsync_tree(path, target, ProgressMeter(progress, f"{src_vol.name}"),
+                                  checksum=not exact, exact_times=exact)
     return stats

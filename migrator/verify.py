@@ -19,9 +19,10 @@ from migrator.errors import StorageError
 SAMPLE = 32
 
 
-def _diff(src: Path, dst: Path, xattrs: bool, checksum: bool) -> list[str]:
-    argv = ["rsync", "-aHS", "--numeric-ids", "--delete", "--dry-run", "--itemize-changes",
-            "--modify-window=-1"]
+def _diff(src: Path, dst: Path, xattrs: bool, checksum: bool, exact_times: bool) -> list[str]:
+    argv = ["rsync", "-aHS", "--numeric-ids", "--delete", "--dry-run", "--itemize-changes"]
+    if exact_times:
+        argv += ["--modify-window=-1"]
     if xattrs:
         argv += ["-AX"]
     if checksum:
@@ -62,9 +63,13 @@ def sample(files: list[tuple[int, str]], n: int = SAMPLE) -> list[str]:
     return chosen
 
 
-def verify_trees(src: Path, dst: Path, xattrs: bool, full: bool = False) -> str:
-    """Raise ``StorageError`` unless ``dst`` matches ``src``; return what was checked."""
-    diff = _diff(src, dst, xattrs, checksum=full)
+def verify_trees(src: Path, dst: Path, xattrs: bool, full: bool = False,
+                 exact_times: bool = True) -> str:
+    """Raise ``StorageError`` unless ``dst`` matches ``src``; return what was checked.
+
+    ``exact_times=False`` compares mtimes to the second (a pool that keeps no more).
+    """
+    diff = _diff(src, dst, xattrs, checksum=full, exact_times=exact_times)
     if diff:
         raise StorageError(
             f"verification failed: {len(diff)} difference(s) between {src} and {dst}, "
@@ -85,4 +90,6 @@ def verify_trees(src: Path, dst: Path, xattrs: bool, full: bool = False) -> str:
 def verify_volume(src: StorageBackend, dst: StorageBackend, vol: VolumeRef,
                   full: bool = False, dst_vol: VolumeRef | None = None) -> str:
     xattrs = src.supports_xattrs and dst.supports_xattrs
-    return verify_trees(src.volume_path(vol), dst.volume_path(dst_vol or vol), xattrs, full)
+    exact = src.subsecond_mtimes and dst.subsecond_mtimes
+    return verify_trees(src.volume_path(vol), dst.volume_path(dst_vol or vol), xattrs, full,
+                        exact)

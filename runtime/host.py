@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-from migrator.backends import BACKENDS, StorageBackend, open_backend
+from migrator.backends import BACKENDS, StorageBackend, open_backend, zfs
 from migrator.backends.btrfs import make_loop_filesystem
-from migrator.errors import InvalidInput, InvalidState, StorageError
+from migrator.errors import InvalidInput, InvalidState, MigratorError, StorageError
 from migrator.names import PoolName
 from runtime import network
 from runtime.state import PoolRecord, StateStore
@@ -106,60 +107,92 @@ class Host:
             )
         if any(p.name == pname for p in self.state.list_pools()):
             raise InvalidInput(f"storage pool {pname!r} already exists", "pick another name")
-        config: dict[str, str] = {}
-        created_here: list[Path] = []
-        if driver == "dir":
-            path = Path(source).absolute() if source else self.pools_dir / pname
-            if source and not path.is_dir():
-                raise InvalidInput(f"source directory {path} does not exist")
-            if source and any(path.iterdir()):
-                raise InvalidInput(
-                    f"source directory {path} is not empty",
-                    "give an empty directory so no data can be mixed up",
-                )
-            if not path.exists():
-                path.mkdir(parents=True)
-                created_here.append(path)
-            config["path"] = str(path)
-        else:  # btrfs
-            if source:
-                path = Path(source).absolute()
-                fstype = _fstype(path)
-                if fstype != "btrfs":
-                    raise InvalidInput(
-                        f"{path} is not a directory on btrfs (it is {fstype or 'missing'})",
-                        "give a directory on a mounted btrfs filesystem, or no --source for a "
-                        "loop file",
-                    )
-                config["path"] = str(path)
-            else:
-                loop = self.disks_dir / f"{pname}.img"
-                if loop.exists():
-                    raise InvalidInput(
-                        f"{loop} already exists",
-                        "a pool of that name was not cleaned up; remove the file",
-                    )
-                make_loop_filesystem(loop, parse_size(size) if size else DEFAULT_POOL_SIZE)
-                created_here.append(loop)
-                config["path"] = str(self.pools_dir / pname)
-                config["loop_file"] = str(loop)
-                config["size"] = size or "10GiB"
-        rec = PoolRecord(pname, driver, source or "", config)
+        prepare = {"dir": self._prepare_dir, "btrfs": self._prepare_btrfs,
+                   "zfs": self._prepare_zfs}[driver]
+        undo: list[Callable[[], object]] = []
         try:
-            backend = open_backend(driver, config)
-            backend.activate()
+            config = prepare(pname, source, size, undo)
+            rec = PoolRecord(pname, driver, source or "", config)
+            open_backend(driver, config).activate()
             self.state.add_pool(rec)
         except BaseException:
-            # best-effort undo: the original error is the one to report
-            with contextlib.suppress(Exception):
-                open_backend(driver, config).deactivate()
-            for p in created_here:
-                if p.is_dir():
-                    p.rmdir()
-                else:
-                    p.unlink(missing_ok=True)
+            # best-effort undo, newest first: the original error is the one to report
+            for fn in reversed(undo):
+                with contextlib.suppress(Exception):
+                    fn()
             raise
         return self.state.get_pool(pname)
+
+    def _prepare_dir(
+        self, pname: str, source: str | None, size: str | None, undo: list[Callable[[], object]]
+    ) -> dict[str, str]:
+        path = Path(source).absolute() if source else self.pools_dir / pname
+        if source and not path.is_dir():
+            raise InvalidInput(f"source directory {path} does not exist")
+        if source and any(path.iterdir()):
+            raise InvalidInput(
+                f"source directory {path} is not empty",
+                "give an empty directory so no data can be mixed up",
+            )
+        if not path.exists():
+            path.mkdir(parents=True)
+            undo.append(path.rmdir)
+        return {"path": str(path)}
+
+    def _prepare_btrfs(
+        self, pname: str, source: str | None, size: str | None, undo: list[Callable[[], object]]
+    ) -> dict[str, str]:
+        if source:
+            path = Path(source).absolute()
+            fstype = _fstype(path)
+            if fstype != "btrfs":
+                raise InvalidInput(
+                    f"{path} is not a directory on btrfs (it is {fstype or 'missing'})",
+                    "give a directory on a mounted btrfs filesystem, or no --source for a "
+                    "loop file",
+                )
+            return {"path": str(path)}
+        loop = self.disks_dir / f"{pname}.img"
+        if loop.exists():
+            raise InvalidInput(
+                f"{loop} already exists",
+                "a pool of that name was not cleaned up; remove the file",
+            )
+        make_loop_filesystem(loop, parse_size(size) if size else DEFAULT_POOL_SIZE)
+        undo.append(lambda: loop.unlink(missing_ok=True))
+        config = {"path": str(self.pools_dir / pname), "loop_file": str(loop),
+                  "size": size or "10GiB"}
+        undo.append(lambda: open_backend("btrfs", config).deactivate())
+        return config
+
+    def _prepare_zfs(
+        self, pname: str, source: str | None, size: str | None, undo: list[Callable[[], object]]
+    ) -> dict[str, str]:
+        """A zpool on a sparse file (no source), or a child dataset of ``source``."""
+        path = self.pools_dir / pname
+        if source:
+            dataset = f"{source.strip('/')}/mig-{pname}"
+            zfs.create_base_dataset(source.strip("/"), dataset, path)
+            config = {"path": str(path), "dataset": dataset,
+                      "zpool": source.strip("/").split("/")[0]}
+            undo.append(lambda: open_backend("zfs", config).destroy())
+            return config
+        nbytes = parse_size(size) if size else DEFAULT_POOL_SIZE
+        if nbytes < zfs.MIN_POOL_SIZE:
+            raise InvalidInput(f"a zfs pool needs at least 64MiB, not {size}",
+                               "give --size 64MiB or more")
+        loop = self.disks_dir / f"{pname}.zfs.img"
+        if loop.exists():
+            raise InvalidInput(
+                f"{loop} already exists",
+                "a pool of that name was not cleaned up; remove the file",
+            )
+        zpool = zfs.zpool_name(self.root, pname)
+        zfs.create_loop_pool(zpool, loop, nbytes, path)
+        config = {"path": str(path), "dataset": zpool, "zpool": zpool, "loop_file": str(loop),
+                  "size": size or "10GiB"}
+        undo.append(lambda: open_backend("zfs", config).destroy())
+        return config
 
     def backend(self, pool: str) -> StorageBackend:
         """The pool's driver, activated (mounted) on first use in this process."""
@@ -196,9 +229,16 @@ class Host:
         return pools[0].name
 
     def deactivate_pools(self) -> None:
+        """Deactivate every pool; one failing does not keep the others active."""
+        first: MigratorError | None = None
         for rec in self.state.list_pools():
-            open_backend(rec.driver, rec.config).deactivate()
+            try:
+                open_backend(rec.driver, rec.config).deactivate()
+            except MigratorError as e:
+                first = first or e
         self._backends.clear()
+        if first is not None:
+            raise first
 
 
 def _fstype(path: Path) -> str | None:

@@ -1,14 +1,46 @@
-"""Tear down test hosts left by an interrupted run (normally the fixtures do it)."""
+"""Tear down test hosts left by an interrupted run (normally the fixtures do it).
+
+Then destroy any zpool still imported whose disk file lives under the test or demo roots:
+zpool names are machine-wide and the zfs-fuse daemon keeps a pool imported (and its file
+open) after the state root that owned it is gone.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from migrator import proc
 from runtime.host import Host
 from runtime.teardown import teardown
 
-for base in (Path("/var/tmp/migrator-tests"), Path("/var/tmp/migrator-demo")):
+BASES = (Path("/var/tmp/migrator-tests"), Path("/var/tmp/migrator-demo"))
+
+
+def pool_files(name: str) -> list[str]:
+    """The file vdevs of an imported zpool, read from ``zpool status``."""
+    r = proc.run(["zpool", "status", name], check=False)
+    return [f for line in r.stdout.splitlines() for f in line.split()[:1] if f.startswith("/")]
+
+
+def leftover_zpools() -> list[str]:
+    if shutil.which("zpool") is None:
+        return []
+    r = proc.run(["zpool", "list", "-H", "-o", "name"], check=False)
+    if r.returncode != 0:  # no daemon: nothing can be imported
+        return []
+    return [
+        name for name in r.stdout.split()
+        if any(f.startswith(str(base) + "/") for f in pool_files(name) for base in BASES)
+    ]
+
+
+for base in BASES:
     if base.is_dir():
         for root in sorted(base.iterdir()):
             if (root / "state.db").exists():
                 print(root, teardown(Host(root), purge=True) or "ok")
+
+for name in leftover_zpools():
+    r = proc.run(["zpool", "destroy", "-f", name], check=False, timeout=300)
+    print(f"zpool {name}", "destroyed" if r.returncode == 0 else r.stderr.strip())

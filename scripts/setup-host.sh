@@ -59,6 +59,15 @@ grep -q '^root:' /etc/subgid 2>/dev/null || echo 'root:100000:1000000000' >> /et
 # CRIU post-copy needs big pipes.
 sysctl -qw fs.pipe-max-size=16777216 || true
 
+# zfs-fuse: the daemon serves every zfs/zpool command (no kernel module); started here, once.
+zfs_up() { zpool list >/dev/null 2>&1; }
+if ! pgrep -x zfs-fuse >/dev/null; then
+  log "starting zfs-fuse"
+  zfs-fuse -p /run/zfs-fuse.pid
+fi
+for _ in $(seq 1 50); do zfs_up && break; sleep 0.2; done
+zfs_up || { echo "zfs-fuse did not answer within 10 s" >&2; exit 1; }
+
 # The Python environment: Debian's python so lxc, pycriu and btrfsutil import.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import lxc, btrfsutil' 2>/dev/null; then
   log "creating .venv from /usr/bin/python3 with system site packages"

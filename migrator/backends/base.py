@@ -65,6 +65,8 @@ class StorageBackend(Protocol):
     supports_xattrs: ClassVar[bool]
     #: whether a snapshot costs O(1) (CoW) rather than a full copy of the volume
     cheap_snapshots: ClassVar[bool]
+    #: whether file mtimes keep sub-second precision (zfs-fuse truncates to seconds)
+    subsecond_mtimes: ClassVar[bool]
 
     def activate(self) -> None:
         """Make the pool usable (mount its loop file...). Idempotent."""

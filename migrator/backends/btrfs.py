@@ -44,6 +44,7 @@ class BtrfsBackend:
     name: ClassVar[str] = "btrfs"
     supports_xattrs: ClassVar[bool] = True
     cheap_snapshots: ClassVar[bool] = True
+    subsecond_mtimes: ClassVar[bool] = True
 
     def __init__(self, path: Path, loop_file: Path | None = None) -> None:
         self.path = path

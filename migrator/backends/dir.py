@@ -36,6 +36,7 @@ class DirBackend:
     name: ClassVar[str] = "dir"
     supports_xattrs: ClassVar[bool] = True
     cheap_snapshots: ClassVar[bool] = False
+    subsecond_mtimes: ClassVar[bool] = True
 
     def __init__(self, path: Path) -> None:
         self.path = path

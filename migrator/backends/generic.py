@@ -17,6 +17,7 @@ from typing import Any
 from migrator import proc
 from migrator.backends.base import Snapshot, VolumeRef
 from migrator.errors import CommandFailed, NoSpace, StorageError
+from migrator.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, receive_with, run_watched
 
 GENERIC_TYPES = ["rsync", "tar"]
@@ -47,15 +48,19 @@ def tar_send(path: Path, name: str, xattrs: bool = True) -> SendStream:
 NOT_STORABLE = ("Cannot set", "Operation not supported")
 
 
-def tar_extract(stream: SendStream, dest: Path, meter: ProgressMeter | None) -> int:
+def tar_extract(stream: SendStream, dest: Path, meter: ProgressMeter | None,
+                acls: bool = True) -> int:
     """Unpack a tar stream into ``dest`` exactly (owners, modes, xattrs, ACLs).
 
     GNU tar refuses members with ``..`` and strips leading ``/``; ``--delay-directory-
     restore`` sets directory modes last so read-only directories still fill. tar only warns
     (exit 0) when the target cannot store an xattr or ACL: such warnings fail the receive,
-    so nothing is dropped silently on a pool without xattrs (zfs-fuse).
+    so nothing is dropped silently on a pool without xattrs (zfs-fuse). There ``acls`` is
+    False, because ``--acls`` warns for every member even without ACLs; extended ACLs still
+    arrive as ``system.posix_acl_*`` xattrs and fail the receive as they should.
     """
-    argv = ["tar", "--extract", "--file=-", *_TAR_META, "--same-permissions",
+    argv = ["tar", "--extract", "--file=-", "--numeric-owner", "--xattrs",
+            "--xattrs-include=*", "--acls" if acls else "--no-acls", "--same-permissions",
             "--same-owner", "--delay-directory-restore", "-C", str(dest)]
     try:
         return receive_with(argv, stream, meter, fatal_stderr=NOT_STORABLE)
@@ -83,11 +88,13 @@ def tar_receive(
     never touched until the whole stream has arrived in a scratch volume; it is then
     synced over with rsync, so a broken stream leaves it exactly as it was.
     """
+    acls = bool(backend.supports_xattrs)
+    exact = bool(backend.subsecond_mtimes)
     if not backend.volume_exists(vol):
         path = backend.create_volume(vol)
         try:
-            tar_extract(stream, path, meter)
-            return backend.snapshot(vol, name)
+            tar_extract(stream, path, meter, acls)
+            return backend.snapshot(vol, SnapshotName(name))
         except BaseException:
             stream.kill()
             backend.delete_volume(vol)
@@ -97,12 +104,12 @@ def tar_receive(
         backend.delete_volume(scratch)
     spath = backend.create_volume(scratch)
     try:
-        tar_extract(stream, spath, meter)
-        rsync_tree(spath, backend.volume_path(vol))
+        tar_extract(stream, spath, meter, acls)
+        rsync_tree(spath, backend.volume_path(vol), exact_times=exact, checksum=not exact)
     finally:
         stream.kill()
         backend.delete_volume(scratch)
-    return backend.snapshot(vol, name)
+    return backend.snapshot(vol, SnapshotName(name))
 
 
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
@@ -111,7 +118,7 @@ _STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size)
 
 def rsync_tree(
     src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = False,
-    dry_run: bool = False,
+    dry_run: bool = False, exact_times: bool = True,
 ) -> int:
     """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
 
@@ -119,13 +126,16 @@ def rsync_tree(
     owners survive; a target that cannot store an xattr or ACL (zfs-fuse) makes rsync fail
     (exit 23), which is reported, never ignored. Only changed files are written, which is
     what makes a refresh between different drivers cheap. Files are compared by size and
-    mtime to the nanosecond (``--modify-window=-1``): rsync's default whole-second check
-    skipped a same-length rewrite within one second and left old data on the target (a
-    test caught it). ``checksum`` compares contents instead (verification passes);
-    ``dry_run`` changes nothing.
+    mtime to the nanosecond (``exact_times``, ``--modify-window=-1``): rsync's default
+    whole-second check skipped a same-length rewrite within one second and left old data on
+    the target (a test caught it). Where one end keeps whole seconds only (zfs-fuse), exact
+    times would make every file differ: callers pass ``exact_times=False, checksum=True``,
+    which compares contents. ``dry_run`` changes nothing.
     """
-    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--modify-window=-1", "--stats",
-            "--info=progress2", "--no-inc-recursive"]
+    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
+            "--no-inc-recursive"]
+    if exact_times:
+        argv += ["--modify-window=-1"]
     if dry_run:
         argv += ["--dry-run"]
     if checksum:

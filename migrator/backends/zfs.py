@@ -20,13 +20,20 @@ snapshots dropped) until its last clone goes; then it is collected. Either volum
 deleted first and nothing is left behind.
 
 zfs-fuse particulars this driver works around (all verified on pool version 23):
-- ``zfs destroy``/``rename``/``rollback`` right after a dataset was used often fail with
-  "dataset is busy" while FUSE releases it: they are retried for a few seconds;
-- the receive runs inside the daemon, which holds the stream's pipe: when a receive fails, the
-  daemon may still be finishing it, so cleanup waits until the partial dataset or snapshot
-  can be destroyed;
-- no xattrs, no POSIX ACLs (``supports_xattrs = False``), no ``.zfs/snapshot`` directory
-  (snapshots are read through a temporary clone), no ``zfs send -n/-P``;
+- ``zfs destroy``/``mount``/``zpool export`` right after a dataset was used often fail with
+  "dataset is busy" while FUSE lets go: retried for a few seconds (destroy after an
+  unmount); ``zfs rename`` of a mounted, used dataset stays busy, so it is unmounted first;
+- ``zfs rollback`` and incremental ``zfs receive`` into an *unmounted* dataset sometimes fail
+  with "I/O error": both run mounted;
+- an incremental receive does not invalidate the kernel's cache of the mounted dataset
+  (zfs-fuse mounts with hour-long attribute/entry timeouts): old content stays visible
+  until the dataset is mounted again, so it is remounted after every receive;
+- the daemon, not the ``zfs`` command, reads and writes the streams: killing ``zfs send``
+  does not stop the stream, and a receive whose command died may still finish, so a failed
+  receive is cleaned up once the daemon has let go of the target;
+- no xattrs, no POSIX ACLs (``supports_xattrs = False``), timestamps in whole seconds, no
+  ``.zfs/snapshot`` directory (snapshots are read through a temporary clone), no
+  ``zfs send -n/-P``;
 - atime updates count as changes since the last snapshot (they would make every incremental
   receive need a rollback), so pools are created with ``atime=off``.
 """
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -47,7 +55,6 @@ from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef
 from migrator.errors import (
     AlreadyExists,
-    CommandFailed,
     InvalidInput,
     InvalidState,
     MigratorError,
@@ -57,6 +64,8 @@ from migrator.errors import (
 )
 from migrator.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, receive_with
+
+log = logging.getLogger(__name__)
 
 PIDFILE = Path("/run/zfs-fuse.pid")
 DAEMON_HINT = "run `make setup` (starts zfs-fuse), or start it: zfs-fuse -p /run/zfs-fuse.pid"
@@ -118,6 +127,7 @@ def run_zfs(argv: Sequence[str], *, check: bool = True, timeout: float | None = 
             return r
         if "busy" not in r.stderr or time.monotonic() >= deadline:
             raise _error(argv, r)
+        log.debug("busy, retrying: %s", argv)
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
 
@@ -161,7 +171,7 @@ def create_base_dataset(source: str, dataset: str, mountpoint: Path) -> None:
     os.chmod(mountpoint, 0o711)
 
 
-def _rmdirs(path: Path, stop: Path | None = None) -> None:
+def _rmdirs(path: Path) -> None:
     """Remove ``path`` and empty directories below it (mountpoints zfs-fuse leaves behind)."""
     if not path.is_dir() or os.path.ismount(path):
         return
@@ -175,6 +185,8 @@ def _rmdirs(path: Path, stop: Path | None = None) -> None:
 class ZfsBackend:
     name: ClassVar[str] = "zfs"
     supports_xattrs: ClassVar[bool] = False
+    cheap_snapshots: ClassVar[bool] = True
+    subsecond_mtimes: ClassVar[bool] = False
 
     def __init__(
         self, path: Path, dataset: str, zpool: str, loop_file: Path | None = None
@@ -201,6 +213,9 @@ class ZfsBackend:
                 raise StorageError(f"zfs pool disk {self.loop_file} is missing")
             run_zfs(["zpool", "import", "-o", "cachefile=none", "-d",
                      str(self.loop_file.parent), self.zpool], timeout=300)
+        if not self._exists(self.dataset):
+            raise StorageError(f"the pool's base dataset {self.dataset} is missing",
+                               "was it destroyed by hand? delete the pool")
         self._mount_all()
         if not self.path.is_dir():
             raise StorageError(f"zfs pool directory {self.path} is missing")
@@ -212,18 +227,32 @@ class ZfsBackend:
         for line in r.stdout.splitlines():
             name, mounted, canmount, mountpoint = line.split("\t")
             if mounted != "yes" and canmount == "on" and mountpoint.startswith("/"):
-                run_zfs(["zfs", "mount", name])
+                self._mount(name)
+
+    def _zpool(self, action: str) -> None:
+        """``zpool export|destroy``; still busy after the retries: forced (-f).
+
+        Callers have stopped what used the pool (teardown, pool deletion), so what still
+        holds it is FUSE letting go slowly, not a user.
+        """
+        try:
+            run_zfs(["zpool", action, self.zpool], timeout=300)
+        except StorageError as e:
+            if "busy" not in e.message:
+                raise
+            log.warning("zpool %s %s: still busy, forcing it", action, self.zpool)
+            run_zfs(["zpool", action, "-f", self.zpool], timeout=300)
 
     def deactivate(self) -> None:
         if self.loop_file is None or not daemon_running() or not self._imported():
             return
-        run_zfs(["zpool", "export", self.zpool], timeout=300)
+        self._zpool("export")
 
     def destroy(self) -> None:
         require_daemon()
         if self.loop_file is not None:
             if self._imported():
-                run_zfs(["zpool", "destroy", self.zpool], timeout=300)
+                self._zpool("destroy")
             self.loop_file.unlink(missing_ok=True)
         elif run_zfs(["zfs", "list", "-H", "-o", "name", self.dataset], check=False
                      ).returncode == 0:
@@ -257,7 +286,8 @@ class ZfsBackend:
                 return
             if "busy" not in r.stderr or time.monotonic() >= deadline:
                 if "@" not in ds:  # leave it as it was: mounted
-                    proc.run(["zfs", "mount", ds], check=False)
+                    with contextlib.suppress(MigratorError):
+                        self._mount(ds)
                 raise _error(["zfs", "destroy"], r)
             time.sleep(0.1)
 
@@ -306,10 +336,27 @@ class ZfsBackend:
             self._destroy(origin, "-d")
         return self.volume_path(vol)
 
+    def _drop_readers(self, ds: str, snap: str | None = None) -> None:
+        """Destroy ``tmp-`` clones reading ``ds@snap`` (any snapshot of ``ds`` if None).
+
+        Normally they live only as long as a ``mount_snapshot`` block or a tar stream; one
+        left by a killed process would block deleting the snapshot or volume.
+        """
+        r = run_zfs(["zfs", "list", "-H", "-o", "name,origin", "-t", "filesystem", "-d", "1",
+                     self.dataset])
+        for line in r.stdout.splitlines():
+            name, origin = line.split("\t")
+            tag = name[len(self.dataset) + 1:]
+            if not tag.startswith(TMP_PREFIX):
+                continue
+            if origin == f"{ds}@{snap}" or (snap is None and origin.startswith(f"{ds}@")):
+                self._drop_clone(name, self.path / tag)
+
     def delete_volume(self, vol: VolumeRef) -> None:
         ds = self._ds(vol)
         if not self._exists(ds):
             return
+        self._drop_readers(ds)
         snaps = self._snapshots(ds)
         if any(s.startswith(CLONE_PREFIX) for s in snaps):
             # clones still use it: park it, without its own snapshots, until they are gone
@@ -355,10 +402,10 @@ class ZfsBackend:
         try:
             run_zfs(["zfs", "rename", ds, dst])  # snapshots and clone origins follow
         except BaseException:
-            run_zfs(["zfs", "mount", ds], check=False)
+            self._mount(ds)
             raise
         _rmdirs(self.volume_path(vol))
-        run_zfs(["zfs", "mount", dst])
+        self._mount(dst)
 
     # snapshots ---------------------------------------------------------------------------
     def snapshot(self, vol: VolumeRef, snap: SnapshotName) -> Snapshot:
@@ -374,7 +421,11 @@ class ZfsBackend:
                 if not s.startswith(CLONE_PREFIX)]
 
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
-        self._destroy(f"{self._ds(vol)}@{snap}")
+        ds = self._ds(vol)
+        if snap not in self._snapshots(ds):
+            return
+        self._drop_readers(ds, snap)
+        self._destroy(f"{ds}@{snap}")
 
     def restore_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
         """Content back to ``snap``, every snapshot kept.
@@ -389,14 +440,12 @@ class ZfsBackend:
         if snap not in snaps:
             raise NotFound(f"snapshot {vol}/{snap} not found on disk")
         if snaps[-1] == snap:
-            self._unmount(ds)  # remounted fresh: no stale FUSE cache of the old content
-            try:
-                run_zfs(["zfs", "rollback", f"{ds}@{snap}"])
-            finally:
-                run_zfs(["zfs", "mount", ds], check=False)
+            # mounted: zfs remounts it (fresh kernel cache); an unmounted rollback sometimes
+            # fails with "I/O error" on zfs-fuse
+            run_zfs(["zfs", "rollback", f"{ds}@{snap}"])
             return
         with self.mount_snapshot(Snapshot(vol, snap, None)) as src:
-            generic.rsync_tree(src, self.volume_path(vol), checksum=True)
+            generic.rsync_tree(src, self.volume_path(vol), checksum=True, exact_times=False)
 
     def usage(self) -> PoolUsage:
         r = run_zfs(["zfs", "get", "-Hp", "-o", "value", "used,available", self.dataset])
@@ -468,7 +517,7 @@ class ZfsBackend:
         self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
     ) -> Snapshot:
         if stream.how == "tar":
-            return self._tar_receive(vol, name, stream, meter)
+            return generic.tar_receive(self, vol, name, stream, meter)
         if stream.how != "zfs":
             stream.kill()
             raise InvalidInput(f"the zfs driver cannot receive a {stream.how!r} stream")
@@ -515,11 +564,10 @@ class ZfsBackend:
                 self._settle_failed_receive(ds)
                 raise
             return Snapshot(vol, name, None)
-        # zfs-fuse does not invalidate the kernel's cache of a mounted dataset an
-        # incremental lands in (old data stays visible for up to an hour): receive it
-        # unmounted, mount it again afterwards.
+        # Received while mounted (into an unmounted dataset, zfs-fuse sometimes fails with
+        # "I/O error"), then mounted again: zfs-fuse does not invalidate the kernel's cache,
+        # which would show the old content for up to an hour.
         try:
-            self._unmount(ds)
             receive_with(argv, stream, meter, no_space_markers=NO_SPACE)
         except BaseException:
             stream.kill()
@@ -527,8 +575,8 @@ class ZfsBackend:
                 # the daemon completed it after all: back to the parent's content
                 run_zfs(["zfs", "rollback", f"{ds}@{stream.parent}"])
             raise
-        finally:
-            run_zfs(["zfs", "mount", ds], check=False)
+        self._unmount(ds)
+        self._mount(ds)
         return Snapshot(vol, name, None)
 
     def _unmount(self, ds: str) -> None:
@@ -538,6 +586,14 @@ class ZfsBackend:
         except StorageError as e:
             if "not currently mounted" not in e.message:
                 e.hint = "is a process using the volume? stop it and retry"
+                raise
+
+    def _mount(self, ds: str) -> None:
+        """Mount (busy is retried: FUSE may still be letting go of the last mount)."""
+        try:
+            run_zfs(["zfs", "mount", ds])
+        except StorageError as e:
+            if "already mounted" not in e.message:
                 raise
 
     def _settle_failed_receive(self, target: str) -> bool:
@@ -552,6 +608,7 @@ class ZfsBackend:
         found = False
         while time.monotonic() < deadline:
             if self._exists(target):
+                log.debug("failed receive left %s: destroying it", target)
                 found = True
                 quiet_since = None
                 if "@" not in target:
@@ -571,50 +628,3 @@ class ZfsBackend:
             raise StorageError(f"a failed receive left {target} behind and it cannot be "
                                "destroyed", f"destroy it by hand: zfs destroy -r {target}")
         return found
-
-    def _tar_receive(
-        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
-    ) -> Snapshot:
-        """``generic.tar_receive`` for a pool without xattrs or ACLs.
-
-        GNU tar's ``--acls`` warns for every member on a filesystem without ACL support,
-        even one without ACLs, so extraction here uses ``--no-acls``; extended ACLs still
-        travel as ``system.posix_acl_*`` xattrs in the archive, and any xattr that cannot be
-        stored fails the receive (``--xattrs``, warnings fatal): nothing is dropped silently.
-        """
-        def extract(dest: Path) -> None:
-            argv = ["tar", "--extract", "--file=-", "--numeric-owner", "--xattrs",
-                    "--xattrs-include=*", "--no-acls", "--same-permissions", "--same-owner",
-                    "--delay-directory-restore", "-C", str(dest)]
-            try:
-                receive_with(argv, stream, meter, fatal_stderr=generic.NOT_STORABLE)
-            except CommandFailed as e:
-                if any(m in e.stderr for m in generic.NOT_STORABLE):
-                    raise StorageError(
-                        "the zfs pool cannot store the source's xattrs or ACLs "
-                        f"({e.stderr.strip().splitlines()[0]})",
-                        "pick a target pool that keeps xattrs (dir, btrfs), or remove them at "
-                        "the source; nothing was changed on the target",
-                    ) from e
-                raise
-
-        if not self.volume_exists(vol):
-            path = self.create_volume(vol)
-            try:
-                extract(path)
-                return self.snapshot(vol, SnapshotName(name))
-            except BaseException:
-                stream.kill()
-                self.delete_volume(vol)
-                raise
-        scratch = VolumeRef(vol.type, f"{vol.name[:50]}-recv")
-        if self.volume_exists(scratch):
-            self.delete_volume(scratch)
-        spath = self.create_volume(scratch)
-        try:
-            extract(spath)
-            generic.rsync_tree(spath, self.volume_path(vol))
-        finally:
-            stream.kill()
-            self.delete_volume(scratch)
-        return self.snapshot(vol, SnapshotName(name))

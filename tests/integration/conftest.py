@@ -27,6 +27,7 @@ from tests.conftest import IN_CI
 
 TEST_BASE = Path("/var/tmp/migrator-tests")
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
+POOL_SIZES = {"btrfs": "3GiB", "zfs": "2GiB"}
 REQUIRED_TOOLS = [
     "lxc-start",
     "lxc-attach",
@@ -36,6 +37,9 @@ REQUIRED_TOOLS = [
     "busybox",
     "tar",
     "zstd",
+    "zfs",
+    "zpool",
+    "zfs-fuse",
 ]
 
 
@@ -116,7 +120,7 @@ def make_host(image_cache: Path) -> Iterator:
         th = TestHost(root, netns, h, Containers(h))
         made.append(th)
         for driver in pools:
-            h.create_pool(driver, driver, None, "3GiB" if driver == "btrfs" else None)
+            h.create_pool(driver, driver, None, POOL_SIZES.get(driver))
         store = ImageStore(h.images_dir, h.state)
         for recipe in images:
             store.build(recipe, None, lambda m: None)

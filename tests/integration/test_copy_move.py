@@ -69,9 +69,10 @@ def test_copy_running_is_consistent_and_source_keeps_running(host) -> None:  # t
     assert json.loads(res.stdout)["method"] == "btrfs"  # native needs a snapshot anyway
 
 
-@pytest.mark.parametrize("pools", [("btrfs", "btrfs"), ("dir", "btrfs")])
+@pytest.mark.parametrize("pools", [("btrfs", "btrfs"), ("dir", "btrfs"), ("dir", "zfs"),
+                                   ("zfs", "zfs"), ("zfs", "btrfs")])
 def test_refresh_sends_changes_adds_snapshots_keeps_target_only(make_host, pools) -> None:  # type: ignore[no-untyped-def]
-    th = make_host()
+    th = make_host(pools=tuple(sorted(set(pools))))
     src_pool, dst_pool = pools
     th.cts.create("busybox", "a", src_pool)
     (rootfs(th, "a") / "data").write_bytes(os.urandom(20 << 20))
@@ -88,6 +89,13 @@ def test_refresh_sends_changes_adds_snapshots_keeps_target_only(make_host, pools
     assert any("mine" in n for n in r.notes)
     assert signature(rootfs(th, "b")) == signature(rootfs(th, "a"))
     assert [s.name for s in th.cts.snapshot_list("b")] == ["s0", "mine", "s1"]
+    # a refresh with nothing changed sends (almost) nothing, and the move verifies
+    assert copy_container(th.cts, "a", "b", refresh=True).bytes < 64 << 10
+    other = next(p for p in ("dir", "btrfs", "zfs") if p != dst_pool and p in pools) \
+        if src_pool != dst_pool else None
+    if other:
+        r = move_container(th.cts, "b", other, verify=True)
+        assert "full checksum" in (r.verified or "")
 
 
 def test_refresh_gap_is_skipped_and_conflict_refused(host) -> None:  # type: ignore[no-untyped-def]
