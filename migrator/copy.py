@@ -67,7 +67,7 @@ def clean_stale_temp_snapshots(backend: StorageBackend, vol: VolumeRef) -> list[
 @contextlib.contextmanager
 def consistent_snapshot(
     cts: Containers, rec: ContainerRecord, backend: StorageBackend, vol: VolumeRef,
-    notes: list[str],
+    notes: list[str], keep: bool = False,
 ) -> Iterator[SnapshotName]:
     """A temporary snapshot of the container's volume, taken while it is frozen if running.
 
@@ -90,7 +90,11 @@ def consistent_snapshot(
         backend.snapshot(vol, name)
     try:
         yield name
-    finally:
+    except BaseException:
+        with contextlib.suppress(MigratorError):
+            backend.delete_snapshot(vol, name)
+        raise
+    if not keep:  # kept: the caller sends an increment from it later, then deletes it
         with contextlib.suppress(MigratorError):
             backend.delete_snapshot(vol, name)
 

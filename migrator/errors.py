@@ -118,9 +118,21 @@ class StateStoreError(MigratorError):
 
 
 class NetworkError(MigratorError):
-    """Bridge, namespace or address allocation failed."""
+    """Bridge, namespace or address allocation failed; a connection failed or dropped."""
 
     exit_code = 16
+
+
+class HostKeyError(MigratorError):
+    """A remote host's SSH key is unknown or does not match the one on record."""
+
+    exit_code = 17
+
+
+class RemoteError(MigratorError):
+    """The agent on the other host failed; the message is its own."""
+
+    exit_code = 18
 
 
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
@@ -139,4 +151,6 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     ImageError,
     StateStoreError,
     NetworkError,
+    HostKeyError,
+    RemoteError,
 )

@@ -91,7 +91,30 @@ class ProgressMeter:
         self.callback(ProgressEvent(self.phase, self.done, self.total, rate, eta))
 
 
-class SendStream:
+class Stream:
+    """A volume stream to be consumed through ``fileno()``: what receivers accept.
+
+    ``name``/``parent`` say which snapshot it carries and against which base (``None`` for a
+    full stream); ``how`` is the migration type. ``close()`` confirms the producer finished
+    well (raising otherwise); ``kill()`` abandons it. Both are idempotent.
+    """
+
+    how: str
+    name: str
+    parent: str | None
+    size_hint: int | None
+
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def close(self, check: bool = True) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+
+class SendStream(Stream):
     """A running producer of a volume stream; read it through ``fileno()`` or ``pump``.
 
     ``name``/``parent`` say which snapshot it carries and against which base (``None`` for a
@@ -164,7 +187,7 @@ class SendStream:
         self._stderr.close()
 
 
-def pump(src: SendStream | IO[bytes], dst_fd: int, meter: ProgressMeter | None = None) -> int:
+def pump(src: Stream | IO[bytes], dst_fd: int, meter: ProgressMeter | None = None) -> int:
     """Copy everything from ``src`` to ``dst_fd``; return the byte count.
 
     ``splice`` moves pipe-to-pipe data inside the kernel; anything it cannot handle falls
@@ -215,7 +238,7 @@ class TransferStats:
 
 def receive_with(
     argv: Sequence[str],
-    stream: SendStream,
+    stream: Stream,
     meter: ProgressMeter | None = None,
     cwd: str | None = None,
     no_space_markers: tuple[str, ...] = ("No space left", "out of space"),
@@ -276,7 +299,7 @@ def receive_with(
         return moved
 
 
-def _only_zeros_left(stream: SendStream | IO[bytes]) -> bool:
+def _only_zeros_left(stream: Stream | IO[bytes]) -> bool:
     """Drain the rest of ``stream``; True when it held nothing but zero bytes."""
     fd = stream.fileno()
     while True:

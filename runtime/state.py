@@ -64,6 +64,13 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (pool, type, volume) REFERENCES volumes(pool, type, name)
             ON UPDATE CASCADE);
     """,
+    # 3: hosts issue: the inventory of other hosts
+    """
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY, address TEXT NOT NULL, port INTEGER NOT NULL DEFAULT 22,
+        user TEXT NOT NULL DEFAULT 'root', key TEXT, root TEXT, command TEXT,
+        created REAL NOT NULL);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -99,6 +106,19 @@ class SnapshotRecord:
     config: dict[str, str] = field(default_factory=dict)
     expires: float | None = None
     uuid: str = ""
+
+
+@dataclass
+class HostRecord:
+    """Another host: where its sshd listens, whom to log in as, and its state root there."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = "root"
+    key: str | None = None
+    root: str | None = None
+    command: str | None = None  # the migrate program there [default: migrate]
 
 
 @dataclass
@@ -332,6 +352,33 @@ class StateStore:
                 raise AlreadyExists(f"container {new!r} already exists") from e
             self.db.execute("UPDATE snapshots SET container=? WHERE container=?", (new, old))
             self.db.execute("UPDATE attachments SET container=? WHERE container=?", (new, old))
+
+    # hosts ------------------------------------------------------------------------------
+    def add_host(self, rec: HostRecord) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO hosts(name, address, port, user, key, root, command, created) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                (rec.name, rec.address, rec.port, rec.user, rec.key, rec.root, rec.command,
+                 time.time()),
+            )
+        except sqlite3.IntegrityError as e:
+            raise AlreadyExists(f"host {rec.name!r} already exists",
+                                "remove it first: `migrate host remove NAME`") from e
+
+    def get_host(self, name: str) -> HostRecord:
+        row = self.db.execute("SELECT * FROM hosts WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"host {name!r} is not in the inventory", "see `migrate host list`")
+        return HostRecord(row["name"], row["address"], row["port"], row["user"], row["key"],
+                          row["root"], row["command"])
+
+    def list_hosts(self) -> list[HostRecord]:
+        rows = self.db.execute("SELECT name FROM hosts ORDER BY name").fetchall()
+        return [self.get_host(r[0]) for r in rows]
+
+    def delete_host(self, name: str) -> None:
+        self.db.execute("DELETE FROM hosts WHERE name=?", (name,))
 
     # custom volumes ---------------------------------------------------------------------
     def add_volume(self, rec: VolumeRecord) -> None:

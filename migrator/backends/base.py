@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from migrator.names import ContainerName, SnapshotName
-from migrator.streams import ProgressMeter, SendStream
+from migrator.streams import ProgressMeter, SendStream, Stream
 
 VOLUME_TYPES = ("container", "custom", "image")
 
@@ -119,7 +119,7 @@ class StorageBackend(Protocol):
         """Start a stream of ``snap`` (incremental from ``parent`` when given)."""
 
     def receive(
-        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+        self, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
     ) -> Snapshot:
         """Consume ``stream``: the volume's content becomes the stream's, kept as snapshot
         ``name``. The volume is created by a full stream. On failure nothing partial is

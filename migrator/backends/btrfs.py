@@ -22,7 +22,7 @@ from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
 from migrator.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
 from migrator.names import SnapshotName
-from migrator.streams import ProgressMeter, SendStream, receive_with
+from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 
 
 def _storage_error(what: str, e: Exception) -> StorageError:
@@ -239,7 +239,7 @@ class BtrfsBackend:
                           parent.name if parent else None, size_hint=size)
 
     def receive(
-        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+        self, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
     ) -> Snapshot:
         if stream.how == "tar":
             return generic.tar_receive(self, vol, name, stream, meter)

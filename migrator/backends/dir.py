@@ -18,7 +18,7 @@ from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
 from migrator.errors import AlreadyExists, InvalidInput, NotFound, StorageError
 from migrator.names import SnapshotName
-from migrator.streams import ProgressMeter, SendStream
+from migrator.streams import ProgressMeter, SendStream, Stream
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -155,7 +155,7 @@ class DirBackend:
         return generic.tar_send(snap.path, snap.name)
 
     def receive(
-        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+        self, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
     ) -> Snapshot:
         if stream.how != "tar":
             stream.kill()

@@ -18,7 +18,7 @@ from migrator import proc
 from migrator.backends.base import Snapshot, VolumeRef
 from migrator.errors import CommandFailed, NoSpace, StorageError
 from migrator.names import SnapshotName
-from migrator.streams import ProgressMeter, SendStream, receive_with, run_watched
+from migrator.streams import ProgressMeter, SendStream, Stream, receive_with, run_watched
 
 GENERIC_TYPES = ["rsync", "tar"]
 
@@ -48,7 +48,7 @@ def tar_send(path: Path, name: str, xattrs: bool = True) -> SendStream:
 NOT_STORABLE = ("Cannot set", "Operation not supported")
 
 
-def tar_extract(stream: SendStream, dest: Path, meter: ProgressMeter | None,
+def tar_extract(stream: Stream, dest: Path, meter: ProgressMeter | None,
                 acls: bool = True) -> int:
     """Unpack a tar stream into ``dest`` exactly (owners, modes, xattrs, ACLs).
 
@@ -80,7 +80,7 @@ def _not_storable(dest: Path, detail: str) -> StorageError:
 
 
 def tar_receive(
-    backend: Any, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+    backend: Any, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
 ) -> Snapshot:
     """Receive a tar stream as the volume's new content plus snapshot ``name``.
 

@@ -63,7 +63,7 @@ from migrator.errors import (
     StorageError,
 )
 from migrator.names import SnapshotName
-from migrator.streams import ProgressMeter, SendStream, receive_with
+from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ class ZfsBackend:
                           parent.name if parent else None, size_hint=size)
 
     def receive(
-        self, vol: VolumeRef, name: str, stream: SendStream, meter: ProgressMeter | None
+        self, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
     ) -> Snapshot:
         if stream.how == "tar":
             return generic.tar_receive(self, vol, name, stream, meter)

@@ -478,9 +478,10 @@ def snapshot_delete(
     say(f"deleted snapshot {ct}/{which}")
 
 
-from migrator.cli import storage  # noqa: E402 - registers its commands on the same app
+from migrator.cli import hosts, storage  # noqa: E402 - register their commands on the same app
 
 storage.register(app)
+hosts.register(app)
 
 
 def main() -> None:

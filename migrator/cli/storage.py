@@ -66,29 +66,57 @@ def copy_cmd(
     allow_inconsistent: bool = typer.Option(
         False, "--allow-inconsistent",
         help="Copy a running container's live files without freezing it for a snapshot"),
+    compress: str = typer.Option("auto", "--compress",
+                                 help="Between hosts: zstd, none, or auto"),
     fmt: Format = FORMAT_OPT,
 ) -> None:
-    """Copy a container, with its snapshots, on this host (any pool to any pool).
+    """Copy a container with its snapshots: on this host (any pool to any pool), or to
+    another host with HOST:NAME as the target (see `migrate host add`).
 
     The fastest method both pools support is used: btrfs send/receive or zfs send/recv
     between pools of the same driver, rsync otherwise. A running container is copied from
     a snapshot taken while it is briefly frozen.
     """
     from migrator.copy import copy_container
+    from migrator.remote import RemoteCopy, split_ref
 
+    src_host, src_name = split_ref(source)
+    dst_host, dst_name = split_ref(target)
+    if src_host is not None:
+        raise _pull_unsupported(src_host)
     with Bars() as bars:
-        r = copy_container(_ctx().containers, source, target, pool, instance_only, refresh,
-                           allow_inconsistent, bars)
+        if dst_host is None:
+            r = copy_container(_ctx().containers, src_name, dst_name, pool, instance_only,
+                               refresh, allow_inconsistent, bars)
+        else:
+            from migrator.cli.hosts import transport_for
+
+            with transport_for(dst_host) as t:
+                r = RemoteCopy(_ctx().containers, t, bars, compress).copy(
+                    src_name, dst_name, pool, instance_only, refresh, allow_inconsistent)
     report(r, fmt, "refreshed" if refresh else "copied")
+
+
+def _pull_unsupported(host: str) -> Exception:
+    from migrator.errors import InvalidInput
+
+    return InvalidInput(f"copying from {host} to here is not supported yet",
+                        f"run the command on {host} (this host pushes)")
+
+
+
 
 
 def move_cmd(
     name: str = typer.Argument(..., help="Container to move or rename"),
-    new_name: str = typer.Argument(None, help="New name (rename; the container must be stopped)"),
+    new_name: str = typer.Argument(None, help="New name (rename; the container must be "
+                                   "stopped), or an inventory host to move it to"),
     pool: str = typer.Option(None, "--pool", "-p", help="Move to this pool"),
     verify: bool = typer.Option(False, "--verify",
                                 help="Checksum every file before removing the source "
                                 "[default: file list, metadata and a checksum sample]"),
+    compress: str = typer.Option("auto", "--compress",
+                                 help="Between hosts: zstd, none, or auto"),
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Move a container to another pool (with all snapshots), or rename it.
@@ -99,10 +127,22 @@ def move_cmd(
     """
     from migrator.copy import move_container, rename_container
     from migrator.errors import InvalidInput
+    from migrator.remote import move_to_host, split_ref
 
     if not pool and not new_name:
         raise InvalidInput("nothing to do", "give --pool P to move, or a NEW_NAME to rename")
     cts = _ctx().containers
+    src_host, name = split_ref(name)
+    if src_host is not None:
+        raise _pull_unsupported(src_host)
+    target_host = new_name.rstrip(":") if new_name else None
+    if target_host and any(h.name == target_host for h in cts.state.list_hosts()):
+        from migrator.cli.hosts import transport_for
+
+        with Bars() as bars, transport_for(target_host) as t:
+            r = move_to_host(cts, t, name, pool, bars, compress)
+        report(r, fmt, "moved")
+        return
     current = name
     if pool:
         with Bars() as bars:

@@ -1,0 +1,235 @@
+"""``migrate agent``: the far side of a host-to-host operation, one request per channel.
+
+The client opens an SSH channel per request and runs ``migrate --root R agent`` there. The
+first frame is the JSON request ``{"op": ..., "protocol": N, ...}``; a ``receive`` request
+is followed by DATA frames and an END trailer; the agent answers with one JSON frame:
+``{"ok": true, ...}`` or ``{"ok": false, "error": {"type", "message", "hint"}}``.
+
+Everything that arrives is validated before use: names through the same types as the CLI
+(ContainerName, PoolName, SnapshotName), volume types against the known list, methods and
+compressors against what this host offers. Nothing is ever run through a shell.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from migrator import errors
+from migrator.backends import VolumeRef
+from migrator.names import ContainerName, PoolName, SnapshotName
+from migrator.transport.datapath import COMPRESSORS, FrameStream
+from migrator.transport.frames import ProtocolError, Reader, Writer, read_json, write_json
+
+PROTOCOL = 1
+VERSION = "0.1.0"
+
+
+def _criu_version() -> str | None:
+    path = shutil.which("criu") or ("/usr/sbin/criu" if shutil.which("/usr/sbin/criu") else None)
+    if not path:
+        return None
+    from migrator import proc
+
+    r = proc.run([path, "--version"], check=False, timeout=10)
+    first = r.stdout.strip().splitlines()[:1]
+    return first[0].removeprefix("Version: ").strip() if first else None
+
+
+class Agent:
+    """Serves requests against this host's state root."""
+
+    def __init__(self, cts: Any) -> None:
+        self.cts = cts
+        self.host = cts.host
+        self.state = cts.state
+
+    # requests ------------------------------------------------------------------------------
+    def hello(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        pools = []
+        for p in self.state.list_pools():
+            b = self.host.backend(p.name)
+            u = b.usage()
+            pools.append({"name": p.name, "driver": p.driver, "types": b.migration_types(),
+                          "free": u.total - u.used})
+        return {"version": VERSION, "protocol": PROTOCOL, "pools": pools,
+                "compressors": list(COMPRESSORS), "criu": _criu_version(),
+                "network": str(self.host.network_config().address)}
+
+    def container_state(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        name = ContainerName(req["name"])
+        if not self.state.has_container(name):
+            return {"exists": False}
+        rec = self.state.get_container(name)
+        b = self.host.backend(rec.pool)
+        vol = VolumeRef("container", name)
+        native = {s.name: b.snapshot_identity(s) for s in b.list_snapshots(vol)}
+        return {
+            "exists": True, "pool": rec.pool, "status": self.cts.lxc.state(name),
+            "ipv4": rec.ipv4,
+            "snapshots": [{"name": s.name, "uuid": s.uuid, "native": native.get(s.name)}
+                          for s in self.state.list_snapshots(name)],
+        }
+
+    def receive(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        pool = PoolName(req["pool"])
+        vol = _volume(req["volume"])
+        snap = SnapshotName(req["snapshot"])
+        parent = SnapshotName(req["parent"]) if req.get("parent") else None
+        backend = self.host.backend(pool)
+        how = str(req["how"])
+        if how not in backend.migration_types() or how == "rsync":
+            raise errors.InvalidInput(f"pool {pool!r} cannot receive a {how!r} stream")
+        compress = str(req.get("compress", "none"))
+        stream = FrameStream(read, how, snap, parent, compress)
+        try:
+            backend.receive(vol, snap, stream, None)
+        finally:
+            stream.kill()
+        if req.get("drop_after"):
+            backend.delete_snapshot(vol, snap)
+        return {"raw": stream.raw, "wire": stream.wire}
+
+    def commit_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Record a container whose volume has been received (or refresh its record)."""
+        from runtime.config import validate
+        from runtime.network import allocate_ipv4
+        from runtime.state import ContainerRecord, SnapshotRecord
+
+        name = ContainerName(req["name"])
+        pool = PoolName(req["pool"])
+        config = {str(k): validate(str(k), str(v)) if not str(k).startswith(("image.",
+                  "volatile.")) else str(v) for k, v in dict(req.get("config", {})).items()}
+        snaps = [SnapshotRecord(name, SnapshotName(s["name"]), float(s["created"]),
+                                {str(k): str(v) for k, v in dict(s.get("config", {})).items()},
+                                None, str(s.get("uuid", "")))
+                 for s in req.get("snapshots", [])]
+        with self.state.transaction():
+            if self.state.has_container(name):
+                self.state.update_container_config(name, config)
+            else:
+                used = self.state.used_ipv4()
+                want = req.get("ipv4")
+                net = self.host.network_config()
+                import ipaddress
+
+                if want and want not in used and \
+                        ipaddress.ip_address(want) in net.address.network and \
+                        str(net.address.ip) != want:
+                    ipv4 = want
+                else:
+                    ipv4 = allocate_ipv4(net, used)
+                image = req.get("image")
+                self.state.add_container(ContainerRecord(name, pool, image, ipv4, config))
+            for s in snaps:
+                self.state.add_snapshot(s)
+        rec = self.state.get_container(name)
+        self.cts.lxc.write_config(self.cts.spec(rec))
+        return {"ipv4": rec.ipv4}
+
+    def abort_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Undo a failed transfer: the partial volume of an unrecorded container, or the
+        snapshots a failed refresh added to a recorded one."""
+        name = ContainerName(req["name"])
+        pool = PoolName(req["pool"])
+        backend = self.host.backend(pool)
+        vol = VolumeRef("container", name)
+        owned = self.state.has_container(name) and self.state.get_container(name).pool == pool
+        if not owned:
+            if backend.volume_exists(vol) or backend.list_snapshots(vol):
+                backend.delete_volume(vol)
+            return {"removed": "volume"}
+        known = {s.name for s in self.state.list_snapshots(name)}
+        dropped = []
+        for s in backend.list_snapshots(vol):
+            if s.name not in known:
+                backend.delete_snapshot(vol, SnapshotName(s.name))
+                dropped.append(s.name)
+        return {"removed": dropped}
+
+    def sink(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Read a data stream and drop it (link throughput probe)."""
+        import os
+
+        stream = FrameStream(read, "probe", "probe", None, str(req.get("compress", "none")))
+        fd = stream.fileno()
+        while os.read(fd, 1 << 20):
+            pass
+        stream.close()
+        return {"raw": stream.raw, "wire": stream.wire}
+
+    def delete_snapshot(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        backend = self.host.backend(PoolName(req["pool"]))
+        backend.delete_snapshot(_volume(req["volume"]), SnapshotName(req["snapshot"]))
+        return {}
+
+    def start(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        self.cts.start(ContainerName(req["name"]))
+        return {"status": self.cts.status(req["name"])}
+
+    def delete_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        self.cts.delete(ContainerName(req["name"]), force=bool(req.get("force")))
+        return {}
+
+
+def _volume(obj: Any) -> VolumeRef:
+    if not isinstance(obj, dict):
+        raise errors.InvalidInput("volume must be an object")
+    try:
+        return VolumeRef(str(obj["type"]), str(obj["name"]))
+    except ValueError as e:
+        raise errors.InvalidInput(str(e)) from e
+
+
+OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
+    "hello": Agent.hello,
+    "container_state": Agent.container_state,
+    "receive": Agent.receive,
+    "commit_container": Agent.commit_container,
+    "abort_container": Agent.abort_container,
+    "delete_snapshot": Agent.delete_snapshot,
+    "sink": Agent.sink,
+    "start": Agent.start,
+    "delete_container": Agent.delete_container,
+}
+
+
+def error_reply(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, errors.MigratorError):
+        return {"ok": False, "error": {"type": type(e).__name__, "message": e.message,
+                                       "hint": e.hint}}
+    return {"ok": False, "error": {"type": type(e).__name__, "message": str(e), "hint": None}}
+
+
+def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
+    """Handle one request from ``read``; answer on ``write``. Returns the exit status."""
+    try:
+        req = read_json(read)
+        if req.get("protocol") != PROTOCOL:
+            raise ProtocolError(
+                f"protocol {req.get('protocol')} requested; this agent speaks {PROTOCOL}",
+                "install the same migrator version on both hosts")
+        op = OPS.get(str(req.get("op")))
+        if op is None:
+            raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
+        result = op(Agent(cts_factory()), req, read)
+        write_json(write, {"ok": True, **result})
+        return 0
+    except (KeyError, TypeError, ValueError) as e:
+        write_json(write, error_reply(errors.InvalidInput(f"malformed request: {e!r}")))
+        return errors.InvalidInput.exit_code
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a typed reply
+        write_json(write, error_reply(e))
+        return getattr(e, "exit_code", 1)
+
+
+def main_stdio(cts_factory: Callable[[], Any]) -> int:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def write(b: bytes) -> None:
+        stdout.write(b)
+        stdout.flush()
+
+    return serve(cts_factory, stdin.read1 if hasattr(stdin, "read1") else stdin.read, write)

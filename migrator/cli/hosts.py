@@ -1,0 +1,146 @@
+"""Commands for other hosts: the inventory (``host ...``) and the remote side (``agent``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import typer
+
+from migrator.cli.context import _ctx
+from migrator.cli.render import Format, human_size, render
+
+host_app = typer.Typer(help="Other hosts: inventory, host keys, connection checks.",
+                       no_args_is_help=True)
+
+
+def say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(host_app, name="host")
+    app.command("agent", hidden=True)(agent_cmd)
+
+
+def agent_cmd() -> None:
+    """The far side of host-to-host operations (run over SSH by the client; not by hand)."""
+    from migrator.agent import main_stdio
+
+    raise typer.Exit(main_stdio(lambda: _ctx().containers))
+
+
+def transport_for(name: str, accept_host_key: bool = False) -> Any:
+    """An (unconnected) SSH transport to an inventory host, from this host's namespace."""
+    from migrator.names import ContainerName
+    from migrator.transport.ssh import SshTransport
+
+    h = _ctx().host
+    rec = h.state.get_host(ContainerName(name))
+    return SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
+                        rec.command, known_hosts=h.root / "ssh" / "known_hosts",
+                        netns=h.netns, accept_host_key=accept_host_key)
+
+
+@host_app.command("add")
+def host_add(
+    name: str = typer.Argument(..., help="Inventory name, e.g. host-b"),
+    address: str = typer.Argument(..., help="IP address or DNS name of its sshd"),
+    port: int = typer.Option(22, help="sshd port"),
+    user: str = typer.Option("root", help="Login user"),
+    key: str = typer.Option(None, help="Private key file [default: ssh-agent / ~/.ssh]"),
+    root: str = typer.Option(None, "--remote-root",
+                             help="State root on that host [default: its default]"),
+    command: str = typer.Option(None, help="Path of migrate there [default: migrate]"),
+    accept_host_key: bool = typer.Option(False, "--accept-host-key",
+                                         help="Trust its SSH key now (shows the fingerprint)"),
+) -> None:
+    """Add a host to the inventory (and, with --accept-host-key, record its SSH key)."""
+    import ipaddress
+
+    from migrator.errors import InvalidInput
+    from migrator.names import ContainerName
+    from runtime.state import HostRecord
+
+    hname = ContainerName(name)
+    if hname == "local":
+        raise InvalidInput("'local' is this host", "pick another name")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        if not all(p and p.replace("-", "").isalnum() for p in address.split(".")):
+            raise InvalidInput(f"invalid address {address!r}") from None
+    if key and not os.path.isfile(key):
+        raise InvalidInput(f"key file {key} does not exist")
+    h = _ctx().host
+    with h.state.transaction():
+        h.state.add_host(HostRecord(hname, address, port, user,
+                                    os.path.abspath(key) if key else None, root, command))
+    say(f"host {hname} added ({user}@{address}:{port})")
+    if accept_host_key:
+        host_trust(hname)
+
+
+@host_app.command("trust")
+def host_trust(name: str) -> None:
+    """Record the host's current SSH key in known_hosts (check the fingerprint first)."""
+    with transport_for(name, accept_host_key=True) as t:
+        say(f"trusted {name}: {t.host_key()}")
+
+
+@host_app.command("list")
+def host_list(fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+    """List the inventory (``local`` is always this host)."""
+    h = _ctx().host
+    rows: list[dict[str, Any]] = [{"name": "local", "address": "-", "user": "-",
+                                   "root": str(h.root)}]
+    rows += [{"name": r.name, "address": f"{r.address}:{r.port}", "user": r.user,
+              "root": r.root or "(default)"} for r in h.state.list_hosts()]
+    typer.echo(render(rows, ["name", "address", "user", "root"], fmt))
+
+
+@host_app.command("remove")
+def host_remove(name: str) -> None:
+    """Remove a host from the inventory (nothing on the host itself changes)."""
+    h = _ctx().host
+    h.state.get_host(name)
+    with h.state.transaction():
+        h.state.delete_host(name)
+    say(f"host {name} removed")
+
+
+@host_app.command("check")
+def host_check(
+    name: str,
+    probe_mib: int = typer.Option(64, help="MiB sent to measure the link (0: skip)"),
+    fmt: Format = typer.Option(Format.table, "--format", "-f"),
+) -> None:
+    """Connect, negotiate, and show both sides: versions, pools and their migration types,
+    compressors, CRIU, and the link's throughput through the agent."""
+    from migrator.agent import Agent
+
+    local = Agent(_ctx().containers).hello({}, lambda n: b"")
+    with transport_for(name) as t:
+        t0 = time.monotonic()
+        remote = t.request("hello")
+        rtt = time.monotonic() - t0
+        rate = None
+        if probe_mib:
+            from migrator.transport.probe import measure_upload
+
+            rate = measure_upload(t, probe_mib << 20)
+    info = {"host": name, "key": "verified", "request_seconds": round(rtt, 3),
+            "upload_bytes_per_second": rate, "local": local, "remote": remote}
+    if fmt == Format.json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for side, d in (("local", local), (name, remote)):
+        typer.echo(f"{side}: migrator {d['version']} (protocol {d['protocol']}), "
+                   f"criu {d.get('criu') or 'missing'}, compressors {','.join(d['compressors'])}")
+        for p in d["pools"]:
+            typer.echo(f"  pool {p['name']} ({p['driver']}): {','.join(p['types'])}, "
+                       f"{human_size(p['free'])} free")
+    typer.echo(f"request round trip {rtt * 1000:.0f} ms"
+               + (f"; upload {human_size(rate)}/s" if rate else ""))

@@ -1,0 +1,1 @@
+"""Host-to-host transports: framed agent protocol over SSH channels (or a local process)."""

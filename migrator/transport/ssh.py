@@ -1,0 +1,222 @@
+"""The SSH transport (paramiko): one connection per remote host, one channel per request.
+
+Host keys are checked against the state root's ``known_hosts``; an unknown key is refused
+with its SHA-256 fingerprint shown, and only recorded when the caller explicitly accepts it
+(``--accept-host-key``, ``migrate host trust``). A changed key is always refused. The
+connection gets keepalives and bigger windows than paramiko's default (2 MiB), which
+limit throughput on fast links. Each request runs ``migrate --root R agent`` on its own
+exec channel; the argv is quoted with ``shlex.join`` because sshd hands exec requests to
+the login shell, and the agent validates everything it receives again.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+import socket
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from migrator import errors
+from migrator.streams import ProgressMeter, Stream
+from migrator.transport.datapath import send_frames
+from migrator.transport.frames import ProtocolError, read_json, write_json
+
+PROTOCOL = 1
+WINDOW = 64 << 20
+MAX_PACKET = 32768
+KEEPALIVE = 15
+CONNECT_TIMEOUT = 15.0
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class _Remember(paramiko.MissingHostKeyPolicy):
+    """Refuse unknown keys, but remember the key so the error can show it (or accept it)."""
+
+    def __init__(self, accept: bool) -> None:
+        self.accept = accept
+        self.seen: paramiko.PKey | None = None
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        self.seen = key
+        if not self.accept:
+            raise paramiko.SSHException(f"unknown host key for {hostname}")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class SshTransport:
+    """A connection to one inventory host's agent."""
+
+    def __init__(self, name: str, address: str, port: int = 22, user: str = "root",
+                 key: str | None = None, remote_root: str | None = None,
+                 command: str | None = None, known_hosts: Path | None = None,
+                 netns: str | None = None, accept_host_key: bool = False,
+                 timeout: float = CONNECT_TIMEOUT) -> None:
+        self.name = name
+        self.address, self.port, self.user, self.key = address, port, user, key
+        self.remote_root = remote_root
+        self.command = command or "migrate"
+        self.known_hosts = known_hosts
+        self.netns = netns
+        self.accept_host_key = accept_host_key
+        self.timeout = timeout
+        self.client: paramiko.SSHClient | None = None
+        self.last_raw = self.last_wire = 0  # bytes of the last upload: produced, on the wire
+
+    # connection ---------------------------------------------------------------------------
+    def _socket(self) -> socket.socket:
+        try:
+            if self.netns:
+                from migrator.netns import socket_in_netns
+
+                return socket_in_netns(self.netns, (self.address, self.port), self.timeout)
+            return socket.create_connection((self.address, self.port), self.timeout)
+        except OSError as e:
+            raise errors.NetworkError(
+                f"cannot reach {self.name} at {self.address}:{self.port}: {e.strerror or e}",
+                "is the host up and sshd listening? check the address with `migrate host list`",
+            ) from e
+
+    def connect(self) -> SshTransport:
+        if self.client is not None:
+            return self
+        client = paramiko.SSHClient()
+        hostkey_name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        if self.known_hosts and self.known_hosts.exists():
+            client.load_host_keys(str(self.known_hosts))
+        policy = _Remember(self.accept_host_key)
+        client.set_missing_host_key_policy(policy)
+        sock = self._socket()
+
+        def transport_factory(s: Any, **kw: Any) -> paramiko.Transport:
+            return paramiko.Transport(s, default_window_size=WINDOW,
+                                      default_max_packet_size=MAX_PACKET, **kw)
+
+        try:
+            client.connect(
+                self.address, self.port, username=self.user, key_filename=self.key,
+                sock=sock, timeout=self.timeout, banner_timeout=self.timeout,
+                auth_timeout=self.timeout, allow_agent=self.key is None,
+                look_for_keys=self.key is None, transport_factory=transport_factory,
+            )
+        except paramiko.BadHostKeyException as e:
+            sock.close()
+            raise errors.HostKeyError(
+                f"the SSH key of {self.name} ({self.address}) CHANGED: it is now "
+                f"{fingerprint(e.key)}, the recorded one is {fingerprint(e.expected_key)}",
+                "someone may be intercepting the connection; if the host was reinstalled, "
+                "remove its line from the known_hosts file and trust it again",
+            ) from e
+        except paramiko.SSHException as e:
+            sock.close()
+            if policy.seen is not None and not self.accept_host_key:
+                raise errors.HostKeyError(
+                    f"the SSH key of {self.name} ({self.address}) is unknown: "
+                    f"{policy.seen.get_name()} {fingerprint(policy.seen)}",
+                    f"check the fingerprint on the host, then `migrate host trust {self.name}` "
+                    "or pass --accept-host-key",
+                ) from e
+            raise errors.NetworkError(f"SSH to {self.name} failed: {e}",
+                                      "check the user and key in `migrator host list`") from e
+        except OSError as e:
+            sock.close()
+            raise errors.NetworkError(f"SSH to {self.name} failed: {e}") from e
+        if policy.seen is not None and self.accept_host_key and self.known_hosts:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            keys = paramiko.HostKeys()
+            if self.known_hosts.exists():
+                keys.load(str(self.known_hosts))
+            keys.add(hostkey_name, policy.seen.get_name(), policy.seen)
+            keys.save(str(self.known_hosts))
+            self.known_hosts.chmod(0o600)
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE)
+        self.client = client
+        return self
+
+    def host_key(self) -> str:
+        self.connect()
+        assert self.client is not None
+        transport = self.client.get_transport()
+        assert transport is not None
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {fingerprint(key)}"
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self) -> SshTransport:
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # requests -----------------------------------------------------------------------------
+    def agent_argv(self) -> list[str]:
+        argv = [*shlex.split(self.command)]
+        if self.remote_root:
+            argv += ["--root", self.remote_root]
+        return [*argv, "agent"]
+
+    def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
+                compress: str = "none", meter: ProgressMeter | None = None) -> dict[str, Any]:
+        """Run one agent request (with a volume stream to upload, if given); its reply."""
+        self.connect()
+        assert self.client is not None
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        chan = transport.open_session(timeout=self.timeout)
+        try:
+            chan.exec_command(shlex.join(self.agent_argv()))
+            write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
+            if stream is not None:
+                self.last_raw, self.last_wire = send_frames(stream, chan.sendall, compress,
+                                                            meter)
+            try:
+                reply = read_json(chan.recv)
+            except ProtocolError as e:
+                status = chan.recv_exit_status() if chan.exit_status_ready() or \
+                    chan.closed else None
+                if status == 127:
+                    raise errors.MissingDependency(
+                        f"the migrate program is not installed on {self.name} "
+                        f"({self.command!r} not found)",
+                        "install the same version there, or set its path: "
+                        "`migrate host add ... --command /path/to/migrate`") from e
+                raise errors.NetworkError(
+                    f"{self.name} closed the channel during {op!r}: {e.message}",
+                    "the agent or the link died; the source is untouched, retry when "
+                    "the link is back") from e
+        except OSError as e:
+            raise errors.NetworkError(f"the connection to {self.name} broke during {op!r}: "
+                                      f"{e}", "retry when the link is back") from e
+        except paramiko.SSHException as e:
+            raise errors.NetworkError(f"SSH error talking to {self.name}: {e}") from e
+        finally:
+            chan.close()
+        if not reply.get("ok"):
+            raise remote_error(self.name, reply.get("error") or {})
+        return reply
+
+
+def remote_error(host: str, err: dict[str, Any]) -> errors.MigratorError:
+    """The agent's typed error, re-raised here with the same class and exit code."""
+    by_name = {c.__name__: c for c in errors.ALL_ERRORS}
+    cls = by_name.get(str(err.get("type")), errors.RemoteError)
+    msg = f"on {host}: {err.get('message')}"
+    hint = err.get("hint")
+    if cls is errors.CommandFailed:
+        return errors.RemoteError(msg, hint)
+    return cls(msg, hint)
