@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit integration lint bench clean-tests
+.PHONY: setup demo test unit integration lint bench clean-tests hosts hosts-down
 
 setup:
 	bash scripts/setup-host.sh
@@ -27,6 +27,15 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_runtime.py
 	$(PY) bench/bench_storage.py
+
+# Two test hosts on this machine (network namespaces mh-a, mh-b joined by a private
+# 198.51.100.0/24 link, each with its own sshd, state root, pools and busybox image):
+# see runtime/testhosts.py. Idempotent; `make hosts-down` removes everything.
+hosts: setup
+	$(PY) -m runtime.testhosts up --hosts a,b
+
+hosts-down:
+	$(PY) -m runtime.testhosts down
 
 # Leftovers of an interrupted test run (hosts are normally torn down by the fixtures).
 clean-tests: setup

@@ -1,5 +1,8 @@
 """Tear down test hosts left by an interrupted run (normally the fixtures do it).
 
+Also the networked test-host sets of runtime/testhosts.py: `make hosts` (mh-*) and the one
+tests/integration/test_testhosts.py brings up (mt2-*): sshds, namespaces, pools, files.
+
 Then destroy any zpool still imported whose disk file lives under the test or demo roots:
 zpool names are machine-wide and the zfs-fuse daemon keeps a pool imported (and its file
 open) after the state root that owned it is gone.
@@ -11,10 +14,14 @@ import shutil
 from pathlib import Path
 
 from migrator import proc
+from runtime import testhosts
 from runtime.host import Host
 from runtime.teardown import teardown
 
 BASES = (Path("/var/tmp/migrator-tests"), Path("/var/tmp/migrator-demo"))
+# (base, namespace prefix) of each test-host set; the second is test_testhosts.py's
+HOST_SETS = ((testhosts.DEFAULT_BASE, testhosts.DEFAULT_PREFIX),
+             (Path("/var/tmp/migrator-tests/testhosts"), "mt2"))
 
 
 def pool_files(name: str) -> list[str]:
@@ -40,6 +47,10 @@ for base in BASES:
         for root in sorted(base.iterdir()):
             if (root / "state.db").exists():
                 print(root, teardown(Host(root), purge=True) or "ok")
+
+for base, prefix in HOST_SETS:
+    if base.exists() or testhosts.namespaces(prefix):
+        print(f"test hosts {base} ({prefix}-*)", testhosts.down(base, prefix) or "ok")
 
 for name in leftover_zpools():
     r = proc.run(["zpool", "destroy", "-f", name], check=False, timeout=300)
