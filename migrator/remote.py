@@ -155,7 +155,10 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
     """
     t0 = time.monotonic()
     rec = cts.get(name)
-    running = cts.lxc.state(rec.name) == "RUNNING"
+    status = cts.lxc.state(rec.name)
+    if status == "FROZEN":
+        raise InvalidState(f"{rec.name!r} is frozen", f"`migrate unfreeze {rec.name}` first")
+    running = status == "RUNNING"
     rc = RemoteCopy(cts, transport, progress, compress)
     first = rc.copy(rec.name, rec.name, pool, keep_base=running)
     result = first
@@ -180,7 +183,17 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
             with contextlib.suppress(MigratorError):
                 transport.request("delete_snapshot", {"pool": first.pool, "volume": {
                     "type": "container", "name": rec.name}, "snapshot": base})
-        transport.request("start", {"name": rec.name})
+        started = transport.request("start", {"name": rec.name})
+        there = transport.request("container_state", {"name": rec.name})
+        want = {s.name: s.uuid for s in cts.state.list_snapshots(rec.name)}
+        got = {s["name"]: s["uuid"] for s in there.get("snapshots", [])}
+        if started.get("status") != "RUNNING" or there.get("status") != "RUNNING" or \
+                any(got.get(n) != u for n, u in want.items()):
+            raise InvalidState(
+                f"{rec.name} on {transport.name} is not as expected after the move "
+                f"(status {there.get('status')}, snapshots {sorted(got)})",
+                "the source was kept and restarted; the target copy was removed")
+        result.verified = f"running on {transport.name} with all {len(want)} snapshots"
     except BaseException:
         with contextlib.suppress(MigratorError):
             transport.request("delete_container", {"name": rec.name, "force": True})

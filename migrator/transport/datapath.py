@@ -44,6 +44,13 @@ def send_frames(
         comp = zstandard.ZstdCompressor(level=level, threads=2).compressobj()
     elif compress != "none":
         raise ProtocolError(f"unknown compressor {compress!r}")
+    def emit(out: bytes) -> None:
+        nonlocal wire
+        for i in range(0, len(out), MAX_DATA):
+            piece = out[i:i + MAX_DATA]
+            write(pack(DATA, piece))
+            wire += len(piece)
+
     while True:
         data = os.read(fd, CHUNK)
         if not data:
@@ -51,17 +58,14 @@ def send_frames(
         raw += len(data)
         if meter is not None:
             meter.advance(len(data))
-        out = comp.compress(data) if comp is not None else data
-        if out:
-            for i in range(0, len(out), MAX_DATA):
-                piece = out[i:i + MAX_DATA]
-                write(pack(DATA, piece))
-                wire += len(piece)
+        if comp is None:
+            emit(data)
+        else:
+            # flush each block: zstd (multi-threaded above all) would otherwise hold the
+            # whole stream in memory until the end
+            emit(comp.compress(data) + comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
     if comp is not None:
-        tail = comp.flush()
-        if tail:
-            write(pack(DATA, tail))
-            wire += len(tail)
+        emit(comp.flush())
     stream.close()  # raises if the producer failed: then no END goes out, the cut is seen
     write_end(write, {"bytes": raw})
     if meter is not None:

@@ -163,6 +163,14 @@ class SshTransport:
         self.close()
 
     # requests -----------------------------------------------------------------------------
+    @staticmethod
+    def _early_reply(chan: Any) -> dict[str, Any] | None:
+        try:
+            reply = read_json(chan.recv)
+        except (ProtocolError, OSError):
+            return None
+        return reply if not reply.get("ok") else None
+
     def agent_argv(self) -> list[str]:
         argv = [*shlex.split(self.command)]
         if self.remote_root:
@@ -182,8 +190,16 @@ class SshTransport:
             chan.exec_command(shlex.join(self.agent_argv()))
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
             if stream is not None:
-                self.last_raw, self.last_wire = send_frames(stream, chan.sendall, compress,
-                                                            meter)
+                try:
+                    self.last_raw, self.last_wire = send_frames(stream, chan.sendall,
+                                                                compress, meter)
+                except OSError as e:
+                    # the agent stopped reading: its reply (an error) says why
+                    reply = self._early_reply(chan)
+                    if reply is None:
+                        raise
+                    stream.kill()
+                    raise remote_error(self.name, reply.get("error") or {}) from e
             try:
                 reply = read_json(chan.recv)
             except ProtocolError as e:

@@ -1,0 +1,180 @@
+"""Host to host over real SSH (paramiko -> OpenSSH sshd in a network namespace).
+
+Two test hosts (``mt3-a``, ``mt3-b``) on a private TEST-NET link, each with its own sshd,
+state root and dir/btrfs/zfs pools. Host a's CLI pushes to host b through ``migrate agent``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import testhosts
+from runtime.testhosts import TestHostSpec
+from tests.conftest import IN_CI
+from tests.integration.treecmp import signature
+
+BASE = Path("/var/tmp/migrator-tests/remote")
+PREFIX = "mt3"
+AGENT = f"{sys.executable} -m migrator.cli.main"
+MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0 or shutil.which("/usr/sbin/sshd") is None:
+        msg = "remote tests need root and sshd (run `make setup`)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    testhosts.down(BASE, PREFIX)
+    try:
+        a, b = testhosts.up(("a", "b"), BASE, pools=("dir", "btrfs", "zfs"),
+                            images=("busybox",), prefix=PREFIX)
+        yield a, b
+    finally:
+        problems = testhosts.down(BASE, PREFIX)
+        assert not problems, problems
+        assert testhosts.leftovers(BASE, PREFIX) == []
+
+
+def m(spec: TestHostSpec, *args: str, check: bool = True) -> tuple[int, str, str]:
+    import subprocess
+
+    r = subprocess.run([*MIGRATE, "--root", str(spec.root), *args], capture_output=True,
+                       text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    if check and r.returncode != 0:
+        raise AssertionError(f"migrate {' '.join(args)} -> {r.returncode}\n{r.stderr}")
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture
+def hosts(pair):  # type: ignore[no-untyped-def]
+    """Host a with host b in its inventory (trusted key); both emptied after the test."""
+    a, b = pair
+    (a.root / "ssh").mkdir(exist_ok=True)
+    shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
+    m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
+      str(b.root), "--command", AGENT)
+    yield a, b
+    for spec in (a, b):
+        _rc, out, _e = m(spec, "list", "--format", "json")
+        for c in json.loads(out):
+            m(spec, "delete", "--force", c["name"])
+    m(a, "host", "remove", "b")
+
+
+def rootfs(spec: TestHostSpec, name: str) -> Path:
+    _rc, out, _e = m(spec, "info", name, "--format", "json")
+    pool = json.loads(out)["pool"]
+    return spec.root / "storage-pools" / pool / "containers" / name / "rootfs"
+
+
+@pytest.mark.parametrize(("src_pool", "dst_pool"), [("btrfs", "btrfs"), ("zfs", "zfs"),
+                                                    ("dir", "btrfs")])
+def test_copy_then_refresh_sends_only_the_delta(hosts, src_pool, dst_pool) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    m(a, "create", "busybox", "c1", "-p", src_pool)
+    (rootfs(a, "c1") / "big").write_bytes(os.urandom(8 << 20))
+    m(a, "snapshot", "create", "c1", "s0")
+    _rc, out, _e = m(a, "copy", "c1", "b:c1", "-p", dst_pool, "--format", "json")
+    full = json.loads(out)
+    assert full["snapshots_added"] == ["s0"] and full["bytes"] > 8 << 20
+    assert signature(rootfs(b, "c1")) == signature(rootfs(a, "c1"))
+    (rootfs(a, "c1") / "small").write_text("delta")
+    m(a, "snapshot", "create", "c1", "s1")
+    _rc, out, _e = m(a, "copy", "c1", "b:c1", "--refresh", "--format", "json")
+    inc = json.loads(out)
+    assert inc["snapshots_added"] == ["s1"]
+    if src_pool == dst_pool:  # native incremental: only the delta crossed the wire
+        assert inc["bytes"] < 256 << 10, inc
+    assert signature(rootfs(b, "c1")) == signature(rootfs(a, "c1"))
+    _rc, out, _e = m(b, "snapshot", "list", "c1", "--format", "json")
+    assert [s["name"] for s in json.loads(out)] == ["s0", "s1"]
+
+
+@pytest.mark.parametrize("dst_pool", ["btrfs", "zfs"])
+def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    m(a, "launch", "busybox", "mv1", "-p", "btrfs")
+    m(a, "exec", "mv1", "--", "sh", "-c", "echo before > /root/v")
+    m(a, "snapshot", "create", "mv1", "s0")
+    m(a, "exec", "mv1", "--", "sh", "-c", "echo after > /root/v")
+    _rc, out, _e = m(a, "info", "mv1", "--format", "json")
+    ip = json.loads(out)["ipv4"]
+    _rc, out, err = m(a, "move", "mv1", "b", "-p", dst_pool, "--format", "json")
+    res = json.loads(out)
+    assert res["downtime"] is not None and res["downtime"] < 60
+    assert "running on b" in res["verified"]
+    _rc, out, _e = m(a, "list", "--format", "json")
+    assert json.loads(out) == []  # gone from a
+    _rc, out, _e = m(b, "info", "mv1", "--format", "json")
+    info = json.loads(out)
+    assert info["state"] == "RUNNING" and info["ipv4"] == ip and info["pool"] == dst_pool
+    _rc, out, _e = m(b, "exec", "mv1", "--", "cat", "/root/v")
+    assert out.strip() == "after"
+
+
+def test_unknown_host_key_is_refused_with_fingerprint(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    (a.root / "ssh" / "known_hosts").unlink(missing_ok=True)
+    m(a, "host", "add", "stranger", b.link_ip, "--key", str(a.client_key), "--remote-root",
+      str(b.root), "--command", AGENT)
+    try:
+        rc, _o, err = m(a, "host", "check", "stranger", "--probe-mib", "0", check=False)
+        assert rc == 17 and "SHA256:" in err and "host trust" in err, err
+        m(a, "host", "trust", "stranger")
+        rc, out, err = m(a, "host", "check", "stranger", "--probe-mib", "8")
+        assert "upload" in out and "pool zfs (zfs): zfs" in out
+    finally:
+        m(a, "host", "remove", "stranger")
+
+
+def test_missing_agent_and_unreachable_host_are_clear(hosts) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    m(a, "host", "add", "noagent", b.link_ip, "--key", str(a.client_key),
+      "--command", "/nonexistent/migrate")
+    m(a, "host", "add", "nohost", "198.51.100.99", "--key", str(a.client_key))
+    try:
+        rc, _o, err = m(a, "host", "check", "noagent", "--probe-mib", "0", check=False)
+        assert rc == 10 and "not installed on noagent" in err, err
+        rc, _o, err = m(a, "host", "check", "nohost", "--probe-mib", "0", check=False)
+        assert rc == 16 and "cannot reach nohost" in err, err
+        # a failed copy leaves the source untouched and nothing on the target
+        m(a, "create", "busybox", "keep", "-p", "dir")
+        rc, _o, err = m(a, "copy", "keep", "noagent:keep", check=False)
+        assert rc == 10, err
+        _rc, out, _e = m(b, "list", "--format", "json")
+        assert json.loads(out) == []
+    finally:
+        m(a, "host", "remove", "noagent")
+        m(a, "host", "remove", "nohost")
+
+
+def test_target_disk_full_leaves_source_running_and_target_clean(hosts) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    m(b, "pool", "create", "tiny", "--driver", "btrfs", "--size", "150MiB")
+    try:
+        m(a, "launch", "busybox", "fat", "-p", "btrfs")
+        with open(rootfs(a, "fat") / "blob", "wb") as f:
+            f.write(os.urandom(220 << 20))
+        rc, _o, err = m(a, "move", "fat", "b", "-p", "tiny", check=False)
+        assert rc != 0 and "Error:" in err, err
+        _rc, out, _e = m(a, "info", "fat", "--format", "json")
+        assert json.loads(out)["state"] == "RUNNING"
+        _rc, out, _e = m(b, "list", "--format", "json")
+        assert json.loads(out) == []
+        assert not (b.root / "storage-pools" / "tiny" / "containers" / "fat").exists()
+        # and a second attempt to a pool with room succeeds
+        m(a, "move", "fat", "b", "-p", "btrfs")
+        _rc, out, _e = m(b, "info", "fat", "--format", "json")
+        assert json.loads(out)["state"] == "RUNNING"
+    finally:
+        m(b, "delete", "--force", "fat", check=False)
+        m(b, "pool", "delete", "tiny")
