@@ -83,6 +83,11 @@ class Agent:
         if how not in backend.migration_types() or how == "rsync":
             raise errors.InvalidInput(f"pool {pool!r} cannot receive a {how!r} stream")
         compress = str(req.get("compress", "none"))
+        if req.get("first") and vol.type == "container" and not (
+                self.state.has_container(vol.name)
+                and self.state.get_container(vol.name).pool == pool) and (
+                backend.volume_exists(vol) or backend.list_snapshots(vol)):
+            backend.delete_volume(vol)  # debris of an earlier transfer that was cut off
         stream = FrameStream(read, how, snap, parent, compress)
         try:
             backend.receive(vol, snap, stream, None)
@@ -225,7 +230,16 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         return getattr(e, "exit_code", 1)
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main_stdio(cts_factory: Callable[[], Any]) -> int:
+    # a dropped SSH connection sends SIGHUP: unwind normally so partial receives are removed
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
     def write(b: bytes) -> None:

@@ -31,6 +31,7 @@ from migrator.transfer import (
 )
 from migrator.verify import verify_volume
 from runtime.containers import Containers, Stages
+from runtime.operations import journaled
 from runtime.state import ContainerRecord, SnapshotRecord
 
 TEMP_PREFIX = "migrate.xfer-"
@@ -51,6 +52,7 @@ class CopyResult:
     notes: list[str] = field(default_factory=list)
     downtime: float | None = None
     verified: str | None = None
+    operation: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,7 +180,10 @@ def copy_container(
     if dst_rec is not None and plan.how == "rsync" and dst_b.cheap_snapshots:
         keep = temp_snapshot_name()
 
-    with Stages() as st:
+    with journaled(state, "refresh" if dst_rec else "copy", container=src.name,
+                   target=dst_name, pool=dst_pool, method=plan.how) as op, Stages() as st:
+        result.operation = op.id
+        op.stage("copy")
         if dst_rec is None:
             st.add_undo("delete target volume", lambda: dst_b.delete_volume(dst_vol))
         else:
@@ -212,6 +217,7 @@ def copy_container(
             stats = execute(plan, src_b, src_vol, dst_b, dst_vol, final, progress,
                             done=added.append)
         _merge(result, stats)
+        op.stage("commit", added=added)
         with state.transaction():
             conf = _copyable_config(src.config)
             if dst_rec is None:
@@ -285,7 +291,10 @@ def move_container(
     result.method = plan.how
     stopped_at: float | None = None
 
-    with Stages() as st:
+    with journaled(state, "move", container=rec.name, from_pool=rec.pool, to_pool=pool,
+                   was_running=running, method=plan.how) as op, Stages() as st:
+        result.operation = op.id
+        op.stage("copy")
         st.add_undo("delete target volume", lambda: dst_b.delete_volume(vol))
         if running:
             st.add_undo("restart on source", lambda: _restart_if_stopped(cts, rec.name))
@@ -296,6 +305,7 @@ def move_container(
             _merge(result, stats)
             if running:
                 # pass 2: stop, send what changed since pass 1, start on the new pool
+                op.stage("final-sync")
                 stopped_at = time.monotonic()
                 cts.lxc.stop(rec.name)
                 with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
@@ -305,7 +315,9 @@ def move_container(
                     result.bytes += stats.bytes
                 with contextlib.suppress(MigratorError):
                     dst_b.delete_snapshot(vol, SnapshotName(first))
+        op.stage("verify")
         result.verified = verify_volume(src_b, dst_b, vol, full=verify)
+        op.stage("switch")
         with state.transaction():
             state.set_container_pool(rec.name, pool)
         st.add_undo("point back at source", lambda: _set_pool(cts, rec.name, rec.pool))
@@ -315,11 +327,12 @@ def move_container(
             result.downtime = time.monotonic() - stopped_at
         else:
             cts.lxc.write_config(cts.spec(cts.get(rec.name)))
-    try:
-        src_b.delete_volume(vol)
-    except MigratorError as e:  # the move is done; the old copy is only garbage now
-        result.notes.append(f"could not remove the old copy on {rec.pool}: {e}; delete "
-                            f"{src_b.volume_path(vol)} by hand")
+        op.stage("delete-source")
+        try:
+            src_b.delete_volume(vol)
+        except Exception as e:  # noqa: BLE001 - the move is done; the old copy is garbage now
+            result.notes.append(f"could not remove the old copy on {rec.pool}: {e}; delete "
+                                f"{src_b.volume_path(vol)} by hand")
     result.seconds = time.monotonic() - t0
     return result
 

@@ -17,10 +17,18 @@ from typing import Any
 
 from migrator.backends import StorageBackend, VolumeRef
 from migrator.copy import CopyResult, clean_stale_temp_snapshots, consistent_snapshot
-from migrator.errors import AlreadyExists, InvalidInput, InvalidState, MigratorError, NotFound
+from migrator.errors import (
+    AlreadyExists,
+    InvalidInput,
+    InvalidState,
+    MigratorError,
+    NotFound,
+    Protected,
+)
 from migrator.names import ContainerName, SnapshotName
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.transfer import NATIVE_TYPES, SnapInfo, negotiate, plan_transfer
+from runtime.operations import Operation, journaled
 
 
 def split_ref(ref: str) -> tuple[str | None, str]:
@@ -61,7 +69,7 @@ class RemoteCopy:
 
     def _send(self, src_b: StorageBackend, vol: VolumeRef, pool: str, dst_vol: VolumeRef,
               name: str, parent: str | None, how: str, compress: str, drop_after: bool,
-              result: CopyResult) -> None:
+              result: CopyResult, first: bool = False) -> None:
         snaps = {s.name: s for s in src_b.list_snapshots(vol)}
         stream = src_b.send(snaps[name], snaps[parent] if parent else None, how)
         meter = ProgressMeter(self.progress, f"{vol.name}@{name}", stream.size_hint)
@@ -69,14 +77,23 @@ class RemoteCopy:
             reply = self.t.request("receive", {
                 "pool": pool, "volume": {"type": dst_vol.type, "name": dst_vol.name},
                 "snapshot": name, "parent": parent, "how": how, "compress": compress,
-                "drop_after": drop_after}, stream=stream, compress=compress, meter=meter)
+                "drop_after": drop_after, "first": first}, stream=stream, compress=compress,
+                meter=meter)
         finally:
             stream.kill()
         result.bytes += int(reply.get("wire", 0))
 
     def copy(self, source: str, target: str, pool: str | None = None,
              instance_only: bool = False, refresh: bool = False,
-             allow_inconsistent: bool = False, keep_base: bool = False) -> CopyResult:
+             allow_inconsistent: bool = False, keep_base: bool = False,
+             op: Operation | None = None) -> CopyResult:
+        """Push ``source`` to ``target`` on the transport's host (journaled unless ``op``
+        is the operation of an enclosing move)."""
+        if op is None:
+            with journaled(self.cts.state, "copy-remote", container=source,
+                           host=self.t.name, target=target) as own:
+                return self.copy(source, target, pool, instance_only, refresh,
+                                 allow_inconsistent, keep_base, own)
         t0 = time.monotonic()
         src = self.cts.get(source)
         dst_name = ContainerName(target)
@@ -112,21 +129,26 @@ class RemoteCopy:
             plan.send, plan.skipped = [], []
         result = CopyResult(src.name, f"{self.t.name}:{dst_name}", rpool["name"],
                             f"{plan.how}+{compress}", notes=list(plan.notes),
-                            snapshots_skipped=list(plan.skipped))
+                            snapshots_skipped=list(plan.skipped), operation=op.id)
+        op.stage("send", pool=rpool["name"], method=plan.how, compress=compress,
+                 target_existed=bool(state["exists"]))
         by_name = {s.name: s for s in src_snaps}
         try:
             with consistent_snapshot(self.cts, src, src_b, vol, result.notes,
                                      keep=keep_base) as final:
                 parent = plan.base if plan.how in NATIVE_TYPES else None
+                first = not state["exists"]
                 for name in plan.send:
                     self._send(src_b, vol, rpool["name"], dst_vol, name, parent, plan.how,
-                               compress, False, result)
+                               compress, False, result, first)
+                    first = False
                     result.snapshots_added.append(name)
                     if plan.how in NATIVE_TYPES:
                         parent = name
                 self._send(src_b, vol, rpool["name"], dst_vol, final, parent, plan.how,
-                           compress, not keep_base, result)
+                           compress, not keep_base, result, first)
                 self.base = final
+                op.stage("commit")
                 rec = self.t.request("commit_container", {
                     "name": dst_name, "pool": rpool["name"], "image": src.image,
                     "ipv4": src.ipv4,
@@ -138,8 +160,12 @@ class RemoteCopy:
                                   for n in result.snapshots_added],
                 })
         except BaseException:
-            with contextlib.suppress(MigratorError):
-                self.t.request("abort_container", {"name": dst_name, "pool": rpool["name"]})
+            if not state["exists"] or "commit" not in op.rec.stages:
+                try:
+                    self.t.request("abort_container", {"name": dst_name,
+                                                       "pool": rpool["name"]})
+                except MigratorError:
+                    op.note(undo_incomplete=True)  # `migrate recover` finishes the undo
             raise
         result.notes.append(f"address on {self.t.name}: {rec['ipv4']}")
         result.seconds = time.monotonic() - t0
@@ -153,18 +179,29 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
     Until the container runs on the target, a failure leaves it running here (restarted if
     it had been stopped) and the target's partial copy removed.
     """
-    t0 = time.monotonic()
     rec = cts.get(name)
     status = cts.lxc.state(rec.name)
     if status == "FROZEN":
         raise InvalidState(f"{rec.name!r} is frozen", f"`migrate unfreeze {rec.name}` first")
-    running = status == "RUNNING"
+    if rec.config.get("security.protection.delete") == "true":
+        raise Protected(f"{rec.name!r} is protected from deletion, which a move ends with",
+                        f"`migrate config unset {rec.name} security.protection.delete` first")
+    with journaled(cts.state, "move-remote", container=rec.name, host=transport.name,
+                   was_running=status == "RUNNING") as op:
+        return _move_to_host(cts, transport, rec, status == "RUNNING", pool, progress,
+                             compress, op)
+
+
+def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str | None,
+                  progress: Progress, compress: str, op: Operation) -> CopyResult:
+    t0 = time.monotonic()
     rc = RemoteCopy(cts, transport, progress, compress)
-    first = rc.copy(rec.name, rec.name, pool, keep_base=running)
+    first = rc.copy(rec.name, rec.name, pool, keep_base=running, op=op)
     result = first
     stopped_at = None
     try:
         if running:
+            op.stage("final-sync")
             stopped_at = time.monotonic()
             cts.lxc.stop(rec.name)
             src_b = cts.host.backend(rec.pool)
@@ -183,6 +220,7 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
             with contextlib.suppress(MigratorError):
                 transport.request("delete_snapshot", {"pool": first.pool, "volume": {
                     "type": "container", "name": rec.name}, "snapshot": base})
+        op.stage("start-remote")
         started = transport.request("start", {"name": rec.name})
         there = transport.request("container_state", {"name": rec.name})
         want = {s.name: s.uuid for s in cts.state.list_snapshots(rec.name)}
@@ -195,13 +233,16 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
                 "the source was kept and restarted; the target copy was removed")
         result.verified = f"running on {transport.name} with all {len(want)} snapshots"
     except BaseException:
-        with contextlib.suppress(MigratorError):
+        try:
             transport.request("delete_container", {"name": rec.name, "force": True})
+        except MigratorError:
+            op.note(undo_incomplete=True)
         if running and cts.lxc.state(rec.name) == "STOPPED":
             cts.start(rec.name)
         raise
     if stopped_at is not None:
         result.downtime = time.monotonic() - stopped_at
+    op.stage("delete-source")
     cts.delete(rec.name, force=True)
     result.seconds = time.monotonic() - t0
     return result

@@ -109,6 +109,21 @@ class SnapshotRecord:
 
 
 @dataclass
+class OperationRecord:
+    """A journaled multi-step operation: what it is doing, so an interrupted one can be
+    rolled back or resumed (``migrate recover``)."""
+
+    id: str
+    kind: str
+    status: str  # running, done, rolled-back, failed, recovered
+    stages: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass
 class HostRecord:
     """Another host: where its sshd listens, whom to log in as, and its state root there."""
 
@@ -352,6 +367,41 @@ class StateStore:
                 raise AlreadyExists(f"container {new!r} already exists") from e
             self.db.execute("UPDATE snapshots SET container=? WHERE container=?", (new, old))
             self.db.execute("UPDATE attachments SET container=? WHERE container=?", (new, old))
+
+    # operations -------------------------------------------------------------------------
+    def add_operation(self, rec: OperationRecord) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO operations(id, kind, status, stages, detail, error, created, updated) "
+            "VALUES(?,?,?,?,?,?,?,?)",
+            (rec.id, rec.kind, rec.status, json.dumps(rec.stages), json.dumps(rec.detail),
+             rec.error, now, now),
+        )
+
+    def update_operation(self, rec: OperationRecord) -> None:
+        self.db.execute(
+            "UPDATE operations SET status=?, stages=?, detail=?, error=?, updated=? WHERE id=?",
+            (rec.status, json.dumps(rec.stages), json.dumps(rec.detail), rec.error,
+             time.time(), rec.id),
+        )
+
+    def _operation(self, r: sqlite3.Row) -> OperationRecord:
+        return OperationRecord(r["id"], r["kind"], r["status"], json.loads(r["stages"]),
+                               json.loads(r["detail"]), r["error"], r["created"], r["updated"])
+
+    def get_operation(self, op_id: str) -> OperationRecord:
+        rows = self.db.execute("SELECT * FROM operations WHERE id LIKE ? || '%'",
+                               (op_id,)).fetchall()
+        if len(rows) != 1:
+            raise NotFound(f"operation {op_id!r} not found" if not rows else
+                           f"operation id {op_id!r} is ambiguous", "see `migrate operations`")
+        return self._operation(rows[0])
+
+    def list_operations(self, status: str | None = None) -> list[OperationRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM operations WHERE (? IS NULL OR status=?) ORDER BY created",
+            (status, status)).fetchall()
+        return [self._operation(r) for r in rows]
 
     # hosts ------------------------------------------------------------------------------
     def add_host(self, rec: HostRecord) -> None:

@@ -215,7 +215,7 @@ def test_move_with_receiver_killed_mid_stream(make_host, victim) -> None:  # typ
     assert signature(rootfs(th, "k")) == sig
 
 
-def test_interrupted_move_is_rolled_back_by_the_next_run(make_host) -> None:  # type: ignore[no-untyped-def]
+def test_interrupted_move_is_recovered(make_host) -> None:  # type: ignore[no-untyped-def]
     th = make_host()
     th.cts.create("busybox", "i", "dir")
     with open(rootfs(th, "i") / "blob", "wb") as f:
@@ -229,10 +229,19 @@ def test_interrupted_move_is_rolled_back_by_the_next_run(make_host) -> None:  # 
     p.communicate(timeout=60)
     subprocess.run(["pkill", "-KILL", "-f", f"rsync.*{th.root}"], check=False)
     _assert_intact(th, "i", "dir", sig)
-    r = move_container(th.cts, "i", "btrfs")
-    assert any("unfinished" in n for n in r.notes), r.notes
+    ops = json.loads(th.cli("operations", "--format", "json", check=True).stdout)
+    assert [(o["kind"], o["status"], o["stage"]) for o in ops] == [
+        ("move", "interrupted", "copy")]
+    r = th.cli("recover", check=True)
+    assert "rolled back" in r.stderr, r.stderr
+    assert not th.host.backend("btrfs").volume_exists(th.cts.volume(th.cts.get("i")))
+    assert json.loads(th.cli("operations", "--format", "json", check=True).stdout) == []
+    r2 = move_container(th.cts, "i", "btrfs")
+    assert not any("unfinished" in n for n in r2.notes), r2.notes
     assert signature(rootfs(th, "i")) == sig
     assert [s.name for s in th.cts.snapshot_list("i")] == ["s0"]
+    done = json.loads(th.cli("operations", "--all", "--format", "json", check=True).stdout)
+    assert [o["status"] for o in done] == ["recovered", "done"]
 
 
 def _migrate(th) -> list[str]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,128 @@
+"""``migrate recover``: finish or undo operations whose process died part-way.
+
+The journal says how far an operation got (``runtime.operations``). Before its switch-over
+point (a local move's ``switch``, a remote move's ``start-remote``) the operation is rolled
+back: the target's partial copy is removed, temporary snapshots are dropped, and a
+container that was running is started again where it was. After that point it is
+completed: the target is already the container, so only the old copy is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from migrator.backends import VolumeRef
+from migrator.copy import clean_stale_temp_snapshots
+from migrator.errors import InvalidState, MigratorError
+from runtime.operations import owner_alive
+from runtime.state import OperationRecord
+
+
+def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+    """Roll back or complete ``op``; returns a sentence saying which."""
+    if op.status not in ("running", "failed"):
+        raise InvalidState(f"operation {op.id} is {op.status}, nothing to recover")
+    if op.status == "running" and owner_alive(op):
+        raise InvalidState(f"operation {op.id} is still running (pid {op.detail['pid']})",
+                           "wait for it, or stop that process first")
+    handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
+               "move-remote": _move_remote}.get(op.kind)
+    if handler is None:
+        raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
+    outcome = handler(cts, op, transport_for)
+    op.status = "recovered"
+    op.error = (op.error + "; " if op.error else "") + outcome
+    with cts.state.transaction():
+        cts.state.update_operation(op)
+    return outcome
+
+
+def _restart(cts: Any, name: str, was_running: bool) -> str:
+    if was_running and cts.state.has_container(name) and cts.lxc.state(name) == "STOPPED":
+        cts.start(name)
+        return f"; {name} started again"
+    return ""
+
+
+def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    name, src, dst = op.detail["container"], op.detail["from_pool"], op.detail["to_pool"]
+    vol = VolumeRef("container", name)
+    rec = cts.state.get_container(name)
+    if rec.pool == src:  # not switched: the source is the container
+        b = cts.host.backend(dst)
+        if b.volume_exists(vol) or b.list_snapshots(vol):
+            b.delete_volume(vol)
+        clean_stale_temp_snapshots(cts.host.backend(src), vol)
+        return f"rolled back: {name} stays on {src}, the partial copy on {dst} was removed" + \
+            _restart(cts, name, op.detail.get("was_running", False))
+    b = cts.host.backend(src)  # switched: finish by removing the old copy
+    if b.volume_exists(vol) or b.list_snapshots(vol):
+        b.delete_volume(vol)
+    clean_stale_temp_snapshots(cts.host.backend(dst), vol)
+    return f"completed: {name} is on {dst}, the old copy on {src} was removed" + \
+        _restart(cts, name, op.detail.get("was_running", False))
+
+
+def _copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    target, pool = op.detail["target"], op.detail["pool"]
+    vol = VolumeRef("container", target)
+    src_name = op.detail["container"]
+    if cts.state.has_container(src_name):
+        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(src_name).pool),
+                                   VolumeRef("container", src_name))
+    if cts.state.has_container(target):
+        b = cts.host.backend(pool)
+        dropped = clean_stale_temp_snapshots(b, vol)
+        known = {s.name for s in cts.state.list_snapshots(target)}
+        from migrator.names import SnapshotName
+
+        extra = [s.name for s in b.list_snapshots(vol) if s.name not in known]
+        for s in extra:
+            b.delete_snapshot(vol, SnapshotName(s))
+        return (f"rolled back: {target} kept as it was before the refresh "
+                f"({len(dropped) + len(extra)} unrecorded snapshot(s) removed)")
+    b = cts.host.backend(pool)
+    if b.volume_exists(vol) or b.list_snapshots(vol):
+        b.delete_volume(vol)
+    return f"rolled back: the partial copy {target} on {pool} was removed"
+
+
+def _copy_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+    host, target = op.detail["host"], op.detail["target"]
+    src_name = op.detail["container"]
+    if cts.state.has_container(src_name):
+        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(src_name).pool),
+                                   VolumeRef("container", src_name))
+    if "commit" in op.stages and not op.detail.get("target_existed"):
+        return f"nothing to undo: {target} was committed on {host}"
+    if "send" not in op.stages:
+        return "nothing had been sent"
+    with transport_for(host) as t:
+        t.request("abort_container", {"name": target, "pool": op.detail["pool"]})
+    return f"rolled back: the partial copy of {target} on {host} was removed"
+
+
+def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+    host, name = op.detail["host"], op.detail["container"]
+    was_running = bool(op.detail.get("was_running"))
+    with transport_for(host) as t:
+        there = t.request("container_state", {"name": name})
+        if "start-remote" in op.stages and there.get("exists") and \
+                there.get("status") == "RUNNING":
+            if cts.state.has_container(name):
+                cts.delete(name, force=True)
+            return f"completed: {name} runs on {host}; the copy here was removed"
+        if "send" not in op.stages:
+            pass  # nothing was sent: the target never existed (the copy checks that first)
+        elif there.get("exists") and there.get("pool") == op.detail.get("pool"):
+            t.request("delete_container", {"name": name, "force": True})
+        else:
+            with contextlib.suppress(MigratorError):
+                t.request("abort_container", {"name": name, "pool": op.detail["pool"]})
+    if cts.state.has_container(name):
+        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(name).pool),
+                                   VolumeRef("container", name))
+    return f"rolled back: {name} stays here, the copy on {host} was removed" + \
+        _restart(cts, name, was_running)
