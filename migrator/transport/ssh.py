@@ -167,7 +167,7 @@ class SshTransport:
     def _early_reply(chan: Any) -> dict[str, Any] | None:
         try:
             reply = read_json(chan.recv)
-        except (ProtocolError, OSError):
+        except (ProtocolError, OSError, EOFError):
             return None
         return reply if not reply.get("ok") else None
 
@@ -185,7 +185,11 @@ class SshTransport:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise errors.NetworkError(f"the connection to {self.name} is closed")
-        chan = transport.open_session(timeout=self.timeout)
+        try:
+            chan = transport.open_session(timeout=self.timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise errors.NetworkError(f"cannot open a channel to {self.name}: {e}",
+                                      "the connection dropped; retry") from e
         try:
             chan.exec_command(shlex.join(self.agent_argv()))
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
@@ -193,7 +197,7 @@ class SshTransport:
                 try:
                     self.last_raw, self.last_wire = send_frames(stream, chan.sendall,
                                                                 compress, meter)
-                except OSError as e:
+                except (OSError, EOFError) as e:
                     # the agent stopped reading: its reply (an error) says why
                     reply = self._early_reply(chan)
                     if reply is None:
@@ -215,9 +219,11 @@ class SshTransport:
                     f"{self.name} closed the channel during {op!r}: {e.message}",
                     "the agent or the link died; the source is untouched, retry when "
                     "the link is back") from e
-        except OSError as e:
-            raise errors.NetworkError(f"the connection to {self.name} broke during {op!r}: "
-                                      f"{e}", "retry when the link is back") from e
+        except (OSError, EOFError) as e:
+            raise errors.NetworkError(
+                f"the connection to {self.name} broke during {op!r}: {e or type(e).__name__}",
+                "the source is untouched; `migrate recover` cleans up the far side once it is "
+                "reachable, then retry") from e
         except paramiko.SSHException as e:
             raise errors.NetworkError(f"SSH error talking to {self.name}: {e}") from e
         finally:
