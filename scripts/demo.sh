@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 ROOT=/var/tmp/migrator-demo/host-a
 m() { echo "+ migrate $*" >&2; migrate --root "$ROOT" "$@"; }
-cleanup() { migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true; }
+HOSTS=/var/tmp/migrator-demo/hosts
+cleanup() {
+  migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true
+  python -m runtime.testhosts down --base "$HOSTS" >/dev/null 2>&1 || true
+}
 trap cleanup EXIT
 cleanup
 
@@ -42,4 +46,28 @@ m move web-2 --pool default --verify
 m list
 m list --format json > /dev/null
 m pool list
+
+# Two hosts on this machine (network namespaces on a private TEST-NET link, each with its
+# own sshd): host a pushes a container to host b over SSH, refreshes it, then moves a
+# running one (stateless: live copy, stop, final delta, start there).
+echo "+ python -m runtime.testhosts up --base $HOSTS --prefix md" >&2
+python -m runtime.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs >&2
+A="$HOSTS/a/root"; B="$HOSTS/b/root"
+a() { echo "+ [host a] migrate $*" >&2; migrate --root "$A" "$@"; }
+b() { echo "+ [host b] migrate $*" >&2; migrate --root "$B" "$@"; }
+mkdir -p "$A/ssh" && cp "$HOSTS/client/known_hosts" "$A/ssh/known_hosts"
+a host add host-b 198.51.100.11 --key "$HOSTS/client/id_ed25519" --remote-root "$B" \
+  --command "$PWD/.venv/bin/migrate"
+a host check host-b --probe-mib 64
+a launch busybox app -p btrfs
+a exec app -- sh -c 'echo "state from host a" > /root/state'
+a snapshot create app s0
+a copy app host-b:app-copy -p btrfs
+a exec app -- sh -c 'echo "newer state" > /root/state'
+a snapshot create app s1
+a copy app host-b:app-copy --refresh
+a move app host-b -p zfs
+b list
+b exec app -- cat /root/state
+a operations --all
 echo "demo OK" >&2
