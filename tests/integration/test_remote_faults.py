@@ -1,4 +1,5 @@
-"""Faults between hosts: the agent killed, the SSH connection cut, the client killed.
+"""Faults between hosts (the agent killed, the SSH connection cut, the client killed) and
+a stateless move of a running Debian container.
 
 Each must end with a clear error, the source container intact and running as before, the
 target cleaned up (at once, or by `migrate recover` when the link itself was gone), and a
@@ -37,8 +38,8 @@ def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: i
         pytest.skip(msg)
     testhosts.down(BASE, PREFIX)
     try:
-        a, b = testhosts.up(("a", "b"), BASE, pools=("btrfs",), images=("busybox",),
-                            prefix=PREFIX)
+        a, b = testhosts.up(("a", "b"), BASE, pools=("btrfs", "dir"),
+                            images=("busybox", "debian/bookworm"), prefix=PREFIX)
         (a.root / "ssh").mkdir(exist_ok=True)
         shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
         m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
@@ -162,3 +163,29 @@ def test_client_killed_mid_move_is_recovered(fat) -> None:  # type: ignore[no-un
     m(a, "move", "fat", "b", "-p", "btrfs")
     _rc, out, _e = m(a, "list", "--format", "json")
     assert json.loads(out) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dst_pool", ["btrfs", "dir"])
+def test_debian_stateless_move_keeps_data_address_and_snapshots(pair, dst_pool) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    m(a, "launch", "debian/bookworm", "deb", "-p", "btrfs", "--wait")
+    try:
+        m(a, "exec", "deb", "--", "sh", "-c", "echo kept > /root/marker")
+        m(a, "snapshot", "create", "deb", "s0")
+        _rc, out, _e = m(a, "info", "deb", "--format", "json")
+        ip = json.loads(out)["ipv4"]
+        _rc, out, _e = m(a, "move", "deb", "b", "-p", dst_pool, "--format", "json")
+        res = json.loads(out)
+        assert res["downtime"] is not None and "running on b" in res["verified"]
+        _rc, out, _e = m(b, "info", "deb", "--format", "json")
+        info = json.loads(out)
+        assert (info["state"], info["ipv4"], info["snapshots"]) == ("RUNNING", ip, ["s0"])
+        _rc, out, _e = m(b, "exec", "deb", "--", "systemctl", "is-system-running", "--wait",
+                         check=False)
+        assert out.strip() == "running", out
+        _rc, out, _e = m(b, "exec", "deb", "--", "cat", "/root/marker")
+        assert out.strip() == "kept"
+    finally:
+        for spec in (a, b):
+            m(spec, "delete", "--force", "deb", check=False)
