@@ -207,8 +207,8 @@ class SshTransport:
             try:
                 reply = read_json(chan.recv)
             except ProtocolError as e:
-                status = chan.recv_exit_status() if chan.exit_status_ready() or \
-                    chan.closed else None
+                # the exit status may arrive just after the EOF: give it a moment
+                status = chan.exit_status if chan.status_event.wait(5) else None
                 if status == 127:
                     raise errors.MissingDependency(
                         f"the migrate program is not installed on {self.name} "
