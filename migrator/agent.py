@@ -38,6 +38,21 @@ def _criu_version() -> str | None:
     return first[0].removeprefix("Version: ").strip() if first else None
 
 
+CRIU_FEATURES = {"uffd": "lazy pages (post-copy)", "uffd-noncoop": "lazy pages, forks",
+                 "mem_dirty_track": "pre-dump (iterative)"}
+
+
+def _criu_features() -> dict[str, bool]:
+    """What ``criu check --feature`` says of the features live migration negotiates."""
+    path = shutil.which("criu") or "/usr/sbin/criu"
+    if not shutil.which(path):
+        return {}
+    from migrator import proc
+
+    return {f: proc.run([path, "check", "--feature", f], check=False, timeout=30).returncode
+            == 0 for f in CRIU_FEATURES}
+
+
 class Agent:
     """Serves requests against this host's state root."""
 
@@ -56,6 +71,7 @@ class Agent:
                           "free": u.total - u.used})
         return {"version": VERSION, "protocol": PROTOCOL, "pools": pools,
                 "compressors": list(COMPRESSORS), "criu": _criu_version(),
+                "criu_features": _criu_features() if req.get("criu_features") else None,
                 "network": str(self.host.network_config().address)}
 
     def container_state(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:

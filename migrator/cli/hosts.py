@@ -168,10 +168,10 @@ def host_check(
     compressors, CRIU, and the link's throughput through the agent."""
     from migrator.agent import Agent
 
-    local = Agent(_ctx().containers).hello({}, lambda n: b"")
+    local = Agent(_ctx().containers).hello({"criu_features": True}, lambda n: b"")
     with transport_for(name) as t:
         t0 = time.monotonic()
-        remote = t.request("hello")
+        remote = t.request("hello", {"criu_features": True})
         rtt = time.monotonic() - t0
         rate = None
         if probe_mib:
@@ -186,6 +186,10 @@ def host_check(
     for side, d in (("local", local), (name, remote)):
         typer.echo(f"{side}: migrator {d['version']} (protocol {d['protocol']}), "
                    f"criu {d.get('criu') or 'missing'}, compressors {','.join(d['compressors'])}")
+        feats = d.get("criu_features") or {}
+        if feats:
+            typer.echo("  criu features: " + ", ".join(
+                f"{k} {'yes' if v else 'no'}" for k, v in feats.items()))
         for p in d["pools"]:
             typer.echo(f"  pool {p['name']} ({p['driver']}): {','.join(p['types'])}, "
                        f"{human_size(p['free'])} free")

@@ -132,6 +132,7 @@ def test_unknown_host_key_is_refused_with_fingerprint(pair) -> None:  # type: ig
         m(a, "host", "trust", "stranger")
         rc, out, err = m(a, "host", "check", "stranger", "--probe-mib", "8")
         assert "upload" in out and "pool zfs (zfs): zfs" in out
+        assert "criu features: uffd " in out  # what live migration will negotiate
     finally:
         m(a, "host", "remove", "stranger")
 
