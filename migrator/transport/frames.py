@@ -5,7 +5,9 @@ A frame is one type byte, a 4-byte big-endian length, then the payload:
 - ``J`` a JSON control message (requests, results, errors); at most 1 MiB;
 - ``D`` binary data (a slice of a volume stream, possibly zstd-compressed); at most 4 MiB;
 - ``E`` end of data, payload = JSON trailer with the byte count the sender produced, so a
-  stream cut short (a dropped link, a killed sender) is detected, never taken for the end.
+  stream cut short (a dropped link, a killed sender) is detected, never taken for the end;
+- ``L`` a fast data link offer (JSON, see ``link.py``): only as the first frame of a data
+  stream; the frames that follow come over that link if the receiver can make it.
 
 Each request runs on its own SSH channel, so several logical streams (control, fs, state)
 share one connection without interleaving. Lengths are checked before anything is read.
@@ -20,18 +22,20 @@ from typing import Any
 
 from migrator.errors import NetworkError
 
-JSON, DATA, END = b"J", b"D", b"E"
+JSON, DATA, END, LINK = b"J", b"D", b"E", b"L"
 MAX_JSON = 1 << 20
 MAX_DATA = 4 << 20
 _HEADER = struct.Struct(">cI")
+HEADER_SIZE = _HEADER.size
 
 
 class ProtocolError(NetworkError):
     """The peer sent something that is not a valid frame (or the link was cut mid-frame)."""
 
 
-Writer = Callable[[bytes], Any]
-Reader = Callable[[int], bytes]
+Writer = Callable[[bytes], Any]  # control messages
+DataWriter = Callable[[bytes | memoryview], Any]  # data frames (sent without a copy)
+Reader = Callable[[int], bytes | memoryview]
 
 
 def pack(kind: bytes, payload: bytes) -> bytes:
@@ -46,6 +50,10 @@ def write_end(write: Writer, trailer: dict[str, Any]) -> None:
     write(pack(END, json.dumps(trailer).encode()))
 
 
+def write_link(write: Writer, offer: dict[str, Any]) -> None:
+    write(pack(LINK, json.dumps(offer, separators=(",", ":")).encode()))
+
+
 def read_exactly(read: Reader, n: int) -> bytes:
     parts = []
     while n:
@@ -58,13 +66,24 @@ def read_exactly(read: Reader, n: int) -> bytes:
     return b"".join(parts)
 
 
-def read_frame(read: Reader) -> tuple[bytes, bytes]:
+def read_header(read: Reader) -> tuple[bytes, int]:
+    """A frame's type and payload length, both checked; the payload is left to read."""
     kind, length = _HEADER.unpack(read_exactly(read, _HEADER.size))
-    if kind not in (JSON, DATA, END):
+    if kind not in (JSON, DATA, END, LINK):
         raise ProtocolError(f"unknown frame type {kind!r}")
     limit = MAX_DATA if kind == DATA else MAX_JSON
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit")
+    return kind, length
+
+
+def pack_header_into(buf: bytearray | memoryview, kind: bytes, length: int) -> None:
+    """Write a frame header into the first ``HEADER_SIZE`` bytes of ``buf``."""
+    _HEADER.pack_into(buf, 0, kind, length)
+
+
+def read_frame(read: Reader) -> tuple[bytes, bytes]:
+    kind, length = read_header(read)
     return kind, read_exactly(read, length)
 
 

@@ -7,12 +7,21 @@ connection gets keepalives and bigger windows than paramiko's default (2 MiB), w
 limit throughput on fast links. Each request runs ``migrate --root R agent`` on its own
 exec channel; the argv is quoted with ``shlex.join`` because sshd hands exec requests to
 the login shell, and the agent validates everything it receives again.
+
+Throughput: AES-GCM is preferred (no separate HMAC pass; ~20% more throughput in paramiko
+than aes128-ctr + hmac-sha2-256 here). Even so an upload through paramiko is bound by the
+Python work per SSH packet (sshd allows 32 KiB per packet on a session channel): about
+200 MB/s on one core here, against about 250-300 MB/s for OpenSSH's own client. With
+``fast_link=True`` the upload's frames go over a direct TCP connection instead, offered,
+keyed and authenticated through the channel and sealed with AES-256-GCM in records of up to
+4 MiB (``link.py``); when that connection cannot be made the channel carries them.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import shlex
 import socket
 from pathlib import Path
@@ -23,13 +32,18 @@ import paramiko
 from migrator import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
-from migrator.transport.frames import ProtocolError, read_json, write_json
+from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
+
+log = logging.getLogger(__name__)
 
 PROTOCOL = 1
 WINDOW = 64 << 20
 MAX_PACKET = 32768
 KEEPALIVE = 15
 CONNECT_TIMEOUT = 15.0
+# tried first when the server offers them (paramiko's own order starts with aes*-ctr)
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+EARLY_REPLY_WAIT = 30.0  # seconds for the agent's error after the fast link broke
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -59,7 +73,7 @@ class SshTransport:
                  key: str | None = None, remote_root: str | None = None,
                  command: str | None = None, known_hosts: Path | None = None,
                  netns: str | None = None, accept_host_key: bool = False,
-                 timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = CONNECT_TIMEOUT, fast_link: bool = False) -> None:
         self.name = name
         self.address, self.port, self.user, self.key = address, port, user, key
         self.remote_root = remote_root
@@ -68,6 +82,9 @@ class SshTransport:
         self.netns = netns
         self.accept_host_key = accept_host_key
         self.timeout = timeout
+        self.fast_link = fast_link  # uploads over a direct TCP link (link.py), opt-in
+        self.link_failed = ""  # why that link could not be made (then not tried again)
+        self.last_link = ""  # what carried the last upload: "channel" or "tcp"
         self.client: paramiko.SSHClient | None = None
         self.last_raw = self.last_wire = 0  # bytes of the last upload: produced, on the wire
 
@@ -97,8 +114,13 @@ class SshTransport:
         sock = self._socket()
 
         def transport_factory(s: Any, **kw: Any) -> paramiko.Transport:
-            return paramiko.Transport(s, default_window_size=WINDOW,
-                                      default_max_packet_size=MAX_PACKET, **kw)
+            t = paramiko.Transport(s, default_window_size=WINDOW,
+                                   default_max_packet_size=MAX_PACKET, **kw)
+            opts = t.get_security_options()
+            have = tuple(opts.ciphers)
+            opts.ciphers = tuple(c for c in CIPHERS if c in have) + \
+                tuple(c for c in have if c not in CIPHERS)
+            return t
 
         try:
             client.connect(
@@ -171,6 +193,31 @@ class SshTransport:
             return None
         return reply if not reply.get("ok") else None
 
+    def _offer_link(self, transport: paramiko.Transport, chan: Any) -> Any:
+        """Offer the agent a fast data link (``link.py``): the link, or None, and then the
+        frames go on the channel. A host that does not connect back is not asked again."""
+        if self.link_failed:
+            return None
+        from migrator.transport.link import ACCEPT_WAIT, LinkOffer
+
+        try:  # on the address the SSH connection leaves from: the host can reach it
+            offer = LinkOffer(transport.sock.getsockname()[0], self.netns)
+        except OSError as e:
+            self.link_failed = f"cannot listen for the data link: {e}"
+            log.warning("%s: %s; using the SSH channel", self.name, self.link_failed)
+            return None
+        try:
+            write_link(chan.sendall, offer.describe())
+            link = offer.accept(ACCEPT_WAIT, give_up=lambda: chan.recv_ready() or
+                                chan.exit_status_ready() or chan.closed)
+        finally:
+            offer.close()
+        if link is None and not (chan.recv_ready() or chan.exit_status_ready()):
+            self.link_failed = (f"{self.name} did not connect back to "
+                                f"{offer.address}:{offer.port} within {ACCEPT_WAIT:.0f}s")
+            log.warning("%s; using the SSH channel", self.link_failed)
+        return link
+
     def agent_argv(self) -> list[str]:
         argv = [*shlex.split(self.command)]
         if self.remote_root:
@@ -194,16 +241,23 @@ class SshTransport:
             chan.exec_command(shlex.join(self.agent_argv()))
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
             if stream is not None:
+                link = self._offer_link(transport, chan) if self.fast_link else None
+                self.last_link = "channel" if link is None else "tcp"
                 try:
-                    self.last_raw, self.last_wire = send_frames(stream, chan.sendall,
-                                                                compress, meter)
+                    self.last_raw, self.last_wire = send_frames(
+                        stream, chan.sendall if link is None else link, compress, meter)
                 except (OSError, EOFError) as e:
                     # the agent stopped reading: its reply (an error) says why
+                    if link is not None:  # the channel is still open: do not wait forever
+                        chan.settimeout(EARLY_REPLY_WAIT)
                     reply = self._early_reply(chan)
                     if reply is None:
                         raise
                     stream.kill()
                     raise remote_error(self.name, reply.get("error") or {}) from e
+                finally:
+                    if link is not None:
+                        link.close()
             try:
                 reply = read_json(chan.recv)
             except ProtocolError as e:
