@@ -6,6 +6,7 @@ state root and dir/btrfs/zfs pools. Host a's CLI pushes to host b through ``migr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,22 +27,29 @@ AGENT = f"{sys.executable} -m migrator.cli.main"
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
 
 
-@pytest.fixture(scope="module")
-def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def host_pair(base: Path, prefix: str, pools: tuple[str, ...],
+              images: tuple[str, ...]) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:
+    """Two test hosts a and b (own sshd each), torn down after, asserting nothing is left."""
     if os.geteuid() != 0 or shutil.which("/usr/sbin/sshd") is None:
         msg = "remote tests need root and sshd (run `make setup`)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
-    testhosts.down(BASE, PREFIX)
+    testhosts.down(base, prefix)
     try:
-        a, b = testhosts.up(("a", "b"), BASE, pools=("dir", "btrfs", "zfs"),
-                            images=("busybox",), prefix=PREFIX)
+        a, b = testhosts.up(("a", "b"), base, pools=pools, images=images, prefix=prefix)
         yield a, b
     finally:
-        problems = testhosts.down(BASE, PREFIX)
+        problems = testhosts.down(base, prefix)
         assert not problems, problems
-        assert testhosts.leftovers(BASE, PREFIX) == []
+        assert testhosts.leftovers(base, prefix) == []
+
+
+@pytest.fixture(scope="module")
+def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
+    with host_pair(BASE, PREFIX, ("dir", "btrfs", "zfs"), ("busybox",)) as hosts:
+        yield hosts
 
 
 def m(spec: TestHostSpec, *args: str, check: bool = True) -> tuple[int, str, str]:

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import testhosts
 from runtime.testhosts import TestHostSpec
-from tests.conftest import IN_CI
-from tests.integration.test_remote import AGENT, MIGRATE, m, rootfs
+from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
 
 BASE = Path("/var/tmp/migrator-tests/remote-faults")
 PREFIX = "mt4"
@@ -31,24 +29,12 @@ PREFIX = "mt4"
 
 @pytest.fixture(scope="module")
 def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0 or shutil.which("/usr/sbin/sshd") is None:
-        msg = "remote tests need root and sshd (run `make setup`)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    testhosts.down(BASE, PREFIX)
-    try:
-        a, b = testhosts.up(("a", "b"), BASE, pools=("btrfs", "dir"),
-                            images=("busybox", "debian/bookworm"), prefix=PREFIX)
+    with host_pair(BASE, PREFIX, ("btrfs", "dir"), ("busybox", "debian/bookworm")) as (a, b):
         (a.root / "ssh").mkdir(exist_ok=True)
         shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
         m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
           str(b.root), "--command", AGENT)
         yield a, b
-    finally:
-        problems = testhosts.down(BASE, PREFIX)
-        assert not problems, problems
-        assert testhosts.leftovers(BASE, PREFIX) == []
 
 
 @pytest.fixture
