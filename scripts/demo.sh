@@ -10,8 +10,16 @@ ROOT=/var/tmp/migrator-demo/host-a
 m() { echo "+ migrate $*" >&2; migrate --root "$ROOT" "$@"; }
 HOSTS=/var/tmp/migrator-demo/hosts
 cleanup() {
-  migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true
+  # the two-host part first: its running containers hold copies of host-a's zfs-fuse
+  # mounts, which would keep host-a's zpool from being exported
   python -m runtime.testhosts down --base "$HOSTS" >/dev/null 2>&1 || true
+  migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true
+  # a zpool whose disk was under the demo root and is still imported (a killed run)
+  for p in $(zpool list -H -o name 2>/dev/null); do
+    if zpool status "$p" 2>/dev/null | grep -q " /var/tmp/migrator-demo/"; then
+      zpool destroy -f "$p" >/dev/null 2>&1 || true
+    fi
+  done
 }
 trap cleanup EXIT
 cleanup
