@@ -19,6 +19,7 @@ from typing import Any
 
 from migrator import errors
 from migrator.backends import VolumeRef
+from migrator.copy import undo_partial_target
 from migrator.names import ContainerName, PoolName, SnapshotName
 from migrator.transport.datapath import COMPRESSORS, FrameStream
 from migrator.transport.frames import ProtocolError, Reader, Writer, read_json, write_json
@@ -99,11 +100,8 @@ class Agent:
         if how not in backend.migration_types() or how == "rsync":
             raise errors.InvalidInput(f"pool {pool!r} cannot receive a {how!r} stream")
         compress = str(req.get("compress", "none"))
-        if req.get("first") and vol.type == "container" and not (
-                self.state.has_container(vol.name)
-                and self.state.get_container(vol.name).pool == pool) and (
-                backend.volume_exists(vol) or backend.list_snapshots(vol)):
-            backend.delete_volume(vol)  # debris of an earlier transfer that was cut off
+        if req.get("first") and vol.type == "container":
+            undo_partial_target(self.cts, vol.name, pool)  # debris of a cut-off transfer
         stream = FrameStream(read, how, snap, parent, compress)
         try:
             backend.receive(vol, snap, stream, None)
@@ -153,22 +151,9 @@ class Agent:
     def abort_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Undo a failed transfer: the partial volume of an unrecorded container, or the
         snapshots a failed refresh added to a recorded one."""
-        name = ContainerName(req["name"])
-        pool = PoolName(req["pool"])
-        backend = self.host.backend(pool)
-        vol = VolumeRef("container", name)
-        owned = self.state.has_container(name) and self.state.get_container(name).pool == pool
-        if not owned:
-            if backend.volume_exists(vol) or backend.list_snapshots(vol):
-                backend.delete_volume(vol)
-            return {"removed": "volume"}
-        known = {s.name for s in self.state.list_snapshots(name)}
-        dropped = []
-        for s in backend.list_snapshots(vol):
-            if s.name not in known:
-                backend.delete_snapshot(vol, SnapshotName(s.name))
-                dropped.append(s.name)
-        return {"removed": dropped}
+        dropped = undo_partial_target(self.cts, ContainerName(req["name"]),
+                                      PoolName(req["pool"]))
+        return {"removed": "volume" if dropped is None else dropped}
 
     def sink(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Read a data stream and drop it (link throughput probe)."""

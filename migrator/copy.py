@@ -31,6 +31,7 @@ from migrator.transfer import (
 )
 from migrator.verify import verify_volume
 from runtime.containers import Containers, Stages
+from runtime.network import allocate_ipv4
 from runtime.operations import journaled
 from runtime.state import ContainerRecord, SnapshotRecord
 
@@ -64,6 +65,34 @@ def clean_stale_temp_snapshots(backend: StorageBackend, vol: VolumeRef) -> list[
     for name in stale:
         backend.delete_snapshot(vol, SnapshotName(name))
     return stale
+
+
+def remove_leftover(backend: StorageBackend, vol: VolumeRef) -> bool:
+    """Delete whatever of ``vol`` is on disk, volume and/or snapshots (an interrupted
+    receive can leave snapshots without the volume); True if there was anything."""
+    if backend.volume_exists(vol) or backend.list_snapshots(vol):
+        backend.delete_volume(vol)
+        return True
+    return False
+
+
+def undo_partial_target(cts: Containers, name: str, pool: str) -> list[str] | None:
+    """Undo an unfinished transfer into container ``name`` on ``pool`` of this host.
+
+    No record owns it there: the partial volume goes (returns None). A recorded container
+    (a refresh target) keeps its recorded snapshots and loses the others, temporary ones
+    included (returned).
+    """
+    backend = cts.host.backend(pool)
+    vol = VolumeRef("container", name)
+    if not (cts.state.has_container(name) and cts.state.get_container(name).pool == pool):
+        remove_leftover(backend, vol)
+        return None
+    known = {s.name for s in cts.state.list_snapshots(name)}
+    dropped = [s.name for s in backend.list_snapshots(vol) if s.name not in known]
+    for snap in dropped:
+        backend.delete_snapshot(vol, SnapshotName(snap))
+    return dropped
 
 
 @contextlib.contextmanager
@@ -157,8 +186,7 @@ def copy_container(
     src_vol, dst_vol = VolumeRef("container", src.name), VolumeRef("container", dst_name)
     result = CopyResult(src.name, dst_name, dst_pool, "")
     clean_stale_temp_snapshots(src_b, src_vol)
-    if dst_rec is None and dst_b.volume_exists(dst_vol):
-        dst_b.delete_volume(dst_vol)  # debris of an interrupted copy: no record owns it
+    if dst_rec is None and remove_leftover(dst_b, dst_vol):  # no record owns it: debris
         result.notes.append(f"removed an unfinished copy of {dst_name} left on {dst_pool}")
     elif dst_rec is not None:
         clean_stale_temp_snapshots(dst_b, dst_vol)
@@ -221,8 +249,6 @@ def copy_container(
         with state.transaction():
             conf = _copyable_config(src.config)
             if dst_rec is None:
-                from runtime.network import allocate_ipv4
-
                 ipv4 = allocate_ipv4(host.network_config(), state.used_ipv4())
                 new = ContainerRecord(dst_name, dst_pool, src.image, ipv4, conf)
                 state.add_container(new)
@@ -282,8 +308,7 @@ def move_container(
     vol = VolumeRef("container", rec.name)
     result = CopyResult(rec.name, rec.name, pool, "")
     clean_stale_temp_snapshots(src_b, vol)
-    if dst_b.volume_exists(vol):
-        dst_b.delete_volume(vol)  # debris of an interrupted move: the record is on rec.pool
+    if remove_leftover(dst_b, vol):  # debris of an interrupted move: the record is on rec.pool
         result.notes.append(f"removed an unfinished copy left on {pool} by an interrupted move")
     infos = [SnapInfo(s.name, s.uuid) for s in state.list_snapshots(rec.name)]
     how = negotiate(src_b.migration_types(), dst_b.migration_types())

@@ -67,6 +67,14 @@ class ImageAlias(str):
         return super().__new__(cls, value)
 
 
+def next_snapshot_name(existing: set[str]) -> SnapshotName:
+    """The first free ``snapN`` (the default name of a new snapshot, as in LXD)."""
+    i = 0
+    while f"snap{i}" in existing:
+        i += 1
+    return SnapshotName(f"snap{i}")
+
+
 def split_snapshot_ref(ref: str) -> tuple[ContainerName, SnapshotName | None]:
     """``web-1/snap0`` -> (web-1, snap0); ``web-1`` -> (web-1, None)."""
     if "/" in ref:

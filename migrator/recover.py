@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.copy import clean_stale_temp_snapshots
+from migrator.copy import clean_stale_temp_snapshots, remove_leftover, undo_partial_target
 from migrator.errors import InvalidState, MigratorError
 from runtime.operations import owner_alive
 from runtime.state import OperationRecord
@@ -46,20 +46,23 @@ def _restart(cts: Any, name: str, was_running: bool) -> str:
     return ""
 
 
+def _clean_temps(cts: Any, name: str) -> None:
+    """Drop the temporary snapshots a killed transfer left on a container's volume."""
+    if cts.state.has_container(name):
+        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(name).pool),
+                                   VolumeRef("container", name))
+
+
 def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     name, src, dst = op.detail["container"], op.detail["from_pool"], op.detail["to_pool"]
     vol = VolumeRef("container", name)
     rec = cts.state.get_container(name)
     if rec.pool == src:  # not switched: the source is the container
-        b = cts.host.backend(dst)
-        if b.volume_exists(vol) or b.list_snapshots(vol):
-            b.delete_volume(vol)
+        remove_leftover(cts.host.backend(dst), vol)
         clean_stale_temp_snapshots(cts.host.backend(src), vol)
         return f"rolled back: {name} stays on {src}, the partial copy on {dst} was removed" + \
             _restart(cts, name, op.detail.get("was_running", False))
-    b = cts.host.backend(src)  # switched: finish by removing the old copy
-    if b.volume_exists(vol) or b.list_snapshots(vol):
-        b.delete_volume(vol)
+    remove_leftover(cts.host.backend(src), vol)  # switched: finish by removing the old copy
     clean_stale_temp_snapshots(cts.host.backend(dst), vol)
     return f"completed: {name} is on {dst}, the old copy on {src} was removed" + \
         _restart(cts, name, op.detail.get("was_running", False))
@@ -67,34 +70,17 @@ def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
 
 def _copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     target, pool = op.detail["target"], op.detail["pool"]
-    vol = VolumeRef("container", target)
-    src_name = op.detail["container"]
-    if cts.state.has_container(src_name):
-        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(src_name).pool),
-                                   VolumeRef("container", src_name))
-    if cts.state.has_container(target):
-        b = cts.host.backend(pool)
-        dropped = clean_stale_temp_snapshots(b, vol)
-        known = {s.name for s in cts.state.list_snapshots(target)}
-        from migrator.names import SnapshotName
-
-        extra = [s.name for s in b.list_snapshots(vol) if s.name not in known]
-        for s in extra:
-            b.delete_snapshot(vol, SnapshotName(s))
-        return (f"rolled back: {target} kept as it was before the refresh "
-                f"({len(dropped) + len(extra)} unrecorded snapshot(s) removed)")
-    b = cts.host.backend(pool)
-    if b.volume_exists(vol) or b.list_snapshots(vol):
-        b.delete_volume(vol)
-    return f"rolled back: the partial copy {target} on {pool} was removed"
+    _clean_temps(cts, op.detail["container"])
+    dropped = undo_partial_target(cts, target, pool)
+    if dropped is None:
+        return f"rolled back: the partial copy {target} on {pool} was removed"
+    return (f"rolled back: {target} kept as it was before the refresh "
+            f"({len(dropped)} unrecorded snapshot(s) removed)")
 
 
 def _copy_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
     host, target = op.detail["host"], op.detail["target"]
-    src_name = op.detail["container"]
-    if cts.state.has_container(src_name):
-        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(src_name).pool),
-                                   VolumeRef("container", src_name))
+    _clean_temps(cts, op.detail["container"])
     if "commit" in op.stages and not op.detail.get("target_existed"):
         return f"nothing to undo: {target} was committed on {host}"
     if "send" not in op.stages:
@@ -121,8 +107,6 @@ def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], A
         else:
             with contextlib.suppress(MigratorError):
                 t.request("abort_container", {"name": name, "pool": op.detail["pool"]})
-    if cts.state.has_container(name):
-        clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(name).pool),
-                                   VolumeRef("container", name))
+    _clean_temps(cts, name)
     return f"rolled back: {name} stays here, the copy on {host} was removed" + \
         _restart(cts, name, was_running)

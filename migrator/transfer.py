@@ -131,11 +131,10 @@ def temp_snapshot_name() -> SnapshotName:
     return SnapshotName(f"migrate.xfer-{uuid.uuid4().hex[:12]}")
 
 
-def _snap(backend: StorageBackend, vol: VolumeRef, name: str) -> Snapshot:
-    for s in backend.list_snapshots(vol):
-        if s.name == name:
-            return s
-    raise InvalidState(f"snapshot {vol}/{name} is missing on disk")
+def _snap(snaps: dict[str, Snapshot], vol: VolumeRef, name: str) -> Snapshot:
+    if name not in snaps:
+        raise InvalidState(f"snapshot {vol}/{name} is missing on disk")
+    return snaps[name]
 
 
 def execute(
@@ -158,14 +157,15 @@ def execute(
     incremental pass).
     """
     stats = TransferStats(methods=[plan.how])
+    snaps = {s.name: s for s in src.list_snapshots(src_vol)}  # once: zfs lists by subprocess
     stats.notes.extend(plan.notes)
     stats.skipped.extend(plan.skipped)
     if plan.how in NATIVE_TYPES or plan.how == "tar":
         if not isinstance(final, str):
             raise InvalidInput(f"a {plan.how} transfer needs a snapshot to send")
-        parent = _snap(src, src_vol, plan.base) if plan.base and plan.how != "tar" else None
+        parent = _snap(snaps, src_vol, plan.base) if plan.base and plan.how != "tar" else None
         for name in [*plan.send, final]:
-            snap = _snap(src, src_vol, name)
+            snap = _snap(snaps, src_vol, name)
             stream = src.send(snap, parent, plan.how)
             meter = ProgressMeter(progress, f"{src_vol.name}@{name}", stream.size_hint)
             dst.receive(dst_vol, name, stream, meter)
@@ -183,7 +183,7 @@ def execute(
     target = dst.volume_path(dst_vol) if dst.volume_exists(dst_vol) else dst.create_volume(dst_vol)
     exact = src.subsecond_mtimes and dst.subsecond_mtimes  # else compare contents
     for name in plan.send:
-        with src.mount_snapshot(_snap(src, src_vol, name)) as path:
+        with src.mount_snapshot(_snap(snaps, src_vol, name)) as path:
             meter = ProgressMeter(progress, f"{src_vol.name}@{name}")
             stats.bytes += rsync_tree(path, target, meter, checksum=not exact, exact_times=exact)
         dst.snapshot(dst_vol, SnapshotName(name))
@@ -191,7 +191,7 @@ def execute(
         done(name)
     with contextlib.ExitStack() as stack:
         if isinstance(final, str):
-            path = stack.enter_context(src.mount_snapshot(_snap(src, src_vol, final)))
+            path = stack.enter_context(src.mount_snapshot(_snap(snaps, src_vol, final)))
         else:
             path = final
         stats.bytes += rsync_tree(path, target, ProgressMeter(progress, f"{src_vol.name}"),

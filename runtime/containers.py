@@ -25,7 +25,7 @@ from migrator.errors import (
     MigratorError,
     Protected,
 )
-from migrator.names import ContainerName, SnapshotName
+from migrator.names import ContainerName, SnapshotName, next_snapshot_name
 from runtime import config as cfg
 from runtime import idmap
 from runtime.host import Host
@@ -375,10 +375,7 @@ class Containers:
         rec = self.get(name)
         existing = {s.name for s in self.state.list_snapshots(rec.name)}
         if snap is None:
-            i = 0
-            while f"snap{i}" in existing:
-                i += 1
-            snap = f"snap{i}"
+            snap = next_snapshot_name(existing)
         sname = SnapshotName(snap)
         if sname in existing:
             raise AlreadyExists(f"snapshot {rec.name}/{sname} already exists", "pick another name")

@@ -21,7 +21,7 @@ from typing import Any
 from migrator.backends import VolumeRef
 from migrator.copy import CopyResult, clean_stale_temp_snapshots, native_base_ok
 from migrator.errors import AlreadyExists, InvalidInput, InvalidState, MigratorError, NotFound
-from migrator.names import PoolName, SnapshotName, VolumeName
+from migrator.names import PoolName, SnapshotName, VolumeName, next_snapshot_name
 from migrator.streams import Progress, no_progress
 from migrator.transfer import SnapInfo, execute, negotiate, plan_transfer, temp_snapshot_name
 from migrator.verify import verify_volume
@@ -149,10 +149,7 @@ class Volumes:
         pool_name = self._pool_of(name, pool)
         existing = {s.name for s in self.state.list_volume_snapshots(pool_name, name)}
         if snap is None:
-            i = 0
-            while f"snap{i}" in existing:
-                i += 1
-            snap = f"snap{i}"
+            snap = next_snapshot_name(existing)
         sname = SnapshotName(snap)
         if sname in existing:
             raise AlreadyExists(f"snapshot {name}/{sname} already exists")

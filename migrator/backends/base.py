@@ -9,12 +9,15 @@ receive (negotiated between two pools by the copy pipelines).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from migrator.errors import AlreadyExists
 from migrator.names import ContainerName, SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream
 
@@ -131,3 +134,37 @@ def statvfs_usage(path: Path) -> PoolUsage:
     st = os.statvfs(path)
     total = st.f_blocks * st.f_frsize
     return PoolUsage(used=total - st.f_bavail * st.f_frsize, total=total)
+
+
+class TreeLayout:
+    """The on-disk layout dir and btrfs share: ``<path>/<type>s/<name>`` volumes and
+    ``<path>/<type>s-snapshots/<name>/<snap>`` snapshots, readable in place."""
+
+    path: Path
+
+    def volume_exists(self, vol: VolumeRef) -> bool:
+        raise NotImplementedError
+
+    def volume_path(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s" / vol.name
+
+    def _snap_dir(self, vol: VolumeRef) -> Path:
+        return self.path / f"{vol.type}s-snapshots" / vol.name
+
+    def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
+        d = self._snap_dir(vol)
+        if not d.is_dir():
+            return []
+        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir()) if not p.name.startswith(".")]
+
+    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
+        if self.volume_exists(new) or self._snap_dir(new).exists():
+            raise AlreadyExists(f"volume {new} already exists")
+        self.volume_path(vol).rename(self.volume_path(new))
+        if self._snap_dir(vol).exists():
+            self._snap_dir(vol).rename(self._snap_dir(new))
+
+    @contextlib.contextmanager
+    def mount_snapshot(self, snap: Snapshot) -> Iterator[Path]:
+        assert snap.path is not None
+        yield snap.path

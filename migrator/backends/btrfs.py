@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ import btrfsutil  # type: ignore[import-not-found]
 
 from migrator import proc
 from migrator.backends import generic
-from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
+from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
 from migrator.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
 from migrator.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
@@ -40,7 +39,7 @@ def make_loop_filesystem(image: Path, size: int) -> None:
     proc.run(["mkfs.btrfs", "-q", "-f", str(image)], timeout=60)
 
 
-class BtrfsBackend:
+class BtrfsBackend(TreeLayout):
     name: ClassVar[str] = "btrfs"
     supports_xattrs: ClassVar[bool] = True
     cheap_snapshots: ClassVar[bool] = True
@@ -93,12 +92,6 @@ class BtrfsBackend:
                     self._delete_tree(p)
 
     # volumes -----------------------------------------------------------------------------
-    def volume_path(self, vol: VolumeRef) -> Path:
-        return self.path / f"{vol.type}s" / vol.name
-
-    def _snap_dir(self, vol: VolumeRef) -> Path:
-        return self.path / f"{vol.type}s-snapshots" / vol.name
-
     def volume_exists(self, vol: VolumeRef) -> bool:
         p = self.volume_path(vol)
         return p.is_dir() and btrfsutil.is_subvolume(str(p))
@@ -162,12 +155,6 @@ class BtrfsBackend:
             raise _storage_error(f"cannot snapshot {vol}", e) from e
         return Snapshot(vol, snap, dst)
 
-    def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
-        d = self._snap_dir(vol)
-        if not d.is_dir():
-            return []
-        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir()) if not p.name.startswith(".")]
-
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
         p = self._snap_dir(vol) / snap
         if not p.exists():
@@ -203,13 +190,6 @@ class BtrfsBackend:
         new.rename(cur)
         self._delete_tree(old)
 
-    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
-        if self.volume_exists(new) or self._snap_dir(new).exists():
-            raise AlreadyExists(f"volume {new} already exists")
-        self.volume_path(vol).rename(self.volume_path(new))
-        if self._snap_dir(vol).exists():
-            self._snap_dir(vol).rename(self._snap_dir(new))
-
     # streams -----------------------------------------------------------------------------
     def snapshot_identity(self, snap: Snapshot) -> str | None:
         try:
@@ -218,11 +198,6 @@ class BtrfsBackend:
             return None
         uuid = info.received_uuid if any(info.received_uuid) else info.uuid
         return bytes(uuid).hex()
-
-    @contextlib.contextmanager
-    def mount_snapshot(self, snap: Snapshot) -> Iterator[Path]:
-        assert snap.path is not None
-        yield snap.path
 
     def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
         assert snap.path is not None

@@ -8,14 +8,12 @@ a failure mid-copy leaves the volume as it was.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 from migrator import proc
 from migrator.backends import generic
-from migrator.backends.base import PoolUsage, Snapshot, VolumeRef, statvfs_usage
+from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
 from migrator.errors import AlreadyExists, InvalidInput, NotFound, StorageError
 from migrator.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream
@@ -32,7 +30,7 @@ def remove_tree(path: Path) -> None:
         proc.run(["rm", "-rf", "--one-file-system", str(path)], timeout=None)
 
 
-class DirBackend:
+class DirBackend(TreeLayout):
     name: ClassVar[str] = "dir"
     supports_xattrs: ClassVar[bool] = True
     cheap_snapshots: ClassVar[bool] = False
@@ -53,12 +51,6 @@ class DirBackend:
 
     def destroy(self) -> None:
         remove_tree(self.path)
-
-    def volume_path(self, vol: VolumeRef) -> Path:
-        return self.path / f"{vol.type}s" / vol.name
-
-    def _snap_dir(self, vol: VolumeRef) -> Path:
-        return self.path / f"{vol.type}s-snapshots" / vol.name
 
     def volume_exists(self, vol: VolumeRef) -> bool:
         return self.volume_path(vol).is_dir()
@@ -105,12 +97,6 @@ class DirBackend:
             raise
         return Snapshot(vol, snap, dst)
 
-    def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
-        d = self._snap_dir(vol)
-        if not d.is_dir():
-            return []
-        return [Snapshot(vol, p.name, p) for p in sorted(d.iterdir()) if not p.name.startswith(".")]
-
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
         remove_tree(self._snap_dir(vol) / snap)
 
@@ -130,23 +116,11 @@ class DirBackend:
     def usage(self) -> PoolUsage:
         return statvfs_usage(self.path)
 
-    def rename_volume(self, vol: VolumeRef, new: VolumeRef) -> None:
-        if self.volume_exists(new) or self._snap_dir(new).exists():
-            raise AlreadyExists(f"volume {new} already exists")
-        self.volume_path(vol).rename(self.volume_path(new))
-        if self._snap_dir(vol).exists():
-            self._snap_dir(vol).rename(self._snap_dir(new))
-
     def migration_types(self) -> list[str]:
         return list(generic.GENERIC_TYPES)
 
     def snapshot_identity(self, snap: Snapshot) -> str | None:
         return None  # plain copies carry no identity; the state store's uuid is used
-
-    @contextlib.contextmanager
-    def mount_snapshot(self, snap: Snapshot) -> Iterator[Path]:
-        assert snap.path is not None
-        yield snap.path
 
     def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
         assert snap.path is not None
