@@ -62,8 +62,11 @@ sysctl -qw fs.pipe-max-size=16777216 || true
 # zfs-fuse: the daemon serves every zfs/zpool command (no kernel module); started here, once.
 zfs_up() { zpool list >/dev/null 2>&1; }
 if ! pgrep -x zfs-fuse >/dev/null; then
+  # A daemon killed without cleaning up (reboot, OOM, kill -9) leaves its pid file and
+  # socket behind, and zfs-fuse then refuses to start: clear them when nothing runs.
+  rm -f /run/zfs-fuse.pid /var/run/zfs/zfs_socket
   log "starting zfs-fuse"
-  zfs-fuse -p /run/zfs-fuse.pid
+  zfs-fuse -p /run/zfs-fuse.pid || { echo "zfs-fuse failed to start (is /dev/fuse there? try: modprobe fuse)" >&2; exit 1; }
 fi
 for _ in $(seq 1 50); do zfs_up && break; sleep 0.2; done
 zfs_up || { echo "zfs-fuse did not answer within 10 s" >&2; exit 1; }
