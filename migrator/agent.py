@@ -71,7 +71,8 @@ class Agent:
             pools.append({"name": p.name, "driver": p.driver, "types": b.migration_types(),
                           "free": u.total - u.used})
         return {"version": VERSION, "protocol": PROTOCOL, "pools": pools,
-                "compressors": list(COMPRESSORS), "criu": _criu_version(),
+                "compressors": list(COMPRESSORS), "links": ["ssh", "tcp"],
+                "criu": _criu_version(),
                 "criu_features": _criu_features() if req.get("criu_features") else None,
                 "network": str(self.host.network_config().address)}
 
@@ -158,13 +159,19 @@ class Agent:
     def sink(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Read a data stream and drop it (link throughput probe)."""
         import os
+        import time
 
         stream = FrameStream(read, "probe", "probe", None, str(req.get("compress", "none")))
         fd = stream.fileno()
-        while os.read(fd, 1 << 20):
-            pass
+        first = os.read(fd, 1 << 20)
+        t0 = time.monotonic()  # from the first byte: the rate of the link, not of start-up
+        n = len(first)
+        while chunk := os.read(fd, 1 << 20):
+            n += len(chunk)
+        seconds = time.monotonic() - t0
         stream.close()
-        return {"raw": stream.raw, "wire": stream.wire}
+        return {"raw": stream.raw, "wire": stream.wire, "seconds": seconds,
+                "rate": (n - len(first)) / seconds if seconds > 0 else None}
 
     def delete_snapshot(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         backend = self.host.backend(PoolName(req["pool"]))

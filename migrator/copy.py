@@ -54,6 +54,7 @@ class CopyResult:
     downtime: float | None = None
     verified: str | None = None
     operation: str | None = None
+    negotiated: str | None = None  # between hosts: method, link, compression and why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from migrator.backends import StorageBackend, VolumeRef
@@ -52,12 +53,62 @@ def choose_pool(remote: dict[str, Any], wanted: str | None) -> dict[str, Any]:
     return pools.get("default") or next(iter(pools.values()))
 
 
-def choose_compression(remote: dict[str, Any], requested: str) -> str:
-    if requested == "auto":
-        return "zstd" if "zstd" in remote["compressors"] else "none"
-    if requested not in remote["compressors"]:
-        raise InvalidInput(f"the target host cannot decompress {requested!r}")
-    return requested
+# What zstd level 1 sustains in the datapath's compressor thread on these machines
+# (bench_transport: ~250-300 MB/s of mixed data). A link faster than this is slowed down by
+# compressing, so "auto" sends plain data there.
+ZSTD_RATE = 250e6
+
+
+@dataclass
+class Negotiated:
+    """What a pair of hosts agreed for a transfer: printed with -v, stored with the operation."""
+
+    link: str  # "tcp" (direct data link, link.py) or "ssh" (the SSH channel)
+    compress: str  # "zstd" or "none"
+    reasons: list[str]
+
+    def summary(self) -> str:
+        return f"link {self.link}, compression {self.compress} ({'; '.join(self.reasons)})"
+
+
+def choose_link(remote: dict[str, Any], setting: str) -> tuple[str, str]:
+    """The data link from the host's ``data_link`` setting and what its agent offers."""
+    offered = remote.get("links") or ["ssh"]
+    if setting == "ssh":
+        return "ssh", "data link set to ssh for this host"
+    if "tcp" not in offered:
+        if setting == "tcp":
+            raise InvalidInput("the target's agent offers no direct data link",
+                               "upgrade migrate there, or `migrate host set NAME "
+                               "--data-link ssh`")
+        return "ssh", "the agent offers only the SSH channel"
+    return "tcp", "direct TCP data link (authenticated through SSH, AES-256-GCM)"
+
+
+def choose_compression(remote: dict[str, Any], requested: str,
+                       link_rate: float | None = None) -> tuple[str, str]:
+    """zstd unless asked otherwise or the link was measured faster than zstd compresses."""
+    if requested != "auto":
+        if requested not in remote["compressors"]:
+            raise InvalidInput(f"the target host cannot decompress {requested!r}",
+                               f"it knows: {', '.join(remote['compressors'])}")
+        return requested, "asked for"
+    if "zstd" not in remote["compressors"]:
+        return "none", "the target has no zstd"
+    if link_rate is None:
+        return "zstd", "link speed not measured (`migrate host check` measures it)"
+    mbs = f"link {link_rate / 1e6:.0f} MB/s"
+    if link_rate > ZSTD_RATE:
+        return "none", f"{mbs} is faster than zstd (~{ZSTD_RATE / 1e6:.0f} MB/s)"
+    return "zstd", f"{mbs} is slower than zstd (~{ZSTD_RATE / 1e6:.0f} MB/s)"
+
+
+def negotiate_session(transport: Any, remote: dict[str, Any], compress: str) -> Negotiated:
+    """Link and compression for this transport's transfers; turns the link on or off."""
+    link, why_link = choose_link(remote, getattr(transport, "data_link", "ssh"))
+    transport.fast_link = link == "tcp"
+    comp, why_comp = choose_compression(remote, compress, getattr(transport, "link_rate", None))
+    return Negotiated(link, comp, [why_link, why_comp])
 
 
 class RemoteCopy:
@@ -110,7 +161,8 @@ class RemoteCopy:
         dst_vol = VolumeRef("container", dst_name)
         clean_stale_temp_snapshots(src_b, vol)
         how = negotiate(src_b.migration_types(), rpool["types"], local=False)
-        compress = choose_compression(remote, self.compress)
+        session = negotiate_session(self.t, remote, self.compress)
+        compress = session.compress
         src_snaps = self.cts.state.list_snapshots(src.name)
         dst_infos = None
         native: dict[str, Any] = {}
@@ -130,7 +182,9 @@ class RemoteCopy:
         result = CopyResult(src.name, f"{self.t.name}:{dst_name}", rpool["name"],
                             f"{plan.how}+{compress}", notes=list(plan.notes),
                             snapshots_skipped=list(plan.skipped), operation=op.id)
+        result.negotiated = f"{plan.how}, {session.summary()}"
         op.stage("send", pool=rpool["name"], method=plan.how, compress=compress,
+                 link=session.link, negotiated=result.negotiated,
                  target_existed=bool(state["exists"]))
         by_name = {s.name: s for s in src_snaps}
         try:
@@ -168,6 +222,8 @@ class RemoteCopy:
                     op.note(undo_incomplete=True)  # `migrate recover` finishes the undo
             raise
         result.notes.append(f"address on {self.t.name}: {rec['ipv4']}")
+        if session.link == "tcp" and self.t.link_failed:
+            result.notes.append(f"data went over the SSH channel: {self.t.link_failed}")
         result.seconds = time.monotonic() - t0
         return result
 

@@ -71,6 +71,12 @@ MIGRATIONS: list[str] = [
         user TEXT NOT NULL DEFAULT 'root', key TEXT, root TEXT, command TEXT,
         created REAL NOT NULL);
     """,
+    # 4: hosts issue: which data link to use, and the last measured upload rate
+    """
+    ALTER TABLE hosts ADD COLUMN data_link TEXT NOT NULL DEFAULT 'auto';
+    ALTER TABLE hosts ADD COLUMN link_rate REAL;
+    ALTER TABLE hosts ADD COLUMN link_checked REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -134,6 +140,8 @@ class HostRecord:
     key: str | None = None
     root: str | None = None
     command: str | None = None  # the migrate program there [default: migrate]
+    data_link: str = "auto"  # auto (direct TCP when it works), tcp, ssh (the channel only)
+    link_rate: float | None = None  # bytes/s of the last `host check` upload, if any
 
 
 @dataclass
@@ -407,10 +415,10 @@ class StateStore:
     def add_host(self, rec: HostRecord) -> None:
         try:
             self.db.execute(
-                "INSERT INTO hosts(name, address, port, user, key, root, command, created) "
-                "VALUES(?,?,?,?,?,?,?,?)",
+                "INSERT INTO hosts(name, address, port, user, key, root, command, data_link, "
+                "created) VALUES(?,?,?,?,?,?,?,?,?)",
                 (rec.name, rec.address, rec.port, rec.user, rec.key, rec.root, rec.command,
-                 time.time()),
+                 rec.data_link, time.time()),
             )
         except sqlite3.IntegrityError as e:
             raise AlreadyExists(f"host {rec.name!r} already exists",
@@ -421,7 +429,18 @@ class StateStore:
         if row is None:
             raise NotFound(f"host {name!r} is not in the inventory", "see `migrate host list`")
         return HostRecord(row["name"], row["address"], row["port"], row["user"], row["key"],
-                          row["root"], row["command"])
+                          row["root"], row["command"], row["data_link"], row["link_rate"])
+
+    def update_host(self, name: str, **values: Any) -> None:
+        """Change inventory fields (``data_link``, ``link_rate``...) of an existing host."""
+        allowed = {"address", "port", "user", "key", "root", "command", "data_link",
+                   "link_rate", "link_checked"}
+        bad = set(values) - allowed
+        if bad:
+            raise ValueError(f"not host fields: {sorted(bad)}")
+        self.get_host(name)
+        for k, v in values.items():  # column names come from the fixed set above
+            self.db.execute(f"UPDATE hosts SET {k}=? WHERE name=?", (v, name))  # noqa: S608
 
     def list_hosts(self) -> list[HostRecord]:
         rows = self.db.execute("SELECT name FROM hosts ORDER BY name").fetchall()

@@ -68,7 +68,10 @@ from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 log = logging.getLogger(__name__)
 
 PIDFILE = Path("/run/zfs-fuse.pid")
-DAEMON_HINT = "run `make setup` (starts zfs-fuse), or start it: zfs-fuse -p /run/zfs-fuse.pid"
+DAEMON_HINT = (
+    "run `make setup` (starts zfs-fuse), or start it: "
+    "rm -f /run/zfs-fuse.pid; zfs-fuse -p /run/zfs-fuse.pid"
+)
 MIN_POOL_SIZE = 64 * 2**20  # zfs refuses smaller vdevs
 NO_SPACE = ("out of space", "No space left")
 CLONE_PREFIX = "clone:"  # ':' is never in a SnapshotName, so these never show as snapshots

@@ -86,9 +86,26 @@ def transport_for(name: str, accept_host_key: bool = False) -> Any:
 
     h = _ctx().host
     rec = h.state.get_host(ContainerName(name))
-    return SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
-                        rec.command, known_hosts=h.root / "ssh" / "known_hosts",
-                        netns=h.netns, accept_host_key=accept_host_key)
+    t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
+                     rec.command, known_hosts=h.root / "ssh" / "known_hosts",
+                     netns=h.netns, accept_host_key=accept_host_key)
+    t.data_link, t.link_rate = rec.data_link, rec.link_rate  # negotiate_session reads them
+    return t
+
+
+DATA_LINK_HELP = ("How bulk data travels: auto (a direct TCP connection from that host back "
+                  "to this one, authenticated through SSH and AES-256-GCM sealed, falling back "
+                  "to the SSH channel when it cannot connect), tcp, or ssh (the SSH channel "
+                  "only: slower, but needs nothing beyond port 22)")
+DATA_LINKS = ("auto", "tcp", "ssh")
+
+
+def _data_link(value: str) -> str:
+    from migrator.errors import InvalidInput
+
+    if value not in DATA_LINKS:
+        raise InvalidInput(f"invalid data link {value!r}", "one of: auto, tcp, ssh")
+    return value
 
 
 @host_app.command("add")
@@ -103,8 +120,12 @@ def host_add(
     command: str = typer.Option(None, help="Path of migrate there [default: migrate]"),
     accept_host_key: bool = typer.Option(False, "--accept-host-key",
                                          help="Trust its SSH key now (shows the fingerprint)"),
+    data_link: str = typer.Option("auto", "--data-link", help=DATA_LINK_HELP),
 ) -> None:
-    """Add a host to the inventory (and, with --accept-host-key, record its SSH key)."""
+    """Add a host to the inventory (and, with --accept-host-key, record its SSH key).
+
+    Then `migrate host check NAME` measures the link, which decides whether transfers are
+    compressed (zstd only helps on links slower than it compresses)."""
     import ipaddress
 
     from migrator.errors import InvalidInput
@@ -124,10 +145,34 @@ def host_add(
     h = _ctx().host
     with h.state.transaction():
         h.state.add_host(HostRecord(hname, address, port, user,
-                                    os.path.abspath(key) if key else None, root, command))
+                                    os.path.abspath(key) if key else None, root, command,
+                                    _data_link(data_link)))
     say(f"host {hname} added ({user}@{address}:{port})")
     if accept_host_key:
         host_trust(hname)
+
+
+@host_app.command("set")
+def host_set(
+    name: str,
+    data_link: str = typer.Option(None, "--data-link", help=DATA_LINK_HELP),
+    port: int = typer.Option(None, help="sshd port"),
+    user: str = typer.Option(None, help="Login user"),
+    command: str = typer.Option(None, help="Path of migrate there"),
+) -> None:
+    """Change a host's settings in the inventory."""
+    from migrator.errors import InvalidInput
+
+    values: dict[str, Any] = {k: v for k, v in (("port", port), ("user", user),
+                                                ("command", command)) if v is not None}
+    if data_link is not None:
+        values["data_link"] = _data_link(data_link)
+    if not values:
+        raise InvalidInput("nothing to set", "e.g. `migrate host set host-b --data-link ssh`")
+    h = _ctx().host
+    with h.state.transaction():
+        h.state.update_host(name, **values)
+    say(f"host {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
 @host_app.command("trust")
@@ -144,8 +189,11 @@ def host_list(fmt: Format = typer.Option(Format.table, "--format", "-f")) -> Non
     rows: list[dict[str, Any]] = [{"name": "local", "address": "-", "user": "-",
                                    "root": str(h.root)}]
     rows += [{"name": r.name, "address": f"{r.address}:{r.port}", "user": r.user,
-              "root": r.root or "(default)"} for r in h.state.list_hosts()]
-    typer.echo(render(rows, ["name", "address", "user", "root"], fmt))
+              "root": r.root or "(default)", "data_link": r.data_link,
+              "link_rate": f"{human_size(r.link_rate)}/s" if r.link_rate else "-"}
+             for r in h.state.list_hosts()]
+    typer.echo(render(rows, ["name", "address", "user", "root", "data_link", "link_rate"],
+                      fmt))
 
 
 @host_app.command("remove")
@@ -165,8 +213,12 @@ def host_check(
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """Connect, negotiate, and show both sides: versions, pools and their migration types,
-    compressors, CRIU, and the link's throughput through the agent."""
+    compressors, CRIU, and the link's throughput through the agent.
+
+    The measured rate is kept in the inventory: with `--compress auto`, transfers to this
+    host are compressed only if the link is slower than zstd."""
     from migrator.agent import Agent
+    from migrator.remote import negotiate_session
 
     local = Agent(_ctx().containers).hello({"criu_features": True}, lambda n: b"")
     with transport_for(name) as t:
@@ -174,12 +226,23 @@ def host_check(
         remote = t.request("hello", {"criu_features": True})
         rtt = time.monotonic() - t0
         rate = None
+        session = negotiate_session(t, remote, "none")
         if probe_mib:
             from migrator.transport.probe import measure_upload
 
             rate = measure_upload(t, probe_mib << 20)
+            link_used = "tcp" if t.last_link == "tcp" else "ssh"
+            h = _ctx().host
+            with h.state.transaction():
+                h.state.update_host(name, link_rate=rate, link_checked=time.time())
+            t.link_rate = rate
+        else:
+            link_used = session.link
+        comp = negotiate_session(t, remote, "auto")
     info = {"host": name, "key": "verified", "request_seconds": round(rtt, 3),
-            "upload_bytes_per_second": rate, "local": local, "remote": remote}
+            "upload_bytes_per_second": rate, "data_link": link_used,
+            "data_link_problem": t.link_failed or None, "compression": comp.compress,
+            "compression_reason": comp.reasons[1], "local": local, "remote": remote}
     if fmt == Format.json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -194,4 +257,9 @@ def host_check(
             typer.echo(f"  pool {p['name']} ({p['driver']}): {','.join(p['types'])}, "
                        f"{human_size(p['free'])} free")
     typer.echo(f"request round trip {rtt * 1000:.0f} ms"
-               + (f"; upload {human_size(rate)}/s" if rate else ""))
+               + (f"; upload {human_size(rate)}/s" if rate else "")
+               + f" over {'the direct TCP link' if link_used == 'tcp' else 'the SSH channel'}")
+    if t.link_failed:
+        typer.echo(f"  direct link failed: {t.link_failed} (`migrate host set {name} "
+                   "--data-link ssh` skips trying)")
+    typer.echo(f"transfers: compression {comp.compress} ({comp.reasons[1]})")

@@ -35,6 +35,8 @@ def report(result: Any, fmt: Format, verb: str) -> None:
     line = (f"{verb} {result.source} -> {result.target} on pool {result.pool} via "
             f"{result.method}: {human_size(result.bytes)} in {result.seconds:.1f}s")
     say(line)
+    if result.negotiated and _ctx().verbose:
+        say(f"  negotiated: {result.negotiated}")
     if result.snapshots_added:
         say(f"  snapshots added: {', '.join(result.snapshots_added)}")
     if result.snapshots_skipped:

@@ -83,6 +83,8 @@ class SshTransport:
         self.accept_host_key = accept_host_key
         self.timeout = timeout
         self.fast_link = fast_link  # uploads over a direct TCP link (link.py), opt-in
+        self.data_link = "tcp" if fast_link else "ssh"  # the inventory's setting (auto/tcp/ssh)
+        self.link_rate: float | None = None  # bytes/s measured by `host check`, if known
         self.link_failed = ""  # why that link could not be made (then not tried again)
         self.last_link = ""  # what carried the last upload: "channel" or "tcp"
         self.client: paramiko.SSHClient | None = None

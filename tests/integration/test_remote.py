@@ -187,3 +187,36 @@ def test_target_disk_full_leaves_source_running_and_target_clean(hosts) -> None:
     finally:
         m(b, "delete", "--force", "fat", check=False)
         m(b, "pool", "delete", "tiny")
+
+
+def test_negotiation_uses_the_measured_link(hosts) -> None:  # type: ignore[no-untyped-def]
+    """host check measures the direct link and stores the rate; copies then pick their
+    compression from it, say so with -v and keep it with the operation; --data-link ssh
+    keeps the data on the SSH channel."""
+    from migrator.remote import ZSTD_RATE
+    from runtime.state import StateStore
+
+    a, b = hosts
+    _rc, out, _e = m(a, "host", "check", "b", "--probe-mib", "64", "--format", "json")
+    info = json.loads(out)
+    assert info["data_link"] == "tcp" and not info["data_link_problem"], info
+    rate = info["upload_bytes_per_second"]
+    assert rate > 10e6, info
+    _rc, out, _e = m(a, "host", "list", "--format", "json")
+    assert [h["data_link"] for h in json.loads(out) if h["name"] == "b"] == ["auto"]
+    m(a, "create", "busybox", "n1", "-p", "dir")
+    _rc, out, err = m(a, "-v", "copy", "n1", "b:n1", "--format", "json")
+    res = json.loads(out)
+    want = "none" if rate > ZSTD_RATE else "zstd"
+    assert res["method"] == f"tar+{want}" and "link tcp" in res["negotiated"], res
+    state = StateStore(a.root / "state.db")
+    try:
+        op = state.get_operation(res["operation"])
+        assert op.detail["link"] == "tcp" and op.detail["compress"] == want, op.detail
+    finally:
+        state.close()
+    m(a, "host", "set", "b", "--data-link", "ssh")
+    _rc, _out, err = m(a, "-v", "copy", "n1", "b:n2")
+    assert "negotiated: tar, link ssh" in err, err
+    rc, _o, err = m(a, "host", "set", "b", "--data-link", "carrier-pigeon", check=False)
+    assert rc != 0 and "auto, tcp, ssh" in err
