@@ -118,9 +118,10 @@ class RemoteCopy:
                  compress: str = "auto") -> None:
         self.cts, self.t, self.progress, self.compress = cts, transport, progress, compress
 
-    def _send(self, src_b: StorageBackend, vol: VolumeRef, pool: str, dst_vol: VolumeRef,
-              name: str, parent: str | None, how: str, compress: str, drop_after: bool,
-              result: CopyResult, first: bool = False) -> None:
+    def send_snapshot(self, src_b: StorageBackend, vol: VolumeRef, pool: str,
+                      dst_vol: VolumeRef, name: str, parent: str | None, how: str,
+                      compress: str, drop_after: bool, first: bool = False) -> int:
+        """Send one snapshot (an increment from ``parent`` for native types); wire bytes."""
         snaps = {s.name: s for s in src_b.list_snapshots(vol)}
         stream = src_b.send(snaps[name], snaps[parent] if parent else None, how)
         meter = ProgressMeter(self.progress, f"{vol.name}@{name}", stream.size_hint)
@@ -132,7 +133,7 @@ class RemoteCopy:
                 meter=meter)
         finally:
             stream.kill()
-        result.bytes += int(reply.get("wire", 0))
+        return int(reply.get("wire", 0))
 
     def copy(self, source: str, target: str, pool: str | None = None,
              instance_only: bool = False, refresh: bool = False,
@@ -193,14 +194,16 @@ class RemoteCopy:
                 parent = plan.base if plan.how in NATIVE_TYPES else None
                 first = not state["exists"]
                 for name in plan.send:
-                    self._send(src_b, vol, rpool["name"], dst_vol, name, parent, plan.how,
-                               compress, False, result, first)
+                    result.bytes += self.send_snapshot(
+                        src_b, vol, rpool["name"], dst_vol, name, parent, plan.how,
+                        compress, False, first)
                     first = False
                     result.snapshots_added.append(name)
                     if plan.how in NATIVE_TYPES:
                         parent = name
-                self._send(src_b, vol, rpool["name"], dst_vol, final, parent, plan.how,
-                           compress, not keep_base, result, first)
+                result.bytes += self.send_snapshot(
+                    src_b, vol, rpool["name"], dst_vol, final, parent, plan.how, compress,
+                    not keep_base, first)
                 self.base = final
                 op.stage("commit")
                 rec = self.t.request("commit_container", {
@@ -267,9 +270,9 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
             how, compress_used = first.method.split("+")
             try:
                 with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
-                    rc._send(src_b, vol, first.pool, vol, last,
-                             base if how in NATIVE_TYPES else None, how, compress_used, True,
-                             result)
+                    result.bytes += rc.send_snapshot(
+                        src_b, vol, first.pool, vol, last,
+                        base if how in NATIVE_TYPES else None, how, compress_used, True)
             finally:
                 with contextlib.suppress(MigratorError):
                     src_b.delete_snapshot(vol, base)

@@ -478,10 +478,11 @@ def snapshot_delete(
     say(f"deleted snapshot {ct}/{which}")
 
 
-from migrator.cli import hosts, storage  # noqa: E402 - register their commands on the same app
+from migrator.cli import hosts, live, storage  # noqa: E402 - register their commands here
 
 storage.register(app)
 hosts.register(app)
+live.register(app)
 
 
 def main() -> None:

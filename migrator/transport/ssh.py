@@ -24,6 +24,7 @@ import hashlib
 import logging
 import shlex
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +228,12 @@ class SshTransport:
         return [*argv, "agent"]
 
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
-                compress: str = "none", meter: ProgressMeter | None = None) -> dict[str, Any]:
-        """Run one agent request (with a volume stream to upload, if given); its reply."""
+                compress: str = "none", meter: ProgressMeter | None = None,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Run one agent request (with a volume stream to upload, if given); its reply.
+
+        A long request may report events before its reply (``{"event": ...}`` messages,
+        e.g. "restored" while post-copy pages still flow): each goes to ``on_event``."""
         self.connect()
         assert self.client is not None
         transport = self.client.get_transport()
@@ -262,6 +267,10 @@ class SshTransport:
                         link.close()
             try:
                 reply = read_json(chan.recv)
+                while "event" in reply and "ok" not in reply:
+                    if on_event is not None:
+                        on_event(reply)
+                    reply = read_json(chan.recv)
             except ProtocolError as e:
                 # the exit status may arrive just after the EOF: give it a moment
                 status = chan.exit_status if chan.status_event.wait(5) else None
