@@ -12,6 +12,7 @@ compressors against what this host offers. Nothing is ever run through a shell.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Callable
@@ -57,10 +58,12 @@ def _criu_features() -> dict[str, bool]:
 class Agent:
     """Serves requests against this host's state root."""
 
-    def __init__(self, cts: Any) -> None:
+    def __init__(self, cts: Any, notify: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cts = cts
         self.host = cts.host
         self.state = cts.state
+        # an event to the client before the reply (``{"event": name, ...}``)
+        self.notify = notify or (lambda event: None)
 
     # requests ------------------------------------------------------------------------------
     def hello(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -187,6 +190,86 @@ class Agent:
         return {}
 
 
+    # live migration (the target side) --------------------------------------------------
+    def live_check(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """What the source checks before freezing: CPU flags, pool room, address free."""
+        from migrator.live import cpu_flags
+
+        pool = PoolName(req["pool"])
+        u = self.host.backend(pool).usage()
+        ipv4 = req.get("ipv4")
+        return {"cpu_flags": cpu_flags(), "free": u.total - u.used,
+                "ipv4_free": not ipv4 or str(ipv4) not in self.state.used_ipv4()}
+
+    def receive_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Unpack checkpoint images into memory-backed space named by the operation."""
+        from migrator.backends.generic import tar_extract
+        from migrator.checkpoint.lxc import images_dir
+
+        images = images_dir(self.host.root, _tag(req["tag"]))
+        stream = FrameStream(read, "tar", "images", None, str(req.get("compress", "none")))
+        try:
+            tar_extract(stream, images, None, acls=False)
+        except BaseException:
+            shutil.rmtree(images, ignore_errors=True)
+            raise
+        finally:
+            stream.kill()
+        return {"raw": stream.raw, "wire": stream.wire}
+
+    def checkpoint_restore(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Restore a received container from its images. With ``lazy``, the memory comes
+        from the source's page server, reached at ``127.0.0.1:port`` (an SSH forward): the
+        "restored" event goes out as soon as it runs, the reply once every page is here."""
+        import time
+
+        from migrator.checkpoint.lxc import LxcCheckpointer, images_dir
+
+        name = ContainerName(req["name"])
+        rec = self.cts.get(name)
+        if self.cts.lxc.state(rec.name) != "STOPPED":
+            raise errors.InvalidState(f"{rec.name!r} is not stopped here")
+        images = images_dir(self.host.root, _tag(req["tag"]))
+        ckpt = LxcCheckpointer(self.cts)
+        self.cts.lxc.write_config(self.cts.spec(rec))
+        t0 = time.monotonic()
+        pages = None
+        try:
+            if req.get("lazy"):
+                pages = ckpt.start_lazy_pages(images, "127.0.0.1", int(req["port"]))
+                stats = ckpt.restore(rec.name, images, lazy=True)
+                self.notify({"event": "restored", "seconds": stats.seconds})
+                pages.wait(float(req.get("timeout", 900)))
+            else:
+                stats = ckpt.restore(rec.name, images)
+        except BaseException:
+            if pages is not None:
+                with contextlib.suppress(Exception):
+                    pages.abort()
+            # a half-restored container must not run on here: the source resumes it
+            with contextlib.suppress(errors.MigratorError):
+                self.cts.lxc.stop(rec.name, force=True)
+            raise
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+        return {"restore_seconds": stats.seconds, "seconds": time.monotonic() - t0,
+                "status": self.cts.lxc.state(rec.name)}
+
+    def drop_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        from migrator.checkpoint.lxc import images_dir
+
+        shutil.rmtree(images_dir(self.host.root, _tag(req["tag"])), ignore_errors=True)
+        return {}
+
+
+def _tag(value: Any) -> str:
+    """An operation id used as a directory name: hex digits and dashes only."""
+    tag = str(value)
+    if not tag or len(tag) > 64 or any(c not in "0123456789abcdef-" for c in tag):
+        raise errors.InvalidInput(f"invalid operation tag {tag!r}")
+    return tag
+
+
 def _volume(obj: Any) -> VolumeRef:
     if not isinstance(obj, dict):
         raise errors.InvalidInput("volume must be an object")
@@ -206,6 +289,10 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "sink": Agent.sink,
     "start": Agent.start,
     "delete_container": Agent.delete_container,
+    "live_check": Agent.live_check,
+    "receive_images": Agent.receive_images,
+    "checkpoint_restore": Agent.checkpoint_restore,
+    "drop_images": Agent.drop_images,
 }
 
 
@@ -227,7 +314,7 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         op = OPS.get(str(req.get("op")))
         if op is None:
             raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
-        result = op(Agent(cts_factory()), req, read)
+        result = op(Agent(cts_factory(), lambda ev: write_json(write, ev)), req, read)
         write_json(write, {"ok": True, **result})
         return 0
     except (KeyError, TypeError, ValueError) as e:
