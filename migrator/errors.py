@@ -135,6 +135,16 @@ class RemoteError(MigratorError):
     exit_code = 18
 
 
+class CheckpointError(MigratorError):
+    """CRIU could not checkpoint, restore or serve the pages of a container."""
+
+    exit_code = 19
+    hint = (
+        "read the CRIU log named in the message; the container's tasks on the source are "
+        "kept stopped, not killed, until the target runs, so a rollback thaws them"
+    )
+
+
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -153,4 +163,5 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     NetworkError,
     HostKeyError,
     RemoteError,
+    CheckpointError,
 )

@@ -96,3 +96,36 @@ def run_interactive(argv: Sequence[str], *, netns: str | None = None) -> int:
         return subprocess.run(full, close_fds=True).returncode
     except FileNotFoundError as e:
         raise MissingDependency(f"required tool {argv[0]!r} is not installed") from e
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    netns: str | None = None,
+    env: Mapping[str, str] | None = None,
+    output: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in the background (stdin closed, stdout+stderr to ``output`` or
+    discarded, no inherited descriptors); the caller owns, waits for and reaps the process.
+
+    For daemons and long commands that must run beside the caller (CRIU's page server and
+    lazy-pages daemon). Output goes to a file, never a pipe: ``lxc-checkpoint`` keeps its
+    stdout open in the restored container, so a pipe would never see EOF.
+    """
+    full = netns_prefix(netns) + [str(a) for a in argv]
+    log.debug("spawn: %s", full)
+    run_env = None
+    if env is not None:
+        run_env = dict(os.environ)
+        run_env.update(env)
+    out = open(output, "ab") if output is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=run_env, close_fds=True, start_new_session=True,
+        )
+    except FileNotFoundError as e:
+        raise MissingDependency(f"required tool {argv[0]!r} is not installed") from e
+    finally:
+        if output is not None and not isinstance(out, int):
+            out.close()

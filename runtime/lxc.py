@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,12 @@ class LxcDriver:
                 f"container {name!r} did not stop: {r.stderr.strip()}", "try `--force`"
             )
 
+    def wait_state(self, name: str, state: str, timeout: float = 30) -> bool:
+        """Wait until the container is in ``state``; False on timeout."""
+        r = self._run(["lxc-wait", "-P", str(self.lxcpath), "-n", name, "-s", state, "-t",
+                       str(int(timeout))], check=False, timeout=timeout + 5)
+        return r.returncode == 0 or self.state(name) == state
+
     def freeze(self, name: str) -> None:
         self._run(["lxc-freeze", "-P", str(self.lxcpath), "-n", name])
 
@@ -236,3 +243,42 @@ class LxcDriver:
 
     def get_cgroup(self, name: str, key: str) -> str:
         return self._run(["lxc-cgroup", "-P", str(self.lxcpath), "-n", name, key]).stdout.strip()
+
+    # checkpoint / restore (CRIU through lxc-checkpoint) ------------------------------------
+    def init_pid(self, name: str) -> int | None:
+        """The container's init as seen from the machine, or None when it is not running."""
+        r = self._run(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-pH"], check=False)
+        out = r.stdout.strip()
+        return int(out) if out.isdigit() and int(out) > 0 else None
+
+    def checkpoint_argv(self, name: str, images: Path, restore: bool = False) -> list[str]:
+        """``lxc-checkpoint`` dumping (``-s``: no ``--leave-running``, so a CRIU config file
+        may say ``leave-stopped``) or restoring (``-r``, detached) ``name`` with ``images``."""
+        mode = ["-r"] if restore else ["-s"]
+        return ["lxc-checkpoint", *mode, "-D", str(images), "-P", str(self.lxcpath), "-n", name]
+
+    def checkpoint(
+        self, name: str, images: Path, env: dict[str, str], output: Path,
+        restore: bool = False, timeout: float | None = 300,
+    ) -> int:
+        """Run lxc-checkpoint to completion, its output to ``output``; return its exit code.
+
+        Output goes to a file: after ``-r`` the restored container inherits lxc-checkpoint's
+        stdout, so a pipe would stay open as long as the container runs.
+        """
+        p = self.spawn_checkpoint(name, images, env, output, restore)
+        try:
+            return p.wait(timeout=timeout)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+
+    def spawn_checkpoint(
+        self, name: str, images: Path, env: dict[str, str], output: Path, restore: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """lxc-checkpoint in the background (a post-copy dump serves pages until done)."""
+        return proc.spawn(
+            self.checkpoint_argv(name, images, restore), netns=self.netns, env=env, output=output
+        )
+

@@ -1,0 +1,503 @@
+"""Checkpoint and restore LXC containers with CRIU, through ``lxc-checkpoint``.
+
+The one decision a reader needs: **the source is never killed by the dump.** Every dump runs
+``lxc-checkpoint -s`` with a CRIU config file (``CRIU_CONFIG_FILE``, the only way to add
+options to the criu that LXC runs) holding ``leave-stopped``. LXC's ``-s`` passes no
+``--leave-running``, so criu's final state comes from that file: after a successful dump,
+criu leaves every task of the container SIGSTOPped (memory, sockets, cgroup all still there)
+instead of SIGKILLing it. From there:
+
+- ``resume_source`` (rollback) removes the network lock criu left in the container's network
+  namespace (a ``CRIU`` iptables/ip6tables chain dropping all traffic, normally removed by
+  criu only when the tasks are resumed), sends SIGCONT to every task and thaws the cgroup if
+  somebody froze it. If the tasks are gone (the container is STOPPED) it restores them from
+  the same images instead.
+- ``release_source`` (point of no return) SIGKILLs the stopped tasks; the container is then
+  STOPPED on this host, its record and rootfs untouched.
+
+Post-copy and the hazard. With ``lazy-pages`` the dump keeps serving memory pages to the
+target's ``criu lazy-pages`` daemon after the tasks have been captured; when the page stream
+is cut mid-transfer criu's dump side still exits 0 (and without ``leave-stopped`` would kill
+the source) while the restored target dies waiting for pages. Here the source tasks stay
+stopped whatever happens to the stream, so a cut stream loses nothing: the caller sees the
+target's ``LazyPages.wait`` fail (non-zero exit code of the daemon, the only reliable
+witness) and calls ``resume_source``. ``LazyDump.finish`` also refuses a dump whose log shows
+a failed transfer, but its success alone proves nothing: release the source only once the
+target's lazy-pages daemon exited 0.
+
+Why tasks are left SIGSTOPped rather than cgroup-frozen: freezing the container (lxc-freeze)
+*before* the dump makes criu record the freezer state FROZEN, and the restored container
+then comes up frozen with its tasks stuck in ptrace stops (``lxc-unfreeze`` did not thaw it
+here); letting criu freeze and seize the tasks itself records THAWED. LXC therefore reports
+the source as RUNNING while its tasks are in state T.
+
+Found on these machines (CRIU 4.1.1, LXC 5.0.2, kernel 6.18):
+
+- Unprivileged containers with a veth cannot be restored: the kernel checks CAP_NET_ADMIN in
+  the peer's network namespace when a veth pair is created (commit 7b735ef81286,
+  "rtnetlink: add missing netlink_ns_capable() check for peer netns"), and criu 4.1.1 creates
+  the pair from inside the container's user namespace ("Can't restore link: -1", EPERM).
+  CRIU fixed it upstream by routing veth creation through usernsd (PR #3006). ``check``
+  probes for it (a veth created from a new user namespace with its peer outside) and
+  ``preflight`` reports such containers. Dump and rollback work for them.
+- CRIU cannot dump tasks running as a non-root user ("Can't get rlimit 0": no
+  CAP_SYS_RESOURCE here), nested UTS namespaces, or tasks whose session leader is outside
+  the container's pid namespace (anything started by ``lxc-attach`` without ``setsid``):
+  ``preflight`` names them before anything is frozen.
+- Restoring an unprivileged container's images needs the images directory readable by the
+  container's root (criu opens some images from inside the user namespace: "Unable to open
+  tty-info.img: Permission denied"), so ``restore`` hands the directory to that uid.
+- Rolling back after ``leave-stopped`` leaves what criu would have cleaned on resume:
+  "link remap" files of open-but-deleted files and TCP sockets in repair mode; neither
+  exists in the containers tested here.
+- Pre-copy (``criu pre-dump``) needs soft-dirty tracking, which this kernel lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from migrator import proc
+from migrator.checkpoint.base import (
+    DumpStats,
+    Features,
+    Problem,
+    RestoreStats,
+    Task,
+    criu_config,
+    dump_options,
+    find_problems,
+    listening_ports,
+    log_tail,
+    parse_status,
+    restore_options,
+    tree_bytes,
+)
+from migrator.errors import CheckpointError, InvalidState, MigratorError
+from runtime import config as cfg
+from runtime.containers import Containers
+
+# criu's network lock (iptables-restore format): what criu itself runs on resume.
+NETWORK_UNLOCK = "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n"
+
+
+def criu_binary() -> str | None:
+    return shutil.which("criu") or (
+        "/usr/sbin/criu" if os.access("/usr/sbin/criu", os.X_OK) else None
+    )
+
+
+def _read(path: Path | str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ns(pid: int, kind: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return ""
+
+
+def container_tasks(init_pid: int) -> list[Task]:
+    """Every process in the pid namespace of ``init_pid`` (host pids, init first)."""
+    pidns = _ns(init_pid, "pid")
+    if not pidns:
+        return []
+    tasks = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if _ns(pid, "pid") != pidns:
+            continue
+        status = _read(f"/proc/{pid}/status")
+        if status:
+            tasks.append(parse_status(pid, status, _ns(pid, "uts"), _ns(pid, "user")))
+    tasks.sort(key=lambda t: (t.pid != init_pid, t.pid))
+    return tasks
+
+
+def _failure(what: str, images: Path, output: Path, extra: str = "") -> CheckpointError:
+    logname = {"dump": "dump.log", "restore": "restore.log"}.get(what.split()[0], "dump.log")
+    log = images / logname
+    detail = log_tail(_read(log)) + log_tail(_read(output), 4)
+    return CheckpointError(
+        f"{what} failed" + (f" ({extra})" if extra else "") + ":\n  " + "\n  ".join(detail),
+        f"CRIU log: {log}; lxc-checkpoint output: {output}",
+    )
+
+
+class LazyDump:
+    """A post-copy dump running in the background: captures the tasks, then serves pages."""
+
+    def __init__(self, ck: LxcCheckpointer, name: str, images: Path, port: int,
+                 popen: subprocess.Popen[bytes], output: Path) -> None:
+        self.ck, self.name, self.images, self.port = ck, name, images, port
+        self.popen = popen
+        self.output = output
+        self.started = time.monotonic()
+        self.serving_seconds: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _listening(self) -> bool:
+        # The lxc-checkpoint process sits in the host's network namespace; its /proc net
+        # tables show that namespace's sockets. Never probe by connecting: the page server
+        # accepts exactly one connection.
+        tables = _read(f"/proc/{self.popen.pid}/net/tcp") + _read(
+            f"/proc/{self.popen.pid}/net/tcp6")
+        return self.port in listening_ports(tables)
+
+    def wait_serving(self, timeout: float = 60) -> float:
+        """Return (seconds since the start) once the non-memory images are written and the
+        page server listens; the tasks are stopped from then on."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None:
+                raise _failure(f"post-copy dump of {self.name!r}", self.images, self.output,
+                               f"lxc-checkpoint exited with {self.popen.returncode} before "
+                               "serving pages")
+            if self._listening():
+                self.serving_seconds = time.monotonic() - self.started
+                return self.serving_seconds
+            if time.monotonic() > deadline:
+                self.abort()
+                raise CheckpointError(
+                    f"post-copy dump of {self.name!r} did not serve pages within "
+                    f"{timeout:.0f}s", "the dump was aborted; resume_source() rolls back")
+            time.sleep(0.005)
+
+    def finish(self, timeout: float | None = 300) -> DumpStats:
+        """Wait until the page server has exited (all pages served, or the stream ended).
+
+        Raises CheckpointError when lxc-checkpoint failed or criu's log shows a failed
+        transfer. Success here does NOT prove the target got every page (a cut stream can
+        still end with exit code 0): trust the target's ``LazyPages.wait``.
+        """
+        try:
+            rc = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise CheckpointError(
+                f"post-copy dump of {self.name!r} still serving pages after {timeout:.0f}s",
+                "aborted; the source tasks stay stopped: resume_source() rolls back") from None
+        seconds = time.monotonic() - self.started
+        log = _read(self.images / "dump.log")
+        if rc != 0 or "Lazy pages transfer FAILED" in log:
+            raise _failure(f"post-copy dump of {self.name!r}", self.images, self.output,
+                           f"exit code {rc}")
+        return DumpStats(seconds, self.ck.non_memory_bytes(self.images), "post-copy",
+                         self.serving_seconds)
+
+    def abort(self) -> None:
+        """Kill the dump (lxc-checkpoint and its criu). The tasks stay as criu left them
+        (stopped, or running again if criu was killed mid-seize): resume_source() fixes
+        either."""
+        _kill_group(self.popen)
+
+
+class LazyPages:
+    """The target side's ``criu lazy-pages`` daemon: fetches pages for a lazy restore."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], images: Path, log: Path) -> None:
+        self.popen, self.images, self.log = popen, images, log
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait(self, timeout: float | None = 300) -> None:
+        """Wait for the daemon to exit; it exits 0 only once every page has arrived."""
+        try:
+            rc = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise CheckpointError(f"lazy-pages daemon still running after {timeout:.0f}s",
+                                  f"killed it; log: {self.log}") from None
+        if rc != 0:
+            raise CheckpointError(
+                f"lazy-pages daemon failed with exit code {rc}: the page stream broke and "
+                "the restored container is missing memory:\n  "
+                + "\n  ".join(log_tail(_read(self.log))),
+                "stop the target container and roll back: resume_source() on the source; "
+                f"log: {self.log}")
+
+    def abort(self) -> None:
+        _kill_group(self.popen)
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=10)
+
+
+class LxcCheckpointer:
+    """CRIU checkpoint/restore of one host's LXC containers (any state root / namespace)."""
+
+    def __init__(self, containers: Containers) -> None:
+        self.cts = containers
+        self.lxc = containers.lxc
+        self.netns = containers.host.netns
+        self.work = containers.host.root / "checkpoint"
+
+    def _workdir(self) -> Path:
+        self.work.mkdir(mode=0o700, exist_ok=True)
+        return self.work
+
+    def _config(self, name: str, kind: str, options: list[str]) -> Path:
+        p = self._workdir() / f"{name}.{kind}.criu.conf"
+        p.write_text(criu_config(*options))
+        return p
+
+    @staticmethod
+    def non_memory_bytes(images: Path) -> int:
+        return sum(f.stat().st_size for f in images.iterdir()
+                   if f.is_file() and not f.name.startswith("pages-") and f.suffix == ".img")
+
+    # features ----------------------------------------------------------------------------
+    def check(self) -> Features:
+        criu = criu_binary()
+        if criu is None:
+            return Features(None, False, False, "criu is not installed",
+                            "criu is not installed", False, "criu is not installed")
+        r = proc.run([criu, "--version"], check=False, timeout=10)
+        first = r.stdout.strip().splitlines()[:1]
+        version = first[0].removeprefix("Version: ").strip() if first else None
+
+        def feature(f: str) -> bool:
+            return proc.run([criu, "check", "--feature", f], check=False,
+                            timeout=30).returncode == 0
+
+        lazy = feature("uffd") and feature("uffd-noncoop")
+        pre = feature("mem_dirty_track")
+        unpriv, unpriv_reason = self._probe_unprivileged_veth()
+        return Features(
+            criu_version=version, lazy_pages=lazy, pre_dump=pre,
+            pre_dump_reason="" if pre else "kernel has no soft-dirty tracking (criu check "
+            "--feature mem_dirty_track failed)",
+            lazy_pages_reason="" if lazy else "no userfaultfd support (criu check --feature "
+            "uffd/uffd-noncoop failed)",
+            unprivileged_restore=unpriv, unprivileged_restore_reason=unpriv_reason)
+
+    def _probe_unprivileged_veth(self) -> tuple[bool, str]:
+        """Can a user namespace create a veth whose peer is in this host's namespace? That
+        is what criu 4.1 does to restore an unprivileged container's network."""
+        if shutil.which("unshare") is None:
+            return False, "unshare is not installed (cannot probe)"
+        tag = f"{os.getpid() % 100000:05d}"
+        inner, peer = f"mgcki{tag}", f"mgckp{tag}"
+        target = f"/run/netns/{self.netns}" if self.netns else "/proc/1/ns/net"
+        r = proc.run(["unshare", "-Urn", "ip", "link", "add", inner, "type", "veth", "peer",
+                      "name", peer, "netns", target], check=False, timeout=30)
+        if r.returncode == 0:
+            proc.run(["ip", "link", "del", peer], netns=self.netns, check=False, timeout=30)
+            return True, ""
+        return False, (
+            "the kernel refuses a veth created from a user namespace with its peer outside "
+            f"({r.stderr.strip() or 'EPERM'}): CRIU 4.1 cannot restore an unprivileged "
+            "container's network (fixed upstream in CRIU PR #3006)")
+
+    # before the freeze -------------------------------------------------------------------
+    def preflight(self, name: str, features: Features | None = None) -> list[Problem]:
+        """What would make a dump or restore of the running container ``name`` fail."""
+        rec = self.cts.get(name)
+        init = self.lxc.init_pid(rec.name)
+        if init is None:
+            return [Problem(0, f"container {rec.name!r} is not running",
+                            f"start it: `migrate start {rec.name}`")]
+        privileged = cfg.is_true(rec.config, "security.privileged")
+        spec = self.cts.spec(rec)
+        root_uid = 0 if spec.idmap is None else spec.idmap.base
+        tasks = container_tasks(init)
+        init_task = next((t for t in tasks if t.pid == init), None)
+        if init_task is None:
+            return [Problem(init, f"container {rec.name!r} init vanished", "retry")]
+        problems = find_problems(tasks, init_task, root_uid)
+        if not privileged and spec.ipv4:
+            feats = features or self.check()
+            if not feats.unprivileged_restore:
+                problems.append(Problem(
+                    init, f"container {rec.name!r} is unprivileged and has a veth network "
+                    "device: " + feats.unprivileged_restore_reason,
+                    "migrate it stopped instead, or make it privileged "
+                    f"(`migrate config set {rec.name} security.privileged=true` while "
+                    "stopped)"))
+        return problems
+
+    # dump / rollback / release -----------------------------------------------------------
+    def _require_running(self, name: str) -> int:
+        pid = self.lxc.init_pid(name)
+        st = self.lxc.state(name)
+        if pid is None or st != "RUNNING":
+            raise InvalidState(f"container {name!r} is {st.lower()}, not running",
+                               f"start it: `migrate start {name}`")
+        return pid
+
+    def dump(self, name: str, images: Path) -> DumpStats:
+        """Stop-and-copy: every task captured into ``images`` and left stopped (not killed).
+
+        On failure criu resumes the tasks itself: the container keeps running.
+        """
+        rec = self.cts.get(name)
+        self._require_running(rec.name)
+        conf = self._config(rec.name, "dump", dump_options())
+        out = self._workdir() / f"{rec.name}.dump.out"
+        out.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
+        seconds = time.monotonic() - t0
+        if rc != 0:
+            raise _failure(f"dump of {rec.name!r}", images, out, f"exit code {rc}; the "
+                           "container keeps running")
+        return DumpStats(seconds, tree_bytes(images), "stop-and-copy")
+
+    def _unlock_network(self, init_pid: int) -> None:
+        for tool in ("iptables", "ip6tables"):
+            if shutil.which(f"{tool}-save") is None:
+                continue
+            saved = proc.run(["nsenter", "-t", str(init_pid), "-n", f"{tool}-save", "-t",
+                              "filter"], check=False, timeout=30)
+            if ":CRIU " not in saved.stdout:
+                continue
+            proc.run(["nsenter", "-t", str(init_pid), "-n", f"{tool}-restore", "--noflush"],
+                     input=NETWORK_UNLOCK, timeout=30,
+                     hint="the container's network stays locked by CRIU's CRIU chain")
+
+    def resume_source(self, name: str, images: Path) -> None:
+        """Rollback: the container runs again on this host with its memory state.
+
+        Stopped tasks (left by ``dump``/post-copy) are continued; if they are gone (the
+        container is STOPPED) the container is restored from ``images``.
+        """
+        rec = self.cts.get(name)
+        init = self.lxc.init_pid(rec.name)
+        if init is None:
+            self.restore(rec.name, images)
+            return
+        self._unlock_network(init)
+        for t in container_tasks(init):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(t.pid, signal.SIGCONT)
+        if self.lxc.state(rec.name) == "FROZEN":
+            self.lxc.unfreeze(rec.name)
+        # the SIGCONTs are processed at once; make sure nothing stayed stopped
+        deadline = time.monotonic() + 5
+        while True:
+            stopped = [t for t in container_tasks(init) if t.state in ("T", "t")]
+            if not stopped:
+                return
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"container {rec.name!r}: processes {[t.pid for t in stopped]} stay "
+                    "stopped after the rollback", "send them SIGCONT by hand")
+            time.sleep(0.02)
+
+    def release_source(self, name: str) -> None:
+        """Point of no return: kill the stopped source tasks (container STOPPED here; its
+        record and rootfs are left for the caller)."""
+        rec = self.cts.get(name)
+        init = self.lxc.init_pid(rec.name)
+        if init is None:
+            return
+        tasks = container_tasks(init)
+        # SIGKILL first, thaw after: a frozen or stopped task dies on wake-up without
+        # running another instruction, so no source task runs once the target has taken over
+        for t in tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(t.pid, signal.SIGKILL)
+        if self.lxc.state(rec.name) == "FROZEN":
+            with contextlib.suppress(MigratorError):
+                self.lxc.unfreeze(rec.name)
+        if not self.lxc.wait_state(rec.name, "STOPPED", 30):
+            with contextlib.suppress(MigratorError):
+                self.lxc.stop(rec.name, force=True)
+        if self.lxc.state(rec.name) != "STOPPED":
+            raise CheckpointError(f"container {rec.name!r} did not stop after its tasks were "
+                                  "killed", f"`migrate stop --force {rec.name}`")
+
+    # restore -----------------------------------------------------------------------------
+    def restore(self, name: str, images: Path, lazy: bool = False) -> RestoreStats:
+        """Restore ``name`` (record and rootfs present, STOPPED) from ``images``.
+
+        ``lazy``: memory comes from a running ``start_lazy_pages`` daemon on ``images``.
+        """
+        rec = self.cts.get(name)
+        st = self.lxc.state(rec.name)
+        if st != "STOPPED":
+            raise InvalidState(f"cannot restore {rec.name!r}: it is {st.lower()}",
+                               "stop it first (or release_source() after a dump)")
+        spec = self.cts.spec(rec)
+        self.lxc.write_config(spec)
+        if spec.idmap is not None:
+            # criu opens some images from inside the container's user namespace
+            os.chown(images, spec.idmap.base, spec.idmap.base)
+        conf = self._config(rec.name, "restore", restore_options(lazy))
+        out = self._workdir() / f"{rec.name}.restore.out"
+        out.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
+                                 restore=True)
+        seconds = time.monotonic() - t0
+        if rc != 0:
+            err = _failure(f"restore of {rec.name!r}", images, out, f"exit code {rc}")
+            if self.lxc.state(rec.name) != "STOPPED":
+                with contextlib.suppress(MigratorError):
+                    self.lxc.stop(rec.name, force=True)
+            raise err
+        return RestoreStats(seconds)
+
+    # post-copy ---------------------------------------------------------------------------
+    def start_lazy_dump(self, name: str, images: Path, address: str, port: int) -> LazyDump:
+        """Start a post-copy dump; its page server will listen on ``address:port`` in this
+        host's network namespace. The tasks stay stopped after it, whatever the stream does.
+        """
+        rec = self.cts.get(name)
+        self._require_running(rec.name)
+        conf = self._config(rec.name, "lazy-dump", dump_options(True, address, port))
+        out = self._workdir() / f"{rec.name}.lazy-dump.out"
+        out.unlink(missing_ok=True)
+        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
+        return LazyDump(self, rec.name, images, port, p, out)
+
+    def start_lazy_pages(self, images: Path, address: str, port: int,
+                         timeout: float = 30) -> LazyPages:
+        """Start the target's lazy-pages daemon against the source's page server and wait
+        until it is ready for a lazy restore (``images/lazy-pages.socket`` exists)."""
+        criu = criu_binary()
+        if criu is None:
+            raise CheckpointError("criu is not installed", "run `make setup`")
+        log = self._workdir() / f"lazy-pages-{images.name}.log"
+        log.unlink(missing_ok=True)
+        (images / "lazy-pages.socket").unlink(missing_ok=True)
+        p = proc.spawn([criu, "lazy-pages", "--page-server", "--address", address, "--port",
+                        str(int(port)), "--images-dir", str(images), "-o", str(log), "-v4"],
+                       netns=self.netns)
+        lp = LazyPages(p, images, log)
+        deadline = time.monotonic() + timeout
+        while not (images / "lazy-pages.socket").exists():
+            if p.poll() is not None:
+                raise CheckpointError(
+                    f"lazy-pages daemon exited with {p.returncode} before it was ready:\n  "
+                    + "\n  ".join(log_tail(_read(log))), f"log: {log}")
+            if time.monotonic() > deadline:
+                lp.abort()
+                raise CheckpointError(f"lazy-pages daemon not ready within {timeout:.0f}s",
+                                      f"log: {log}")
+            time.sleep(0.005)
+        return lp
