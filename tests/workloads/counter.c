@@ -1,15 +1,17 @@
 /* Checkpoint test workload: keeps MB megabytes of a known pattern in RAM and a counter.
  *
- * usage: counter MB STATEFILE [PERIOD_MS]
+ * usage: counter MB STATEFILE [PERIOD_MS [UID]]
  *
  * Every PERIOD_MS (default 50) it increments the counter, rewrites one word of the buffer
  * (so pages keep changing), verifies every page against the pattern and rewrites STATEFILE
  * atomically (write STATEFILE.new, rename) as one line:
  *     count=N bad=B pid=P start=S
  * A migrated copy must keep counting from where the source stopped (count never drops and
- * start never changes) with bad=0. Build: gcc -static -O2 -o counter counter.c
+ * start never changes) with bad=0. With UID it drops to that user id first (a process CRIU
+ * cannot dump here, for the pre-freeze check). Build: gcc -static -O2 -o counter counter.c
  */
 #include <fcntl.h>
+#include <grp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +36,13 @@ int main(int argc, char **argv)
 	size_t words = (size_t)strtoul(argv[1], NULL, 10) * 1024 * 1024 / sizeof(uint64_t);
 	const char *state = argv[2];
 	long period_ms = argc > 3 ? strtol(argv[3], NULL, 10) : 50;
+	if (argc > 4) {
+		gid_t gid = (gid_t)strtoul(argv[4], NULL, 10);
+		if (setgroups(0, NULL) || setgid(gid) || setuid((uid_t)gid)) {
+			perror("setuid");
+			return 1;
+		}
+	}
 	size_t pages = words / PAGE_WORDS;
 	uint64_t *buf = malloc(words * sizeof(uint64_t));
 	/* gens[p]: how many times page p's first word was rewritten */
