@@ -73,12 +73,13 @@ class Checkpointer(Protocol):
 
 # images directory ------------------------------------------------------------------------
 def images_dir(host_root: Path, tag: str) -> Path:
-    """A new, empty, memory-backed directory (mode 0700) for one checkpoint's images.
+    """The memory-backed directory (mode 0700) for one checkpoint's images, made if missing.
 
-    Named after the host's state root and ``tag``, so two test hosts on one machine never
-    share one. The parent is 0711: a restore of an unprivileged container hands the
-    directory to the container's root (``LxcCheckpointer.restore``), which must traverse it.
-    Remove it with ``remove_images_dir``.
+    Named after the host's state root and ``tag`` (the same pair always names the same
+    directory, contents kept), so two test hosts on one machine never share one. The parent
+    is 0711: a restore of an unprivileged container hands the directory to the container's
+    root (``LxcCheckpointer.restore``), which must traverse it. Remove it with
+    ``remove_images_dir``.
     """
     if not tag or "/" in tag or tag in (".", ".."):
         raise ValueError(f"invalid images tag {tag!r}")
@@ -86,9 +87,7 @@ def images_dir(host_root: Path, tag: str) -> Path:
     os.chmod(SHM_BASE, 0o711)
     host = hashlib.sha256(str(Path(host_root).resolve()).encode()).hexdigest()[:10]
     d = SHM_BASE / f"{host}-{tag}"
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(mode=0o700)
+    d.mkdir(mode=0o700, exist_ok=True)  # idempotent: the same tag names the same directory
     os.chmod(d, 0o700)
     return d
 

@@ -77,6 +77,7 @@ def test_images_dir_is_private_and_removable(tmp_path, monkeypatch) -> None:  # 
     other = base.images_dir(tmp_path / "other-host", "c1-live")
     assert other != d
     (d / "core-1.img").write_bytes(b"x" * 10)
+    assert base.images_dir(tmp_path / "hostroot", "c1-live") == d  # same dir, kept
     assert base.tree_bytes(d) == 10
     base.remove_images_dir(d)
     assert not d.exists()
