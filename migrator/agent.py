@@ -204,7 +204,7 @@ class Agent:
     def receive_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Unpack checkpoint images into memory-backed space named by the operation."""
         from migrator.backends.generic import tar_extract
-        from migrator.checkpoint.lxc import images_dir
+        from migrator.checkpoint.base import images_dir
 
         images = images_dir(self.host.root, _tag(req["tag"]))
         stream = FrameStream(read, "tar", "images", None, str(req.get("compress", "none")))
@@ -223,7 +223,8 @@ class Agent:
         "restored" event goes out as soon as it runs, the reply once every page is here."""
         import time
 
-        from migrator.checkpoint.lxc import LxcCheckpointer, images_dir
+        from migrator.checkpoint.base import images_dir
+        from migrator.checkpoint.lxc import LxcCheckpointer
 
         name = ContainerName(req["name"])
         rec = self.cts.get(name)
@@ -256,7 +257,7 @@ class Agent:
                 "status": self.cts.lxc.state(rec.name)}
 
     def drop_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
-        from migrator.checkpoint.lxc import images_dir
+        from migrator.checkpoint.base import images_dir
 
         shutil.rmtree(images_dir(self.host.root, _tag(req["tag"])), ignore_errors=True)
         return {}

@@ -262,17 +262,20 @@ def live_migrate(cts: Any, transport: Any, name: str, pool: str | None = None,
                  mode: str = "auto", keep_source: bool = False, compress: str = "auto",
                  progress: Progress = no_progress) -> LiveResult:
     """Move a running container to the transport's host with its memory state (see above)."""
-    with journaled(cts.state, "live", container=name, host=transport.name) as op:
+    with journaled(cts.state, "live", container=name, host=transport.name,
+                   keep_source=keep_source) as op:
         return _live(cts, transport, name, pool, mode, keep_source, compress, progress, op)
 
 
 def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
           keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
-    from migrator.checkpoint.lxc import LxcCheckpointer, images_dir
+    from migrator.checkpoint.base import images_dir
+    from migrator.checkpoint.lxc import LxcCheckpointer
 
     t_start = time.monotonic()
     plan = plan_live(cts, transport, name, pool, mode, compress)
-    op.stage("check", plan=plan.as_dict())
+    op.stage("check", plan=plan.as_dict(), pool=plan.pool, mode=plan.mode,
+             method=f"{plan.storage}+{plan.compress}")
     result = LiveResult(plan.container, "local", transport.name, plan.pool, plan.mode,
                         plan.storage, plan.compress, ipv4=plan.ipv4, notes=list(plan.reasons),
                         operation=op.id)

@@ -28,7 +28,7 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
         raise InvalidState(f"operation {op.id} is still running (pid {op.detail['pid']})",
                            "wait for it, or stop that process first")
     handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
-               "move-remote": _move_remote}.get(op.kind)
+               "move-remote": _move_remote, "live": _live}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
     outcome = handler(cts, op, transport_for)
@@ -110,3 +110,48 @@ def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], A
     _clean_temps(cts, name)
     return f"rolled back: {name} stays here, the copy on {host} was removed" + \
         _restart(cts, name, was_running)
+
+
+def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+    """A live migration: completed once the target was verified (``release`` reached),
+    else the target's copy is removed and the source resumed from its frozen state, or
+    restored from the checkpoint images still in memory-backed space."""
+    from pathlib import Path
+
+    from migrator.checkpoint.lxc import LxcCheckpointer
+
+    host, name = op.detail["host"], op.detail["container"]
+    ckpt = LxcCheckpointer(cts)
+    images = Path(op.detail["images"]) if op.detail.get("images") else None
+    if "release" in op.stages:
+        if cts.state.has_container(name):
+            with contextlib.suppress(MigratorError):
+                ckpt.release_source(name)
+            if not op.detail.get("keep_source"):
+                cts.delete(name, force=True)
+        if images is not None:
+            import shutil
+
+            shutil.rmtree(images, ignore_errors=True)
+        return f"completed: {name} runs on {host}; the source was released"
+    with transport_for(host) as t:
+        if "sync" in op.stages:
+            there = t.request("container_state", {"name": name})
+            if there.get("exists"):
+                t.request("delete_container", {"name": name, "force": True})
+            else:
+                with contextlib.suppress(MigratorError):
+                    t.request("abort_container", {"name": name, "pool": op.detail["pool"]})
+        with contextlib.suppress(MigratorError):
+            t.request("drop_images", {"tag": op.id})
+    outcome = f"rolled back: the copy on {host} was removed"
+    if "dump" in op.stages and cts.state.has_container(name) and \
+            cts.lxc.state(name) != "RUNNING":
+        ckpt.resume_source(name, images if images is not None else Path("/nonexistent"))
+        outcome += f"; {name} resumed here with its memory state"
+    if images is not None:
+        import shutil
+
+        shutil.rmtree(images, ignore_errors=True)
+    _clean_temps(cts, name)
+    return outcome
