@@ -313,7 +313,7 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
                     src_b, vol, plan.pool, vol, last, base if how in NATIVE_TYPES else None,
                     how, plan.compress, True)
         with clock.stage(op, "images"):
-            reply = transport.request("receive_images", {"tag": op.id},
+            reply = transport.request("receive_images", {"tag": op.id, "compress": plan.compress},
                                       stream=_images_stream(images), compress=plan.compress)
             result.image_bytes = int(reply.get("raw", 0))
         restored: list[float] = []

@@ -95,15 +95,16 @@ def live_cmd(
                 say(f"  {r}")
         return
 
+    # inventory look-ups here, in the main thread (the state's SQLite stays in its thread)
+    transports = {n: transport_for(dst) for n in wanted}
+
     def one(n: str) -> dict[str, Any]:
-        # each worker has its own state connection (SQLite objects stay in their thread)
         from runtime.containers import Containers
         from runtime.host import Host
 
         own = cts if parallel == 1 else Containers(Host(cts.host.root))
         try:
-            with transport_for(dst) as t, \
-                    Bars(enabled=None if parallel == 1 else False) as bars:
+            with transports[n] as t, Bars(enabled=None if parallel == 1 else False) as bars:
                 return live_migrate(own, t, n, target_pool, mode, keep_source, compress,
                                     bars).as_dict()
         finally:
@@ -114,18 +115,25 @@ def live_cmd(
     failures: list[tuple[str, Exception]] = []
     from migrator.errors import MigratorError
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = {n: pool.submit(one, n) for n in wanted}
-        for n, fut in futures.items():
-            try:
-                r = fut.result()
-            except MigratorError as e:
-                failures.append((n, e))
-                say(f"{n}: FAILED, still on the source: {e.message}")
-                continue
-            results.append(r)
-            if fmt != Format.json:
-                _report(r)
+    def collect(n: str, run: Any) -> None:
+        try:
+            r = run()
+        except MigratorError as e:
+            failures.append((n, e))
+            say(f"{n}: FAILED, still on the source: {e.message}")
+            return
+        results.append(r)
+        if fmt != Format.json:
+            _report(r)
+
+    if parallel == 1:
+        for n in wanted:
+            collect(n, lambda n=n: one(n))
+    else:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {n: pool.submit(one, n) for n in wanted}
+            for n, fut in futures.items():
+                collect(n, fut.result)
     if fmt == Format.json:
         typer.echo(json.dumps(results if len(wanted) > 1 or not results else results[0],
                               indent=2))
