@@ -126,7 +126,9 @@ def dump_options(lazy: bool = False, address: str | None = None, port: int | Non
                  ) -> list[str]:
     # leave-stopped: after the dump CRIU leaves every task SIGSTOPped instead of killing it
     # (LXC's -s passes no --leave-running, so this config option decides the final state).
-    opts = ["leave-stopped"]
+    # enable-fs ramfs: systemd mounts /run/credentials/* as ramfs, which CRIU dumps only
+    # when told to (the files in it are dumped with the mount, so nothing is lost).
+    opts = ["leave-stopped", "enable-fs ramfs"]
     if lazy:
         if not address or not port:
             raise ValueError("a post-copy dump needs the page server's address and port")
