@@ -296,6 +296,8 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
+        if hasattr(transport, "warm"):  # final sync, images, restore: agents ready now
+            transport.warm(3)
         freeze = time.monotonic()
         with clock.stage(op, "dump", mode=plan.mode):
             if plan.mode == "post-copy":

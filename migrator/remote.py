@@ -261,6 +261,7 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
     try:
         if running:
             op.stage("final-sync")
+            transport.warm(3)  # final sync, start, check: agents started before the stop
             stopped_at = time.monotonic()
             cts.lxc.stop(rec.name)
             src_b = cts.host.backend(rec.pool)

@@ -89,6 +89,7 @@ class SshTransport:
         self.link_failed = ""  # why that link could not be made (then not tried again)
         self.last_link = ""  # what carried the last upload: "channel" or "tcp"
         self.client: paramiko.SSHClient | None = None
+        self._warm: list[Any] = []  # agents started ahead of their request (warm())
         self.last_raw = self.last_wire = 0  # bytes of the last upload: produced, on the wire
 
     # connection ---------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class SshTransport:
         return f"{key.get_name()} {fingerprint(key)}"
 
     def close(self) -> None:
+        self._warm = []  # their channels close with the connection
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -221,6 +223,28 @@ class SshTransport:
             log.warning("%s; using the SSH channel", self.link_failed)
         return link
 
+    def _open_agent(self, transport: paramiko.Transport) -> Any:
+        """A new channel running the agent (which starts, then waits for its request)."""
+        try:
+            chan = transport.open_session(timeout=self.timeout)
+            chan.exec_command(shlex.join(self.agent_argv()))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise errors.NetworkError(f"cannot open a channel to {self.name}: {e}",
+                                      "the connection dropped; retry") from e
+        return chan
+
+    def warm(self, n: int) -> None:
+        """Start ``n`` agents now for requests to come: each agent process costs ~0.4 s to
+        start (Python and its imports), which a live migration must not spend while the
+        container is down. A warm agent just waits for its request on stdin."""
+        self.connect()
+        assert self.client is not None
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        while len(self._warm) < n:
+            self._warm.append(self._open_agent(transport))
+
     def agent_argv(self) -> list[str]:
         argv = [*shlex.split(self.command)]
         if self.remote_root:
@@ -239,13 +263,8 @@ class SshTransport:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise errors.NetworkError(f"the connection to {self.name} is closed")
+        chan = self._warm.pop(0) if self._warm else self._open_agent(transport)
         try:
-            chan = transport.open_session(timeout=self.timeout)
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise errors.NetworkError(f"cannot open a channel to {self.name}: {e}",
-                                      "the connection dropped; retry") from e
-        try:
-            chan.exec_command(shlex.join(self.agent_argv()))
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
             if stream is not None:
                 link = self._offer_link(transport, chan) if self.fast_link else None
