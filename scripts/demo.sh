@@ -77,5 +77,18 @@ a copy app host-b:app-copy --refresh
 a move app host-b -p zfs
 b list
 b exec app -- cat /root/state
+
+# Live migration with CRIU: a counter held only in a shell's memory keeps counting on host b.
+# (privileged: CRIU 4.1.1 cannot restore an unprivileged container's veth on this kernel)
+a launch busybox live1 -p btrfs -c security.privileged=true
+a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /root/count; sleep 0.2; done" </dev/null >/dev/null 2>&1 &'
+sleep 2
+before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
+a live local host-b live1 --dry-run
+a live local host-b live1
+sleep 1
+after=$(b exec live1 -- cat /root/count)
+echo "counter before the migration: $before; on host b now: $after (the same shell, still counting)" >&2
+[ "$after" -gt "$before" ] || { echo "the counter did not carry on" >&2; exit 1; }
 a operations --all
 echo "demo OK" >&2
