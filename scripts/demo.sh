@@ -67,6 +67,20 @@ mkdir -p "$A/ssh" && cp "$HOSTS/client/known_hosts" "$A/ssh/known_hosts"
 a host add host-b 198.51.100.11 --key "$HOSTS/client/id_ed25519" --remote-root "$B" \
   --command "$PWD/.venv/bin/migrate"
 a host check host-b --probe-mib 64
+# live1 runs a counter held only in a shell's memory (for the live migration at the end);
+# privileged: CRIU 4.1.1 cannot restore an unprivileged container's veth on this kernel
+a launch busybox live1 -p btrfs -c security.privileged=true
+a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /root/count; sleep 0.2; done" </dev/null >/dev/null 2>&1 &'
+sleep 2
+# Live migration with CRIU: live1's counter keeps counting on host b, from where it was.
+before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
+a live local host-b live1 --dry-run
+a live local host-b live1
+sleep 1
+after=$(b exec live1 -- cat /root/count)
+echo "counter before the migration: $before; on host b now: $after (the same shell, still counting)" >&2
+[ "$after" -gt "$before" ] || { echo "the counter did not carry on" >&2; exit 1; }
+
 a launch busybox app -p btrfs
 a exec app -- sh -c 'echo "state from host a" > /root/state'
 a snapshot create app s0
@@ -78,17 +92,5 @@ a move app host-b -p zfs
 b list
 b exec app -- cat /root/state
 
-# Live migration with CRIU: a counter held only in a shell's memory keeps counting on host b.
-# (privileged: CRIU 4.1.1 cannot restore an unprivileged container's veth on this kernel)
-a launch busybox live1 -p btrfs -c security.privileged=true
-a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /root/count; sleep 0.2; done" </dev/null >/dev/null 2>&1 &'
-sleep 2
-before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
-a live local host-b live1 --dry-run
-a live local host-b live1
-sleep 1
-after=$(b exec live1 -- cat /root/count)
-echo "counter before the migration: $before; on host b now: $after (the same shell, still counting)" >&2
-[ "$after" -gt "$before" ] || { echo "the counter did not carry on" >&2; exit 1; }
 a operations --all
 echo "demo OK" >&2
