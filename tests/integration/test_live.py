@@ -25,7 +25,7 @@ import pytest
 
 from migrator import errors
 from runtime.testhosts import TestHostSpec
-from tests.integration.test_remote import AGENT, host_pair, m, rootfs
+from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
 
 BASE = Path("/var/tmp/migrator-tests/live")
 PREFIX = "mt5"
@@ -325,3 +325,39 @@ def test_target_pool_full_is_refused_before_freezing(hosts, counter_bin) -> None
         _still_on_a(a, b, "f5", before)
     finally:
         m(b, "pool", "delete", "tiny")
+
+
+def test_client_killed_after_the_dump_is_recovered(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+    """The migrating process dies with the source stopped by CRIU: `migrate operations`
+    shows the interrupted migration and `migrate recover` resumes the source from memory."""
+    from runtime.state import StateStore
+
+    a, b = hosts
+    before = launch_counting(a, counter_bin, "f6", mb=256)
+    p = subprocess.Popen([*MIGRATE, "--root", str(a.root), "live", "local", "b", "f6",
+                          "--mode", "stop-and-copy", "--compress", "none"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not killed:
+            st = StateStore(a.root / "state.db")
+            try:
+                ops = [o for o in st.list_operations() if o.kind == "live"]
+            finally:
+                st.close()
+            if ops and {"images", "restore"} & set(ops[-1].stages):
+                p.kill()
+                killed = True
+            time.sleep(0.02)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    assert killed, "the migration ended before it could be interrupted"
+    _rc, out, _e = m(a, "operations", "--format", "json")
+    ops = json.loads(out)
+    assert [o["status"] for o in ops] == ["interrupted"], ops
+    _rc, _out, err = m(a, "recover")
+    assert "resumed here with its memory state" in err or "rolled back" in err, err
+    _still_on_a(a, b, "f6", before)
