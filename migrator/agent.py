@@ -263,6 +263,87 @@ class Agent:
         return {}
 
 
+    # pushes on the client's behalf ----------------------------------------------------
+    def delegate(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Run a push from this host for a client that drives two other hosts
+        (``migrate live host-a host-b``, ``migrate copy host-a:c1 host-b:c1``).
+
+        The client describes the target and sends the host key *it* verified for it, so this
+        host trusts exactly that key and nothing more; the login key is the client's path
+        if it exists here, else this host's own keys and ssh-agent.
+        """
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from migrator.transport.ssh import SshTransport
+
+        tgt = dict(req["target"])
+        name = str(ContainerName(str(tgt["name"])))
+        address, port = _address(tgt["address"]), int(tgt.get("port", 22))
+        key_type, key_b64 = (str(x) for x in tgt["host_key"])
+        if not key_type.replace("-", "").replace("@", "").replace(".", "").isalnum() or \
+                not key_b64.replace("+", "").replace("/", "").rstrip("=").isalnum():
+            raise errors.InvalidInput("malformed host key for the target")
+        login_key = tgt.get("key") if tgt.get("key") and os.path.isfile(str(tgt["key"])) \
+            else None
+        with tempfile.TemporaryDirectory(prefix="migrator-delegate-") as d:
+            known = Path(d) / "known_hosts"
+            hostname = address if port == 22 else f"[{address}]:{port}"
+            known.write_text(f"{hostname} {key_type} {key_b64}\n")
+            known.chmod(0o600)
+            t = SshTransport(name, address, port, str(tgt.get("user", "root")), login_key,
+                             tgt.get("root"), tgt.get("command"), known_hosts=known,
+                             netns=self.host.netns)
+            t.data_link = str(tgt.get("data_link", "auto"))
+            t.link_rate = float(tgt["link_rate"]) if tgt.get("link_rate") else None
+            with t:
+                if req.get("command") == "live":
+                    return self._delegated_live(req, t)
+                if req.get("command") == "copy":
+                    from migrator.remote import RemoteCopy
+
+                    r = RemoteCopy(self.cts, t, compress=str(req.get("compress", "auto"))
+                                   ).copy(str(ContainerName(req["source"])),
+                                          str(ContainerName(req["target_name"])),
+                                          req.get("pool"), bool(req.get("instance_only")),
+                                          bool(req.get("refresh")))
+                    return {"result": r.as_dict()}
+        raise errors.InvalidInput(f"cannot delegate {req.get('command')!r}")
+
+    def _delegated_live(self, req: dict[str, Any], t: Any) -> dict[str, Any]:
+        from migrator.live import live_migrate
+
+        names = [str(ContainerName(n)) for n in req.get("names") or []]
+        if not names:
+            names = [c.name for c in self.cts.list_all() if c.state == "RUNNING"]
+        results, failures = [], []
+        for n in names:
+            try:
+                r = live_migrate(self.cts, t, n, req.get("pool"), str(req.get("mode", "auto")),
+                                 bool(req.get("keep_source")), str(req.get("compress", "auto")))
+            except errors.MigratorError as e:
+                failures.append({"name": n, **error_reply(e)["error"]})
+                self.notify({"event": "failed", "name": n, "message": e.message})
+                continue
+            results.append(r.as_dict())
+            self.notify({"event": "migrated", **r.as_dict()})
+        return {"results": results, "failures": failures}
+
+
+def _address(value: Any) -> str:
+    """An IP address or a DNS name (letters, digits, dots, dashes), nothing else."""
+    import ipaddress
+
+    a = str(value)
+    try:
+        return str(ipaddress.ip_address(a))
+    except ValueError:
+        if a and all(p and p.replace("-", "").isalnum() for p in a.split(".")):
+            return a
+    raise errors.InvalidInput(f"invalid address {a!r}")
+
+
 def _tag(value: Any) -> str:
     """An operation id used as a directory name: hex digits and dashes only."""
     tag = str(value)
@@ -294,6 +375,7 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "receive_images": Agent.receive_images,
     "checkpoint_restore": Agent.checkpoint_restore,
     "drop_images": Agent.drop_images,
+    "delegate": Agent.delegate,
 }
 
 

@@ -93,6 +93,30 @@ def transport_for(name: str, accept_host_key: bool = False) -> Any:
     return t
 
 
+def delegation_target(name: str) -> dict[str, Any]:
+    """An inventory host as another host needs it to push there for us, with the host key
+    this host verified (so the pushing host trusts exactly that key)."""
+    import paramiko
+
+    from migrator.errors import HostKeyError
+    from migrator.names import ContainerName
+
+    h = _ctx().host
+    rec = h.state.get_host(ContainerName(name))
+    hostname = rec.address if rec.port == 22 else f"[{rec.address}]:{rec.port}"
+    known = h.root / "ssh" / "known_hosts"
+    keys = paramiko.HostKeys(str(known)) if known.exists() else paramiko.HostKeys()
+    entry = keys.lookup(hostname)
+    if not entry:
+        raise HostKeyError(f"no verified SSH key for {name}",
+                           f"check its fingerprint, then `migrate host trust {name}`")
+    ktype, key = next(iter(entry.items()))
+    return {"name": rec.name, "address": rec.address, "port": rec.port, "user": rec.user,
+            "key": rec.key, "root": rec.root, "command": rec.command,
+            "data_link": rec.data_link, "link_rate": rec.link_rate,
+            "host_key": [ktype, key.get_base64()]}
+
+
 DATA_LINK_HELP = ("How bulk data travels: auto (a direct TCP connection from that host back "
                   "to this one, authenticated through SSH and AES-256-GCM sealed, falling back "
                   "to the SSH channel when it cannot connect), tcp, or ssh (the SSH channel "

@@ -62,10 +62,14 @@ def live_cmd(
     from migrator.live import live_migrate, plan_live
 
     host, from_src = _split_source(src)
-    if host != "local":
-        raise InvalidInput(f"the source must be this host ('local'), not {host!r}",
-                           f"run the command on {host}: `migrate live local {dst} ...`")
     cts = _ctx().containers
+    if host != "local":
+        if dry_run:
+            raise InvalidInput("--dry-run needs the source to be this host",
+                               f"run it on {host}: `migrate live local {dst} --dry-run`")
+        _delegate(host, dst, from_src + list(names or []), target_pool, mode, keep_source,
+                  compress, fmt)
+        return
     if dst == "local" or not any(h.name == dst for h in cts.state.list_hosts()):
         raise NotFound(f"{dst!r} is not a host in the inventory",
                        "add it with `migrate host add NAME ADDRESS`")
@@ -141,6 +145,42 @@ def live_cmd(
         if len(failures) == 1 and len(wanted) == 1:
             raise failures[0][1]
         raise typer.Exit(max(getattr(e, "exit_code", 1) for _n, e in failures))
+
+
+def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
+              keep_source: bool, compress: str, fmt: Format) -> None:
+    """SRC is another host: it runs the migration itself (its agent pushes to DST with the
+    DST host key this host verified); each container's result is reported as it lands."""
+    from migrator.cli.hosts import delegation_target, transport_for
+    from migrator.errors import InvalidInput
+
+    if src == dst:
+        raise InvalidInput("source and target are the same host")
+    target = delegation_target(dst)
+    say(f"{src} migrates to {dst} (driven through {src}'s agent)")
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "migrated" and fmt != Format.json:
+            _report({k: v for k, v in ev.items() if k != "event"} | {"source": src})
+        elif ev.get("event") == "failed":
+            say(f"{ev.get('name')}: FAILED, still on {src}: {ev.get('message')}")
+
+    with transport_for(src) as t:
+        reply = t.request("delegate", {"command": "live", "target": target, "names": names,
+                                       "pool": pool, "mode": mode, "keep_source": keep_source,
+                                       "compress": compress}, on_event=on_event)
+    results = [r | {"source": src} for r in reply.get("results", [])]
+    failures = reply.get("failures", [])
+    if fmt == Format.json:
+        typer.echo(json.dumps(results if len(results) != 1 else results[0], indent=2))
+    if failures:
+        from migrator.transport.ssh import remote_error
+
+        if len(failures) == 1 and not results:
+            raise remote_error(src, failures[0])
+        raise typer.Exit(1)
+    if not results:
+        say(f"no running container to migrate on {src}")
 
 
 def _report(r: dict[str, Any]) -> None:

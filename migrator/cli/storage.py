@@ -85,7 +85,11 @@ def copy_cmd(
     src_host, src_name = split_ref(source)
     dst_host, dst_name = split_ref(target)
     if src_host is not None:
-        raise _pull_unsupported(src_host)
+        if dst_host is None or dst_host == src_host:
+            raise _pull_unsupported(src_host)
+        _delegate_copy(src_host, src_name, dst_host, dst_name, pool, instance_only, refresh,
+                       compress, fmt)
+        return
     with Bars() as bars:
         if dst_host is None:
             r = copy_container(_ctx().containers, src_name, dst_name, pool, instance_only,
@@ -97,6 +101,26 @@ def copy_cmd(
                 r = RemoteCopy(_ctx().containers, t, bars, compress).copy(
                     src_name, dst_name, pool, instance_only, refresh, allow_inconsistent)
     report(r, fmt, "refreshed" if refresh else "copied")
+
+
+def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str | None,
+                   instance_only: bool, refresh: bool, compress: str, fmt: Format) -> None:
+    """HOST-A:C1 HOST-B:C1: host a pushes to host b (with the host key this host verified
+    for b); this host only drives it."""
+    from types import SimpleNamespace
+
+    from migrator.cli.hosts import delegation_target, transport_for
+
+    target = delegation_target(dst_host)
+    with transport_for(src_host) as t:
+        reply = t.request("delegate", {
+            "command": "copy", "target": target, "source": src, "target_name": dst,
+            "pool": pool, "instance_only": instance_only, "refresh": refresh,
+            "compress": compress})
+    r = dict(reply["result"])
+    r["source"] = f"{src_host}:{r['source']}"
+    result = SimpleNamespace(**r, as_dict=lambda: r)
+    report(result, fmt, "refreshed" if refresh else "copied")
 
 
 def _pull_unsupported(host: str) -> Exception:

@@ -361,3 +361,32 @@ def test_client_killed_after_the_dump_is_recovered(hosts, counter_bin) -> None: 
     _rc, _out, err = m(a, "recover")
     assert "resumed here with its memory state" in err or "rolled back" in err, err
     _still_on_a(a, b, "f6", before)
+
+
+def test_driven_through_the_source_hosts_agent(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+    """`migrate live host-a host-b` and `migrate copy host-a:c1 host-b:c1` from a client
+    that is not the source: host a's CLI names host a through its own sshd (`self`), so the
+    migration runs in a's agent, which pushes to b with the host key the client verified."""
+    a, b = hosts
+    before = launch_counting(a, counter_bin, "d1", mb=16)
+    m(a, "host", "add", "self", a.link_ip, "--key", str(a.client_key), "--remote-root",
+      str(a.root), "--command", AGENT)
+    try:
+        _rc, out, _e = m(a, "live", "self", "b", "d1", "--format", "json")
+        res = json.loads(out)
+        assert (res["source"], res["target"], res["container"]) == ("self", "b", "d1"), res
+        assert names_on(b) == ["d1"]
+        assert_kept_memory(b, "d1", before)
+        m(a, "create", "busybox", "cp1", "-p", "btrfs")
+        _rc, out, _e = m(a, "copy", "self:cp1", "b:cp1", "--format", "json")
+        assert json.loads(out)["target"] == "b:cp1"
+        assert names_on(b) == ["cp1", "d1"] and names_on(a) == ["cp1"]
+        m(a, "host", "remove", "b")  # the client must know b's key to vouch for it
+        try:
+            rc, _o, err = m(a, "copy", "self:cp1", "b:cp2", check=False)
+            assert rc == 3 or "not in the inventory" in err, err
+        finally:
+            m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
+              str(b.root), "--command", AGENT)
+    finally:
+        m(a, "host", "remove", "self")

@@ -22,9 +22,10 @@ NSsid:\t21843\t0
 
 
 def test_criu_config_one_option_a_line() -> None:
-    assert criu_config(*base.dump_options()) == "leave-stopped\n"
+    assert criu_config(*base.dump_options()) == "leave-stopped\nenable-fs ramfs\n"
     lazy = base.dump_options(True, "127.0.0.1", 2777)
-    assert criu_config(*lazy) == "leave-stopped\nlazy-pages\naddress 127.0.0.1\nport 2777\n"
+    assert criu_config(*lazy) == ("leave-stopped\nenable-fs ramfs\nlazy-pages\n"
+                                  "address 127.0.0.1\nport 2777\n")
     assert base.restore_options(True) == ["mntns-compat-mode", "lazy-pages"]
     for bad in ("--leave-running", "a\nb", ""):
         with pytest.raises(ValueError):
