@@ -145,8 +145,9 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
         with contextlib.suppress(MigratorError):
             t.request("drop_images", {"tag": op.id})
     outcome = f"rolled back: the copy on {host} was removed"
-    if "dump" in op.stages and cts.state.has_container(name) and \
-            cts.lxc.state(name) != "RUNNING":
+    # LXC still calls a container RUNNING while CRIU keeps its tasks stopped: resume it
+    # whatever the state says (continuing running tasks is harmless)
+    if "dump" in op.stages and cts.state.has_container(name):
         ckpt.resume_source(name, images if images is not None else Path("/nonexistent"))
         outcome += f"; {name} resumed here with its memory state"
     if images is not None:
