@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrator import proc
 from migrator.backends import VolumeRef
+from migrator.checkpoint.base import tree_bytes
 from migrator.copy import consistent_snapshot
 from migrator.errors import (
     AlreadyExists,
@@ -114,15 +114,6 @@ def cpu_flags() -> list[str]:
         if line.startswith("flags"):
             return sorted(line.partition(":")[2].split())
     return []
-
-
-def tree_bytes(path: Path) -> int:
-    """Apparent size of a directory tree (what a full copy sends, roughly)."""
-    r = proc.run(["du", "-s", "-B1", "--apparent-size", str(path)], check=False, timeout=300)
-    try:
-        return int(r.stdout.split()[0])
-    except (IndexError, ValueError):
-        return 0
 
 
 def memory_bytes(cts: Any, name: str) -> int:

@@ -101,6 +101,7 @@ def remove_images_dir(path: Path) -> None:
 
 
 def tree_bytes(path: Path) -> int:
+    """Apparent bytes of the files under ``path`` (images written, a rootfs to send)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
