@@ -21,7 +21,7 @@ from typing import Any
 from migrator import errors
 from migrator.backends import VolumeRef
 from migrator.copy import undo_partial_target
-from migrator.names import ContainerName, PoolName, SnapshotName
+from migrator.names import ContainerName, PoolName, SnapshotName, host_address
 from migrator.transport.datapath import COMPRESSORS, FrameStream
 from migrator.transport.frames import ProtocolError, Reader, Writer, read_json, write_json
 
@@ -204,14 +204,14 @@ class Agent:
     def receive_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Unpack checkpoint images into memory-backed space named by the operation."""
         from migrator.backends.generic import tar_extract
-        from migrator.checkpoint.base import images_dir
+        from migrator.checkpoint.base import images_dir, remove_images_dir
 
         images = images_dir(self.host.root, _tag(req["tag"]))
         stream = FrameStream(read, "tar", "images", None, str(req.get("compress", "none")))
         try:
             tar_extract(stream, images, None, acls=False)
         except BaseException:
-            shutil.rmtree(images, ignore_errors=True)
+            remove_images_dir(images)
             raise
         finally:
             stream.kill()
@@ -223,7 +223,7 @@ class Agent:
         "restored" event goes out as soon as it runs, the reply once every page is here."""
         import time
 
-        from migrator.checkpoint.base import images_dir
+        from migrator.checkpoint.base import images_dir, remove_images_dir
         from migrator.checkpoint.lxc import LxcCheckpointer
 
         name = ContainerName(req["name"])
@@ -252,14 +252,14 @@ class Agent:
                 self.cts.lxc.stop(rec.name, force=True)
             raise
         finally:
-            shutil.rmtree(images, ignore_errors=True)
+            remove_images_dir(images)
         return {"restore_seconds": stats.seconds, "seconds": time.monotonic() - t0,
                 "status": self.cts.lxc.state(rec.name)}
 
     def drop_images(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
-        from migrator.checkpoint.base import images_dir
+        from migrator.checkpoint.base import images_dir, remove_images_dir
 
-        shutil.rmtree(images_dir(self.host.root, _tag(req["tag"])), ignore_errors=True)
+        remove_images_dir(images_dir(self.host.root, _tag(req["tag"])))
         return {}
 
 
@@ -280,7 +280,7 @@ class Agent:
 
         tgt = dict(req["target"])
         name = str(ContainerName(str(tgt["name"])))
-        address, port = _address(tgt["address"]), int(tgt.get("port", 22))
+        address, port = host_address(tgt["address"]), int(tgt.get("port", 22))
         key_type, key_b64 = (str(x) for x in tgt["host_key"])
         if not key_type.replace("-", "").replace("@", "").replace(".", "").isalnum() or \
                 not key_b64.replace("+", "").replace("/", "").rstrip("=").isalnum():
@@ -316,7 +316,9 @@ class Agent:
 
         names = [str(ContainerName(n)) for n in req.get("names") or []]
         if not names:
-            names = [c.name for c in self.cts.list_all() if c.state == "RUNNING"]
+            from migrator.live import running_containers
+
+            names = running_containers(self.cts)
         results, failures = [], []
         for n in names:
             try:
@@ -329,19 +331,6 @@ class Agent:
             results.append(r.as_dict())
             self.notify({"event": "migrated", **r.as_dict()})
         return {"results": results, "failures": failures}
-
-
-def _address(value: Any) -> str:
-    """An IP address or a DNS name (letters, digits, dots, dashes), nothing else."""
-    import ipaddress
-
-    a = str(value)
-    try:
-        return str(ipaddress.ip_address(a))
-    except ValueError:
-        if a and all(p and p.replace("-", "").isalnum() for p in a.split(".")):
-            return a
-    raise errors.InvalidInput(f"invalid address {a!r}")
 
 
 def _tag(value: Any) -> str:

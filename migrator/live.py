@@ -31,7 +31,6 @@ downtime is measured from the freeze to the restore's return.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.checkpoint.base import tree_bytes
+from migrator.checkpoint.base import remove_images_dir, tree_bytes
 from migrator.copy import consistent_snapshot
 from migrator.errors import (
     AlreadyExists,
@@ -114,6 +113,11 @@ def cpu_flags() -> list[str]:
         if line.startswith("flags"):
             return sorted(line.partition(":")[2].split())
     return []
+
+
+def running_containers(cts: Any) -> list[str]:
+    """What an evacuation moves: every running container of the host."""
+    return [c.name for c in cts.list_all() if c.state == "RUNNING"]
 
 
 def memory_bytes(cts: Any, name: str) -> int:
@@ -287,8 +291,7 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
-        if hasattr(transport, "warm"):  # final sync, images, restore: agents ready now
-            transport.warm(3)
+        transport.warm(3)  # final sync, images, restore: agents started before the freeze
         freeze = time.monotonic()
         with clock.stage(op, "dump", mode=plan.mode):
             if plan.mode == "post-copy":
@@ -365,7 +368,7 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
             result.notes.append(f"warning: cleaning up the source: {e}")
         finally:
             if images is not None:
-                shutil.rmtree(images, ignore_errors=True)
+                remove_images_dir(images)
     result.seconds = round(time.monotonic() - t_start, 3)
     return result
 
@@ -388,7 +391,7 @@ def _roll_back(cts: Any, transport: Any, ckpt: Any, name: str, images: Path | No
     if dumped and images is not None:
         ckpt.resume_source(name, images)
     if images is not None:
-        shutil.rmtree(images, ignore_errors=True)
+        remove_images_dir(images)
     rec = cts.get(name)
     vol = VolumeRef("container", rec.name)
     from migrator.copy import clean_stale_temp_snapshots

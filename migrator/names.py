@@ -67,6 +67,20 @@ class ImageAlias(str):
         return super().__new__(cls, value)
 
 
+def host_address(value: object) -> str:
+    """An IP address or a DNS name (letters, digits, '-' between dots), nothing else: an
+    inventory address, on the CLI and again on the wire."""
+    import ipaddress
+
+    a = str(value)
+    try:
+        return str(ipaddress.ip_address(a))
+    except ValueError:
+        if a and all(p and p.replace("-", "").isalnum() for p in a.split(".")):
+            return a
+    raise InvalidInput(f"invalid address {a!r}", "an IP address or a host name")
+
+
 def next_snapshot_name(existing: set[str]) -> SnapshotName:
     """The first free ``snapN`` (the default name of a new snapshot, as in LXD)."""
     i = 0

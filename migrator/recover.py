@@ -118,6 +118,7 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
     restored from the checkpoint images still in memory-backed space."""
     from pathlib import Path
 
+    from migrator.checkpoint.base import remove_images_dir
     from migrator.checkpoint.lxc import LxcCheckpointer
 
     host, name = op.detail["host"], op.detail["container"]
@@ -130,9 +131,7 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
             if not op.detail.get("keep_source"):
                 cts.delete(name, force=True)
         if images is not None:
-            import shutil
-
-            shutil.rmtree(images, ignore_errors=True)
+            remove_images_dir(images)
         return f"completed: {name} runs on {host}; the source was released"
     with transport_for(host) as t:
         if "sync" in op.stages:
@@ -151,8 +150,6 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
         ckpt.resume_source(name, images if images is not None else Path("/nonexistent"))
         outcome += f"; {name} resumed here with its memory state"
     if images is not None:
-        import shutil
-
-        shutil.rmtree(images, ignore_errors=True)
+        remove_images_dir(images)
     _clean_temps(cts, name)
     return outcome

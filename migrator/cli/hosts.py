@@ -150,20 +150,14 @@ def host_add(
 
     Then `migrate host check NAME` measures the link, which decides whether transfers are
     compressed (zstd only helps on links slower than it compresses)."""
-    import ipaddress
-
     from migrator.errors import InvalidInput
-    from migrator.names import ContainerName
+    from migrator.names import ContainerName, host_address
     from runtime.state import HostRecord
 
     hname = ContainerName(name)
     if hname == "local":
         raise InvalidInput("'local' is this host", "pick another name")
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        if not all(p and p.replace("-", "").isalnum() for p in address.split(".")):
-            raise InvalidInput(f"invalid address {address!r}") from None
+    host_address(address)
     if key and not os.path.isfile(key):
         raise InvalidInput(f"key file {key} does not exist")
     h = _ctx().host

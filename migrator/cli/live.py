@@ -75,7 +75,9 @@ def live_cmd(
                        "add it with `migrate host add NAME ADDRESS`")
     wanted = list(dict.fromkeys(from_src + list(names or [])))
     if not wanted:
-        wanted = [c.name for c in cts.list_all() if c.state == "RUNNING"]
+        from migrator.live import running_containers
+
+        wanted = running_containers(cts)
         if not wanted:
             say("no running container to migrate")
             return
