@@ -145,6 +145,27 @@ class CheckpointError(MigratorError):
     )
 
 
+class BackupError(MigratorError):
+    """A backup repository or backup cannot be used (locked, missing part, wrong format)."""
+
+    exit_code = 20
+
+
+class CorruptBackup(BackupError):
+    """A backup's bytes do not match its index: flipped, truncated or missing parts."""
+
+    exit_code = 21
+    hint = "`migrate backup verify --all` lists every damaged backup; restore an older one"
+
+
+class UnsafeArchive(BackupError):
+    """An archive holds a member that would escape or abuse the target (``..``, absolute
+    paths, links out of the rootfs, device nodes in an unprivileged container)."""
+
+    exit_code = 22
+    hint = "the archive was refused before anything was written; do not trust its source"
+
+
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -164,4 +185,7 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     HostKeyError,
     RemoteError,
     CheckpointError,
+    BackupError,
+    CorruptBackup,
+    UnsafeArchive,
 )

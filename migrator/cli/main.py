@@ -478,11 +478,13 @@ def snapshot_delete(
     say(f"deleted snapshot {ct}/{which}")
 
 
-from migrator.cli import hosts, live, storage  # noqa: E402 - register their commands here
+from migrator.cli import backup, exchange, hosts, live, storage  # noqa: E402 - their commands
 
 storage.register(app)
 hosts.register(app)
 live.register(app)
+backup.register(app)
+exchange.register(app)
 
 
 def main() -> None:
