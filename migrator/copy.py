@@ -99,14 +99,16 @@ def undo_partial_target(cts: Containers, name: str, pool: str) -> list[str] | No
 @contextlib.contextmanager
 def consistent_snapshot(
     cts: Containers, rec: ContainerRecord, backend: StorageBackend, vol: VolumeRef,
-    notes: list[str], keep: bool = False,
+    notes: list[str], keep: bool = False, name: SnapshotName | None = None,
 ) -> Iterator[SnapshotName]:
     """A temporary snapshot of the container's volume, taken while it is frozen if running.
 
     Freezing makes the snapshot one instant of the whole filesystem (crash-consistent);
     it lasts as long as the driver's snapshot (instant on btrfs/zfs, a copy on dir).
+    ``name`` replaces the ``migrate.xfer-*`` default for a snapshot that must survive
+    ``clean_stale_temp_snapshots`` (a backup's incremental base).
     """
-    name: SnapshotName = temp_snapshot_name()
+    name = name or temp_snapshot_name()
     state = cts.lxc.state(rec.name)
     if state == "RUNNING":
         t0 = time.monotonic()

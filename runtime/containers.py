@@ -154,6 +154,40 @@ class Containers:
             self.state.add_container(rec)
         return self.get(cname)
 
+    def record_received(
+        self, name: str, pool: str, image: str | None, config: dict[str, str],
+        snapshots: list[SnapshotRecord], ipv4: str | None = None,
+    ) -> ContainerRecord:
+        """Record a container whose volume was filled by a transfer or a restore (or update
+        the record of an existing one: its config, plus the snapshots given), in one
+        transaction, then render its LXC config.
+
+        ``ipv4`` is kept when it is free and inside this host's subnet (a moved container
+        keeps its address); otherwise a free one is allocated. The caller validated
+        ``config`` (``image.*`` and ``volatile.*`` keys pass as they are).
+        """
+        import ipaddress
+
+        cname = ContainerName(name)
+        with self.state.transaction():
+            if self.state.has_container(cname):
+                self.state.update_container_config(cname, config)
+            else:
+                used = self.state.used_ipv4()
+                net = self.host.network_config()
+                if ipv4 and ipv4 not in used and \
+                        ipaddress.ip_address(ipv4) in net.address.network and \
+                        str(net.address.ip) != ipv4:
+                    address = ipv4
+                else:
+                    address = allocate_ipv4(net, used)
+                self.state.add_container(ContainerRecord(cname, pool, image, address, config))
+            for s in snapshots:
+                self.state.add_snapshot(s)
+        rec = self.get(cname)
+        self.lxc.write_config(self.spec(rec))
+        return rec
+
     def spec_for_new(self, rec: ContainerRecord, rootfs: Path) -> ContainerSpec:
         return dataclasses.replace(self.spec(rec), rootfs=rootfs)
 

@@ -2,11 +2,300 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
-backup_app = typer.Typer(help="Compressed, verifiable, incremental backups in a repository.",
-                         no_args_is_help=True)
+from migrator.cli.context import _ctx
+from migrator.cli.progress import Bars
+from migrator.cli.render import Format, human_size, render
+
+backup_app = typer.Typer(
+    help="Compressed, verifiable, incremental backups in a repository.\n\n"
+    "A repository is a directory (default: <state root>/backups, or --repo PATH) holding "
+    "one directory per backup: an index.json listing its parts with their sha256, and the "
+    "parts themselves (zstd-compressed tar or btrfs/zfs send streams). A backup is complete "
+    "or absent: it is written aside and appears only once its index is on disk.",
+    no_args_is_help=True)
+
+REPO_OPT = typer.Option(None, "--repo", "-r",
+                        help="Repository directory [default: <state root>/backups]")
+FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(backup_app, name="backup")
+
+
+def say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _repo(path: str | None) -> Any:
+    from backup.repository import Repository
+    from migrator.errors import InvalidInput
+    from runtime.host import root_from_env
+
+    if path and path.startswith("ssh://"):
+        raise InvalidInput("remote repositories (ssh://) are not supported yet",
+                           "use a local directory, e.g. a mounted backup disk")
+    return Repository(Path(path) if path else root_from_env(_ctx().root) / "backups")
+
+
+def _json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@backup_app.command("create")
+def create_cmd(
+    name: str = typer.Argument(..., help="Container to back up (it may be running)"),
+    repo: str = REPO_OPT,
+    optimized: bool = typer.Option(
+        False, "--optimized",
+        help="Store the pool's native send streams (btrfs/zfs): snapshots cost only their "
+        "changes; restorable onto any pool, natively onto the same driver"),
+    incremental: bool = typer.Option(
+        False, "--incremental", "-i",
+        help="Store only what changed since the newest backup of this container in the "
+        "repository (a full backup is made, and said so, when there is none to build on)"),
+    compression: str = typer.Option("zstd:3", "--compression", "-c",
+                                    help="zstd, zstd:LEVEL (1-19) or none"),
+    instance_only: bool = typer.Option(False, "--instance-only",
+                                       help="Back up the container without its snapshots"),
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Back up a container and its snapshots into the repository.
+
+    A running container is frozen for an instant while a snapshot is taken, then keeps
+    running while the backup is read from that snapshot. The generic format (default) is a
+    tar per snapshot plus the current state; --incremental stores file-level changes
+    (new/changed files by size, mtime, mode, owner; plus the list of removed paths).
+
+    Examples: `migrate backup create web-1`,
+    `migrate backup create web-1 --optimized --incremental --compression zstd:6`
+    """
+    from backup.create import create_backup
+
+    with Bars() as bars:
+        r = create_backup(_ctx().containers, name, _repo(repo), optimized, incremental,
+                          compression, instance_only, bars)
+    if fmt == Format.json:
+        _json(r.as_dict())
+        return
+    ratio = f", {r.raw_bytes / r.stored_bytes:.1f}x" if r.stored_bytes else ""
+    say(f"backup {r.id} of {r.container} ({r.kind}"
+        f"{', incremental from ' + r.parent if r.parent else ', full'}): "
+        f"{human_size(r.raw_bytes)} -> {human_size(r.stored_bytes)}{ratio} in {r.seconds:.1f}s")
+    if r.snapshots_stored:
+        say(f"  snapshots stored: {', '.join(r.snapshots_stored)}")
+    if r.snapshots_referenced:
+        say(f"  snapshots already in the chain: {', '.join(r.snapshots_referenced)}")
+    for n in r.notes:
+        say(f"  note: {n}")
+    typer.echo(r.id)
+
+
+@backup_app.command("list")
+def list_cmd(
+    container: str = typer.Argument(None, help="Only the backups of this container"),
+    repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
+) -> None:
+    """List the backups in the repository, oldest first."""
+    from backup.catalog import row
+
+    r = _repo(repo)
+    r.check()
+    rows = [row(b) for b in r.list() if container is None or b.container == container]
+    if fmt == Format.table:
+        for x in rows:
+            x["size"] = human_size(x["size"])
+            x["protected"] = "yes" if x["protected"] else ""
+            x["incremental"] = "yes" if x["incremental"] else ""
+    typer.echo(render(rows, ["id", "container", "created", "kind", "incremental", "snapshots",
+                             "size", "protected"], fmt))
+
+
+@backup_app.command("info")
+def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REPO_OPT,
+             fmt: Format = FORMAT_OPT) -> None:
+    """Show one backup: its chain, snapshots, parts (sizes and checksums) and config."""
+    r = _repo(repo)
+    r.check()
+    idx = r.get(backup_id)
+    if fmt == Format.json:
+        _json(json.loads(idx.to_json()))
+        return
+    from backup.catalog import row
+
+    for k, v in row(idx).items():
+        if k != "created_epoch":
+            typer.echo(f"{k}: {v}")
+    typer.echo(f"final: {idx.final}")
+    if idx.base_snapshot:
+        typer.echo(f"base snapshot on the pool: {idx.base_snapshot}")
+    typer.echo("snapshots:")
+    for s in idx.snapshots:
+        where = "" if s.backup == idx.id else f" (stored in {s.backup})"
+        typer.echo(f"  {s.name}{where}")
+    typer.echo("parts:")
+    for p in idx.parts:
+        typer.echo(f"  {p.path}  {p.kind}  {human_size(p.size)} "
+                   f"(raw {human_size(p.raw_size)})  sha256:{p.sha256[:16]}")
+    for n in idx.notes:
+        typer.echo(f"note: {n}")
+
+
+@backup_app.command("verify")
+def verify_cmd(
+    backup_id: str = typer.Argument(None, metavar="[ID]"),
+    all_: bool = typer.Option(False, "--all", help="Verify every backup in the repository"),
+    deep: bool = typer.Option(
+        False, "--deep",
+        help="Also decompress every part and check every tar member (as restore does)"),
+    repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
+) -> None:
+    """Check backups: index, chain of parents, presence, size and sha256 of every part.
+
+    Each damage is named precisely (missing part, truncated part, checksum mismatch,
+    malformed index, missing parent). Exits with CorruptBackup's code (21) if any backup is
+    damaged.
+    """
+    from backup.verify import check_backup
+    from migrator.errors import CorruptBackup, InvalidInput
+
+    if bool(backup_id) == all_:
+        raise InvalidInput("give one backup ID or --all")
+    r = _repo(repo)
+    r.check()
+    ids = r.ids() if all_ else [backup_id]
+    if not all_ and backup_id not in r.ids():
+        r.get(backup_id)  # NotFound, with a hint
+    reports = []
+    with Bars() as bars:
+        for i in ids:
+            reports.append(check_backup(r, i, deep, bars))
+    bad = [x for x in reports if not x.ok]
+    if fmt == Format.json:
+        _json([x.as_dict() for x in reports])
+    else:
+        for x in reports:
+            say(f"{x.id}: " + ("ok" if x.ok else "DAMAGED") +
+                (f" ({x.parts} parts, {human_size(x.bytes)}{', deep' if deep else ''})"
+                 if x.ok else ""))
+            for p in x.problems:
+                say(f"  {p}")
+    if bad:
+        raise CorruptBackup(f"{len(bad)} of {len(reports)} backup(s) damaged: "
+                            + "; ".join(p for x in bad for p in x.problems))
+
+
+@backup_app.command("restore")
+def restore_cmd(
+    backup_id: str = typer.Argument(..., metavar="ID"),
+    name: str = typer.Option(None, "--name", "-n",
+                             help="Restore as this container [default: the backed-up name]"),
+    pool: str = typer.Option(None, "--pool", "-p",
+                             help="Pool to restore onto (any driver) [default: default pool]"),
+    config: list[str] = typer.Option([], "--config", "-c",
+                                     help="KEY=VALUE overriding the backed-up config "
+                                     "(repeatable), e.g. -c limits.memory=512MiB"),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace an existing container of that name"),
+    repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
+) -> None:
+    """Restore a backup (through its incremental chain) as a stopped container.
+
+    Every part of the chain is checked against its sha256 before anything changes; every
+    tar member is checked while extracting (no paths out of the rootfs, no device nodes for
+    unprivileged containers). An existing container is only replaced with --force, and only
+    once the restored one is complete. Start it with `migrate start NAME`.
+    """
+    from backup.restore import restore_backup
+    from migrator.errors import InvalidInput
+
+    overrides: dict[str, str] = {}
+    for item in config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"expected KEY=VALUE, got {item!r}", "e.g. -c limits.cpu=1")
+        overrides[key.strip()] = value
+    with Bars() as bars:
+        r = restore_backup(_ctx().containers, _repo(repo), backup_id, name, pool, overrides,
+                           force, bars)
+    if fmt == Format.json:
+        _json(r.as_dict())
+        return
+    say(f"restored {r.id} as {r.container} on pool {r.pool} via {r.method}: "
+        f"{human_size(r.bytes)} in {r.seconds:.1f}s")
+    if len(r.chain) > 1:
+        say(f"  through the chain {' -> '.join(r.chain)}")
+    if r.snapshots:
+        say(f"  snapshots: {', '.join(r.snapshots)}")
+    for n in r.notes:
+        say(f"  note: {n}")
+
+
+@backup_app.command("prune")
+def prune_cmd(
+    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep the N newest"),
+    keep_hourly: int = typer.Option(0, "--keep-hourly", min=0,
+                                    help="Keep the newest of each of the last N hours"),
+    keep_daily: int = typer.Option(0, "--keep-daily", min=0, help="... of N days"),
+    keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, help="... of N ISO weeks"),
+    keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, help="... of N months"),
+    keep_yearly: int = typer.Option(0, "--keep-yearly", min=0, help="... of N years"),
+    container: str = typer.Option(None, "--container", help="Only this container's backups"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed"),
+    list_: bool = typer.Option(False, "--list", help="List every backup kept or removed, "
+                               "with the reason"),
+    repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
+) -> None:
+    """Remove backups a retention policy no longer keeps, per container.
+
+    Rules apply in the order last, hourly, daily, weekly, monthly, yearly; each bucket rule
+    keeps the newest backup of each of its N most recent periods (UTC) not already covered.
+    Protected backups are always kept, and so is every backup a kept incremental one needs.
+    No --keep-* option keeps everything. Example: `migrate backup prune --keep-last 3
+    --keep-daily 7 --keep-weekly 4 --dry-run --list`
+    """
+    from backup.catalog import prune_repository
+    from backup.prune import RetentionPolicy
+
+    policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
+                             keep_yearly)
+    r = prune_repository(_repo(repo), policy, dry_run, container)
+    if fmt == Format.json:
+        _json(r.as_dict())
+        return
+    if list_:
+        for bid, why in sorted(r.keep.items()):
+            say(f"keep    {bid}  ({', '.join(why)})")
+        for bid in r.remove:
+            say(f"{'would remove' if dry_run else 'remove'}  {bid}")
+    verb = "would remove" if dry_run else "removed"
+    say(f"{verb} {len(r.remove)} backup(s), {human_size(r.freed)}; kept {len(r.keep)} "
+        f"({r.policy})")
+
+
+@backup_app.command("protect")
+def protect_cmd(backup_id: str = typer.Argument(..., metavar="ID"),
+                repo: str = REPO_OPT) -> None:
+    """Protect a backup: prune always keeps it."""
+    _set_protected(backup_id, repo, True)
+
+
+@backup_app.command("unprotect")
+def unprotect_cmd(backup_id: str = typer.Argument(..., metavar="ID"),
+                  repo: str = REPO_OPT) -> None:
+    """Remove a backup's protection (prune may then remove it)."""
+    _set_protected(backup_id, repo, False)
+
+
+def _set_protected(backup_id: str, repo: str | None, value: bool) -> None:
+    r = _repo(repo)
+    r.check()
+    with r.lock():
+        r.set_protected(backup_id, value)
+    say(f"backup {backup_id} {'protected' if value else 'unprotected'}")

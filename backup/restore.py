@@ -1,0 +1,229 @@
+"""``backup restore``: a backup (through its incremental chain) back into a container.
+
+Nothing on the host changes until every part of every backup in the chain has been checked
+against its index (``backup.verify.verify_chain``): a damaged backup is refused whole. The
+container is then rebuilt in a scratch volume by replaying the chain, oldest backup first,
+point by point (full tar: received as the volume's new content; delta: removed paths, then
+the tar of changed entries over the volume; native stream: the driver's own receive), taking
+a snapshot at each point the restored backup lists. Every tar passes through
+``backup.safety.TarGuard`` on its way to GNU tar: a member that would escape the rootfs, or
+a device node in an unprivileged container, stops the restore before tar sees it.
+
+Optimized backups restore natively onto a pool of their driver; onto another driver they
+are received into a scratch volume on a pool of the backup's driver on this host, then
+copied across with the transfer machinery (rsync between the two trees), then the scratch
+volume goes. Only when the volume is complete is an existing container replaced (``force``)
+and the new one recorded; any failure before removes everything the restore made.
+Unprivileged containers keep the shifted uids they were stored with.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from backup.delta import decode_paths, remove_paths
+from backup.model import BackupIndex, PartInfo
+from backup.parts import PartStream, read_small, real_error
+from backup.repository import Repository
+from backup.safety import TarGuard
+from backup.verify import tar_rules, verify_chain
+from migrator.backends import StorageBackend, VolumeRef
+from migrator.backends.generic import tar_extract
+from migrator.copy import remove_leftover
+from migrator.errors import AlreadyExists, BackupError, InvalidInput, Protected
+from migrator.names import ContainerName, PoolName, SnapshotName
+from migrator.streams import Progress, ProgressMeter, no_progress
+from migrator.transfer import Plan, execute, negotiate
+from runtime import config as cfg
+from runtime.containers import Containers, Stages
+from runtime.operations import journaled
+from runtime.state import SnapshotRecord
+
+
+@dataclass
+class RestoreResult:
+    """What ``restore_backup`` did (the CLI prints it; ``--format json`` dumps it)."""
+
+    id: str
+    container: str
+    pool: str
+    method: str
+    bytes: int = 0
+    seconds: float = 0.0
+    snapshots: list[str] = field(default_factory=list)
+    chain: list[str] = field(default_factory=list)
+    replaced: bool = False
+    notes: list[str] = field(default_factory=list)
+    operation: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _overrides(idx: BackupIndex, config: dict[str, str]) -> dict[str, str]:
+    out = {k: cfg.validate(k, v) for k, v in config.items()}
+    want = "true" if idx.privileged else "false"
+    if out.get("security.privileged", want) != want:
+        raise InvalidInput(
+            "security.privileged cannot change at restore: the files are stored with the "
+            f"uids of a {'privileged' if idx.privileged else 'unprivileged'} container",
+            "restore first, then `migrate config set NAME security.privileged ...` (which "
+            "shifts the files)")
+    return out
+
+
+def restore_backup(
+    cts: Containers,
+    repo: Repository,
+    backup_id: str,
+    name: str | None = None,
+    pool: str | None = None,
+    config: dict[str, str] | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> RestoreResult:
+    """Restore backup ``backup_id`` as container ``name`` (default: the backed-up name)."""
+    t0 = time.monotonic()
+    host, state = cts.host, cts.state
+    repo.check()
+    idx = repo.get(backup_id)
+    target = ContainerName(name or idx.container)
+    overrides = _overrides(idx, config or {})
+    existing = state.get_container(target) if state.has_container(target) else None
+    if existing is not None:
+        if not force:
+            raise AlreadyExists(f"container {target!r} already exists",
+                                "restore under another name with --name, or replace it "
+                                "with --force")
+        if cfg.is_true(existing.config, "security.protection.delete"):
+            raise Protected(f"container {target!r} is protected from deletion, so it cannot "
+                            "be replaced",
+                            f"`migrate config unset {target} security.protection.delete`")
+    elif (host.lxcpath / target).exists():
+        raise AlreadyExists(f"{host.lxcpath / target} exists", "remove the leftover directory")
+    pool_name = PoolName(pool) if pool else PoolName(host.default_pool())
+    dst_b = host.backend(pool_name)
+    dst_driver = state.get_pool(pool_name).driver
+    recv_pool = pool_name
+    if idx.kind == "optimized" and dst_driver != idx.driver:
+        candidates = [p.name for p in state.list_pools() if p.driver == idx.driver]
+        if not candidates:
+            raise BackupError(
+                f"backup {idx.id} holds {idx.driver} send streams; restoring them onto the "
+                f"{dst_driver} pool {pool_name} needs a {idx.driver} pool on this host to "
+                "receive them first",
+                f"create one (`migrate pool create NAME {idx.driver}`) or restore onto a "
+                f"{idx.driver} pool with --pool; nothing was changed")
+        recv_pool = PoolName(candidates[0])
+    recv_b = host.backend(recv_pool)
+
+    chain = verify_chain(repo, idx, progress)  # before anything is touched
+    method = "tar" if idx.kind == "generic" else idx.driver
+    if recv_pool != pool_name:
+        method += f" via pool {recv_pool}, then " + negotiate(recv_b.migration_types(),
+                                                                dst_b.migration_types())
+    result = RestoreResult(idx.id, target, pool_name, method, chain=[b.id for b in chain],
+                           snapshots=[s.name for s in idx.snapshots], replaced=bool(existing))
+    scratch = VolumeRef("container", f"{target[:40]}-restore-{secrets.token_hex(3)}")
+    final_vol = VolumeRef("container", target)
+    conf = {**idx.config, **overrides}
+    with journaled(state, "restore", container=target, backup=idx.id, pool=pool_name,
+                   scratch=scratch.name) as op, Stages() as st:
+        result.operation = op.id
+        st.add_undo("delete the restored volume", lambda: remove_leftover(recv_b, scratch))
+        op.stage("receive")
+        result.bytes = _replay(repo, chain, idx, recv_b, scratch, progress)
+        if recv_pool != pool_name:
+            op.stage("convert")
+            st.add_undo("delete the converted volume", lambda: remove_leftover(dst_b, scratch))
+            how = negotiate(recv_b.migration_types(), dst_b.migration_types())
+            plan = Plan(how, None, [s.name for s in idx.snapshots])
+            execute(plan, recv_b, scratch, dst_b, scratch, idx.final, progress)
+            remove_leftover(recv_b, scratch)
+        elif idx.final in {s.name for s in dst_b.list_snapshots(scratch)}:
+            dst_b.delete_snapshot(scratch, SnapshotName(idx.final))
+        op.stage("commit")
+        ipv4 = existing.ipv4 if existing is not None else None
+        if existing is not None:
+            cts.delete(existing.name, force=True)
+            result.notes.append(f"replaced the existing container {target}")
+        dst_b.rename_volume(scratch, final_vol)
+        st.add_undo("rename the volume back", lambda: dst_b.rename_volume(final_vol, scratch))
+        snaps = [SnapshotRecord(target, s.name, s.created, dict(s.config), None, s.uuid)
+                 for s in idx.snapshots]
+        cts.record_received(target, pool_name, idx.image, conf, snaps, ipv4)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _guard(idx: BackupIndex) -> Any:
+    rules = tar_rules(idx)
+
+    def wrap(reader: IO[bytes]) -> IO[bytes]:
+        return TarGuard(reader, rules)  # type: ignore[arg-type,return-value]
+    return wrap
+
+
+def _replay(repo: Repository, chain: list[BackupIndex], idx: BackupIndex,
+            backend: StorageBackend, vol: VolumeRef, progress: Progress) -> int:
+    """Rebuild ``idx``'s container in ``vol``: every point of the chain in order, keeping the
+    snapshots ``idx`` lists (and, for native streams, the final one). Returns raw bytes."""
+    keep = {(s.backup, s.name) for s in idx.snapshots}
+    native_points: list[tuple[str, str]] = []
+    moved = 0
+    for b in chain:
+        for point in b.points():
+            parts = b.parts_of(point)
+            kinds = {p.kind for p in parts}
+            wanted = (b.id, point) in keep
+            data = next(p for p in parts if p.kind != "deleted")
+            meter = ProgressMeter(progress, f"restore {b.container}@{point}", data.raw_size)
+            if kinds == {"tar"}:
+                stream = PartStream(repo, b.id, data, b.compression, "tar", point, None,
+                                    _guard(b))
+                _consume(stream, backend.receive, vol, point, stream, meter)
+                if not wanted and not (b is idx and point == idx.final):
+                    backend.delete_snapshot(vol, SnapshotName(point))
+            elif kinds == {"delta", "deleted"}:
+                _apply_delta(repo, b, point, parts, backend, vol, meter)
+                if wanted:
+                    backend.snapshot(vol, SnapshotName(point))
+            else:
+                stream = PartStream(repo, b.id, data, b.compression, data.kind, point,
+                                    data.base)
+                _consume(stream, backend.receive, vol, point, stream, meter)
+                native_points.append((b.id, point))
+            moved += data.raw_size
+    for bid, point in native_points:  # only now: each incremental needed the one before
+        if (bid, point) not in keep and (bid, point) != (idx.id, idx.final):
+            backend.delete_snapshot(vol, SnapshotName(point))
+    return moved
+
+
+def _consume(stream: PartStream, receive: Any, *args: Any) -> None:
+    """Run ``receive(*args)``, which consumes ``stream``; report the stream's own error
+    (checksum, unsafe member) rather than what the receiver made of it."""
+    try:
+        receive(*args)
+    except BaseException as e:
+        err = real_error(stream, e)
+        if err is e:
+            raise
+        raise err from e
+    finally:
+        stream.kill()
+
+
+def _apply_delta(repo: Repository, b: BackupIndex, point: str, parts: list[PartInfo],
+                 backend: StorageBackend, vol: VolumeRef, meter: ProgressMeter) -> None:
+    listed = next(p for p in parts if p.kind == "deleted")
+    tar = next(p for p in parts if p.kind == "delta")
+    where = f"backup {b.id}"
+    paths = decode_paths(read_small(repo, b.id, listed, b.compression), where)
+    root = backend.volume_path(vol)
+    remove_paths(root, paths)
+    stream = PartStream(repo, b.id, tar, b.compression, "tar", point, tar.base, _guard(b))
+    _consume(stream, tar_extract, stream, root, meter, bool(backend.supports_xattrs))
