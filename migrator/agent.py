@@ -64,6 +64,8 @@ class Agent:
         self.state = cts.state
         # an event to the client before the reply (``{"event": name, ...}``)
         self.notify = notify or (lambda event: None)
+        # a program this agent becomes once its reply is out (``rsync_receive``)
+        self.exec_after_reply: list[str] | None = None
 
     # requests ------------------------------------------------------------------------------
     def hello(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -72,9 +74,10 @@ class Agent:
             b = self.host.backend(p.name)
             u = b.usage()
             pools.append({"name": p.name, "driver": p.driver, "types": b.migration_types(),
-                          "free": u.total - u.used})
+                          "free": u.total - u.used, "subsecond_mtimes": b.subsecond_mtimes})
         return {"version": VERSION, "protocol": PROTOCOL, "pools": pools,
                 "compressors": list(COMPRESSORS), "links": ["ssh", "tcp"],
+                "rsync": shutil.which("rsync") is not None,
                 "criu": _criu_version(),
                 "criu_features": _criu_features() if req.get("criu_features") else None,
                 "network": str(self.host.network_config().address)}
@@ -114,6 +117,25 @@ class Agent:
         if req.get("drop_after"):
             backend.delete_snapshot(vol, snap)
         return {"raw": stream.raw, "wire": stream.wire}
+
+    def rsync_receive(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Become ``rsync --server`` on this channel, writing into an existing volume (the
+        client's rsync sends only what changed: ``migrator.transport.rsync_relay``)."""
+        from migrator.transport.rsync_relay import server_args
+
+        backend = self.host.backend(PoolName(req["pool"]))
+        vol = _volume(req["volume"])
+        if not backend.volume_exists(vol):
+            raise errors.NotFound(f"no volume {vol.name!r} in pool {req['pool']!r} to refresh")
+        args = server_args(req["args"])
+        self.exec_after_reply = [*args, f"{backend.volume_path(vol)}/"]
+        return {"ready": True}
+
+    def snapshot_volume(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Snapshot a volume after an rsync pass filled it (what ``receive`` does itself)."""
+        backend = self.host.backend(PoolName(req["pool"]))
+        backend.snapshot(_volume(req["volume"]), SnapshotName(req["snapshot"]))
+        return {}
 
     def commit_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Record a container whose volume has been received (or refresh its record)."""
@@ -355,6 +377,8 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "container_state": Agent.container_state,
     "receive": Agent.receive,
     "commit_container": Agent.commit_container,
+    "rsync_receive": Agent.rsync_receive,
+    "snapshot_volume": Agent.snapshot_volume,
     "abort_container": Agent.abort_container,
     "delete_snapshot": Agent.delete_snapshot,
     "sink": Agent.sink,
@@ -386,8 +410,13 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         op = OPS.get(str(req.get("op")))
         if op is None:
             raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
-        result = op(Agent(cts_factory(), lambda ev: write_json(write, ev)), req, read)
+        agent = Agent(cts_factory(), lambda ev: write_json(write, ev))
+        result = op(agent, req, read)
         write_json(write, {"ok": True, **result})
+        if agent.exec_after_reply:
+            import os
+
+            os.execvp(agent.exec_after_reply[0], agent.exec_after_reply)
         return 0
     except (KeyError, TypeError, ValueError) as e:
         write_json(write, error_reply(errors.InvalidInput(f"malformed request: {e!r}")))

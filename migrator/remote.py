@@ -29,6 +29,7 @@ from migrator.errors import (
 from migrator.names import ContainerName, SnapshotName
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.transfer import NATIVE_TYPES, SnapInfo, negotiate, plan_transfer
+from migrator.transport.rsync_relay import rsync_push
 from runtime.operations import Operation, journaled
 
 
@@ -117,20 +118,31 @@ class RemoteCopy:
     def __init__(self, cts: Any, transport: Any, progress: Progress = no_progress,
                  compress: str = "auto") -> None:
         self.cts, self.t, self.progress, self.compress = cts, transport, progress, compress
+        self.rsync_ok = False  # the target can run rsync's receiver (``rsync_receive``)
+        self.exact_times = True  # both pools keep sub-second mtimes (else rsync --checksum)
 
     def send_snapshot(self, src_b: StorageBackend, vol: VolumeRef, pool: str,
                       dst_vol: VolumeRef, name: str, parent: str | None, how: str,
                       compress: str, drop_after: bool, first: bool = False) -> int:
-        """Send one snapshot (an increment from ``parent`` for native types); wire bytes."""
+        """Send one snapshot (an increment from ``parent`` for native types, the changed
+        files for rsync); the bytes that crossed the link."""
         snaps = {s.name: s for s in src_b.list_snapshots(vol)}
+        target = {"pool": pool, "volume": {"type": dst_vol.type, "name": dst_vol.name}}
+        if how == "rsync":
+            meter = ProgressMeter(self.progress, f"{vol.name}@{name}")
+            with src_b.mount_snapshot(snaps[name]) as path:
+                pushed = rsync_push(self.t, path, target, self.exact_times,
+                                    compress == "zstd", meter)
+            if not drop_after:
+                self.t.request("snapshot_volume", {**target, "snapshot": name})
+            return pushed.wire
         stream = src_b.send(snaps[name], snaps[parent] if parent else None, how)
         meter = ProgressMeter(self.progress, f"{vol.name}@{name}", stream.size_hint)
         try:
             reply = self.t.request("receive", {
-                "pool": pool, "volume": {"type": dst_vol.type, "name": dst_vol.name},
-                "snapshot": name, "parent": parent, "how": how, "compress": compress,
-                "drop_after": drop_after, "first": first}, stream=stream, compress=compress,
-                meter=meter)
+                **target, "snapshot": name, "parent": parent, "how": how,
+                "compress": compress, "drop_after": drop_after, "first": first},
+                stream=stream, compress=compress, meter=meter)
         finally:
             stream.kill()
         return int(reply.get("wire", 0))
@@ -174,10 +186,16 @@ class RemoteCopy:
         plan = plan_transfer([SnapInfo(s.name, s.uuid) for s in src_snaps], dst_infos, how,
                              lambda n: local_native.get(n) is not None
                              and local_native.get(n) == native.get(n))
-        if plan.how == "rsync":  # no rsync over the agent yet: a full tar stream instead
+        self.rsync_ok = bool(remote.get("rsync"))
+        self.exact_times = src_b.subsecond_mtimes and bool(rpool.get("subsecond_mtimes"))
+        if state["exists"] and plan.how == "tar" and self.rsync_ok:
+            plan.how = "rsync"
+            plan.notes.append("the pools share no native stream: rsync sends the changed "
+                              "files only")
+        elif plan.how == "rsync" and not self.rsync_ok:
             plan.how = "tar"
-            plan.notes.append("sending the full state as a tar stream (rsync deltas over "
-                              "the transport are not implemented)")
+            plan.notes.append("the target has no rsync: sending the full state as a tar "
+                              "stream")
         if instance_only:
             plan.send, plan.skipped = [], []
         result = CopyResult(src.name, f"{self.t.name}:{dst_name}", rpool["name"],
@@ -269,6 +287,8 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
             # the first pass kept its temporary snapshot on both sides: the base of the delta
             base = SnapshotName(rc.base)
             how, compress_used = first.method.split("+")
+            if how == "tar" and rc.rsync_ok:
+                how = "rsync"  # only the files that changed since the first pass
             try:
                 with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
                     result.bytes += rc.send_snapshot(

@@ -70,7 +70,7 @@ def tar_extract(stream: Stream, dest: Path, meter: ProgressMeter | None,
         raise
 
 
-def _not_storable(dest: Path, detail: str) -> StorageError:
+def _not_storable(dest: Path | str, detail: str) -> StorageError:
     first = detail.strip().splitlines()[0] if detail.strip() else ""
     return StorageError(
         f"the target pool cannot store the source's xattrs or ACLs ({first})",
@@ -117,8 +117,9 @@ _STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size)
 
 
 def rsync_tree(
-    src: Path, dst: Path, meter: ProgressMeter | None = None, checksum: bool = False,
-    dry_run: bool = False, exact_times: bool = True,
+    src: Path, dst: Path | str, meter: ProgressMeter | None = None, checksum: bool = False,
+    dry_run: bool = False, exact_times: bool = True, rsh: str | None = None,
+    compress: bool = False,
 ) -> int:
     """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
 
@@ -131,6 +132,10 @@ def rsync_tree(
     the target (a test caught it). Where one end keeps whole seconds only (zfs-fuse), exact
     times would make every file differ: callers pass ``exact_times=False, checksum=True``,
     which compares contents. ``dry_run`` changes nothing.
+
+    ``rsh`` makes ``dst`` remote (``host:path``): rsync's own delta protocol then runs over
+    that command (``migrator.transport.rsync_relay`` passes a shim that hands the pipes to
+    the agent's channel); ``compress`` has rsync compress its data with zstd.
     """
     argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
             "--no-inc-recursive"]
@@ -140,6 +145,10 @@ def rsync_tree(
         argv += ["--dry-run"]
     if checksum:
         argv += ["--checksum"]
+    if compress:
+        argv += ["--compress", "--compress-choice=zstd"]
+    if rsh:
+        argv += ["--rsh", rsh]
     argv += [f"{src}/", f"{dst}/"]
 
     def on_line(line: str) -> None:

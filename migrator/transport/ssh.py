@@ -251,6 +251,27 @@ class SshTransport:
             argv += ["--root", self.remote_root]
         return [*argv, "agent"]
 
+    def open_raw(self, op: str, args: dict[str, Any]) -> Any:
+        """Start a request whose channel then carries another protocol (``rsync_receive``):
+        the agent's "ready" reply is read here, the open channel is returned."""
+        self.connect()
+        assert self.client is not None
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        chan = self._open_agent(transport)
+        try:
+            write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **args})
+            reply = read_json(chan.recv)
+        except (OSError, EOFError, ProtocolError, paramiko.SSHException) as e:
+            chan.close()
+            raise errors.NetworkError(f"{self.name} closed the channel during {op!r}: {e}",
+                                      "the agent or the link died; retry") from e
+        if not reply.get("ok"):
+            chan.close()
+            raise remote_error(self.name, reply.get("error") or {})
+        return chan
+
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
                 compress: str = "none", meter: ProgressMeter | None = None,
                 on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
