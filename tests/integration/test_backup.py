@@ -109,3 +109,222 @@ def test_running_container_keeps_running_and_cli_round_trip(host) -> None:  # ty
     assert (rootfs(host, "bk1-run") / "root" / "state").read_text() == "live\n"
     host.cts.start("bk1-run")
     assert host.cts.status("bk1-run") == "RUNNING"
+
+
+def _step1(srv: Path) -> None:
+    (srv / "new.txt").write_text("new in step 1\n")
+    host_file = srv / "etc" / "hostname"
+    host_file.write_text("xyz\n")  # same length, new content and mtime
+    os.utime(host_file, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    (srv / "big").write_bytes(os.urandom(8 << 20))
+
+
+def _step2(srv: Path) -> None:
+    (srv / "bin" / "tool-hardlink").unlink()  # the inode's link count changes
+    os.rmdir(srv / "empty")
+    os.chmod(srv / "etc" / "shadow", 0o600)
+    os.chown(srv / "new.txt", 100007, 100008)
+
+
+def _step3(srv: Path) -> None:
+    (srv / "sparse.img").unlink()  # a file becomes a directory
+    (srv / "sparse.img").mkdir()
+    (srv / "sparse.img" / "inside").write_text("i\n")
+    (srv / "bin" / "dangling").unlink()  # a symlink becomes a file
+    (srv / "bin" / "dangling").write_text("now a file\n")
+    os.link(srv / "bin" / "tool", srv / "bin" / "tool-again")  # a new name of an old inode
+    with open(srv / "big", "r+b") as f:  # 1 MiB changed in the middle of 8
+        f.seek(3 << 20)
+        f.write(os.urandom(1 << 20))
+
+
+def _step4(srv: Path) -> None:
+    (srv / "etc").rename(srv / "etc2")  # a directory moves: all of it is new
+    (srv / "etc2" / "deep" / "er").mkdir(parents=True)
+    (srv / "etc2" / "deep" / "er" / "f").write_text("deep\n")
+
+
+@pytest.mark.parametrize(("pool", "optimized"), [("dir", False), ("btrfs", True)])
+def test_incremental_chain_of_five_restores_every_point(host, pool, optimized) -> None:  # type: ignore[no-untyped-def]
+    name = "bk1-inc"
+    privileged(host, name, pool)
+    srv = rootfs(host, name) / "srv"
+    host.cts.snapshot_create(name, "s0")
+    repo = repo_of(host)
+    expected = []
+    results = []
+    for i, step in enumerate([None, _step1, _step2, _step3, _step4]):
+        if step is not None:
+            step(rootfs(host, name) / "srv")
+        if i == 2:
+            host.cts.snapshot_create(name, "s2")
+        if i == 3:
+            host.cts.snapshot_delete(name, "s0")
+        r = create_backup(host.cts, name, repo, optimized=optimized, incremental=True,
+                          compression="zstd:1")
+        assert (r.parent is None) == (i == 0), r
+        if i == 0:
+            assert any("full backup" in n for n in r.notes)
+        results.append(r)
+        snaps = {s.name: snap_sig(host, name, s.name) for s in host.cts.snapshot_list(name)}
+        expected.append((signature(rootfs(host, name)), snaps))
+    # increments store what changed, not the whole container again
+    assert results[2].stored_bytes < results[1].stored_bytes / 4
+    if optimized:  # block level: 1 MiB of 8 changed
+        assert results[3].stored_bytes < (3 << 20), results[3]
+    else:  # file level: the changed 8 MiB file again, but nothing unchanged
+        assert results[3].stored_bytes < (9 << 20), results[3]
+    if optimized:  # one base snapshot kept on the pool, not listed as a user snapshot
+        on_disk = {s.name for s in host.host.backend(pool).list_snapshots(
+            VolumeRef("container", name))}
+        assert on_disk == {"s2", repo.get(results[-1].id).base_snapshot}
+        assert [s.name for s in host.cts.snapshot_list(name)] == ["s2"]
+    for i, r in enumerate(results):
+        verify_backup(repo, r.id, deep=True)
+        target = f"bk1-r{i}"
+        res = restore_backup(host.cts, repo, r.id, name=target, pool=pool)
+        assert res.chain == [x.id for x in results[: i + 1]]
+        files, snaps = expected[i]
+        assert signature(rootfs(host, target)) == files, f"point {i}"
+        assert sorted(s.name for s in host.cts.snapshot_list(target)) == sorted(snaps)
+        for s, sig in snaps.items():
+            assert snap_sig(host, target, s) == sig, f"point {i} snapshot {s}"
+        host.cts.delete(target)
+
+
+def test_damage_is_reported_precisely_and_nothing_changes(host) -> None:  # type: ignore[no-untyped-def]
+    host.cts.create("busybox", "bk1-dmg", "dir")
+    host.cts.snapshot_create("bk1-dmg", "s0")
+    repo = repo_of(host)
+    r = create_backup(host.cts, "bk1-dmg", repo)
+    second = create_backup(host.cts, "bk1-dmg", repo, compression="none")
+    idx = repo.get(r.id)
+    by_kind = {p.path: p for p in idx.parts}
+    snap_part, main_part, manifest = (by_kind["snapshots/s0.tar.zst"],
+                                      by_kind["container.tar.zst"], by_kind["manifest.json.zst"])
+    bdir = repo.path / "backups" / r.id
+    before = signature(rootfs(host, "bk1-dmg"))
+    pool_dir = host.host.backend("dir").path / "containers"
+    volumes_before = sorted(os.listdir(pool_dir))
+
+    # flip one byte, truncate one part, delete another: three distinct messages
+    with open(bdir / main_part.path, "r+b") as f:
+        f.seek(main_part.size // 2)
+        byte = f.read(1)
+        f.seek(main_part.size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with open(bdir / snap_part.path, "r+b") as f:
+        f.truncate(snap_part.size - 100)
+    (bdir / manifest.path).unlink()
+    with pytest.raises(CorruptBackup) as e:
+        verify_backup(repo, r.id)
+    msg = e.value.message
+    assert f"part {main_part.path} checksum mismatch" in msg
+    assert f"part {snap_part.path} truncated: {snap_part.size - 100} of {snap_part.size} " \
+           "bytes" in msg
+    assert f"missing part {manifest.path}" in msg
+    # an index that lies about itself
+    index = repo.path / "backups" / second.id / "index.json"
+    doc = json.loads(index.read_text())
+    doc["parts"][0]["path"] = "../../etc/passwd"
+    index.write_text(json.dumps(doc))
+    res = host.cli("backup", "verify", "--all", "--format", "json")
+    assert res.returncode == CorruptBackup.exit_code
+    reports = {x["id"]: x for x in json.loads(res.stdout)}
+    assert len(reports[r.id]["problems"]) == 3
+    assert "index malformed" in reports[second.id]["problems"][0]
+    assert "not a plain relative name" in reports[second.id]["problems"][0]
+
+    # restore refuses, over the existing container too, and nothing changed
+    for bid in (r.id, second.id):
+        res = host.cli("backup", "restore", bid, "--force")
+        assert res.returncode == CorruptBackup.exit_code, res.stderr
+        assert "nothing was restored" in res.stderr or "index malformed" in res.stderr
+    assert signature(rootfs(host, "bk1-dmg")) == before
+    assert sorted(os.listdir(pool_dir)) == volumes_before
+    assert [c.name for c in host.cts.state.list_containers()] == ["bk1-dmg"]
+
+
+def test_second_writer_waits_then_is_refused_naming_the_holder(host, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    host.cts.create("busybox", "bk1-lock", "btrfs")
+    repo = repo_of(host).init()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(120)\n",
+         str(repo.path / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr("backup.repository.LOCK_WAIT", 1.0)
+        t0 = time.monotonic()
+        with pytest.raises(BackupError, match=f"locked by another writer \\(pid {holder.pid}\\)"):
+            create_backup(host.cts, "bk1-lock", repo)
+        assert time.monotonic() - t0 >= 1.0  # it waited before giving up
+        assert repo.list() == [] and os.listdir(repo.path / "backups") == []
+    finally:
+        holder.kill()
+        holder.wait()
+    r = create_backup(host.cts, "bk1-lock", repo)  # the lock died with its holder
+    assert [b.id for b in repo.list()] == [r.id]
+
+
+def test_failed_backup_leaves_nothing_and_next_writer_clears_debris(host, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    host.cts.launch("busybox", "bk1-fail", "btrfs")
+    repo = repo_of(host).init()
+    (repo.path / "backups" / ".partial-bk1-x-20200101T000000Z-abcdef").mkdir()
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BackupError("disk went away")
+
+    monkeypatch.setattr("backup.create._write_native", boom)
+    with pytest.raises(BackupError, match="disk went away"):
+        create_backup(host.cts, "bk1-fail", repo, optimized=True)
+    assert os.listdir(repo.path / "backups") == []  # debris and the partial backup gone
+    assert host.cts.status("bk1-fail") == "RUNNING"
+    b = host.host.backend("btrfs")
+    assert b.list_snapshots(VolumeRef("container", "bk1-fail")) == []
+    op = host.cts.state.list_operations()[-1]
+    assert (op.kind, op.status) == ("backup", "rolled-back")
+
+
+def test_restore_on_another_host_and_optimized_needs_its_driver(make_host) -> None:  # type: ignore[no-untyped-def]
+    a = make_host(pools=("btrfs",))
+    b = make_host(pools=("dir",), subnet="198.51.100.1/24")
+    a.cts.create("busybox", "bk1-far", "btrfs")
+    (rootfs(a, "bk1-far") / "root" / "f").write_text("from a\n")
+    repo = repo_of(a)
+    generic = create_backup(a.cts, "bk1-far", repo)
+    optimized = create_backup(a.cts, "bk1-far", repo, optimized=True)
+    shared = Repository(repo.path)  # the same directory, seen from host b
+    with pytest.raises(BackupError, match="needs a btrfs pool") as e:
+        restore_backup(b.cts, shared, optimized.id)
+    assert "migrate pool create" in e.value.hint
+    assert b.cts.state.list_containers() == []
+    restore_backup(b.cts, shared, generic.id)
+    assert signature(rootfs(b, "bk1-far")) == signature(rootfs(a, "bk1-far"))
+    assert b.cts.get("bk1-far").ipv4.startswith("198.51.100.")
+    b.cts.start("bk1-far")
+    rc, out, _ = b.exec("bk1-far", "cat", "/root/f")
+    assert (rc, out) == (0, "from a\n")
+
+
+def test_zfs_optimized_incremental_restores_onto_zfs_and_dir(make_host) -> None:  # type: ignore[no-untyped-def]
+    th = make_host(pools=("dir", "zfs"))
+    th.cts.create("busybox", "bk1-z", "zfs")
+    populate(rootfs(th, "bk1-z") / "srv", xattrs=False)
+    th.cts.snapshot_create("bk1-z", "s0")
+    repo = repo_of(th)
+    full = create_backup(th.cts, "bk1-z", repo, optimized=True)
+    (rootfs(th, "bk1-z") / "srv" / "added").write_text("second\n")
+    inc = create_backup(th.cts, "bk1-z", repo, optimized=True, incremental=True)
+    assert inc.parent == full.id and inc.snapshots_referenced == ["s0"]
+    want = signature(rootfs(th, "bk1-z"), with_xattrs=False)
+    for pool in ("zfs", "dir"):
+        res = restore_backup(th.cts, repo, inc.id, name=f"bk1-z-{pool}", pool=pool)
+        assert res.method.startswith("zfs")
+        assert signature(rootfs(th, f"bk1-z-{pool}"), with_xattrs=False) == want
+        assert [s.name for s in th.cts.snapshot_list(f"bk1-z-{pool}")] == ["s0"]
