@@ -64,6 +64,10 @@ class Agent:
         self.state = cts.state
         # an event to the client before the reply (``{"event": name, ...}``)
         self.notify = notify or (lambda event: None)
+        # the channel back to the client, for the data of a pull (``reverse.py``)
+        self.write: Callable[[Any], Any] = lambda data: None
+        # where a receive reports its progress (the client's bars, when serving a pull)
+        self.progress: Any = None
         # a program this agent becomes once its reply is out (``rsync_receive``)
         self.exec_after_reply: list[str] | None = None
 
@@ -110,8 +114,15 @@ class Agent:
         if req.get("first") and vol.type == "container":
             undo_partial_target(self.cts, vol.name, pool)  # debris of a cut-off transfer
         stream = FrameStream(read, how, snap, parent, compress)
+        meter = None
+        if self.progress is not None:
+            from migrator.streams import ProgressMeter
+
+            size = req.get("size")
+            meter = ProgressMeter(self.progress, f"{vol.name}@{snap}",
+                                  int(size) if isinstance(size, int) else None)
         try:
-            backend.receive(vol, snap, stream, None)
+            backend.receive(vol, snap, stream, meter)
         finally:
             stream.kill()
         if req.get("drop_after"):
@@ -301,6 +312,10 @@ class Agent:
         from migrator.transport.ssh import SshTransport
 
         tgt = dict(req["target"])
+        if tgt.get("reverse"):
+            if req.get("command") != "copy":
+                raise errors.InvalidInput("only a copy can be pulled through the client")
+            return self._pull_source(req, read)
         name = str(ContainerName(str(tgt["name"])))
         address, port = host_address(tgt["address"]), int(tgt.get("port", 22))
         key_type, key_b64 = (str(x) for x in tgt["host_key"])
@@ -332,6 +347,18 @@ class Agent:
                                           bool(req.get("refresh")))
                     return {"result": r.as_dict()}
         raise errors.InvalidInput(f"cannot delegate {req.get('command')!r}")
+
+    def _pull_source(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Push to the client that asked, through its own channel (``reverse.py``)."""
+        from migrator.remote import RemoteCopy
+        from migrator.transport.reverse import ReverseTransport
+
+        r = RemoteCopy(self.cts, ReverseTransport(read, self.write),
+                       compress=str(req.get("compress", "auto"))
+                       ).copy(str(ContainerName(req["source"])),
+                              str(ContainerName(req["target_name"])), req.get("pool"),
+                              bool(req.get("instance_only")), bool(req.get("refresh")))
+        return {"result": r.as_dict()}
 
     def _delegated_live(self, req: dict[str, Any], t: Any) -> dict[str, Any]:
         from migrator.live import live_migrate
@@ -411,6 +438,7 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         if op is None:
             raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
         agent = Agent(cts_factory(), lambda ev: write_json(write, ev))
+        agent.write = write
         result = op(agent, req, read)
         write_json(write, {"ok": True, **result})
         if agent.exec_after_reply:

@@ -141,7 +141,8 @@ class RemoteCopy:
         try:
             reply = self.t.request("receive", {
                 **target, "snapshot": name, "parent": parent, "how": how,
-                "compress": compress, "drop_after": drop_after, "first": first},
+                "compress": compress, "drop_after": drop_after, "first": first,
+                "size": stream.size_hint},
                 stream=stream, compress=compress, meter=meter)
         finally:
             stream.kill()
@@ -247,6 +248,49 @@ class RemoteCopy:
             result.notes.append(f"data went over the SSH channel: {self.t.link_failed}")
         result.seconds = time.monotonic() - t0
         return result
+
+
+def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | None = None,
+              instance_only: bool = False, refresh: bool = False, compress: str = "auto",
+              progress: Progress = no_progress) -> dict[str, Any]:
+    """``migrate copy host-a:c1 c1``: host a pushes to this host through the request's own
+    channel (``transport/reverse.py``), so host a never has to reach this host.
+
+    The push (plan, negotiation, undo) runs in host a's agent and is journaled there; this
+    side serves its calls with a local ``Agent``. If the pull breaks before the copy was
+    committed here, this side removes what it received itself: the far side cannot ask it
+    to any more.
+    """
+    from migrator.agent import Agent
+    from migrator.copy import undo_partial_target
+    from migrator.transport.reverse import answer_call
+
+    dst = ContainerName(target)
+    agent = Agent(cts)
+    agent.progress = progress
+    seen: dict[str, Any] = {"pool": None, "committed": False}
+
+    def on_call(call: dict[str, Any], read: Any, write: Any) -> None:
+        if call.get("call") == "receive":
+            seen["pool"] = call.get("pool")
+        answer_call(agent, call, read, write)
+        if call.get("call") == "commit_container":
+            seen["committed"] = True
+
+    try:
+        reply = transport.request("delegate", {
+            "command": "copy", "target": {"reverse": True}, "source": str(ContainerName(source)),
+            "target_name": dst, "pool": pool, "instance_only": instance_only,
+            "refresh": refresh, "compress": compress}, on_call=on_call)
+    except BaseException:
+        if seen["pool"] and not seen["committed"]:
+            with contextlib.suppress(MigratorError):
+                undo_partial_target(cts, dst, seen["pool"])
+        raise
+    result = dict(reply["result"])
+    result["source"] = f"{transport.name}:{result['source']}"
+    result["target"] = str(dst)
+    return result
 
 
 def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,

@@ -72,8 +72,10 @@ def copy_cmd(
                                  help="Between hosts: zstd, none, or auto"),
     fmt: Format = FORMAT_OPT,
 ) -> None:
-    """Copy a container with its snapshots: on this host (any pool to any pool), or to
-    another host with HOST:NAME as the target (see `migrate host add`).
+    """Copy a container with its snapshots: on this host (any pool to any pool), to another
+    host with HOST:NAME as the target, from one with HOST:NAME as the source (a pull: that
+    host sends over the same SSH connection), or between two others (see `migrate host
+    add`).
 
     The fastest method both pools support is used: btrfs send/receive or zfs send/recv
     between pools of the same driver, rsync otherwise. A running container is copied from
@@ -85,8 +87,14 @@ def copy_cmd(
     src_host, src_name = split_ref(source)
     dst_host, dst_name = split_ref(target)
     if src_host is not None:
-        if dst_host is None or dst_host == src_host:
-            raise _pull_unsupported(src_host)
+        if dst_host is None:
+            _pull(src_host, src_name, dst_name, pool, instance_only, refresh, compress, fmt)
+            return
+        if dst_host == src_host:
+            from migrator.errors import InvalidInput
+
+            raise InvalidInput("a copy within another host runs on that host",
+                               f"run `migrate copy {src_name} {dst_name}` on {src_host}")
         _delegate_copy(src_host, src_name, dst_host, dst_name, pool, instance_only, refresh,
                        compress, fmt)
         return
@@ -123,11 +131,19 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
     report(result, fmt, "refreshed" if refresh else "copied")
 
 
-def _pull_unsupported(host: str) -> Exception:
-    from migrator.errors import InvalidInput
+def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bool,
+          refresh: bool, compress: str, fmt: Format) -> None:
+    """HOST:C1 C1: the other host pushes to this one through the same SSH channel."""
+    from types import SimpleNamespace
 
-    return InvalidInput(f"copying from {host} to here is not supported yet",
-                        f"run the command on {host} (this host pushes)")
+    from migrator.cli.hosts import transport_for
+    from migrator.remote import pull_copy
+
+    with Bars() as bars, transport_for(src_host) as t:
+        r = pull_copy(_ctx().containers, t, src, dst, pool, instance_only, refresh, compress,
+                      bars)
+    result = SimpleNamespace(**r, as_dict=lambda: r)
+    report(result, fmt, "refreshed" if refresh else "copied")
 
 
 
@@ -160,7 +176,11 @@ def move_cmd(
     cts = _ctx().containers
     src_host, name = split_ref(name)
     if src_host is not None:
-        raise _pull_unsupported(src_host)
+        from migrator.errors import InvalidInput
+
+        raise InvalidInput(f"a move from {src_host} runs on {src_host}",
+                           f"run `migrate move {name} ...` there, or pull a copy with "
+                           f"`migrate copy {src_host}:{name} {name}`")
     target_host = new_name.rstrip(":") if new_name else None
     if target_host and any(h.name == target_host for h in cts.state.list_hosts()):
         from migrator.cli.hosts import transport_for

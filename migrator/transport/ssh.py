@@ -274,11 +274,15 @@ class SshTransport:
 
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
                 compress: str = "none", meter: ProgressMeter | None = None,
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_event: Callable[[dict[str, Any]], None] | None = None,
+                on_call: Callable[[dict[str, Any], Any, Any], None] | None = None
+                ) -> dict[str, Any]:
         """Run one agent request (with a volume stream to upload, if given); its reply.
 
         A long request may report events before its reply (``{"event": ...}`` messages,
-        e.g. "restored" while post-copy pages still flow): each goes to ``on_event``."""
+        e.g. "restored" while post-copy pages still flow): each goes to ``on_event``. A
+        pull sends requests back (``{"call": ...}``, see ``reverse.py``): ``on_call`` serves
+        each with the channel's reader and writer."""
         self.connect()
         assert self.client is not None
         transport = self.client.get_transport()
@@ -307,8 +311,12 @@ class SshTransport:
                         link.close()
             try:
                 reply = read_json(chan.recv)
-                while "event" in reply and "ok" not in reply:
-                    if on_event is not None:
+                while ("event" in reply or "call" in reply) and "ok" not in reply:
+                    if "call" in reply:
+                        if on_call is None:
+                            raise ProtocolError(f"{self.name} sent an unexpected call")
+                        on_call(reply, chan.recv, chan.sendall)
+                    elif on_event is not None:
                         on_event(reply)
                     reply = read_json(chan.recv)
             except ProtocolError as e:

@@ -109,6 +109,55 @@ def test_copy_then_refresh_sends_only_the_delta(hosts, src_pool, dst_pool) -> No
     assert [s["name"] for s in json.loads(out)] == ["s0", "s1"]
 
 
+def test_pull_copy_and_refresh_from_another_host(hosts) -> None:  # type: ignore[no-untyped-def]
+    """`copy b:c1 c1` on host a: host b sends through the same SSH channel (no way back
+    from b to a is needed), natively incremental on the refresh."""
+    a, b = hosts
+    m(b, "create", "busybox", "pl1", "-p", "btrfs")
+    (rootfs(b, "pl1") / "big").write_bytes(os.urandom(4 << 20))
+    m(b, "snapshot", "create", "pl1", "s0")
+    _rc, out, _e = m(a, "copy", "b:pl1", "pl1", "-p", "btrfs", "--format", "json")
+    full = json.loads(out)
+    assert full["snapshots_added"] == ["s0"] and full["bytes"] > 4 << 20, full
+    assert full["source"] == "b:pl1" and full["target"] == "pl1"
+    assert signature(rootfs(a, "pl1")) == signature(rootfs(b, "pl1"))
+    rc, _o, err = m(a, "copy", "b:pl1", "pl1", check=False)
+    assert rc == 5 and "already exists" in err, err  # AlreadyExists, nothing touched
+    (rootfs(b, "pl1") / "small").write_text("delta")
+    m(b, "snapshot", "create", "pl1", "s1")
+    _rc, out, _e = m(a, "copy", "b:pl1", "pl1", "--refresh", "--format", "json")
+    inc = json.loads(out)
+    assert inc["snapshots_added"] == ["s1"] and inc["bytes"] < 256 << 10, inc
+    assert signature(rootfs(a, "pl1")) == signature(rootfs(b, "pl1"))
+    _rc, out, _e = m(a, "snapshot", "list", "pl1", "--format", "json")
+    assert [s["name"] for s in json.loads(out)] == ["s0", "s1"]
+    _rc, out, _e = m(a, "start", "pl1")
+    _rc, out, _e = m(a, "exec", "pl1", "--", "cat", "/small")
+    assert out.strip() == "delta"
+
+
+def test_failed_pull_leaves_nothing_here_and_a_retry_works(hosts) -> None:  # type: ignore[no-untyped-def]
+    """The receive fails on this side (zfs-fuse cannot store the source's xattr): clear
+    error, no partial volume or record here, the source untouched, another pool works."""
+    a, b = hosts
+    m(b, "create", "busybox", "pl2", "-p", "btrfs")
+    marked = rootfs(b, "pl2") / "marked"
+    marked.write_text("x")
+    os.setxattr(marked, "user.tag", b"keep")
+    m(b, "snapshot", "create", "pl2", "s0")
+    before = signature(rootfs(b, "pl2"))
+    rc, _o, err = m(a, "copy", "b:pl2", "pl2", "-p", "zfs", check=False)
+    assert rc == 11 and "xattrs" in err, (rc, err)  # StorageError, named
+    _rc, out, _e = m(a, "list", "--format", "json")
+    assert json.loads(out) == []
+    assert not (a.root / "storage-pools" / "zfs" / "containers" / "pl2").exists()
+    assert signature(rootfs(b, "pl2")) == before
+    _rc, out, _e = m(b, "snapshot", "list", "pl2", "--format", "json")
+    assert [s["name"] for s in json.loads(out)] == ["s0"]  # no temporary snapshot left
+    m(a, "copy", "b:pl2", "pl2", "-p", "dir")
+    assert signature(rootfs(a, "pl2")) == before
+
+
 @pytest.mark.parametrize("dst_pool", ["btrfs", "zfs"])
 def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
