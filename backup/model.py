@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from migrator.errors import CorruptBackup
+from migrator.errors import CorruptBackup, InvalidInput
 
 FORMAT = "migrator-backup"
 VERSION = 1
@@ -43,8 +43,6 @@ def valid_id(value: str) -> bool:
 
 def parse_compression(value: str) -> int | None:
     """``zstd:3`` -> 3, ``zstd`` -> 3, ``none`` -> None; anything else is refused."""
-    from migrator.errors import InvalidInput
-
     text = "zstd:3" if value == "zstd" else value
     m = _COMPRESSION.fullmatch(text)
     if not m:
@@ -140,6 +138,8 @@ class BackupIndex:
             return _parse(doc, where, expect_id)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _bad(where, f"{type(e).__name__}: {e}") from e
+        except InvalidInput as e:  # a name that is not one
+            raise _bad(where, e.message) from e
 
 
 def _bad(where: str, what: str) -> CorruptBackup:

@@ -125,6 +125,17 @@ class TarGuard(io.RawIOBase):
     def summary(self) -> TarSummary:
         return self._checker.summary
 
+    @property
+    def rules(self) -> TarRules:
+        return self._checker.rules
+
+    @rules.setter
+    def rules(self, rules: TarRules) -> None:
+        """Rules may change between members: an importer learns from the archive's first
+        member (LXD's ``index.yaml``) whether the container is privileged, i.e. whether the
+        device nodes that follow are allowed. The new rules apply from the next header."""
+        self._checker.set_rules(rules)
+
     def readable(self) -> bool:
         return True
 
@@ -184,10 +195,8 @@ class TarChecker:
     """The push parser behind :class:`TarGuard`: ``feed`` bytes in order, then ``finish``."""
 
     def __init__(self, rules: TarRules) -> None:
-        self.rules = rules
+        self.set_rules(rules)
         self.summary = TarSummary()
-        self._roots = [_pattern(rules.root), *(_pattern(r) for r in rules.more_roots)]
-        self._data = _pattern(rules.data_prefix) if rules.data_prefix is not None else None
         self._offset = 0  # archive offset of the first byte not yet consumed
         self._block = bytearray()  # partial header block
         self._skip = 0  # data bytes (with padding) of the current member still to pass
@@ -201,6 +210,11 @@ class TarChecker:
         self._current = ""  # name of the member being read, for truncation messages
         self._symlinks: set[tuple[str, ...]] = set()
         self._members: set[tuple[str, ...]] = set()  # non-directories, for hard links
+
+    def set_rules(self, rules: TarRules) -> None:
+        self.rules = rules
+        self._roots = [_pattern(rules.root), *(_pattern(r) for r in rules.more_roots)]
+        self._data = _pattern(rules.data_prefix) if rules.data_prefix is not None else None
 
     # ----- stream handling
 

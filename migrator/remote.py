@@ -3,7 +3,8 @@
 Same plan as a local copy (``migrator.transfer``), carried by a transport: each snapshot,
 then a temporary snapshot of the live state, is sent as its own agent request with the
 storage's native stream where both pools share one (btrfs send -p, zfs send -i: only the
-delta crosses on a refresh) and a tar stream otherwise, zstd-compressed when negotiated.
+delta crosses on a refresh), a tar stream otherwise (zstd-compressed when negotiated), and
+rsync's delta protocol over the agent to update an existing target across drivers.
 The target records the container only after every stream arrived intact (``commit``);
 any failure asks the agent to remove what was received (``abort``), and the source is only
 read until a move's target is started and confirmed.
