@@ -128,8 +128,10 @@ def create_backup(
     compression: str = "zstd:3",
     instance_only: bool = False,
     progress: Progress = no_progress,
+    created: float | None = None,
 ) -> BackupResult:
-    """Back up container ``name`` into ``repo`` (see the module docstring)."""
+    """Back up container ``name`` into ``repo`` (see the module docstring); ``created`` is
+    the scheduler's time when it runs a simulated calendar."""
     t0 = time.monotonic()
     level = parse_compression(compression)
     comp = "none" if level is None else f"zstd:{level}"
@@ -144,7 +146,7 @@ def create_backup(
     snaps = [] if instance_only else cts.state.list_snapshots(rec.name)
     repo.init()
     with repo.lock():
-        bid = new_backup_id(rec.name)
+        bid = new_backup_id(rec.name, created)
         result = BackupResult(bid, rec.name, kind, None, comp)
         parent, base = (None, None)
         if incremental:
@@ -154,7 +156,8 @@ def create_backup(
         held = {(s.name, s.uuid): s.backup for s in parent.snapshots} if parent else {}
         final = base_snapshot_name(bid)
         idx = BackupIndex(
-            id=bid, container=rec.name, created=time.time(), kind=kind, driver=driver,
+            id=bid, container=rec.name, kind=kind, driver=driver,
+            created=time.time() if created is None else created,
             parent=result.parent, compression=comp, image=rec.image,
             privileged=cfg.is_true(rec.config, "security.privileged"), final=final,
             config=_copyable(rec.config),

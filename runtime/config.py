@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from migrator.errors import InvalidInput
 from runtime.host import parse_size
+from runtime.schedule_keys import SCHEDULE_KEYS
 
 
 def _bool(v: str) -> str:
@@ -49,6 +50,7 @@ KEYS: dict[str, Callable[[str], str]] = {
     "limits.memory": _memory,
     "limits.cpu": _cpus,
 }
+KEYS.update(SCHEDULE_KEYS)  # snapshots.* and backups.*: runtime/schedule_keys.py
 READ_ONLY_PREFIXES = ("image.", "volatile.")
 
 

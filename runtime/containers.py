@@ -405,7 +405,10 @@ class Containers:
             self.lxc.set_cgroup(name, "cpuset.cpus", cpuset(int(new["limits.cpu"])))
 
     # snapshots ---------------------------------------------------------------------------
-    def snapshot_create(self, name: str, snap: str | None = None) -> SnapshotRecord:
+    def snapshot_create(self, name: str, snap: str | None = None, created: float | None = None,
+                        expires: float | None = None) -> SnapshotRecord:
+        """Snapshot ``name``; ``expires`` (epoch) marks an automatic snapshot the scheduler
+        deletes when due, ``created`` is the scheduler's time (simulated ticks)."""
         rec = self.get(name)
         existing = {s.name for s in self.state.list_snapshots(rec.name)}
         if snap is None:
@@ -414,7 +417,8 @@ class Containers:
         if sname in existing:
             raise AlreadyExists(f"snapshot {rec.name}/{sname} already exists", "pick another name")
         backend = self.host.backend(rec.pool)
-        srec = SnapshotRecord(rec.name, sname, time.time(), dict(rec.config))
+        srec = SnapshotRecord(rec.name, sname, time.time() if created is None else created,
+                              dict(rec.config), expires)
         with Stages() as st:
             backend.snapshot(self.volume(rec), sname)
             st.add_undo("delete snapshot", lambda: backend.delete_snapshot(self.volume(rec), sname))
