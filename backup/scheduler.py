@@ -257,10 +257,11 @@ class Scheduler:
                 detail = self._backup(due.container, conf, at)
             outcome = "skipped" if detail.startswith("skipped") else "ok"
             js.failures, js.error = 0, ""
-        except MigratorError as e:
-            outcome, detail = "failed", e.message
+        except Exception as e:  # noqa: BLE001 - one failed job never stops the others
+            outcome = "failed"
+            detail = e.message if isinstance(e, MigratorError) else f"{type(e).__name__}: {e}"
             js.failures += 1
-            js.error = e.message
+            js.error = detail
         js.last = at
         js.seconds = time.monotonic() - t0
         js.result = outcome if outcome != "skipped" else detail

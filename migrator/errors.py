@@ -166,6 +166,13 @@ class UnsafeArchive(BackupError):
     hint = "the archive was refused before anything was written; do not trust its source"
 
 
+class JobsFailed(MigratorError):
+    """Some scheduled jobs failed; the others ran (each failure is listed)."""
+
+    exit_code = 23
+    hint = "`migrate schedule status` shows each job's last error"
+
+
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -188,4 +195,5 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     BackupError,
     CorruptBackup,
     UnsafeArchive,
+    JobsFailed,
 )

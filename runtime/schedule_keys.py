@@ -8,7 +8,7 @@ scheduler (``backup/scheduler.py``) uses the same functions to act on them.
   ``@hourly``, ``@daily``, ``@weekly``, ``@monthly``, ``@yearly``), several separated by
   commas. Commas inside a cron field (``0 6,18 * * *``) are told apart by trying the pieces:
   a piece that is not a whole expression is joined with the next. Checked by croniter.
-- ``snapshots.pattern``: ``%d`` is a counter (the lowest number not yet used, as in LXD),
+- ``snapshots.pattern``: ``%d`` is a counter (one more than the highest in use, as in LXD),
   ``{date:FORMAT}`` the scheduled time through strftime (``auto-{date:%Y%m%d-%H%M}``).
 - ``snapshots.expiry``: ``1M 2H 3d 4w 5m 6y`` (minutes, hours, days, weeks, months, years,
   LXD's letters), added to the snapshot's creation time by the calendar (a month after
@@ -78,11 +78,11 @@ _DATE = re.compile(r"\{date:([^{}]*)\}")
 def render_pattern(pattern: str, when: datetime, existing: set[str]) -> SnapshotName:
     """The name of an automatic snapshot taken at ``when`` (never one in ``existing``)."""
     dated = _DATE.sub(lambda m: when.strftime(m.group(1)), pattern)
-    if "%d" in dated:
-        n = 0
-        while dated.replace("%d", str(n)) in existing:
-            n += 1
-        return SnapshotName(dated.replace("%d", str(n)))
+    if "%d" in dated:  # one more than the highest number in use, as LXD: never reused
+        head, _, tail = dated.partition("%d")
+        counter = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.replace("%d", "")))
+        used = [int(m.group(1)) for e in existing if (m := counter.fullmatch(e))]
+        return SnapshotName(head + str(max(used) + 1 if used else 0) + tail.replace("%d", ""))
     name, n = dated, 1
     while name in existing:  # two runs in the same minute: keep both
         name = f"{dated}-{n}"

@@ -395,7 +395,10 @@ def config_set(
     name: str, assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")
 ) -> None:
     """Set keys: security.privileged, security.protection.delete, limits.memory, limits.cpu,
-    user.*"""
+    user.*, and the schedule keys: snapshots.schedule (cron, @daily...; several separated by
+    commas), snapshots.schedule.stopped, snapshots.pattern (snap%d, auto-{date:%Y%m%d}),
+    snapshots.expiry (1H 2d 3w 4m 1y), backups.schedule, backups.repo, backups.retention
+    (keep-last=3,keep-daily=7), backups.incremental. Host defaults: `migrate config host`."""
     from runtime.config import parse_assignments
 
     _ctx().containers.config_set(name, parse_assignments(assignments))
@@ -478,13 +481,14 @@ def snapshot_delete(
     say(f"deleted snapshot {ct}/{which}")
 
 
-from migrator.cli import backup, exchange, hosts, live, storage  # noqa: E402 - their commands
+from migrator.cli import backup, exchange, hosts, live, schedule, storage  # noqa: E402
 
 storage.register(app)
 hosts.register(app)
 live.register(app)
 backup.register(app)
 exchange.register(app)
+schedule.register(app, config_app)
 
 
 def main() -> None:
