@@ -31,7 +31,6 @@ the same plan whichever host's clock zone runs the prune. Pass ``tz`` to bucket 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, tzinfo
@@ -88,26 +87,9 @@ class RetentionPolicy:
         Used by schedules, whose retention is one string in a config file. An empty string is
         the empty policy (keep everything).
         """
-        values: dict[str, int] = {}
-        for part in (p for p in re.split(r"[,\s]+", text.strip()) if p):
-            key, sep, raw = part.partition("=")
-            key = key.strip().lower()
-            rule = key.removeprefix("keep-")
-            if not sep or not key.startswith("keep-") or rule not in RULES:
-                raise InvalidInput(
-                    f"unknown retention rule {part!r} in {text!r}",
-                    f"rules are keep-{', keep-'.join(RULES)}; for example: {POLICY_EXAMPLE}",
-                )
-            if not raw.strip().isdigit():
-                raise InvalidInput(
-                    f"{key} needs a whole number >= 0, not {raw!r}",
-                    f"for example: {POLICY_EXAMPLE}",
-                )
-            if f"keep_{rule}" in values:
-                raise InvalidInput(
-                    f"{key} is given twice in {text!r}", f"for example: {POLICY_EXAMPLE}"
-                )
-            values[f"keep_{rule}"] = int(raw)
+        from runtime.schedule_keys import parse_retention
+
+        values = {f"keep_{rule}": n for rule, n in parse_retention(text).items()}
         return cls(**values)
 
     def __str__(self) -> str:
