@@ -97,6 +97,9 @@ class TarSummary:
 
     members: int = 0
     bytes: int = 0
+    #: the first device node seen (allowed or not): an importer that relaxes or tightens
+    #: ``allow_devices`` after reading an index checks the members already past
+    first_device: str | None = None
 
 
 def check_tar(fileobj: BinaryIO, rules: TarRules, chunk: int = 1 << 20) -> TarSummary:
@@ -153,6 +156,31 @@ class TarGuard(io.RawIOBase):
             return 0
         self._checker.feed(view[:n])
         return n
+
+
+def device_refused(name: str, what: str = "device node") -> UnsafeArchive:
+    return UnsafeArchive(
+        f"member {name!r} is a {what}; device nodes are refused unless the container is "
+        "privileged"
+    )
+
+
+class GnuTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that reads member names as GNU tar does (and as ``TarChecker`` does).
+
+    Python's tarfile prepends the ustar ``prefix`` field whatever the header's magic; GNU
+    tar uses it only in POSIX ``ustar\\0`` headers. Parse with ``tarfile.open(...,
+    tarinfo=GnuTarInfo)`` wherever names that were checked here are acted upon, so a crafted
+    old-GNU header cannot show one name to the checker and another to the extractor.
+    """
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> GnuTarInfo:
+        info = super().frombuf(buf, encoding, errors)
+        if buf[257:263] != _POSIX_MAGIC and _nts(bytes(buf[345:500])):
+            name = buf[0:100].split(b"\0", 1)[0].decode(encoding, errors)
+            info.name = name.rstrip("/") if info.isdir() else name
+        return info  # type: ignore[return-value]
 
 
 def _nts(raw: bytes) -> str:
@@ -405,8 +433,8 @@ class TarChecker:
             )
 
     def _where(self, parts: list[str]) -> tuple[str, tuple[str, ...] | None]:
-        """Classify a path: ("root", concrete root) | ("parent", None) | ("data", None) |
-        ("outside", None)."""
+        """Classify a path: ("root", concrete root) | ("parent" or "wild-parent", None) |
+        ("data", None) | ("outside", None)."""
         for pattern in self._roots:
             if len(parts) >= len(pattern) and all(
                 p == "*" or p == c for p, c in zip(pattern, parts, strict=False)
@@ -416,11 +444,16 @@ class TarChecker:
             if len(parts) < len(pattern) and all(
                 p == "*" or p == c for p, c in zip(pattern, parts, strict=False)
             ):
-                return "parent", None
-        data = self._data
-        if data is not None and len(parts) > len(data) and tuple(parts[: len(data)]) == data:
+                # "backup/snapshots/NAME.bin" matches "backup/snapshots/*" only through the
+                # wildcard: it may be a plain file in the data area, not a rootfs's parent
+                return ("wild-parent" if pattern[len(parts) - 1] == "*" else "parent"), None
+        if self._in_data(parts):
             return "data", None
         return "outside", None
+
+    def _in_data(self, parts: list[str]) -> bool:
+        data = self._data
+        return data is not None and len(parts) > len(data) and tuple(parts[: len(data)]) == data
 
     def _check(self, name: str, kind: bytes, linkname: str) -> None:
         what = _TYPE_NAMES.get(kind)
@@ -445,6 +478,8 @@ class TarChecker:
             raise UnsafeArchive(f"member {name!r} replaces the symlink an earlier member made")
 
         area, root = self._where(parts)
+        if area == "wild-parent":
+            area = "parent" if kind == tarfile.DIRTYPE or not self._in_data(parts) else "data"
         if area == "outside":
             allowed = [r or "." for r in (self.rules.root, *self.rules.more_roots)]
             if self.rules.data_prefix is not None:
@@ -467,11 +502,11 @@ class TarChecker:
                 self._members.add(path)
             return
         assert root is not None
-        if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) and not self.rules.allow_devices:
-            raise UnsafeArchive(
-                f"member {name!r} is a {what}; device nodes are refused unless the container "
-                "is privileged"
-            )
+        if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            if not self.rules.allow_devices:
+                raise device_refused(name, what)
+            if self.summary.first_device is None:
+                self.summary.first_device = name
         if kind == tarfile.LNKTYPE:
             self._check_hard_link(name, linkname, root)
         elif kind == tarfile.SYMTYPE:

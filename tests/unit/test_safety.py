@@ -217,6 +217,10 @@ def lxd_layout(extra: list[Entry]) -> bytes:
 
 def test_lxd_layout_passes() -> None:
     assert check(lxd_layout([]), LXD_RULES).bytes == 9 + 3 + 10 + 1
+    # optimized exports: send streams as plain files beside the snapshot directories
+    optimized = [entry("backup/snapshots/s0.bin", data=b"btrfs"),
+                 entry("backup/container.bin", data=b"stream")]
+    assert check(lxd_layout(optimized), LXD_RULES).members == 16
 
 
 @pytest.mark.parametrize(
@@ -226,8 +230,10 @@ def test_lxd_layout_passes() -> None:
          r"member 'etc/passwd' is outside the allowed parts of the archive \(backup/container"),
         ([entry("backup/container/evil", tarfile.SYMTYPE, linkname="/etc/shadow")],
          "is a symlink outside a rootfs; only plain files and directories"),
-        ([entry("backup/snapshots/snap1", data=b"x")],
-         "member 'backup/snapshots/snap1' is a file; it must be a directory"),
+        ([entry("backup/container", data=b"x")],
+         "member 'backup/container' is a file; it must be a directory"),
+        ([entry("backup/snapshots/s.bin", tarfile.SYMTYPE, linkname="/etc/shadow")],
+         "member 'backup/snapshots/s.bin' is a symlink outside a rootfs"),
         ([entry("backup/snapshots/snap0/rootfs/y", tarfile.LNKTYPE,
                 linkname=f"{ROOTFS}/bin/busybox")],
          "outside its rootfs 'backup/snapshots/snap0/rootfs'"),
