@@ -162,6 +162,7 @@ def test_failed_pull_leaves_nothing_here_and_a_retry_works(hosts) -> None:  # ty
 def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
     m(a, "launch", "busybox", "mv1", "-p", "btrfs")
+    m(a, "config", "set", "mv1", "snapshots.schedule=0 6,18 * * *", "snapshots.expiry=2w")
     m(a, "exec", "mv1", "--", "sh", "-c", "echo before > /root/v")
     m(a, "snapshot", "create", "mv1", "s0")
     m(a, "exec", "mv1", "--", "sh", "-c", "echo after > /root/v")
@@ -178,6 +179,10 @@ def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: 
     assert info["state"] == "RUNNING" and info["ipv4"] == ip and info["pool"] == dst_pool
     _rc, out, _e = m(b, "exec", "mv1", "--", "cat", "/root/v")
     assert out.strip() == "after"
+    _rc, out, _e = m(b, "config", "get", "mv1", "snapshots.schedule")
+    assert out.strip() == "0 6,18 * * *"  # its schedule moved with it
+    _rc, out, _e = m(b, "schedule", "status", "--format", "json")
+    assert [(r["container"], r["job"]) for r in json.loads(out)["jobs"]] == [("mv1", "snapshot")]
 
 
 def test_unknown_host_key_is_refused_with_fingerprint(pair) -> None:  # type: ignore[no-untyped-def]
