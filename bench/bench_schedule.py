@@ -10,7 +10,7 @@
 4. Another tick a minute later: nothing due again (now with 2 x count snapshot records).
 
 Everything lives in a throw-away host (``/var/tmp/migrator-bench/schedule-<pid>``, netns
-``mbench-sc``), torn down at the end, also on failure. Results also go to
+``mbench-sc``, 198.18.0.0/16), torn down at the end, also on failure. Results also go to
 ``bench/results/schedule-<timestamp>.json``.
 
 Usage: .venv/bin/python bench/bench_schedule.py [--count N]
@@ -45,7 +45,7 @@ def main() -> int:
     h = Host(root)
     out: dict[str, object] = {"count": args.count}
     try:
-        h.init("mbench-sc", "198.51.100.1/24", None)
+        h.init("mbench-sc", "198.18.0.1/16", None)  # RFC 2544 benchmark range: room for 1000
         h.create_pool("bt", "btrfs", None, "6GiB")
         ImageStore(h.images_dir, h.state).build("busybox", None, lambda m: None)
         cts = Containers(h)
