@@ -477,13 +477,49 @@ class _Decompressed(io.RawIOBase):
         return n
 
 
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames one after the other, like ``zstd -dc``; a frame cut short is an error
+    (zstandard's stream_reader just ends early there, which would pass for a short tar)."""
+
+    def __init__(self, src: IO[bytes]) -> None:
+        super().__init__()
+        self._src = src
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj: Any = None  # the frame being decoded
+        self._out = memoryview(b"")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos >= len(self._out):
+            # small reads bound the output a highly compressed piece can expand to
+            data = self._src.read(256 << 10)
+            if not data:
+                if self._obj is not None and not self._obj.eof:
+                    raise zstandard.ZstdError("the last frame is incomplete")
+                return 0
+            out = bytearray()
+            while data:
+                if self._obj is None or self._obj.eof:
+                    self._obj = self._dctx.decompressobj()
+                out += self._obj.decompress(data)
+                data = self._obj.unused_data if self._obj.eof else b""
+            self._out, self._pos = memoryview(out), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
 def open_archive(src: BinaryIO, meter: ProgressMeter) -> tuple[BinaryIO, str]:
     """The decompressed archive and its compression, detected by magic bytes."""
     raw = io.BufferedReader(_Counting(src, meter), CHUNK)
     head = raw.peek(6)[:6]
     kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), "none")
     if kind == "zstd":
-        inner: Any = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        inner: Any = _ZstdFrames(raw)
     elif kind == "gzip":
         inner = gzip.GzipFile(fileobj=raw, mode="rb")
     elif kind == "xz":

@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from migrator.errors import CorruptBackup, UnsafeArchive
 
@@ -176,11 +176,21 @@ class GnuTarInfo(tarfile.TarInfo):
 
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> GnuTarInfo:
-        info = super().frombuf(buf, encoding, errors)
-        if buf[257:263] != _POSIX_MAGIC and _nts(bytes(buf[345:500])):
-            name = buf[0:100].split(b"\0", 1)[0].decode(encoding, errors)
+        return cls._gnu_name(super().frombuf(buf, encoding, errors), buf, encoding, errors)
+
+    @classmethod
+    def _frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str,
+                 **kw: Any) -> GnuTarInfo:
+        # Python 3.13 reads headers through this private twin of frombuf (3.11 does not)
+        info = super()._frombuf(buf, encoding, errors, **kw)  # type: ignore[misc]
+        return cls._gnu_name(info, buf, encoding, errors)
+
+    @staticmethod
+    def _gnu_name(info: Any, buf: bytes | bytearray, encoding: str, errors: str) -> Any:
+        if bytes(buf[257:263]) != _POSIX_MAGIC and _nts(bytes(buf[345:500])):
+            name = bytes(buf[0:100]).split(b"\0", 1)[0].decode(encoding, errors)
             info.name = name.rstrip("/") if info.isdir() else name
-        return info  # type: ignore[return-value]
+        return info
 
 
 def _nts(raw: bytes) -> str:

@@ -18,7 +18,8 @@ from migrator.cli.render import Format, human_size
 from migrator.errors import InvalidInput
 
 FORMAT_OPT = typer.Option(Format.table, "--format", "-f",
-                          help="table or json (a summary; json is refused with FILE '-')")
+                          help="table or json (a summary on stdout; when the archive itself "
+                          "goes to stdout, the summary stays on stderr)")
 
 
 def register(app: typer.Typer) -> None:

@@ -318,3 +318,17 @@ def test_gnu_tar_archives_pass(tmp_path: Path, options: list[str]) -> None:
     assert summary.bytes == 50_000_000 + 400
     if "-S" in options:
         assert len(data) < 1_000_000  # holes were not stored, yet counted
+
+
+def test_gnu_tar_info_reads_names_as_gnu_tar_does() -> None:
+    data = build([entry("etc/passwd", data=b"x")])
+    hidden = _with_header(data, 0, {345: b"innocent\0"})
+    with tarfile.open(fileobj=io.BytesIO(hidden)) as t:
+        assert t.getnames() == ["innocent/etc/passwd"]  # Python's reading
+    from backup.safety import GnuTarInfo
+
+    with tarfile.open(fileobj=io.BytesIO(hidden), tarinfo=GnuTarInfo) as t:
+        assert t.getnames() == ["etc/passwd"]  # GNU tar's, and the checker's
+    posix = build([entry("a/" * 60 + "f", data=b"x")], fmt=tarfile.USTAR_FORMAT)
+    with tarfile.open(fileobj=io.BytesIO(posix), tarinfo=GnuTarInfo) as t:
+        assert t.getnames() == ["a/" * 60 + "f"]  # a real ustar prefix still counts

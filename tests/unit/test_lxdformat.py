@@ -1,0 +1,99 @@
+"""backup.lxdformat: the pure parts (index parsing, config conversion, compression sniffing)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+
+import pytest
+import yaml
+import zstandard
+
+from backup.lxdformat import BackupFormatError, convert_config, open_archive, parse_index
+from migrator.errors import CorruptBackup, InvalidInput
+from migrator.streams import ProgressMeter
+
+
+def index(**over: object) -> bytes:
+    doc: dict[str, object] = {
+        "name": "c1", "backend": "btrfs", "pool": "default", "snapshots": ["snap0", "snap1"],
+        "optimized": True, "optimized_header": True, "type": "container",
+        "config": {"container": {"name": "c1", "config": {"security.privileged": "false"},
+                                 "expanded_config": {"security.privileged": "true"}},
+                   "snapshots": [{"name": "c1/snap0", "created_at": "2025-01-01T00:00:00Z"}]},
+    }
+    doc.update(over)
+    return yaml.safe_dump(doc).encode()
+
+
+def test_parse_index_reads_what_lxd_writes() -> None:
+    idx = parse_index(index())
+    assert idx.name == "c1" and idx.optimized and idx.backend == "btrfs"
+    assert idx.snapshots == ["snap0", "snap1"]
+    assert idx.privileged  # from expanded_config: a profile may set it
+    assert "snap0" in idx.snapshot_docs  # "c1/snap0" as older LXD names them
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "message"),
+    [
+        ({"type": "virtual-machine"}, InvalidInput, "holds a virtual-machine"),
+        ({"config": None}, BackupFormatError, "no embedded config"),
+        ({"snapshots": ["../x"]}, InvalidInput, "invalid snapshot name"),
+        ({"snapshots": ["a", "a"]}, CorruptBackup, "lists a snapshot twice"),
+        ({"name": 7}, CorruptBackup, "has no name"),
+    ],
+)
+def test_parse_index_refuses(over: dict[str, object], error: type[Exception],
+                             message: str) -> None:
+    with pytest.raises(error, match=message):
+        parse_index(index(**over))
+
+
+def test_parse_index_refuses_non_yaml() -> None:
+    with pytest.raises(CorruptBackup, match="not valid YAML"):
+        parse_index(b"name: [unclosed")
+    with pytest.raises(CorruptBackup, match="not a YAML mapping"):
+        parse_index(b"- a\n- b\n")
+
+
+def test_convert_config_keeps_what_runs_here_and_reports_the_rest() -> None:
+    conf, dropped = convert_config({
+        "security.privileged": "True", "limits.memory": "1GiB", "limits.cpu": "0-3",
+        "user.a": "b", "image.os": "Debian", "volatile.idmap.base": "1000000",
+        "raw.lxc": "lxc.x = y", "limits.processes": "500",
+    })
+    assert conf == {"security.privileged": "true", "limits.memory": str(1 << 30),
+                    "user.a": "b", "image.os": "Debian"}
+    assert [d.split("=")[0] for d in dropped] == ["limits.cpu", "limits.processes", "raw.lxc"]
+    assert all("(" in d for d in dropped)  # each says why
+
+
+@pytest.mark.parametrize(
+    ("compress", "kind"),
+    [
+        (lambda b: zstandard.ZstdCompressor().compress(b), "zstd"),
+        (gzip.compress, "gzip"),
+        (lzma.compress, "xz"),
+        (lambda b: b, "none"),
+    ],
+)
+def test_compression_is_detected_by_magic(compress, kind: str) -> None:  # type: ignore[no-untyped-def]
+    payload = b"x" * 100_000 + b"end"
+    events = []
+    meter = ProgressMeter(events.append, "import", None, every=0)
+    stream, found = open_archive(io.BytesIO(compress(payload)), meter)
+    assert found == kind
+    assert stream.read() == payload
+    assert meter.done == len(compress(payload))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, lzma.compress,
+                                      lambda b: zstandard.ZstdCompressor().compress(b)])
+def test_a_cut_compressed_stream_is_corrupt(compress) -> None:  # type: ignore[no-untyped-def]
+    data = compress(bytes(range(256)) * 4000)
+    stream, _ = open_archive(io.BytesIO(data[: len(data) // 2]),
+                             ProgressMeter(lambda e: None, "import"))
+    with pytest.raises(CorruptBackup, match="damaged or cut short"):
+        stream.read()
