@@ -148,7 +148,6 @@ def _step4(srv: Path) -> None:
 def test_incremental_chain_of_five_restores_every_point(host, pool, optimized) -> None:  # type: ignore[no-untyped-def]
     name = "bk1-inc"
     privileged(host, name, pool)
-    srv = rootfs(host, name) / "srv"
     host.cts.snapshot_create(name, "s0")
     repo = repo_of(host)
     expected = []
