@@ -56,8 +56,9 @@ m list --format json > /dev/null
 m pool list
 
 # Two hosts on this machine (network namespaces on a private TEST-NET link, each with its
-# own sshd): host a pushes a container to host b over SSH, refreshes it, then moves a
-# running one (stateless: live copy, stop, final delta, start there).
+# own sshd): a running container is backed up, live-migrated with CRIU to host b and its
+# backup restored on host a; then host a pushes a container to host b over SSH, refreshes
+# it, and moves a running one (stateless: live copy, stop, final delta, start there).
 echo "+ python -m runtime.testhosts up --base $HOSTS --prefix md" >&2
 python -m runtime.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs >&2
 A="$HOSTS/a/root"; B="$HOSTS/b/root"
@@ -72,6 +73,12 @@ a host check host-b --probe-mib 64
 a launch busybox live1 -p btrfs -c security.privileged=true
 a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /root/count; sleep 0.2; done" </dev/null >/dev/null 2>&1 &'
 sleep 2
+# A backup of the running container (from a snapshot taken while it is briefly frozen;
+# zstd, every part checksummed), verified down to every tar member.
+a backup create live1 --compression zstd:3 --format json > "$HOSTS/backup.json"
+id=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["id"])' "$HOSTS/backup.json")
+a backup list
+a backup verify "$id" --deep
 # Live migration with CRIU: live1's counter keeps counting on host b, from where it was.
 before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
 a live local host-b live1 --dry-run
@@ -80,6 +87,14 @@ sleep 1
 after=$(b exec live1 -- cat /root/count)
 echo "counter before the migration: $before; on host b now: $after (the same shell, still counting)" >&2
 [ "$after" -gt "$before" ] || { echo "the counter did not carry on" >&2; exit 1; }
+# The backup taken before the move restores on host a as a new container (onto zfs: any
+# pool driver), with the counter file as it was then.
+a backup restore "$id" --name live1-restored --pool zfs
+a start live1-restored
+saved=$(a exec live1-restored -- cat /root/count)
+echo "counter in the restored backup: $saved" >&2
+[ "$saved" -le "$after" ] || { echo "the restored backup is wrong" >&2; exit 1; }
+a delete --force live1-restored
 
 a launch busybox app -p btrfs
 a exec app -- sh -c 'echo "state from host a" > /root/state'

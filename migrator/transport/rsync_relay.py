@@ -150,6 +150,9 @@ def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) ->
             os.close(to_rsync)
             to_rsync = -1
             status = chan.recv_exit_status() if chan.status_event.wait(30) else 255
+            # the shim exits with it, then rsync does, closing the pipe the uploader reads:
+            # the status must go out before waiting for the uploader
+            _release_shim(conn, status)
             up.join(30)
         finally:
             chan.close()
@@ -158,6 +161,14 @@ def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) ->
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        with contextlib.suppress(OSError):
-            conn.sendall(bytes([status & 0xFF if status >= 0 else 255]))
+        _release_shim(conn, status)
     return sent + received
+
+
+def _release_shim(conn: socket.socket, status: int) -> None:
+    """Send the far rsync's exit status to the shim (once; later calls do nothing)."""
+    if conn.fileno() < 0:
+        return
+    with contextlib.suppress(OSError):
+        conn.sendall(bytes([status & 0xFF if status >= 0 else 255]))
+    conn.close()
