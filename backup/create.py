@@ -170,7 +170,8 @@ def create_backup(
              else result.snapshots_referenced).append(s.name)
         writer = repo.writer(bid)
         with journaled(cts.state, "backup", container=rec.name, backup=bid, repo=str(repo),
-                       backup_kind=kind) as op, Stages() as st:
+                       backup_kind=kind, pool=rec.pool, base_snapshot=final if optimized
+                       else None) as op, Stages() as st:
             result.operation = op.id
             st.add_undo("remove the partial backup", writer.abort)
             op.stage("write")

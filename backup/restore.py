@@ -131,7 +131,7 @@ def restore_backup(
     final_vol = VolumeRef("container", target)
     conf = {**idx.config, **overrides}
     with journaled(state, "restore", container=target, backup=idx.id, pool=pool_name,
-                   scratch=scratch.name) as op, Stages() as st:
+                   scratch=scratch.name, receive_pool=recv_pool) as op, Stages() as st:
         result.operation = op.id
         st.add_undo("delete the restored volume", lambda: remove_leftover(recv_b, scratch))
         op.stage("receive")
@@ -145,13 +145,14 @@ def restore_backup(
             remove_leftover(recv_b, scratch)
         elif idx.final in {s.name for s in dst_b.list_snapshots(scratch)}:
             dst_b.delete_snapshot(scratch, SnapshotName(idx.final))
-        op.stage("commit")
+        op.stage("replace")
         ipv4 = existing.ipv4 if existing is not None else None
         if existing is not None:
             cts.delete(existing.name, force=True)
             result.notes.append(f"replaced the existing container {target}")
         dst_b.rename_volume(scratch, final_vol)
         st.add_undo("rename the volume back", lambda: dst_b.rename_volume(final_vol, scratch))
+        op.stage("record")
         snaps = [SnapshotRecord(target, s.name, s.created, dict(s.config), None, s.uuid)
                  for s in idx.snapshots]
         cts.record_received(target, pool_name, idx.image, conf, snaps, ipv4)

@@ -28,7 +28,8 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
         raise InvalidState(f"operation {op.id} is still running (pid {op.detail['pid']})",
                            "wait for it, or stop that process first")
     handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
-               "move-remote": _move_remote, "live": _live}.get(op.kind)
+               "move-remote": _move_remote, "live": _live, "backup": _backup,
+               "restore": _restore}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
     outcome = handler(cts, op, transport_for)
@@ -153,3 +154,37 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
         remove_images_dir(images)
     _clean_temps(cts, name)
     return outcome
+
+
+def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    """A killed ``backup create``: its ``.partial-ID`` goes with the repository's next writer;
+    here only the base snapshot an optimized backup kept on the pool is dropped, unless the
+    backup was committed (its index exists), which makes the operation complete."""
+    from pathlib import Path
+
+    bid, name, base = op.detail["backup"], op.detail["container"], op.detail.get("base_snapshot")
+    if (Path(op.detail["repo"]) / "backups" / bid / "index.json").exists():
+        return f"completed: backup {bid} is in the repository"
+    if base and cts.state.has_container(name):
+        from migrator.names import SnapshotName
+
+        backend = cts.host.backend(op.detail.get("pool") or cts.state.get_container(name).pool)
+        with contextlib.suppress(MigratorError):
+            backend.delete_snapshot(VolumeRef("container", name), SnapshotName(base))
+    return f"rolled back: backup {bid} was not made; the next writer clears its partial files"
+
+
+def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    """A killed ``backup restore``: the scratch volume(s) go; a restore that reached its
+    record is complete."""
+    name, scratch = op.detail["container"], op.detail["scratch"]
+    for pool in {op.detail["pool"], op.detail.get("receive_pool") or op.detail["pool"]}:
+        with contextlib.suppress(MigratorError):
+            remove_leftover(cts.host.backend(pool), VolumeRef("container", scratch))
+    if "record" in op.stages and cts.state.has_container(name):
+        return f"completed: {name} was restored from {op.detail['backup']}"
+    if "replace" in op.stages and not cts.state.has_container(name):
+        remove_leftover(cts.host.backend(op.detail["pool"]), VolumeRef("container", name))
+        return (f"rolled back: the restore of {name} was cut while replacing it; its volume "
+                "was removed (the container it replaced is gone: restore again)")
+    return f"rolled back: the partial restore of {name} was removed"

@@ -21,7 +21,7 @@ from backup.repository import Repository
 from backup.restore import restore_backup
 from backup.verify import verify_backup
 from migrator.backends import VolumeRef
-from migrator.errors import AlreadyExists, BackupError, CorruptBackup
+from migrator.errors import AlreadyExists, BackupError, CorruptBackup, UnsafeArchive
 from tests.integration.treecmp import populate, signature
 
 
@@ -327,3 +327,80 @@ def test_zfs_optimized_incremental_restores_onto_zfs_and_dir(make_host) -> None:
         assert res.method.startswith("zfs")
         assert signature(rootfs(th, f"bk1-z-{pool}"), with_xattrs=False) == want
         assert [s.name for s in th.cts.snapshot_list(f"bk1-z-{pool}")] == ["s0"]
+
+
+def test_device_node_in_an_unprivileged_backup_is_refused_before_it_lands(host) -> None:  # type: ignore[no-untyped-def]
+    host.cts.create("busybox", "bk1-dev", "dir")  # unprivileged
+    os.mknod(rootfs(host, "bk1-dev") / "root" / "kmem", 0o600 | stat.S_IFCHR,
+             os.makedev(1, 2))
+    repo = repo_of(host)
+    r = create_backup(host.cts, "bk1-dev", repo)
+    res = host.cli("backup", "verify", r.id, "--deep")
+    assert res.returncode == CorruptBackup.exit_code
+    assert "device nodes are refused unless the container is privileged" in res.stderr
+    res = host.cli("backup", "restore", r.id, "--name", "bk1-dev2", "--pool", "btrfs")
+    assert res.returncode == UnsafeArchive.exit_code, res.stderr
+    assert "root/kmem" in res.stderr
+    assert not host.cts.state.has_container("bk1-dev2")
+    assert os.listdir(host.host.backend("btrfs").path / "containers") == []
+    assert host.cts.state.list_operations()[-1].status == "rolled-back"
+
+
+def test_cli_protect_and_prune_keep_what_the_policy_and_chains_need(host) -> None:  # type: ignore[no-untyped-def]
+    host.cts.create("busybox", "bk1-pr", "dir")
+    ids = []
+    for i in range(4):
+        (rootfs(host, "bk1-pr") / "root" / f"f{i}").write_text(str(i))
+        args = ["backup", "create", "bk1-pr", "-c", "zstd:1"] + (["-i"] if i == 3 else [])
+        ids.append(host.cli(*args, check=True).stdout.strip())
+    host.cli("backup", "protect", ids[0], check=True)
+    res = host.cli("backup", "prune", "--keep-last", "1", "--dry-run", "--format", "json",
+                   check=True)
+    plan = json.loads(res.stdout)
+    # the newest (incremental) needs its parent; the oldest is protected; one goes
+    assert plan["remove"] == [ids[1]] and plan["removed"] == []
+    assert "protected" in plan["keep"][ids[0]]
+    assert any("needed by" in why for why in plan["keep"][ids[2]])
+    assert sorted(b.id for b in repo_of(host).list()) == sorted(ids)  # dry run: no change
+    res = host.cli("backup", "prune", "--keep-last", "1", "--list", check=True)
+    assert f"remove  {ids[1]}" in res.stderr
+    assert [b.id for b in repo_of(host).list()] == [ids[0], ids[2], ids[3]]
+    host.cli("backup", "unprotect", ids[0], check=True)
+    host.cli("backup", "prune", "--keep-last", "1", check=True)
+    assert [b.id for b in repo_of(host).list()] == [ids[2], ids[3]]
+    host.cli("backup", "restore", ids[3], "--name", "bk1-pr2", check=True)
+    assert (rootfs(host, "bk1-pr2") / "root" / "f3").read_text() == "3"
+
+
+def test_killed_backup_is_rolled_back_by_recover(host) -> None:  # type: ignore[no-untyped-def]
+    host.cts.create("busybox", "bk1-kill", "btrfs")
+    (rootfs(host, "bk1-kill") / "root" / "big").write_bytes(os.urandom(96 << 20))
+    repo = repo_of(host).init()
+    from tests.integration.conftest import MIGRATE
+
+    p = subprocess.Popen([*MIGRATE, "--root", str(host.root), "backup", "create", "bk1-kill",
+                          "--optimized", "--compression", "zstd:19"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until data is being written
+            parts = [f for f in (repo.path / "backups").rglob("*") if f.is_file()]
+            if any(f.stat().st_size > 0 for f in parts):
+                break
+            assert p.poll() is None, "the backup ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no part was ever written")
+    finally:
+        p.kill()
+        p.wait()
+    vol = VolumeRef("container", "bk1-kill")
+    b = host.host.backend("btrfs")
+    assert [s.name for s in b.list_snapshots(vol)] != []  # the base it was sending from
+    res = host.cli("recover", check=True)
+    assert "(backup): rolled back" in res.stderr
+    assert b.list_snapshots(vol) == []
+    assert repo.list() == []
+    r = create_backup(host.cts, "bk1-kill", repo, compression="zstd:1")  # clears the debris
+    assert os.listdir(repo.path / "backups") == [r.id]
