@@ -26,7 +26,12 @@ again for the container's new map. We do the same: export unshifts with GNU tar'
 ``--owner-map``/``--group-map`` (so the volume is read once, never copied), import shifts each
 member's uid/gid as it passes (an id outside 0..65535 is refused: it would land in another
 container's range). POSIX ACL entries and file capabilities inside an unprivileged rootfs are
-not unshifted on export (GNU tar stores them as text); that is a known gap.
+not unshifted on export (GNU tar stores them as text), and a file whose owner lies outside
+the container's range (made from the host) keeps its host id, where LXD leaves it out: both
+are known gaps. Optimized (btrfs)
+streams carry the ids as they are on disk, so the index records that map in LXD's key,
+``volatile.last_state.idmap``, and import shifts the received trees by the difference to
+this host's map (``[]``, LXD's value for an unshifted disk, means a shift by the whole base).
 
 The one design decision: both directions stream. Export writes the tar straight into the
 compressor and the output (a file or stdout), section by section (GNU tar for each volume,
@@ -52,6 +57,7 @@ import contextlib
 import copy
 import gzip
 import io
+import json
 import lzma
 import os
 import platform
@@ -264,8 +270,29 @@ def _lxd_config(config: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in config.items() if not k.startswith("volatile.")}
 
 
-def _instance_doc(rec: ContainerRecord, pool: str, snaps: list[SnapshotRecord]) -> dict[str, Any]:
+def lxd_idmap(base: int) -> str:
+    """``volatile.last_state.idmap`` as LXD writes it: how the files on disk are shifted."""
+    entries = [{"Isuid": uid, "Isgid": not uid, "Hostid": base, "Nsid": 0,
+                "Maprange": idmap.MAP_SIZE} for uid in (True, False)]
+    return json.dumps(entries, separators=(",", ":")) if base else "[]"
+
+
+def disk_shift(config: dict[str, str]) -> int:
+    """The uid an archive's native streams store for the container's root: LXD's
+    ``volatile.last_state.idmap`` (absent or ``[]``: not shifted on disk)."""
+    try:
+        entries = json.loads(config.get("volatile.last_state.idmap") or "[]")
+        return next(int(e["Hostid"]) for e in entries
+                    if e.get("Isuid") and int(e.get("Nsid", -1)) == 0)
+    except (ValueError, TypeError, KeyError, AttributeError, StopIteration):
+        return 0
+
+
+def _instance_doc(rec: ContainerRecord, pool: str, snaps: list[SnapshotRecord],
+                  disk_base: int = 0) -> dict[str, Any]:
     conf = _lxd_config(rec.config)
+    if disk_base:  # optimized, unprivileged: the streams carry this host's shifted ids
+        conf["volatile.last_state.idmap"] = lxd_idmap(disk_base)
     devices = {"root": {"path": "/", "pool": pool, "type": "disk"}}
     common = {"architecture": platform.machine(), "config": conf, "devices": devices,
               "ephemeral": False, "profiles": ["default"], "stateful": False,
@@ -310,11 +337,17 @@ def _gnu_tar_section(path: Path, prefix: str, owner_opts: list[str],
                      xattrs: bool) -> SendStream:
     """GNU tar of ``path/rootfs`` with members named ``prefix/rootfs/...``; ``-b1`` so the
     archive ends right after its two zero blocks (cut off when sections are joined). The
-    transform's ``S`` flag leaves symlink targets alone; hard link targets are rebased too."""
+    transform's ``S`` flag leaves symlink targets alone; hard link targets are rebased too.
+
+    An unprivileged rootfs is written without what is under ``/dev``: LXC mounts a tmpfs
+    there and fills it, so those entries are never seen by the container, and the device
+    nodes debootstrap leaves there would (rightly) be refused by any import of an
+    unprivileged container, ours included."""
     meta = (["--xattrs", "--xattrs-include=*", "--acls"] if xattrs
             else ["--no-xattrs", "--no-acls"])
+    skip_dev = ["--anchored", "--exclude=rootfs/dev/*"] if owner_opts else []
     argv = ["tar", "--create", "--file=-", "-b1", "--numeric-owner", *owner_opts, *meta,
-            "--sparse", "--format=posix", f"--transform=s,^,{prefix}/,S",
+            *skip_dev, "--sparse", "--format=posix", f"--transform=s,^,{prefix}/,S",
             "-C", str(path), "rootfs"]
     return SendStream(argv, "tar", prefix)
 
@@ -341,7 +374,7 @@ def export_container(
     result = ExportResult(rec.name, optimized, compression, [s.name for s in snaps])
     privileged = cfg.is_true(rec.config, "security.privileged")
     shift = 0 if privileged else idmap.default_idmap().base
-    config_doc = _instance_doc(rec, rec.pool, snaps)
+    config_doc = _instance_doc(rec, rec.pool, snaps, shift if optimized else 0)
     config_doc["pool"]["driver"] = driver
     index = {
         "name": rec.name, "backend": driver, "pool": rec.pool, "optimized": optimized,
@@ -361,9 +394,10 @@ def export_container(
         tar.close()
     result.bytes = tar.bytes
     result.seconds = time.monotonic() - t0
-    if not privileged:
+    if not privileged and not optimized:
         result.notes.append("rootfs ids unshifted to the container's view (0..65535), as "
-                            "LXD stores them")
+                            "LXD stores them; /dev contents left out (LXC mounts a tmpfs "
+                            "there)")
     return result
 
 
@@ -865,6 +899,8 @@ def import_container(
         if missing:
             raise CorruptBackup(f"the archive lacks the data of {', '.join(missing)} "
                                 f"(listed in {INDEX})")
+        if index.optimized and not index.privileged:
+            _reshift_native(backend, scratch, index, shift, result.notes)
         rootfs = backend.volume_path(scratch) / "rootfs"
         if "image.init" not in config:
             config["image.init"] = _detect_init(rootfs)
@@ -879,6 +915,27 @@ def import_container(
     if not index.privileged:
         result.notes.append(f"rootfs ids shifted by {shift} for this host's unprivileged map")
     return result
+
+
+def _reshift_native(backend: StorageBackend, vol: VolumeRef, index: _Index, shift: int,
+                    notes: list[str]) -> None:
+    """Send streams carry the ids as they were on the exporting host's disk (LXD records
+    that map in ``volatile.last_state.idmap``); shift the received trees to this host's."""
+    import btrfsutil  # type: ignore[import-not-found]
+
+    delta = shift - disk_shift(index.config)
+    if delta == 0:
+        return
+    idmap.shift_tree(backend.volume_path(vol) / "rootfs", delta)
+    for snap in backend.list_snapshots(vol):
+        assert snap.path is not None
+        # the flags ioctl keeps the received UUID; these snapshots take no more streams
+        btrfsutil.set_subvolume_read_only(str(snap.path), False)
+        try:
+            idmap.shift_tree(snap.path / "rootfs", delta)
+        finally:
+            btrfsutil.set_subvolume_read_only(str(snap.path), True)
+    notes.append(f"native streams' ids shifted by {delta} to this host's map")
 
 
 def _created(doc: dict[str, Any] | None, default: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -106,6 +107,9 @@ def test_round_trip_unprivileged_is_stored_unshifted_and_piped(host) -> None:  #
     sh(host, "bk2-un", "echo later > /home/u/f")
     base = 100000
     assert os.stat(rootfs(host, "bk2-un") / "home/u/f").st_uid == base + 1000
+    # debootstrap leaves device nodes in rootfs/dev (under LXC's tmpfs): not exported
+    (rootfs(host, "bk2-un") / "dev").mkdir(exist_ok=True)
+    os.mknod(rootfs(host, "bk2-un") / "dev" / "full", 0o666 | stat.S_IFCHR, os.makedev(1, 7))
     archive = host.root / "bk2-un.tar.zst"
     # stdout -> file, running container (frozen for a consistent snapshot only)
     with open(archive, "wb") as f:
@@ -116,6 +120,8 @@ def test_round_trip_unprivileged_is_stored_unshifted_and_piped(host) -> None:  #
     names = zstd_members(archive)
     assert names["backup/container/rootfs/home/u/f"].uid == 1000  # the container's view
     assert names["backup/container/rootfs/bin/busybox"].uid == 0
+    assert "backup/container/rootfs/dev" in names
+    assert not any(n.startswith("backup/container/rootfs/dev/") for n in names)
     # file -> stdin of import, onto the dir pool
     with open(archive, "rb") as f:
         r = subprocess.run([*MIGRATE, "--root", str(host.root), "import", "-", "bk2-un2",
@@ -124,6 +130,10 @@ def test_round_trip_unprivileged_is_stored_unshifted_and_piped(host) -> None:  #
     assert r.returncode == 0, r.stderr
     assert os.stat(rootfs(host, "bk2-un2") / "home/u/f").st_uid == base + 1000
     host.cts.stop("bk2-un", force=True)
+    dev = rootfs(host, "bk2-un") / "dev"
+    before = os.stat(dev)
+    (dev / "full").unlink()
+    os.utime(dev, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert signature(rootfs(host, "bk2-un2")) == signature(rootfs(host, "bk2-un"))
     host.cts.start("bk2-un2")
     assert sh(host, "bk2-un2", "cat /home/u/f; stat -c %u /home/u/f") == "later\n1000"
@@ -150,6 +160,13 @@ def test_optimized_btrfs_export_pipes_into_import(host) -> None:  # type: ignore
     assert imp.returncode == 0, imp.stderr
     assert export.wait(60) == 0, (host.root / "export.err").read_text()
     assert '"optimized": true' in imp.stdout.decode()
+    with open(host.root / "opt.tar.zst", "wb") as f:
+        subprocess.run([*MIGRATE, "--root", str(host.root), "export", "bk2-opt", "-",
+                        "--optimized"], stdout=f, cwd=REPO, timeout=300, check=True)
+    names = zstd_members(host.root / "opt.tar.zst")
+    assert list(names)[:3] == ["backup", "backup/index.yaml", "backup/optimized_header.yaml"]
+    assert {"backup/snapshots/a.bin", "backup/snapshots/b.bin", "backup/container.bin"} <= \
+        set(names)
     assert signature(rootfs(host, "bk2-opt2")) == signature(rootfs(host, "bk2-opt"))
     snaps = host.host.backend("btrfs").path / "containers-snapshots" / "bk2-opt2"
     assert sorted(p.name for p in snaps.iterdir()) == ["a", "b"]
@@ -327,3 +344,20 @@ def test_export_of_a_missing_container_and_bad_compression(host, tmp_path: Path)
     r = host.cli("export", "bk2-c", str(tmp_path / "x.tar"), "--compression", "none")
     assert r.returncode == 0 and time.monotonic() - t0 < 60
     assert "backup/container/rootfs/bin/busybox" in members(tmp_path / "x.tar")
+
+
+def test_zfs_pool_exports_through_its_mounted_snapshots(make_host) -> None:  # type: ignore[no-untyped-def]
+    th = make_host(pools=("dir", "zfs"))
+    th.cts.create("busybox", "bk2-z", "zfs")
+    (rootfs(th, "bk2-z") / "z").write_text("on zfs\n")
+    os.chown(rootfs(th, "bk2-z") / "z", 100000, 100000)  # as the container's root made it
+    th.cts.snapshot_create("bk2-z", "zs")
+    archive = th.root / "z.tar.zst"
+    r = th.cli("export", "bk2-z", str(archive))
+    assert r.returncode == 0, r.stderr
+    assert "backup/snapshots/zs/rootfs/z" in zstd_members(archive)
+    r = th.cli("import", str(archive), "bk2-z2", "--pool", "dir")
+    assert r.returncode == 0, r.stderr
+    assert (rootfs(th, "bk2-z2") / "z").read_text() == "on zfs\n"
+    assert signature(rootfs(th, "bk2-z2"), with_xattrs=False) == \
+        signature(rootfs(th, "bk2-z"), with_xattrs=False)

@@ -97,3 +97,16 @@ def test_a_cut_compressed_stream_is_corrupt(compress) -> None:  # type: ignore[n
                              ProgressMeter(lambda e: None, "import"))
     with pytest.raises(CorruptBackup, match="damaged or cut short"):
         stream.read()
+
+
+def test_disk_idmap_round_trips_through_lxds_key() -> None:
+    from backup.lxdformat import disk_shift, lxd_idmap
+
+    assert disk_shift({"volatile.last_state.idmap": lxd_idmap(100000)}) == 100000
+    assert lxd_idmap(0) == "[]"
+    assert disk_shift({"volatile.last_state.idmap": "[]"}) == 0
+    assert disk_shift({}) == 0
+    lxd = ('[{"Isuid":true,"Isgid":false,"Hostid":1000000,"Nsid":0,"Maprange":1000000000},'
+           '{"Isuid":false,"Isgid":true,"Hostid":1000000,"Nsid":0,"Maprange":1000000000}]')
+    assert disk_shift({"volatile.last_state.idmap": lxd}) == 1000000
+    assert disk_shift({"volatile.last_state.idmap": "not json"}) == 0
