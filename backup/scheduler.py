@@ -216,6 +216,7 @@ class Scheduler:
         self.root: Path = cts.host.root
         self.state_path = schedule_dir(self.root) / "state.json"
         self.sleep = sleep
+        self._live: dict[str, tuple[str, str]] | None = None
 
     def settings(self) -> dict[str, dict[str, str]]:
         defaults = host_defaults(self.cts.state)
@@ -229,6 +230,8 @@ class Scheduler:
             state = SchedulerState.load(self.state_path)
             settings = self.settings()
             result = TickResult(at)
+            self._live = None
+            saved = time.monotonic()
             for due in due_jobs(settings, state, at, jitter):
                 if not simulated:
                     wait = due.offset - (time.monotonic() - t0)
@@ -236,7 +239,9 @@ class Scheduler:
                         self.sleep(wait)
                 job_at = at if simulated else time.time()
                 result.results.append(self._run(due, settings[due.container], state, job_at))
-                state.save(self.state_path)  # a crash mid-tick never repeats finished jobs
+                if time.monotonic() - saved > 1.0:  # a crash repeats at most a second's jobs
+                    state.save(self.state_path)
+                    saved = time.monotonic()
             result.expired = self._expire(at, result)
             for ct in [c for c in state.jobs if c not in settings]:
                 del state.jobs[ct]  # deleted or moved away: its schedule went with it
@@ -269,7 +274,7 @@ class Scheduler:
 
     def _snapshot(self, name: str, conf: dict[str, str], at: float) -> str:
         if conf.get("snapshots.schedule.stopped") != "true" and \
-                self.cts.status(name) != "RUNNING":
+                self._state_of(name) != "RUNNING":
             return "skipped: stopped (snapshots.schedule.stopped=false)"
         when = local_time(at)
         existing = {s.name for s in self.cts.state.list_snapshots(name)}
@@ -279,6 +284,12 @@ class Scheduler:
         self.cts.snapshot_create(name, snap, created=at, expires=expires)
         return f"snapshot {snap}" + (f", expires {local_time(expires):%Y-%m-%d %H:%M}"
                                      if expires else "")
+
+    def _state_of(self, name: str) -> str:
+        """A container's state, from one ``lxc-ls`` per tick (not one ``lxc-info`` each)."""
+        if self._live is None:
+            self._live = self.cts.lxc.states()
+        return self._live.get(name, ("STOPPED", ""))[0]
 
     def _backup(self, name: str, conf: dict[str, str], at: float) -> str:
         from backup.catalog import prune_repository
