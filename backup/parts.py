@@ -127,7 +127,8 @@ def open_decompressed(repo: Repository, backup_id: str, part: PartInfo,
     if compression == "none":
         return hashing, hashing  # type: ignore[return-value]
     dctx = zstandard.ZstdDecompressor()
-    reader = dctx.stream_reader(hashing, read_across_frames=True)  # type: ignore[arg-type]
+    reader = dctx.stream_reader(hashing, read_size=CHUNK,  # type: ignore[arg-type]
+                                read_across_frames=True)
     return reader, hashing  # type: ignore[return-value]
 
 
