@@ -6,7 +6,8 @@ is one point in time. Its snapshots come first, oldest first, then that final st
 
 - *generic* (any pool, restorable onto any pool): one GNU tar per point (the driver's
   ``tar`` send: numeric owners, xattrs, ACLs, hard links, sparse files), zstd-compressed,
-  plus a manifest of the final state for the next incremental (``backup.delta``);
+  plus a manifest of the final state for the next incremental (``backup.delta``). An
+  unprivileged container's ``/dev`` contents are left out (see ``hidden_dirs``);
 - *optimized* (btrfs, zfs): the driver's native send stream per point, each incremental
   from the one before, so snapshots cost only their changes.
 
@@ -35,6 +36,7 @@ from backup.model import BackupIndex, PartInfo, SnapshotInfo, parse_compression
 from backup.parts import read_small, store, store_bytes, widen_pipe
 from backup.repository import BackupWriter, Repository, new_backup_id
 from migrator.backends import Snapshot, StorageBackend, VolumeRef
+from migrator.backends.generic import tree_size
 from migrator.copy import consistent_snapshot
 from migrator.errors import InvalidInput, MigratorError
 from migrator.names import SnapshotName
@@ -245,15 +247,40 @@ def _store_stream(writer: BackupWriter, rel: str, stream: SendStream, level: int
     return stored
 
 
+def hidden_dirs(idx: BackupIndex) -> tuple[str, ...]:
+    """Directories whose contents a generic backup leaves out.
+
+    Every container gets a fresh tmpfs on ``/dev`` from LXC (``lxc.autodev``), so what the
+    rootfs holds there is never seen. For an unprivileged container those entries are
+    device nodes a restore must refuse (``backup.safety``), so they are not stored at all;
+    a privileged container's are kept, as the rootfs has them.
+    """
+    return () if idx.privileged else ("rootfs/dev",)
+
+
+def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...]) -> SendStream:
+    """A full tar of a mounted snapshot (members ``./...``), as the drivers' ``tar`` send,
+    leaving out the contents of ``hidden`` directories."""
+    meta = (["--xattrs", "--xattrs-include=*", "--acls"] if xattrs
+            else ["--no-xattrs", "--no-acls"])
+    skip = [a for d in hidden for a in ("--anchored", f"--exclude=./{d}/*")]
+    argv = ["tar", "--create", "--file=-", "--numeric-owner", *meta, "--sparse",
+            "--format=posix", *skip, "-C", str(path), "."]
+    return SendStream(argv, "tar", name, size_hint=tree_size(path))
+
+
 def _write_full(writer: BackupWriter, idx: BackupIndex, backend: StorageBackend,
                 points: list[Snapshot], level: int | None, progress: Progress) -> None:
+    hidden = hidden_dirs(idx)
     for snap in points:
-        stream = backend.send(snap, None, "tar")
-        meter = ProgressMeter(progress, f"{idx.container}@{snap.name}", stream.size_hint)
-        rel = _rel(idx, snap, "tar", level)
-        _part(idx, rel, "tar", snap.name, None, _store_stream(writer, rel, stream, level, meter))
+        with backend.mount_snapshot(snap) as path:
+            stream = _tar_stream(path, snap.name, bool(backend.supports_xattrs), hidden)
+            meter = ProgressMeter(progress, f"{idx.container}@{snap.name}", stream.size_hint)
+            rel = _rel(idx, snap, "tar", level)
+            _part(idx, rel, "tar", snap.name, None,
+                  _store_stream(writer, rel, stream, level, meter))
     with backend.mount_snapshot(points[-1]) as path:
-        manifest = delta.scan(path)
+        manifest = delta.scan(path, hidden)
     _part(idx, f"manifest.json{_suffix(level)}", "manifest", idx.final, None,
           store_bytes(writer, f"manifest.json{_suffix(level)}", manifest.to_bytes(), level))
 
@@ -269,7 +296,7 @@ def _write_deltas(repo: Repository, writer: BackupWriter, idx: BackupIndex,
     xattrs = bool(backend.supports_xattrs)
     for snap in points:
         with backend.mount_snapshot(snap) as path, tempfile.TemporaryDirectory() as tmp:
-            current = delta.scan(path)
+            current = delta.scan(path, hidden_dirs(idx))
             change = delta.diff(previous, current)
             listing = Path(tmp) / "members"
             listing.write_bytes(delta.encode_paths(change.members))

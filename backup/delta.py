@@ -80,8 +80,10 @@ def _entry(v: list[object]) -> Entry:
     return (v[0], *v[1:8], v[8])  # type: ignore[return-value]
 
 
-def scan(root: Path) -> Manifest:
-    """Walk ``root`` without following symlinks or crossing mounts."""
+def scan(root: Path, hidden: tuple[str, ...] = ()) -> Manifest:
+    """Walk ``root`` without following symlinks or crossing mounts. The directories named
+    in ``hidden`` are listed but not what is inside them (``rootfs/dev`` of an
+    unprivileged container: see ``backup.create``)."""
     m = Manifest()
     root_dev = os.lstat(root).st_dev
     base = os.fsencode(root)
@@ -99,7 +101,7 @@ def scan(root: Path) -> Manifest:
             if kind == "d":
                 m.entries[key] = (kind, st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns,
                                   0, 0, "")
-                if st.st_dev == root_dev:
+                if st.st_dev == root_dev and key not in hidden:
                     walk(r, path)
                 continue
             m.entries[key] = (kind, st.st_mode, st.st_uid, st.st_gid,

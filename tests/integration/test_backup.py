@@ -404,3 +404,28 @@ def test_killed_backup_is_rolled_back_by_recover(host) -> None:  # type: ignore[
     assert repo.list() == []
     r = create_backup(host.cts, "bk1-kill", repo, compression="zstd:1")  # clears the debris
     assert os.listdir(repo.path / "backups") == [r.id]
+
+
+def _without_dev(sig: dict) -> dict:  # type: ignore[type-arg]
+    return {k: v for k, v in sig.items() if not k.startswith("dev/")}
+
+
+def test_unprivileged_debian_round_trip_leaves_dev_to_lxc(make_host) -> None:  # type: ignore[no-untyped-def]
+    th = make_host(images=("debian/bookworm",), pools=("dir", "btrfs"))
+    th.cts.create("debian/bookworm", "bk1-deb", "dir")
+    src = rootfs(th, "bk1-deb")
+    assert any(stat.S_ISCHR(os.lstat(src / "dev" / n).st_mode) for n in os.listdir(src / "dev"))
+    repo = repo_of(th)
+    full = create_backup(th.cts, "bk1-deb", repo)
+    (src / "etc" / "motd").write_text("changed\n")
+    inc = create_backup(th.cts, "bk1-deb", repo, incremental=True)
+    assert inc.parent == full.id
+    res = th.cli("backup", "verify", "--all", "--deep")
+    assert res.returncode == 0, res.stderr
+    restore_backup(th.cts, repo, inc.id, name="bk1-deb2", pool="btrfs")
+    dst = rootfs(th, "bk1-deb2")
+    assert os.listdir(dst / "dev") == []  # LXC mounts a tmpfs there (lxc.autodev)
+    assert _without_dev(signature(dst)) == _without_dev(signature(src))
+    th.cts.start("bk1-deb2")
+    rc, out, err = th.exec("bk1-deb2", "sh", "-c", "cat /etc/motd; test -c /dev/null")
+    assert (rc, out) == (0, "changed\n"), err
