@@ -199,7 +199,8 @@ def create_backup(
                 st.add_undo("drop the base snapshot",
                             lambda: backend.delete_snapshot(vol, final))
             op.stage("commit")
-            idx.notes = list(result.notes)
+            idx.notes = [*result.notes, *(n for n in idx.notes if n not in result.notes)]
+            result.notes = list(idx.notes)
             writer.commit(idx)
         if optimized:  # one base per container: the previous one has served its purpose
             _drop_older_bases(repo, idx, backend, vol, result.notes)
@@ -258,6 +259,20 @@ def hidden_dirs(idx: BackupIndex) -> tuple[str, ...]:
     return () if idx.privileged else ("rootfs/dev",)
 
 
+def _warn_devices(idx: BackupIndex, manifest: delta.Manifest) -> None:
+    """Say so when an unprivileged container holds device nodes (put there from the host):
+    the backup is made, but restoring it will refuse them (``backup.safety``)."""
+    if idx.privileged:
+        return
+    devices = sorted(p for p, e in manifest.entries.items() if e[0] in "cb")
+    if devices:
+        note = (f"device node(s) {', '.join(devices[:3])}{' ...' if len(devices) > 3 else ''} "
+                "in an unprivileged container: a restore will refuse them; remove them or "
+                "make the container privileged, then back up again")
+        if note not in idx.notes:
+            idx.notes.append(note)
+
+
 def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...]) -> SendStream:
     """A full tar of a mounted snapshot (members ``./...``), as the drivers' ``tar`` send,
     leaving out the contents of ``hidden`` directories."""
@@ -281,6 +296,7 @@ def _write_full(writer: BackupWriter, idx: BackupIndex, backend: StorageBackend,
                   _store_stream(writer, rel, stream, level, meter))
     with backend.mount_snapshot(points[-1]) as path:
         manifest = delta.scan(path, hidden)
+    _warn_devices(idx, manifest)
     _part(idx, f"manifest.json{_suffix(level)}", "manifest", idx.final, None,
           store_bytes(writer, f"manifest.json{_suffix(level)}", manifest.to_bytes(), level))
 
@@ -297,6 +313,7 @@ def _write_deltas(repo: Repository, writer: BackupWriter, idx: BackupIndex,
     for snap in points:
         with backend.mount_snapshot(snap) as path, tempfile.TemporaryDirectory() as tmp:
             current = delta.scan(path, hidden_dirs(idx))
+            _warn_devices(idx, current)
             change = delta.diff(previous, current)
             listing = Path(tmp) / "members"
             listing.write_bytes(delta.encode_paths(change.members))

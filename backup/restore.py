@@ -193,6 +193,11 @@ def _replay(repo: Repository, chain: list[BackupIndex], idx: BackupIndex,
                 if wanted:
                     backend.snapshot(vol, SnapshotName(point))
             else:
+                older = [(bid, p) for bid, p in native_points if p == point]
+                if older:  # a snapshot deleted and made again under the same name: the old
+                    # one is no stream's parent any more (each starts from the point before)
+                    backend.delete_snapshot(vol, SnapshotName(point))
+                    native_points = [x for x in native_points if x not in older]
                 stream = PartStream(repo, b.id, data, b.compression, data.kind, point,
                                     data.base)
                 _consume(stream, backend.receive, vol, point, stream, meter)

@@ -313,20 +313,27 @@ def test_restore_on_another_host_and_optimized_needs_its_driver(make_host) -> No
 
 def test_zfs_optimized_incremental_restores_onto_zfs_and_dir(make_host) -> None:  # type: ignore[no-untyped-def]
     th = make_host(pools=("dir", "zfs"))
-    th.cts.create("busybox", "bk1-z", "zfs")
+    th.cts.create("busybox", "bk1-z", "zfs", {"security.privileged": "true"})
     populate(rootfs(th, "bk1-z") / "srv", xattrs=False)
     th.cts.snapshot_create("bk1-z", "s0")
     repo = repo_of(th)
     full = create_backup(th.cts, "bk1-z", repo, optimized=True)
     (rootfs(th, "bk1-z") / "srv" / "added").write_text("second\n")
+    # s0 deleted and made again: same name, new content; the chain holds both
+    th.cts.snapshot_delete("bk1-z", "s0")
+    th.cts.snapshot_create("bk1-z", "s0")
     inc = create_backup(th.cts, "bk1-z", repo, optimized=True, incremental=True)
-    assert inc.parent == full.id and inc.snapshots_referenced == ["s0"]
+    assert inc.parent == full.id and inc.snapshots_stored == ["s0"]
+    generic = create_backup(th.cts, "bk1-z", repo)  # tar through a zfs clone
     want = signature(rootfs(th, "bk1-z"), with_xattrs=False)
     for pool in ("zfs", "dir"):
         res = restore_backup(th.cts, repo, inc.id, name=f"bk1-z-{pool}", pool=pool)
         assert res.method.startswith("zfs")
         assert signature(rootfs(th, f"bk1-z-{pool}"), with_xattrs=False) == want
         assert [s.name for s in th.cts.snapshot_list(f"bk1-z-{pool}")] == ["s0"]
+        assert snap_sig(th, f"bk1-z-{pool}", "s0", False) == snap_sig(th, "bk1-z", "s0", False)
+    restore_backup(th.cts, repo, generic.id, name="bk1-z-tar", pool="dir")
+    assert signature(rootfs(th, "bk1-z-tar"), with_xattrs=False) == want
 
 
 def test_device_node_in_an_unprivileged_backup_is_refused_before_it_lands(host) -> None:  # type: ignore[no-untyped-def]
@@ -335,6 +342,7 @@ def test_device_node_in_an_unprivileged_backup_is_refused_before_it_lands(host) 
              os.makedev(1, 2))
     repo = repo_of(host)
     r = create_backup(host.cts, "bk1-dev", repo)
+    assert any("root/kmem" in n and "restore will refuse" in n for n in r.notes), r.notes
     res = host.cli("backup", "verify", r.id, "--deep")
     assert res.returncode == CorruptBackup.exit_code
     assert "device nodes are refused unless the container is privileged" in res.stderr
