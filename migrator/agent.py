@@ -151,8 +151,7 @@ class Agent:
     def commit_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Record a container whose volume has been received (or refresh its record)."""
         from runtime.config import validate
-        from runtime.network import allocate_ipv4
-        from runtime.state import ContainerRecord, SnapshotRecord
+        from runtime.state import SnapshotRecord
 
         name = ContainerName(req["name"])
         pool = PoolName(req["pool"])
@@ -162,27 +161,9 @@ class Agent:
                                 {str(k): str(v) for k, v in dict(s.get("config", {})).items()},
                                 None, str(s.get("uuid", "")))
                  for s in req.get("snapshots", [])]
-        with self.state.transaction():
-            if self.state.has_container(name):
-                self.state.update_container_config(name, config)
-            else:
-                used = self.state.used_ipv4()
-                want = req.get("ipv4")
-                net = self.host.network_config()
-                import ipaddress
-
-                if want and want not in used and \
-                        ipaddress.ip_address(want) in net.address.network and \
-                        str(net.address.ip) != want:
-                    ipv4 = want
-                else:
-                    ipv4 = allocate_ipv4(net, used)
-                image = req.get("image")
-                self.state.add_container(ContainerRecord(name, pool, image, ipv4, config))
-            for s in snaps:
-                self.state.add_snapshot(s)
-        rec = self.state.get_container(name)
-        self.cts.lxc.write_config(self.cts.spec(rec))
+        want = req.get("ipv4")
+        rec = self.cts.record_received(name, pool, req.get("image"), config, snaps,
+                                       str(want) if want else None)
         return {"ipv4": rec.ipv4}
 
     def abort_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
