@@ -49,14 +49,12 @@ def schedule_dir(root: Path) -> Path:
 # settings ------------------------------------------------------------------------------------
 def host_defaults(state: Any) -> dict[str, str]:
     """The host-wide schedule keys (``migrate config host set``)."""
-    rows = state.db.execute("SELECT key, value FROM settings WHERE key LIKE ?",
-                            (DEFAULTS_PREFIX + "%",)).fetchall()
-    return {r["key"].removeprefix(DEFAULTS_PREFIX): r["value"] for r in rows}
+    return dict(state.settings_with_prefix(DEFAULTS_PREFIX))
 
 
 def effective(config: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
     """The container's own schedule keys over the host defaults."""
-    out = {k: v for k, v in defaults.items()}
+    out = dict(defaults)
     out.update({k: v for k, v in config.items() if k.startswith(("snapshots.", "backups."))})
     return out
 
@@ -316,15 +314,13 @@ class Scheduler:
     def _expire(self, at: float, result: TickResult) -> list[str]:
         """Delete automatic snapshots whose time is up (manual ones carry no expiry)."""
         gone = []
-        for rec in self.cts.state.list_containers():
-            for s in self.cts.state.list_snapshots(rec.name):
-                if s.expires is not None and s.expires <= at:
-                    try:
-                        self.cts.snapshot_delete(rec.name, s.name)
-                        gone.append(f"{rec.name}/{s.name}")
-                    except MigratorError as e:
-                        result.results.append(JobResult(rec.name, "expire", "failed",
-                                                        f"{s.name}: {e.message}"))
+        for s in self.cts.state.expired_snapshots(at):
+            try:
+                self.cts.snapshot_delete(s.container, s.name)
+                gone.append(f"{s.container}/{s.name}")
+            except MigratorError as e:
+                result.results.append(JobResult(s.container, "expire", "failed",
+                                                f"{s.name}: {e.message}"))
         return gone
 
     # status ----------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ KEYS: dict[str, Callable[[str], str]] = {
     "limits.cpu": _cpus,
 }
 KEYS.update(SCHEDULE_KEYS)  # snapshots.* and backups.*: runtime/schedule_keys.py
+KEYS.update({"snapshots.schedule.stopped": _bool, "backups.incremental": _bool})
 READ_ONLY_PREFIXES = ("image.", "volatile.")
 
 

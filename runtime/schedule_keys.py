@@ -180,23 +180,13 @@ def _repo(value: str) -> str:
     return value
 
 
-def _flag(value: str) -> str:
-    low = value.strip().lower()
-    if low in ("true", "1", "yes", "on"):
-        return "true"
-    if low in ("false", "0", "no", "off"):
-        return "false"
-    raise InvalidInput(f"expected true or false, got {value!r}",
-                       "e.g. snapshots.schedule.stopped=true")
-
-
+# (the two true/false keys, snapshots.schedule.stopped and backups.incremental, are parsed
+# by runtime/config.py's boolean parser like every other flag)
 SCHEDULE_KEYS: dict[str, Callable[[str], str]] = {
     "snapshots.schedule": _schedule,
-    "snapshots.schedule.stopped": _flag,
     "snapshots.pattern": _pattern,
     "snapshots.expiry": _expiry,
     "backups.schedule": _schedule,
     "backups.repo": _repo,
     "backups.retention": _retention,
-    "backups.incremental": _flag,
 }

@@ -237,6 +237,15 @@ class StateStore:
             (key, value),
         )
 
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``, the prefix removed."""
+        rows = self.db.execute("SELECT key, value FROM settings WHERE substr(key, 1, ?) = ?",
+                               (len(prefix), prefix)).fetchall()
+        return {r[0][len(prefix):]: r[1] for r in rows}
+
+    def delete_setting(self, key: str) -> None:
+        self.db.execute("DELETE FROM settings WHERE key=?", (key,))
+
     # pools ------------------------------------------------------------------------------
     def add_pool(self, rec: PoolRecord) -> None:
         try:
@@ -343,13 +352,14 @@ class StateStore:
         rows = self.db.execute(
             "SELECT * FROM snapshots WHERE container=? ORDER BY created, name", (container,)
         ).fetchall()
-        return [
-            SnapshotRecord(
-                r["container"], r["name"], r["created"], json.loads(r["config"]), r["expires"],
-                r["uuid"],
-            )
-            for r in rows
-        ]
+        return [_snapshot(r) for r in rows]
+
+    def expired_snapshots(self, at: float) -> list[SnapshotRecord]:
+        """Snapshots of every container whose expiry is at or before ``at`` (one query)."""
+        rows = self.db.execute(
+            "SELECT * FROM snapshots WHERE expires IS NOT NULL AND expires <= ? "
+            "ORDER BY container, created, name", (at,)).fetchall()
+        return [_snapshot(r) for r in rows]
 
     def get_snapshot(self, container: str, name: str) -> SnapshotRecord:
         for s in self.list_snapshots(container):
@@ -585,3 +595,8 @@ class StateStore:
 
     def delete_image(self, fingerprint: str) -> None:
         self.db.execute("DELETE FROM images WHERE fingerprint=?", (fingerprint,))
+
+
+def _snapshot(r: sqlite3.Row) -> SnapshotRecord:
+    return SnapshotRecord(r["container"], r["name"], r["created"], json.loads(r["config"]),
+                          r["expires"], r["uuid"])

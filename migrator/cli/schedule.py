@@ -193,7 +193,7 @@ def host_unset(keys: list[str]) -> None:
     with state.transaction():
         for k in keys:
             _check_schedule_key(k)
-            state.db.execute("DELETE FROM settings WHERE key = ?", (DEFAULTS_PREFIX + k,))
+            state.delete_setting(DEFAULTS_PREFIX + k)
 
 
 @host_config_app.command("show")
