@@ -71,6 +71,7 @@ SSHD = "/usr/sbin/sshd"
 POOL_SIZES = {"btrfs": "3GiB", "zfs": "2GiB"}
 SSHD_READY = 10.0  # seconds for a fresh sshd to write its PID file and send its banner
 SSHD_STOP = 5.0  # seconds for SIGTERM before SIGKILL
+LEFTOVER_GRACE = 10.0  # seconds an orphaned agent gets to exit on its own
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # PREFIX-NAME and p-NAME stay within 15 chars
 
 Log = Callable[[str], None]
@@ -576,7 +577,12 @@ def down(base: Path = DEFAULT_BASE, prefix: str | None = None) -> list[str]:
             r = proc.run(["losetup", "-d", loop], check=False)
             if r.returncode != 0:
                 problems.append(f"losetup -d {loop}: {r.stderr.strip()}")
-        # 5. anything still running in our namespaces was not started by us: report it
+        # 5. anything still running in our namespaces was not started by us: report it.
+        # An agent whose session closed just before the sshd was stopped is no longer in
+        # the sshd's tree and may still be finishing its clean-up: give it a moment.
+        deadline = time.monotonic() + LEFTOVER_GRACE
+        while _procs_in(held) and time.monotonic() < deadline:
+            time.sleep(0.1)
         problems += [f"process {p} is left" for p in _procs_in(held)]
         # 6. the namespaces (deleting the switch also deletes every veth pair)
         for ns in namespaces(prefix):

@@ -340,7 +340,15 @@ def test_postcopy_cut_stream_rolls_back_source(make_host, counter_bin, scratch, 
         dump_error = e
     print(f"\ncut after {m.relay.forwarded / 1e6:.0f} MB; dump side reported: "
           f"{dump_error or 'success'}")
-    assert_stopped_source(a, "c1", m.rootfs_a)
+    if dump_error is None:
+        assert_stopped_source(a, "c1", m.rootfs_a)
+    else:
+        # CRIU noticed the broken pipe and, its dump having failed, let the tasks go on
+        # itself: the same tasks, memory intact (checked by assert_continues below)
+        assert "Lazy pages transfer FAILED" in str(dump_error), dump_error
+        init = a.cts.lxc.init_pid("c1")
+        assert init is not None, "source tasks were killed"
+        assert container_tasks(init), "source has no tasks"
     # the target is broken: stop it (the pipeline deletes it)
     if b.cts.status("c1") != "STOPPED":
         b.cts.stop("c1", force=True)
