@@ -329,6 +329,19 @@ class Agent:
                     return {"result": r.as_dict()}
         raise errors.InvalidInput(f"cannot delegate {req.get('command')!r}")
 
+    def repository(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """A backup repository on this host, for a client whose ``--repo`` is
+        ``ssh://THIS-HOST/PATH`` (``backup/remote.py``)."""
+        from backup.remote import serve_repository
+
+        return serve_repository(self, req, read)
+
+    def backup_restore(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Restore, on this host, a backup from one of this host's repositories."""
+        from backup.remote import serve_restore
+
+        return serve_restore(self, req, read)
+
     def _pull_source(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Push to the client that asked, through its own channel (``reverse.py``)."""
         from migrator.remote import RemoteCopy
@@ -397,6 +410,8 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "checkpoint_restore": Agent.checkpoint_restore,
     "drop_images": Agent.drop_images,
     "delegate": Agent.delegate,
+    "repository": Agent.repository,
+    "backup_restore": Agent.backup_restore,
 }
 
 
