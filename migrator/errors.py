@@ -123,6 +123,12 @@ class NetworkError(MigratorError):
     exit_code = 16
 
 
+class AuthenticationFailed(NetworkError):
+    """The SSH server refused our login (wrong user, key or password)."""
+
+    exit_code = 24
+
+
 class HostKeyError(MigratorError):
     """A remote host's SSH key is unknown or does not match the one on record."""
 
@@ -189,6 +195,7 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     ImageError,
     StateStoreError,
     NetworkError,
+    AuthenticationFailed,
     HostKeyError,
     RemoteError,
     CheckpointError,

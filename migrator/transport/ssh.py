@@ -109,64 +109,9 @@ class SshTransport:
     def connect(self) -> SshTransport:
         if self.client is not None:
             return self
-        client = paramiko.SSHClient()
-        hostkey_name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
-        if self.known_hosts and self.known_hosts.exists():
-            client.load_host_keys(str(self.known_hosts))
-        policy = _Remember(self.accept_host_key)
-        client.set_missing_host_key_policy(policy)
-        sock = self._socket()
-
-        def transport_factory(s: Any, **kw: Any) -> paramiko.Transport:
-            t = paramiko.Transport(s, default_window_size=WINDOW,
-                                   default_max_packet_size=MAX_PACKET, **kw)
-            opts = t.get_security_options()
-            have = tuple(opts.ciphers)
-            opts.ciphers = tuple(c for c in CIPHERS if c in have) + \
-                tuple(c for c in have if c not in CIPHERS)
-            return t
-
-        try:
-            client.connect(
-                self.address, self.port, username=self.user, key_filename=self.key,
-                sock=sock, timeout=self.timeout, banner_timeout=self.timeout,
-                auth_timeout=self.timeout, allow_agent=self.key is None,
-                look_for_keys=self.key is None, transport_factory=transport_factory,
-            )
-        except paramiko.BadHostKeyException as e:
-            sock.close()
-            raise errors.HostKeyError(
-                f"the SSH key of {self.name} ({self.address}) CHANGED: it is now "
-                f"{fingerprint(e.key)}, the recorded one is {fingerprint(e.expected_key)}",
-                "someone may be intercepting the connection; if the host was reinstalled, "
-                "remove its line from the known_hosts file and trust it again",
-            ) from e
-        except paramiko.SSHException as e:
-            sock.close()
-            if policy.seen is not None and not self.accept_host_key:
-                raise errors.HostKeyError(
-                    f"the SSH key of {self.name} ({self.address}) is unknown: "
-                    f"{policy.seen.get_name()} {fingerprint(policy.seen)}",
-                    f"check the fingerprint on the host, then `migrate host trust {self.name}` "
-                    "or pass --accept-host-key",
-                ) from e
-            raise errors.NetworkError(f"SSH to {self.name} failed: {e}",
-                                      "check the user and key in `migrator host list`") from e
-        except OSError as e:
-            sock.close()
-            raise errors.NetworkError(f"SSH to {self.name} failed: {e}") from e
-        if policy.seen is not None and self.accept_host_key and self.known_hosts:
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            keys = paramiko.HostKeys()
-            if self.known_hosts.exists():
-                keys.load(str(self.known_hosts))
-            keys.add(hostkey_name, policy.seen.get_name(), policy.seen)
-            keys.save(str(self.known_hosts))
-            self.known_hosts.chmod(0o600)
-        transport = client.get_transport()
-        assert transport is not None
-        transport.set_keepalive(KEEPALIVE)
-        self.client = client
+        self.client = open_client(self.name, self.address, self.port, self.user, self.key,
+                                  self._socket(), self.known_hosts, self.accept_host_key,
+                                  self.timeout)
         return self
 
     def host_key(self) -> str:
@@ -355,3 +300,76 @@ def remote_error(host: str, err: dict[str, Any]) -> errors.MigratorError:
     if cls is errors.CommandFailed:
         return errors.RemoteError(msg, hint)
     return cls(msg, hint)
+
+
+def open_client(label: str, address: str, port: int, user: str, key: str | None,
+                sock: socket.socket, known_hosts: Path | None, accept_host_key: bool,
+                timeout: float = CONNECT_TIMEOUT, password: str | None = None
+                ) -> paramiko.SSHClient:
+    """An authenticated paramiko client on ``sock``, the host key checked against
+    ``known_hosts``: a changed key is refused, an unknown one refused with its fingerprint
+    unless ``accept_host_key`` (then recorded). Used for agents and for p2c sources alike."""
+    client = paramiko.SSHClient()
+    hostkey_name = address if port == 22 else f"[{address}]:{port}"
+    if known_hosts and known_hosts.exists():
+        client.load_host_keys(str(known_hosts))
+    policy = _Remember(accept_host_key)
+    client.set_missing_host_key_policy(policy)
+
+    def transport_factory(s: Any, **kw: Any) -> paramiko.Transport:
+        t = paramiko.Transport(s, default_window_size=WINDOW,
+                               default_max_packet_size=MAX_PACKET, **kw)
+        opts = t.get_security_options()
+        have = tuple(opts.ciphers)
+        opts.ciphers = tuple(c for c in CIPHERS if c in have) + \
+            tuple(c for c in have if c not in CIPHERS)
+        return t
+
+    try:
+        client.connect(
+            address, port, username=user, key_filename=key, password=password,
+            sock=sock, timeout=timeout, banner_timeout=timeout,
+            auth_timeout=timeout, allow_agent=key is None and password is None,
+            look_for_keys=key is None and password is None,
+            transport_factory=transport_factory,
+        )
+    except paramiko.BadHostKeyException as e:
+        sock.close()
+        raise errors.HostKeyError(
+            f"the SSH key of {label} ({address}) CHANGED: it is now "
+            f"{fingerprint(e.key)}, the recorded one is {fingerprint(e.expected_key)}",
+            "someone may be intercepting the connection; if the host was reinstalled, "
+            "remove its line from the known_hosts file and trust it again",
+        ) from e
+    except paramiko.AuthenticationException as e:
+        sock.close()
+        raise errors.AuthenticationFailed(
+            f"{user}@{address} refused our login: {e}",
+            "check the user and the key (--key) and that its public half is in "
+            f"~{user}/.ssh/authorized_keys there") from e
+    except paramiko.SSHException as e:
+        sock.close()
+        if policy.seen is not None and not accept_host_key:
+            raise errors.HostKeyError(
+                f"the SSH key of {label} ({address}) is unknown: "
+                f"{policy.seen.get_name()} {fingerprint(policy.seen)}",
+                f"check the fingerprint on the host, then `migrate host trust {label}` "
+                "or pass --accept-host-key",
+            ) from e
+        raise errors.NetworkError(f"SSH to {label} failed: {e}",
+                                  "check the user and key in `migrator host list`") from e
+    except OSError as e:
+        sock.close()
+        raise errors.NetworkError(f"SSH to {label} failed: {e}") from e
+    if policy.seen is not None and accept_host_key and known_hosts:
+        known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        keys = paramiko.HostKeys()
+        if known_hosts.exists():
+            keys.load(str(known_hosts))
+        keys.add(hostkey_name, policy.seen.get_name(), policy.seen)
+        keys.save(str(known_hosts))
+        known_hosts.chmod(0o600)
+    transport = client.get_transport()
+    assert transport is not None
+    transport.set_keepalive(KEEPALIVE)
+    return client
