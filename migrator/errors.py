@@ -179,6 +179,14 @@ class JobsFailed(MigratorError):
     hint = "`migrate schedule status` shows each job's last error"
 
 
+class ImportsFailed(MigratorError):
+    """Some containers of a batch import (``import-lxc --all``) failed; the others were
+    imported (each failure is listed)."""
+
+    exit_code = 25
+    hint = "fix each listed container and import it by name"
+
+
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -203,4 +211,5 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     CorruptBackup,
     UnsafeArchive,
     JobsFailed,
+    ImportsFailed,
 )
