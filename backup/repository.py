@@ -49,6 +49,12 @@ def new_backup_id(container: str, now: float | None = None) -> str:
     return f"{container}-{t.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
 
 
+def valid_part_path(rel: str) -> bool:
+    """A part's path inside its backup directory: relative, no ``..``, not the index."""
+    return bool(rel) and not rel.startswith(("/", ".")) and ".." not in rel \
+        and "\0" not in rel and rel != "index.json"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -115,18 +121,26 @@ class PartWriter:
 class BackupWriter:
     """Builds one backup in ``.partial-ID``; ``commit`` makes it exist, ``abort`` removes it."""
 
-    def __init__(self, repo: Repository, backup_id: str) -> None:
+    def __init__(self, repo: Repository, backup_id: str, fresh: bool = True) -> None:
+        """``fresh``: start the partial directory anew; else continue one that exists (a
+        remote writer's parts arrive in separate agent requests)."""
+        if not valid_id(backup_id):
+            raise BackupError(f"invalid backup id {backup_id!r}")
         self.repo = repo
         self.id = backup_id
         self.dir = repo.backups_dir / f".partial-{backup_id}"
         if (repo.backups_dir / backup_id).exists():
             raise BackupError(f"backup {backup_id} already exists")
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(mode=0o700)
+        if fresh:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(mode=0o700)
+        elif not self.dir.is_dir():
+            raise BackupError(f"backup {backup_id} is not being written (no partial directory)",
+                              "the writer was interrupted; start the backup again")
         self.parts: list[PartInfo] = []
 
     def part(self, rel: str) -> PartWriter:
-        if rel.startswith(("/", ".")) or ".." in rel or rel == "index.json":
+        if not valid_part_path(rel):
             raise ValueError(f"bad part path {rel!r}")
         return PartWriter(self.dir / rel, rel)
 
@@ -268,8 +282,8 @@ class Repository:
             raise CorruptBackup(f"backup {backup_id}: missing part {rel}") from e
 
     # writing (under ``lock``) ----------------------------------------------------------
-    def writer(self, backup_id: str) -> BackupWriter:
-        return BackupWriter(self, backup_id)
+    def writer(self, backup_id: str, fresh: bool = True) -> BackupWriter:
+        return BackupWriter(self, backup_id, fresh)
 
     def set_protected(self, backup_id: str, protected: bool) -> BackupIndex:
         idx = self.get(backup_id)

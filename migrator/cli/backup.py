@@ -17,11 +17,14 @@ backup_app = typer.Typer(
     "A repository is a directory (default: <state root>/backups, or --repo PATH) holding "
     "one directory per backup: an index.json listing its parts with their sha256, and the "
     "parts themselves (zstd-compressed tar or btrfs/zfs send streams). A backup is complete "
-    "or absent: it is written aside and appears only once its index is on disk.",
+    "or absent: it is written aside and appears only once its index is on disk. "
+    "A repository on another host is reached through its agent: --repo ssh://HOST/PATH.",
     no_args_is_help=True)
 
 REPO_OPT = typer.Option(None, "--repo", "-r",
-                        help="Repository directory [default: <state root>/backups]")
+                        help="Repository: a directory, or ssh://HOST/PATH on an inventory "
+                        "host (ssh://HOST alone: that host's <state root>/backups) "
+                        "[default: <state root>/backups]")
 FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json")
 
 
@@ -34,13 +37,16 @@ def say(msg: str) -> None:
 
 
 def _repo(path: str | None) -> Any:
+    """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
     from backup.repository import Repository
-    from migrator.errors import InvalidInput
     from runtime.host import root_from_env
 
-    if path and path.startswith("ssh://"):
-        raise InvalidInput("remote repositories (ssh://) are not supported yet",
-                           "use a local directory, e.g. a mounted backup disk")
+    if path and path.startswith("ssh:"):
+        from backup.remote import RemoteRepository, parse_url
+        from migrator.cli.hosts import transport_for
+
+        host, remote_path = parse_url(path)
+        return RemoteRepository(transport_for(host).connect(), remote_path)
     return Repository(Path(path) if path else root_from_env(_ctx().root) / "backups")
 
 
@@ -203,6 +209,8 @@ def restore_cmd(
                                      "(repeatable), e.g. -c limits.memory=512MiB"),
     force: bool = typer.Option(False, "--force",
                                help="Replace an existing container of that name"),
+    host: str = typer.Option(None, "--host", "-H",
+                             help="Restore on this inventory host instead of here"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """Restore a backup (through its incremental chain) as a stopped container.
@@ -211,8 +219,15 @@ def restore_cmd(
     tar member is checked while extracting (no paths out of the rootfs, no device nodes for
     unprivileged containers). An existing container is only replaced with --force, and only
     once the restored one is complete. Start it with `migrate start NAME`.
+
+    With --host H the restore runs on H: from a repository on H (--repo ssh://H/PATH)
+    directly, else the backup and its chain are first copied into H's default repository,
+    checked on the way, and removed from there afterwards.
+
+    Examples: `migrate backup restore web-1-20261121T020000Z-1a2b3c --name web-1-old`,
+    `migrate backup restore ID --host host-b --pool fast --repo ssh://host-b/srv/backups`
     """
-    from backup.restore import restore_backup
+    from backup.restore import RestoreResult, restore_backup
     from migrator.errors import InvalidInput
 
     overrides: dict[str, str] = {}
@@ -221,20 +236,61 @@ def restore_cmd(
         if not sep or not key:
             raise InvalidInput(f"expected KEY=VALUE, got {item!r}", "e.g. -c limits.cpu=1")
         overrides[key.strip()] = value
+    staged: list[str] = []
     with Bars() as bars:
-        r = restore_backup(_ctx().containers, _repo(repo), backup_id, name, pool, overrides,
-                           force, bars)
+        if host and host != "local":
+            from backup.remote import restore_on_host
+            from migrator.cli.hosts import transport_for
+
+            with transport_for(host) as t:
+                done, staged = restore_on_host(t, _repo(repo), backup_id, name, pool,
+                                               overrides, force, bars)
+            r = RestoreResult(**done)
+        else:
+            r = restore_backup(_ctx().containers, _repo(repo), backup_id, name, pool,
+                               overrides, force, bars)
     if fmt == Format.json:
-        _json(r.as_dict())
+        _json({**r.as_dict(), "host": host or "local", "staged": staged})
         return
-    say(f"restored {r.id} as {r.container} on pool {r.pool} via {r.method}: "
+    where = f" on {host}" if host and host != "local" else ""
+    say(f"restored {r.id} as {r.container}{where} on pool {r.pool} via {r.method}: "
         f"{human_size(r.bytes)} in {r.seconds:.1f}s")
+    if staged:
+        say(f"  copied {len(staged)} backup(s) to {host} for it, removed again after")
     if len(r.chain) > 1:
         say(f"  through the chain {' -> '.join(r.chain)}")
     if r.snapshots:
         say(f"  snapshots: {', '.join(r.snapshots)}")
     for n in r.notes:
         say(f"  note: {n}")
+
+
+@backup_app.command("copy")
+def copy_cmd(
+    backup_id: str = typer.Argument(..., metavar="ID"),
+    to: str = typer.Option(..., "--to", "-t",
+                           help="Destination repository: a directory or ssh://HOST/PATH"),
+    repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
+) -> None:
+    """Copy a backup, with the incremental chain it needs, into another repository.
+
+    Each part is checked against its sha256 on the way and the index is written last, so
+    the copy is complete or absent; backups the destination already holds are skipped, so
+    sending each night's incremental off-site moves only that night's changes.
+
+    Example: `migrate backup copy web-1-20261121T020000Z-1a2b3c --to ssh://host-b/srv/backups`
+    """
+    from backup.replicate import copy_chain
+
+    with Bars() as bars:
+        r = copy_chain(_repo(repo), _repo(to), backup_id, bars)
+    if fmt == Format.json:
+        _json({"copied": r.copied, "present": r.present, "bytes": r.bytes})
+        return
+    say(f"copied {len(r.copied)} backup(s), {human_size(r.bytes)}"
+        + (f"; already there: {', '.join(r.present)}" if r.present else ""))
+    for bid in r.copied:
+        typer.echo(bid)
 
 
 @backup_app.command("prune")
