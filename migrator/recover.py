@@ -29,7 +29,7 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
                            "wait for it, or stop that process first")
     handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
                "move-remote": _move_remote, "live": _live, "backup": _backup,
-               "restore": _restore}.get(op.kind)
+               "restore": _restore, "import-lxc": _import_lxc}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
     outcome = handler(cts, op, transport_for)
@@ -188,3 +188,13 @@ def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
         return (f"rolled back: the restore of {name} was cut while replacing it; its volume "
                 "was removed (the container it replaced is gone: restore again)")
     return f"rolled back: the partial restore of {name} was removed"
+
+
+def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    """A killed ``import-lxc``: complete once recorded (the original is left in place),
+    else the partial volume goes; the original LXC container was only read."""
+    name, pool = op.detail["container"], op.detail["pool"]
+    if "record" in op.stages and cts.state.has_container(name):
+        return f"completed: {name} was adopted; the original {op.detail['source']} is kept"
+    undo_partial_target(cts, name, pool)
+    return f"rolled back: the partial import of {name} on {pool} was removed"

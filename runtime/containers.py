@@ -119,6 +119,7 @@ class Containers:
                 (self.host.backend(a.pool).volume_path(VolumeRef("custom", a.volume)), a.path)
                 for a in self.state.list_attachments(container=rec.name)
             ),
+            hwaddr=rec.config.get("volatile.eth0.hwaddr"),
         )
 
     # create / delete ---------------------------------------------------------------------

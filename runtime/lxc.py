@@ -58,6 +58,8 @@ class ContainerSpec:
     cpus: int | None = None
     # custom volumes bind-mounted in: (host directory, absolute path inside the container)
     mounts: tuple[tuple[Path, str], ...] = ()
+    # a MAC kept from elsewhere (an adopted LXC container's); None: derived from name/address
+    hwaddr: str | None = None
 
 
 def hwaddr(name: str, ipv4: str | None) -> str:
@@ -105,7 +107,7 @@ def render_config(spec: ContainerSpec) -> str:
             f"lxc.net.0.link = {net.bridge}",
             "lxc.net.0.name = eth0",
             "lxc.net.0.flags = up",
-            f"lxc.net.0.hwaddr = {hwaddr(spec.name, spec.ipv4)}",
+            f"lxc.net.0.hwaddr = {spec.hwaddr or hwaddr(spec.name, spec.ipv4)}",
             f"lxc.net.0.ipv4.address = {spec.ipv4}/{net.prefixlen}",
             f"lxc.net.0.ipv4.gateway = {net.gateway}",
         ]

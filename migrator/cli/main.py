@@ -481,7 +481,7 @@ def snapshot_delete(
     say(f"deleted snapshot {ct}/{which}")
 
 
-from migrator.cli import backup, exchange, hosts, live, schedule, storage  # noqa: E402
+from migrator.cli import backup, exchange, hosts, importlxc, live, schedule, storage  # noqa: E402
 
 storage.register(app)
 hosts.register(app)
@@ -489,6 +489,7 @@ live.register(app)
 backup.register(app)
 exchange.register(app)
 schedule.register(app, config_app)
+importlxc.register(app)
 
 
 def main() -> None:
