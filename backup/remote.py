@@ -71,7 +71,8 @@ def parse_url(url: str) -> tuple[str, str | None]:
 def check_path(path: str) -> str:
     """An absolute, normalised repository path (no ``..``, no ``//``, no NUL)."""
     p = PurePosixPath(path)
-    if not p.is_absolute() or ".." in p.parts or str(p) != path.rstrip("/") or "\0" in path:
+    if not p.is_absolute() or ".." in p.parts or str(p) != path.rstrip("/") or "\0" in path \
+            or "//" in path:
         raise InvalidInput(f"repository path {path!r} must be absolute and normalised",
                            "e.g. ssh://host-b/srv/backups")
     return str(p)
@@ -298,6 +299,17 @@ class RemoteRepository:
 
     def delete(self, backup_id: str) -> None:
         self.call("delete", id=backup_id)
+
+
+def open_repository(host: Any, spec: str | None) -> Repository | RemoteRepository:
+    """``spec`` as given to ``--repo`` or ``backups.repo``: a directory, ``ssh://HOST/PATH``
+    on one of ``host``'s inventory hosts, or None for ``<state root>/backups``."""
+    if spec and spec.startswith("ssh:"):
+        from migrator.transport.ssh import inventory_transport
+
+        name, path = parse_url(spec)
+        return RemoteRepository(inventory_transport(host, name).connect(), path)
+    return Repository(Path(spec) if spec else host.root / "backups")
 
 
 # the agent side ----------------------------------------------------------------------------

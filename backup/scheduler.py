@@ -215,6 +215,7 @@ class Scheduler:
         self.state_path = schedule_dir(self.root) / "state.json"
         self.sleep = sleep
         self._live: dict[str, tuple[str, str]] | None = None
+        self._repos: dict[str | None, Any] = {}
 
     def settings(self) -> dict[str, dict[str, str]]:
         defaults = host_defaults(self.cts.state)
@@ -230,16 +231,20 @@ class Scheduler:
             result = TickResult(at)
             self._live = None
             saved = time.monotonic()
-            for due in due_jobs(settings, state, at, jitter):
-                if not simulated:
-                    wait = due.offset - (time.monotonic() - t0)
-                    if wait > 0:
-                        self.sleep(wait)
-                job_at = at if simulated else time.time()
-                result.results.append(self._run(due, settings[due.container], state, job_at))
-                if time.monotonic() - saved > 1.0:  # a crash repeats at most a second's jobs
-                    state.save(self.state_path)
-                    saved = time.monotonic()
+            try:
+                for due in due_jobs(settings, state, at, jitter):
+                    if not simulated:
+                        wait = due.offset - (time.monotonic() - t0)
+                        if wait > 0:
+                            self.sleep(wait)
+                    job_at = at if simulated else time.time()
+                    result.results.append(self._run(due, settings[due.container], state,
+                                                    job_at))
+                    if time.monotonic() - saved > 1.0:  # a crash repeats a second's jobs
+                        state.save(self.state_path)
+                        saved = time.monotonic()
+            finally:
+                self._close_repositories()
             result.expired = self._expire(at, result)
             for ct in [c for c in state.jobs if c not in settings]:
                 del state.jobs[ct]  # deleted or moved away: its schedule went with it
@@ -293,14 +298,8 @@ class Scheduler:
         from backup.catalog import prune_repository
         from backup.create import create_backup
         from backup.prune import RetentionPolicy
-        from backup.repository import Repository
 
-        repo_path = conf.get("backups.repo") or str(self.root / "backups")
-        if repo_path.startswith("ssh://"):
-            raise InvalidState(f"backups.repo {repo_path}: scheduled backups go to a local "
-                               "repository on this version",
-                               "set backups.repo to a local path")
-        repo = Repository(Path(repo_path))
+        repo = self._repository(conf.get("backups.repo") or None)
         r = create_backup(self.cts, name, repo,
                           incremental=conf.get("backups.incremental") == "true", created=at)
         detail = f"backup {r.id}"
@@ -310,6 +309,22 @@ class Scheduler:
             if pruned.removed:
                 detail += f", pruned {len(pruned.removed)}"
         return detail
+
+    def _repository(self, spec: str | None) -> Any:
+        """One repository object per ``backups.repo`` value and tick: a remote one keeps its
+        SSH connection for every container that backs up there."""
+        from backup.remote import open_repository
+
+        if spec not in self._repos:
+            self._repos[spec] = open_repository(self.cts.host, spec)
+        return self._repos[spec]
+
+    def _close_repositories(self) -> None:
+        for repo in self._repos.values():
+            transport = getattr(repo, "t", None)
+            if transport is not None:
+                transport.close()
+        self._repos.clear()
 
     def _expire(self, at: float, result: TickResult) -> list[str]:
         """Delete automatic snapshots whose time is up (manual ones carry no expiry)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -38,16 +37,9 @@ def say(msg: str) -> None:
 
 def _repo(path: str | None) -> Any:
     """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
-    from backup.repository import Repository
-    from runtime.host import root_from_env
+    from backup.remote import open_repository
 
-    if path and path.startswith("ssh:"):
-        from backup.remote import RemoteRepository, parse_url
-        from migrator.cli.hosts import transport_for
-
-        host, remote_path = parse_url(path)
-        return RemoteRepository(transport_for(host).connect(), remote_path)
-    return Repository(Path(path) if path else root_from_env(_ctx().root) / "backups")
+    return open_repository(_ctx().host, path)
 
 
 def _json(obj: Any) -> None:

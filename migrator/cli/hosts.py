@@ -81,16 +81,9 @@ def agent_cmd() -> None:
 
 def transport_for(name: str, accept_host_key: bool = False) -> Any:
     """An (unconnected) SSH transport to an inventory host, from this host's namespace."""
-    from migrator.names import ContainerName
-    from migrator.transport.ssh import SshTransport
+    from migrator.transport.ssh import inventory_transport
 
-    h = _ctx().host
-    rec = h.state.get_host(ContainerName(name))
-    t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
-                     rec.command, known_hosts=h.root / "ssh" / "known_hosts",
-                     netns=h.netns, accept_host_key=accept_host_key)
-    t.data_link, t.link_rate = rec.data_link, rec.link_rate  # negotiate_session reads them
-    return t
+    return inventory_transport(_ctx().host, name, accept_host_key)
 
 
 def delegation_target(name: str) -> dict[str, Any]:

@@ -291,6 +291,20 @@ class SshTransport:
         return reply
 
 
+def inventory_transport(host: Any, name: str, accept_host_key: bool = False) -> SshTransport:
+    """An (unconnected) transport to inventory host ``name`` of ``host`` (a runtime Host):
+    its address, login and agent command from the inventory, its key checked against the
+    host's known_hosts, connecting from the host's network namespace."""
+    from migrator.names import ContainerName
+
+    rec = host.state.get_host(ContainerName(name))
+    t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
+                     rec.command, known_hosts=host.root / "ssh" / "known_hosts",
+                     netns=host.netns, accept_host_key=accept_host_key)
+    t.data_link, t.link_rate = rec.data_link, rec.link_rate  # negotiate_session reads them
+    return t
+
+
 def remote_error(host: str, err: dict[str, Any]) -> errors.MigratorError:
     """The agent's typed error, re-raised here with the same class and exit code."""
     by_name = {c.__name__: c for c in errors.ALL_ERRORS}

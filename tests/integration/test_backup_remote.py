@@ -197,3 +197,24 @@ def test_client_killed_mid_upload_leaves_no_backup_and_no_lock(hosts) -> None:  
     bk = backup_create(a, "br-4", "--repo", url, "--compression", "zstd:1")
     assert not list((path / "backups").glob(".partial-*"))
     m(a, "backup", "verify", bk["id"], "--repo", url)
+
+
+def test_scheduled_backups_go_to_a_remote_repository(hosts) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    url, _path = offsite(b)
+    make_container(a, "br-5", mib=1)
+    m(a, "config", "set", "br-5", "backups.schedule=@daily", f"backups.repo={url}",
+      "backups.incremental=true", "backups.retention=keep-last=2")
+    m(a, "schedule", "tick", "--now", "2026-02-28T12:00:00")  # the schedule is first seen
+    for day in (1, 2, 3):
+        (rootfs(a, "br-5") / "srv" / f"day{day}").write_text(f"{day}\n")
+        _rc, out, _e = m(a, "schedule", "tick", "--now", f"2026-03-0{day}T00:05:00",
+                         "--format", "json")
+        jobs = json.loads(out)["jobs"]
+        assert [j["result"] for j in jobs if j["container"] == "br-5"] == ["ok"], jobs
+    _rc, out, _e = m(a, "backup", "list", "--repo", url, "--format", "json")
+    kept = json.loads(out)
+    # keep-last=2, but the oldest kept incremental still needs its full parent
+    assert len(kept) == 3 and kept[0]["parent"] is None, kept
+    _rc, out, _e = m(a, "backup", "restore", kept[-1]["id"], "--name", "br-5r", "--repo", url)
+    assert (rootfs(a, "br-5r") / "srv" / "day3").read_text() == "3\n"
