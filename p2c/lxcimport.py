@@ -566,7 +566,7 @@ def _convert_nic_line(cl: ConfigLine, sub: str, kind: str, conv: Conversion) -> 
             return
         if conv.ipv4 is not None or rest:
             conv.unconvertible.append(f"{cl} (the runtime gives one address; "
-                                      f"{conv.ipv4 or first} is kept)")
+                                      f"{conv.ipv4 or address.ip} is kept)")
         if conv.ipv4 is None:
             conv.ipv4 = str(address.ip)
             conv.converted.append(f"{cl} -> the container's address, if free in the "
