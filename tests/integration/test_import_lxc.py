@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,3 +282,32 @@ def test_debian_from_lxc_local_unprivileged_boots_snapshots_and_moves(host, lxcp
     assert res.downtime is not None and host.cts.get("il-deb").pool == "dir"
     assert host.cts.status("il-deb") == "RUNNING"
     assert [s.name for s in host.cts.snapshot_list("il-deb")] == ["s0"]
+
+
+KILLED_IN_VERIFY = """
+import os, sys
+import p2c.lxcimport as li
+li.verify_trees = lambda *a, **k: os._exit(9)  # the process dies between copy and record
+sys.argv = ["migrate", *sys.argv[1:]]
+from migrator.cli.main import main
+main()
+"""
+
+
+def test_recover_rolls_back_an_import_killed_before_its_record(host, lxcpath) -> None:  # type: ignore[no-untyped-def]
+    lxc_create(lxcpath, "il-k", NO_NET)
+    r = subprocess.run([sys.executable, "-c", KILLED_IN_VERIFY, "--root", str(host.root),
+                        "import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs"],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 9, r.stderr
+    assert host.host.backend("btrfs").volume_exists(VolumeRef("container", "il-k"))
+    rec = host.cli("recover", check=True)
+    assert "rolled back: the partial import of il-k on btrfs was removed" in rec.stdout + \
+        rec.stderr
+    assert not host.host.backend("btrfs").volume_exists(VolumeRef("container", "il-k"))
+    assert not host.host.state.has_container("il-k")
+    assert (lxcpath / "il-k" / "config").exists()
+    host.cli("import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs", check=True)
+    host.cts.start("il-k")
+    assert host.exec("il-k", "true")[0] == 0
