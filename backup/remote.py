@@ -429,7 +429,8 @@ def serve_restore(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
 
     config = {str(k): str(v) for k, v in dict(req.get("config") or {}).items()}
     r = restore_backup(agent.cts, repo, _check_id(req["id"]), req.get("name"),
-                       req.get("pool"), config, bool(req.get("force")), progress)
+                       req.get("pool"), config, bool(req.get("force")), progress,
+                       bool(req.get("verify_first", True)))
     return {"result": r.as_dict()}
 
 
@@ -448,14 +449,16 @@ def progress_relay(progress: Any) -> Any:
 
 def restore_on_host(transport: Any, repo: Any, backup_id: str, name: str | None,
                     pool: str | None, config: dict[str, str], force: bool,
-                    progress: Any) -> tuple[dict[str, Any], list[str]]:
+                    progress: Any, verify_first: bool = True
+                    ) -> tuple[dict[str, Any], list[str]]:
     """``backup restore --host H``: the restore runs on H, by H's agent, from a repository
     on H. A backup held elsewhere (this host, or a third one) is first copied with its chain
     into H's default repository (checked part by part on the way) and those copies are
     removed again afterwards. Returns the restore's result and the ids staged on H."""
     from backup.replicate import copy_chain
 
-    args = {"id": backup_id, "name": name, "pool": pool, "config": config, "force": force}
+    args = {"id": backup_id, "name": name, "pool": pool, "config": config, "force": force,
+            "verify_first": verify_first}
     if isinstance(repo, RemoteRepository) and repo.host == transport.name:
         reply = transport.request("backup_restore", {"path": repo.path, **args},
                                   on_event=progress_relay(progress))

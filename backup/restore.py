@@ -84,8 +84,16 @@ def restore_backup(
     config: dict[str, str] | None = None,
     force: bool = False,
     progress: Progress = no_progress,
+    verify_first: bool = True,
 ) -> RestoreResult:
-    """Restore backup ``backup_id`` as container ``name`` (default: the backed-up name)."""
+    """Restore backup ``backup_id`` as container ``name`` (default: the backed-up name).
+
+    ``verify_first``: read every part of the chain and check its sha256 before anything is
+    written (the default). Without it, the structure and every part's presence and size are
+    checked first and the checksums as the parts stream into the hidden scratch volume,
+    which is deleted on a mismatch: each part is read once (half the disk reads, or half
+    the network traffic from a remote repository), the existing container is untouched
+    either way, but a damaged backup is found only after its damaged part was written."""
     t0 = time.monotonic()
     host, state = cts.host, cts.state
     repo.check()
@@ -120,7 +128,7 @@ def restore_backup(
         recv_pool = PoolName(candidates[0])
     recv_b = host.backend(recv_pool)
 
-    chain = verify_chain(repo, idx, progress)  # before anything is touched
+    chain = verify_chain(repo, idx, progress, read=verify_first)  # before anything is touched
     method = "tar" if idx.kind == "generic" else idx.driver
     if recv_pool != pool_name:
         method += f" via pool {recv_pool}, then " + negotiate(recv_b.migration_types(),

@@ -80,8 +80,9 @@ def chain_of(repo: Repository, idx: BackupIndex) -> list[BackupIndex]:
 
 
 def check_part(repo: Repository, backup_id: str, part: PartInfo,
-               meter: ProgressMeter | None = None) -> str | None:
-    """The first thing wrong with one part's bytes, or None."""
+               meter: ProgressMeter | None = None, read: bool = True) -> str | None:
+    """The first thing wrong with one part's bytes, or None (``read=False``: its presence
+    and size only)."""
     size = repo.part_size(backup_id, part.path)
     if size is None:
         return f"backup {backup_id}: missing part {part.path}"
@@ -90,6 +91,8 @@ def check_part(repo: Repository, backup_id: str, part: PartInfo,
     if size > part.size:
         return f"backup {backup_id}: part {part.path} has {size} bytes, its index says " \
                f"{part.size}"
+    if not read:
+        return None
     digest = hashlib.sha256()
     with repo.open_part(backup_id, part.path) as f:
         while chunk := f.read(CHUNK):
@@ -163,17 +166,18 @@ def verify_backup(repo: Repository, backup_id: str, deep: bool = False,
     return report
 
 
-def verify_chain(repo: Repository, idx: BackupIndex,
-                 progress: Progress = no_progress) -> list[BackupIndex]:
+def verify_chain(repo: Repository, idx: BackupIndex, progress: Progress = no_progress,
+                 read: bool = True) -> list[BackupIndex]:
     """The chain of ``idx`` with every part of every backup in it checked (restore's
-    precondition); CorruptBackup naming every damaged part."""
+    precondition); CorruptBackup naming every damaged part. ``read=False`` checks the
+    structure, presence and sizes only (the checksums are then checked as parts stream)."""
     chain = chain_of(repo, idx)
     problems = []
-    total = sum(b.stored_size() for b in chain)
+    total = sum(b.stored_size() for b in chain) if read else None
     meter = ProgressMeter(progress, f"check {idx.id}", total)
     for b in chain:
         for part in b.parts:
-            problem = check_part(repo, b.id, part, meter)
+            problem = check_part(repo, b.id, part, meter, read)
             if problem is not None:
                 problems.append(problem)
     meter.finish()

@@ -244,6 +244,34 @@ def test_damage_is_reported_precisely_and_nothing_changes(host) -> None:  # type
     assert [c.name for c in host.cts.state.list_containers()] == ["bk1-dmg"]
 
 
+def test_checksums_checked_while_restoring_leave_nothing_behind(host) -> None:  # type: ignore[no-untyped-def]
+    """--verify-while-restoring: a flipped byte is found as the part streams; the scratch
+    volume is removed and the container being replaced is untouched."""
+    host.cts.create("busybox", "bk1-vwr", "dir")
+    (rootfs(host, "bk1-vwr") / "big").write_bytes(os.urandom(8 << 20))
+    repo = repo_of(host)
+    r = create_backup(host.cts, "bk1-vwr", repo, compression="none")
+    good = restore_backup(host.cts, repo, r.id, "bk1-vwr2", verify_first=False)
+    assert signature(rootfs(host, "bk1-vwr2")) == signature(rootfs(host, "bk1-vwr"))
+    host.cts.delete("bk1-vwr2")
+    del good
+    part = next(p for p in repo.get(r.id).parts if p.kind == "tar")
+    with open(repo.path / "backups" / r.id / part.path, "r+b") as f:
+        f.seek(part.size - (1 << 20))  # late in the stream: most of it is written first
+        byte = f.read(1)
+        f.seek(part.size - (1 << 20))
+        f.write(bytes([byte[0] ^ 0x01]))
+    before = signature(rootfs(host, "bk1-vwr"))
+    pool_dir = host.host.backend("dir").path / "containers"
+    volumes_before = sorted(os.listdir(pool_dir))
+    res = host.cli("backup", "restore", r.id, "--force", "--verify-while-restoring")
+    assert res.returncode == CorruptBackup.exit_code, res.stderr
+    assert f"part {part.path} checksum mismatch" in res.stderr, res.stderr
+    assert signature(rootfs(host, "bk1-vwr")) == before
+    assert sorted(os.listdir(pool_dir)) == volumes_before
+    assert [c.name for c in host.cts.state.list_containers()] == ["bk1-vwr"]
+
+
 def test_second_writer_waits_then_is_refused_naming_the_holder(host, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     host.cts.create("busybox", "bk1-lock", "btrfs")
     repo = repo_of(host).init()
