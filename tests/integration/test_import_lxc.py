@@ -311,3 +311,15 @@ def test_recover_rolls_back_an_import_killed_before_its_record(host, lxcpath) ->
     host.cli("import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs", check=True)
     host.cts.start("il-k")
     assert host.exec("il-k", "true")[0] == 0
+
+
+def test_delete_keeps_an_original_with_lxc_snapshots(host, lxcpath) -> None:  # type: ignore[no-untyped-def]
+    lxc_create(lxcpath, "il-s", NO_NET)
+    run("lxc-snapshot", "-P", str(lxcpath), "-n", "il-s")
+    r = host.cli("import-lxc", "il-s", "--lxcpath", str(lxcpath), "--pool", "dir", "--delete",
+                 "--format", "json", check=True)
+    done = json.loads(r.stdout)
+    assert not done["deleted"]
+    assert any("LXC snapshots snap0" in u for u in done["unconvertible"])
+    assert any(f"lxc-destroy -P {lxcpath} -s -n il-s" in n for n in done["notes"])
+    assert (lxcpath / "il-s" / "config").exists() and host.host.state.has_container("il-s")
