@@ -9,9 +9,9 @@ Scenarios, each project run next to its baseline on the same data in the same ru
                             zstd -T0 -3 -o FILE`` on the same rootfs (no snapshot, no checksum).
 2. restore.       project:  ``restore_backup(...)`` as a new container on the same pool (every
                             part's sha256 checked first, tar members checked while extracting);
-                            also, untimed against its own baseline run, with
-                            ``verify_first=False`` (``--verify-while-restoring``: checksums
-                            checked as the parts stream, each part read once).
+                            and once more per round with ``verify_first=False``
+                            (``--verify-while-restoring``: checksums checked as the parts
+                            stream, each part read once), against the same baseline median.
                   baseline: ``zstd -d -c FILE | tar -C DIR -x --numeric-owner --xattrs
                             --acls`` into a new directory on the same pool.
 3. incremental backup after ~1% of the data bytes were rewritten, against the full one of

@@ -79,6 +79,9 @@ a backup create live1 --compression zstd:3 --format json > "$HOSTS/backup.json"
 id=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["id"])' "$HOSTS/backup.json")
 a backup list
 a backup verify "$id" --deep
+# ... and copied off-site into host b's repository, through host b's agent.
+a backup copy "$id" --to ssh://host-b
+a backup verify "$id" --repo ssh://host-b
 # Live migration with CRIU: live1's counter keeps counting on host b, from where it was.
 before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
 a live local host-b live1 --dry-run
