@@ -29,6 +29,8 @@ bench: setup
 	$(PY) bench/bench_storage.py
 	$(PY) bench/bench_transport.py
 	$(PY) bench/bench_live.py
+	$(PY) bench/bench_backup.py
+	$(PY) bench/bench_schedule.py
 
 # Two test hosts on this machine (network namespaces mh-a, mh-b joined by a private
 # 198.51.100.0/24 link, each with its own sshd, state root, pools and busybox image):
