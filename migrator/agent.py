@@ -277,6 +277,25 @@ class Agent:
         return {}
 
 
+    # p2c: a machine converted into a container here (logic in p2c/target.py) -------------
+    def p2c_pull(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Run rsync's client into the new (or, resuming, partial) volume; its transport is
+        relayed by the client to the machine (``p2c.pull``). "started" goes out first."""
+        from p2c.pull import check_rules, serve_pull
+        from p2c.target import prepare_volume
+
+        rules = check_rules(req.get("rules", []))
+        rootfs = prepare_volume(self.cts, req["name"], req["pool"], bool(req.get("resume")))
+        write_json(self.write, {"ok": True, "started": True})
+        return serve_pull(rootfs, rules, read, self.write)
+
+    def p2c_finish(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Fixups, report, uid shift, record and first boot of a received machine."""
+        from p2c.target import finish
+
+        return finish(self.cts, req)
+
+
     # pushes on the client's behalf ----------------------------------------------------
     def delegate(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Run a push from this host for a client that drives two other hosts
@@ -410,6 +429,8 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "checkpoint_restore": Agent.checkpoint_restore,
     "drop_images": Agent.drop_images,
     "delegate": Agent.delegate,
+    "p2c_pull": Agent.p2c_pull,
+    "p2c_finish": Agent.p2c_finish,
     "repository": Agent.repository,
     "backup_restore": Agent.backup_restore,
 }

@@ -29,7 +29,8 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
                            "wait for it, or stop that process first")
     handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
                "move-remote": _move_remote, "live": _live, "backup": _backup,
-               "restore": _restore, "import-lxc": _import_lxc}.get(op.kind)
+               "restore": _restore, "import-lxc": _import_lxc,
+               "p2c": _p2c}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
     outcome = handler(cts, op, transport_for)
@@ -198,3 +199,9 @@ def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
         return f"completed: {name} was adopted; the original {op.detail['source']} is kept"
     undo_partial_target(cts, name, pool)
     return f"rolled back: the partial import of {name} on {pool} was removed"
+
+
+def _p2c(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+    from p2c.convert import recover_p2c  # p2c sits above migrator; imported only here
+
+    return recover_p2c(cts, op, transport_for)

@@ -491,6 +491,10 @@ exchange.register(app)
 schedule.register(app, config_app)
 importlxc.register(app)
 
+from migrator.cli import p2c as p2c_cli  # noqa: E402
+
+p2c_cli.register(app)
+
 
 def main() -> None:
     """Entry point: the only place exceptions become exit codes and messages.

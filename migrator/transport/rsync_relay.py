@@ -27,6 +27,7 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,12 +76,7 @@ class RsyncResult:
 def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: bool,
                compress: bool, meter: ProgressMeter | None = None) -> RsyncResult:
     """Make the agent-side volume named by ``request`` (pool, volume) a copy of ``src``."""
-    with tempfile.TemporaryDirectory(prefix="migrator-rsync-") as tmp:
-        os.chmod(tmp, 0o700)
-        path = str(Path(tmp) / "relay")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(1)
+    with shim_socket() as (listener, path):
         outcome: dict[str, Any] = {}
 
         def client() -> None:
@@ -88,7 +84,7 @@ def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: 
                 outcome["literal"] = rsync_tree(
                     src, "agent:/volume", meter, checksum=not exact_times,
                     exact_times=exact_times, compress=compress,
-                    rsh=f"{sys.executable} -m migrator.transport.rsync_shim {path}")
+                    rsh=shim_rsh(path))
             except BaseException as e:  # noqa: BLE001 - handed to the caller below
                 outcome["error"] = e
             finally:
@@ -119,17 +115,11 @@ def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: 
 
 def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) -> int:
     """Take the shim's pipes, open the agent's rsync and copy bytes both ways."""
-    conn.settimeout(SHIM_WAIT)
-    msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
-    if len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        raise errors.CommandFailed(["rsync"], 255, "the rsync shim sent no pipes")
-    from_rsync, to_rsync = fds
+    from_rsync, to_rsync, args = receive_pipes(conn)
     status = 255
     sent = received = 0
     try:
-        chan = transport.open_raw("rsync_receive", {**request, "args": json.loads(msg)})
+        chan = transport.open_raw("rsync_receive", {**request, "args": args})
         try:
             def upload() -> None:
                 nonlocal sent
@@ -152,7 +142,7 @@ def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) ->
             status = chan.recv_exit_status() if chan.status_event.wait(30) else 255
             # the shim exits with it, then rsync does, closing the pipe the uploader reads:
             # the status must go out before waiting for the uploader
-            _release_shim(conn, status)
+            release_shim(conn, status)
             up.join(30)
         finally:
             chan.close()
@@ -161,14 +151,81 @@ def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) ->
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        _release_shim(conn, status)
+        release_shim(conn, status)
     return sent + received
 
 
-def _release_shim(conn: socket.socket, status: int) -> None:
+def release_shim(conn: socket.socket, status: int) -> None:
     """Send the far rsync's exit status to the shim (once; later calls do nothing)."""
     if conn.fileno() < 0:
         return
     with contextlib.suppress(OSError):
         conn.sendall(bytes([status & 0xFF if status >= 0 else 255]))
     conn.close()
+
+
+# shared with p2c's pull (``p2c.pull``: the rsync client on the target, the sender on a
+# machine reached over SSH) ----------------------------------------------------------------
+@contextlib.contextmanager
+def shim_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A listening unix socket in a private (0700) directory for ``rsync_shim``."""
+    with tempfile.TemporaryDirectory(prefix="migrator-rsync-") as tmp:
+        os.chmod(tmp, 0o700)
+        path = str(Path(tmp) / "relay")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            yield listener, path
+        finally:
+            listener.close()
+
+
+def shim_rsh(path: str) -> str:
+    """The ``--rsh`` value that makes rsync hand its pipes to the socket at ``path``."""
+    return f"{sys.executable} -m migrator.transport.rsync_shim {path}"
+
+
+def receive_pipes(conn: socket.socket) -> tuple[int, int, list[str]]:
+    """The shim's two pipe ends (rsync's output, rsync's input) and the remote argv."""
+    conn.settimeout(SHIM_WAIT)
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise errors.CommandFailed(["rsync"], 255, "the rsync shim sent no pipes")
+    for fd in fds:
+        # rsync made its socket pair non-blocking; a relay writing into a full one would
+        # get EAGAIN and drop data, so this end blocks
+        os.set_blocking(fd, True)
+    args = json.loads(msg)
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        for fd in fds:
+            os.close(fd)
+        raise errors.CommandFailed(["rsync"], 255, "the rsync shim sent no argument list")
+    return fds[0], fds[1], args
+
+
+# What a sender run on another machine for our own pulling client may be asked: the
+# letters and options ``p2c.pull`` makes its client send, nothing that writes there
+# (--remove-source-files, --log-file...), and the source root only.
+_SENDER_LETTERS = set("lHogDtprAXSx")
+_SENDER_OPTIONS = {"--server", "--sender", "--numeric-ids", "-@-1"}
+
+
+def sender_args(args: Any) -> list[str]:
+    """Validate ``rsync --server --sender -<flags>e.<caps> [options] . /`` (exact)."""
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise errors.InvalidInput("rsync arguments must be a list of strings")
+    if len(args) < 6 or args[:3] != ["rsync", "--server", "--sender"] or \
+            args[-2:] != [".", "/"]:
+        raise errors.InvalidInput(f"not an rsync sender for /: {args[:4]}")
+    for a in args[3:-2]:
+        if a in _SENDER_OPTIONS:
+            continue
+        flags, _, caps = a.partition("e.")
+        if a.startswith("-") and not a.startswith("--") and flags[1:] and \
+                set(flags[1:]) <= _SENDER_LETTERS and caps.isalpha():
+            continue
+        raise errors.InvalidInput(f"rsync option {a!r} is not allowed for the source")
+    return list(args)
