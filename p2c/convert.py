@@ -132,6 +132,12 @@ def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
         except BaseException:
             _abort(target, name, pool, op)
             raise
+        if result.unreadable and opts.strict:
+            _abort(target, name, pool, op)
+            raise errors.CommandFailed(
+                ["rsync"], 23, "unreadable on the source: " + ", ".join(result.unreadable[:10]),
+                "--strict refuses a partial copy (it was removed); repair or --exclude "
+                "those files")
         op.stage("finish")
         reply = target.request("p2c_finish", {
             "name": str(name), "pool": pool, "privileged": opts.privileged,
@@ -173,10 +179,6 @@ def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: 
                               "files": reply.get("files", 0),
                               "vanished": len(reply.get("vanished", []))})
         result.unreadable = list(reply.get("unreadable", []))
-    if result.unreadable and opts.strict:
-        raise errors.CommandFailed(
-            ["rsync"], 23, "unreadable on the source: " + ", ".join(result.unreadable[:10]),
-            "--strict refuses a partial copy; fix or --exclude those files")
 
 
 def _abort(target: Any, name: str, pool: str, op: Operation) -> None:

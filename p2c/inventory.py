@@ -19,7 +19,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "ramfs", "cgroup", "cgroup2",
+MEMORY_FS = {"tmpfs", "ramfs"}
+VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2",
               "securityfs", "debugfs", "tracefs", "pstore", "bpf", "mqueue", "hugetlbfs",
               "configfs", "fusectl", "autofs", "binfmt_misc", "efivarfs", "rpc_pipefs", "nsfs",
               "selinuxfs", "nfsd"}
@@ -119,6 +120,8 @@ def classify(path: str, fstype: str, source: str, device: str, root: str,
         parent = _under(path, tuple(skipped_at))
         if parent:
             return False, f"under {parent}, which is skipped"
+    if fstype in MEMORY_FS:
+        return False, f"{fstype}: in memory, emptied at every boot"
     if fstype in VIRTUAL_FS:
         return False, f"{fstype}: made by the kernel at boot, not data"
     if fstype in NETWORK_FS or (fstype.startswith("fuse.") and fstype != "fuseblk"):

@@ -25,6 +25,8 @@ from migrator.transport.ssh import CONNECT_TIMEOUT, open_client
 
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+TRUST_HINT = ("compare it with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the "
+              "machine, then run again with --accept-host-key")
 NOT_FOUND = 127  # a POSIX shell's status for a command that does not exist
 READ_CHUNK = 1 << 20
 
@@ -99,7 +101,7 @@ class SourceMachine:
             self.client = open_client(str(self.spec), self.spec.host, self.spec.port,
                                       self.spec.user, self.key, self._socket(),
                                       self.known_hosts, self.accept_host_key, self.timeout,
-                                      self.password)
+                                      self.password, TRUST_HINT)
         return self
 
     def close(self) -> None:

@@ -273,6 +273,7 @@ def prepare(home: Path, client_key: Path, data_mb: int = 0, bad_file: bool = Fal
 def start(home: Path, prefix: str, client_key: Path, data_mb: int = 0,
           bad_file: bool = False, ip: str = MACHINE_IP) -> TestMachine:
     """Prepare and boot a machine plugged into the switch of test hosts ``prefix``."""
+    stop_stale(home)
     prepare(home, client_key, data_mb, bad_file)
     netns, sw = f"{prefix}-pm", f"{prefix}-sw"
     network.ensure_netns(netns)
@@ -320,6 +321,22 @@ def start(home: Path, prefix: str, client_key: Path, data_mb: int = 0,
 def netns_client(prefix: str) -> str:
     """Where a test can open connections to the machine from: the first test host."""
     return f"{prefix}-a"
+
+
+def stop_stale(home: Path) -> None:
+    """Kill a machine a crashed run left under ``home`` (its recorded unshare process, only
+    if it still is one of ours)."""
+    try:
+        pid = int((home / "unshare.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if b"p2c.testmachine" in cmdline and str(home / "boot.json").encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def stop(m: TestMachine) -> list[str]:

@@ -318,8 +318,8 @@ def remote_error(host: str, err: dict[str, Any]) -> errors.MigratorError:
 
 def open_client(label: str, address: str, port: int, user: str, key: str | None,
                 sock: socket.socket, known_hosts: Path | None, accept_host_key: bool,
-                timeout: float = CONNECT_TIMEOUT, password: str | None = None
-                ) -> paramiko.SSHClient:
+                timeout: float = CONNECT_TIMEOUT, password: str | None = None,
+                trust_hint: str | None = None) -> paramiko.SSHClient:
     """An authenticated paramiko client on ``sock``, the host key checked against
     ``known_hosts``: a changed key is refused, an unknown one refused with its fingerprint
     unless ``accept_host_key`` (then recorded). Used for agents and for p2c sources alike."""
@@ -348,6 +348,7 @@ def open_client(label: str, address: str, port: int, user: str, key: str | None,
             transport_factory=transport_factory,
         )
     except paramiko.BadHostKeyException as e:
+        client.close()
         sock.close()
         raise errors.HostKeyError(
             f"the SSH key of {label} ({address}) CHANGED: it is now "
@@ -356,23 +357,26 @@ def open_client(label: str, address: str, port: int, user: str, key: str | None,
             "remove its line from the known_hosts file and trust it again",
         ) from e
     except paramiko.AuthenticationException as e:
+        client.close()
         sock.close()
         raise errors.AuthenticationFailed(
             f"{user}@{address} refused our login: {e}",
             "check the user and the key (--key) and that its public half is in "
             f"~{user}/.ssh/authorized_keys there") from e
     except paramiko.SSHException as e:
+        client.close()
         sock.close()
         if policy.seen is not None and not accept_host_key:
             raise errors.HostKeyError(
                 f"the SSH key of {label} ({address}) is unknown: "
                 f"{policy.seen.get_name()} {fingerprint(policy.seen)}",
-                f"check the fingerprint on the host, then `migrate host trust {label}` "
-                "or pass --accept-host-key",
+                trust_hint or f"check the fingerprint on the host, then `migrate host "
+                f"trust {label}` or pass --accept-host-key",
             ) from e
         raise errors.NetworkError(f"SSH to {label} failed: {e}",
                                   "check the user and key in `migrator host list`") from e
     except OSError as e:
+        client.close()
         sock.close()
         raise errors.NetworkError(f"SSH to {label} failed: {e}") from e
     if policy.seen is not None and accept_host_key and known_hosts:
