@@ -180,11 +180,30 @@ def serve_pull(dest: Path, rules: list[str], read: Reader, write: Writer) -> dic
         raise errors.CommandFailed(argv[:1] + RSYNC_FLAGS, rc, err.strip(),
                                    "the transfer was cut; `migrate p2c ... --resume` "
                                    "continues it")
+    drop_unreadable(dest, unreadable)
     return {"rc": rc, "unreadable": unreadable, "vanished": vanished,
             "literal": stats.get("Literal data", 0),
             "received": stats.get("Total bytes received", 0),
             "files": stats.get("Number of regular files transferred", 0),
             "size": stats.get("Total file size", 0)}
+
+
+def drop_unreadable(dest: Path, paths: list[str]) -> None:
+    """Remove what rsync left of files it could not read (``--partial`` keeps a file whose
+    unreadable blocks came as zeros): skipped means absent, never silently wrong."""
+    for p in paths:
+        parts = [x for x in p.split("/") if x]
+        if not parts or ".." in parts:
+            continue
+        here = dest
+        for part in parts[:-1]:
+            here = here / part
+            if here.is_symlink() or not here.is_dir():
+                break
+        else:
+            victim = here / parts[-1]
+            if victim.is_file() and not victim.is_symlink():
+                victim.unlink()
 
 
 def _upload(fd: int, send: Callable[[bytes, bytes], None]) -> None:

@@ -17,7 +17,7 @@ from p2c.fixups import (
     mask_units,
     write_report,
 )
-from p2c.pull import check_rules, parse_rsync_errors, parse_stats
+from p2c.pull import check_rules, drop_unreadable, parse_rsync_errors, parse_stats
 
 FSTAB = """\
 # /etc/fstab: static file system information.
@@ -173,3 +173,16 @@ def test_the_sender_our_client_asks_for_is_accepted() -> None:
 def test_any_other_sender_is_refused(bad: object) -> None:
     with pytest.raises(InvalidInput):
         sender_args(bad)
+
+
+def test_unreadable_files_are_removed_never_through_a_symlink(tmp_path: Path) -> None:
+    dest = tmp_path / "rootfs"
+    (dest / "srv").mkdir(parents=True)
+    (dest / "srv/bad.bin").write_bytes(bytes(4096))  # what --partial kept: zeros
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    (dest / "link").symlink_to(outside)
+    drop_unreadable(dest, ["/srv/bad.bin", "/link/keep", "/../outside/keep", "/srv/none"])
+    assert not (dest / "srv/bad.bin").exists()
+    assert (outside / "keep").exists()
