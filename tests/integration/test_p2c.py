@@ -247,3 +247,20 @@ def test_clear_errors_before_anything_moves(world, tmp_path: Path) -> None:  # t
         for t in moved:
             (bins / f"{t}.p2c-test").rename(bins / t)
     assert containers(b) == before and not volume(b, "e1").exists()
+
+
+
+def test_p2c_to_this_host_privileged(world) -> None:  # type: ignore[no-untyped-def]
+    """``--to local``: the in-process agent serves the same requests; ids kept as they are."""
+    a, _b, m = world
+    with cleanup(a, "pm5"):
+        r = cli(a, "p2c", f"root@{m.ip}", "pm5", "--to", "local", "--key", str(a.client_key),
+                "--privileged", "--no-start", "--exclude", "/var/lib/appdata",
+                "--format", "json")
+        res = json.loads(r.stdout)
+        assert res["target"] == "local:pm5" and res["status"] == "STOPPED", res
+        assert "pm5" in containers(a)
+        rootfs = volume(a, "pm5") / "rootfs"
+        assert (rootfs / "etc/passwd").stat().st_uid == 0
+        assert (rootfs / "var/lib/appdata").exists() is False
+        assert "privileged: yes" in (rootfs / "root/p2c-report.txt").read_text()
