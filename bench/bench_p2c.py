@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from p2c import testmachine  # noqa: E402
-from p2c.inventory import exclude_rules, parse_mountinfo  # noqa: E402
+from p2c.inventory import Mount, exclude_rules  # noqa: E402
 from runtime import testhosts  # noqa: E402
 
 BASE = Path("/var/tmp/migrator-bench/p2c")
@@ -81,8 +81,7 @@ def main() -> int:
                    "b", "--key", str(a.client_key), "--format", "json"]
             dry = json.loads(run([*p2c, "--dry-run"]).stdout)["inventory"]
             detail["size"] = dry["total_size"]
-            mountinfo = (m.rootfs_view / "proc/self/mountinfo")
-            rules = exclude_rules(parse_mountinfo(mountinfo.read_text()), [])
+            rules = exclude_rules([Mount(**mt) for mt in dry["mounts"]], [])
             dest = BASE / "b" / "rsync-dest"
             rsync = ["nsenter", f"--net=/run/netns/{b.netns}", "rsync", "-aHAX",
                      "--numeric-ids", *[f"--filter={r}" for r in rules], "-e",

@@ -139,13 +139,13 @@ def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
                 "--strict refuses a partial copy (it was removed); repair or --exclude "
                 "those files")
         op.stage("finish")
-        reply = target.request("p2c_finish", {
-            "name": str(name), "pool": pool, "privileged": opts.privileged,
-            "dhcp": opts.dhcp, "start": opts.start, "unreadable": result.unreadable,
-            "os": inv.os_id, "release": inv.version,
-            "header": {"source": str(source.spec), "distribution": inv.distribution,
-                       "hostname": inv.hostname, "init": inv.init,
-                       "operation": op.id}})
+        try:
+            reply = _finish(target, name, pool, inv, opts, result, source, op)
+        except BaseException:
+            # not recorded: the half-fixed, half-shifted volume goes (a retry starts over);
+            # recorded (the first boot failed): the container stays for a look inside
+            _abort(target, name, pool, op)
+            raise
         result.ipv4 = reply.get("ipv4")
         result.changes = list(reply.get("changes", []))
         result.status = str(reply.get("status", ""))
@@ -153,6 +153,17 @@ def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
         result.failed_units = list(reply.get("failed_units", []))
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _finish(target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
+            result: P2cResult, source: Any, op: Operation) -> dict[str, Any]:
+    reply: dict[str, Any] = target.request("p2c_finish", {
+        "name": str(name), "pool": pool, "privileged": opts.privileged,
+        "dhcp": opts.dhcp, "start": opts.start, "unreadable": result.unreadable,
+        "os": inv.os_id, "release": inv.version,
+        "header": {"source": str(source.spec), "distribution": inv.distribution,
+                   "hostname": inv.hostname, "init": inv.init, "operation": op.id}})
+    return reply
 
 
 def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
