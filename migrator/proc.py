@@ -129,3 +129,17 @@ def spawn(
     finally:
         if output is not None and not isinstance(out, int):
             out.close()
+
+
+def spawn_piped(argv: Sequence[str], *, netns: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with pipes on stdin, stdout and stderr (no inherited descriptors, own
+    session); the caller streams through them, waits for and reaps the process. For a
+    program that is one end of a byte protocol (OpenSSH carrying rsync's, ``p2c.source``)."""
+    full = netns_prefix(netns) + [str(a) for a in argv]
+    log.debug("spawn (piped): %s", full)
+    try:
+        return subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, close_fds=True,
+                                start_new_session=True)
+    except FileNotFoundError as e:
+        raise MissingDependency(f"required tool {argv[0]!r} is not installed") from e

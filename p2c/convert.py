@@ -123,7 +123,7 @@ def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
         op.stage("pull", method="rsync", total=inv.total_size)
         try:
             _pull(source, target, name, pool, inv, opts, result, progress,
-                  resume=old is not None)
+                  resume=old is not None, link_from=_link_from(target, remote))
         except RESUMABLE as e:
             op.note(undo_incomplete=True, resumable=True)
             e.hint = (e.hint + "; " if e.hint else "") + \
@@ -166,8 +166,21 @@ def _finish(target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
     return reply
 
 
+def _link_from(target: Any, remote: dict[str, Any]) -> tuple[str, str | None] | None:
+    """Where to offer the direct data link from (the address this host's SSH connection
+    to the target leaves from, in its namespace), when the host's setting and agent allow."""
+    if getattr(target, "data_link", "ssh") == "ssh" or "tcp" not in remote.get("links", []):
+        return None
+    client = getattr(target, "client", None)
+    transport = client.get_transport() if client is not None else None
+    if transport is None:
+        return None
+    return str(transport.sock.getsockname()[0]), getattr(target, "netns", None)
+
+
 def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
-          result: P2cResult, progress: Progress, resume: bool) -> None:
+          result: P2cResult, progress: Progress, resume: bool,
+          link_from: tuple[str, str | None] | None = None) -> None:
     rules = exclude_rules(inv.mounts, inv.excludes)
     for n in (1, 2):
         meter = ProgressMeter(progress, f"pass {n}" if n == 2 else "copy",
@@ -176,7 +189,7 @@ def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: 
         chan = target.open_raw("p2c_pull", {"name": name, "pool": pool, "rules": rules,
                                             "resume": resume or n == 2})
         try:
-            reply, moved = relay(chan, source, meter)
+            reply, moved = relay(chan, source, meter, link_from if n == 1 else None)
         finally:
             chan.close()
         meter.finish()
@@ -186,7 +199,7 @@ def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: 
             raise remote_error(target.name, reply.get("error") or {})
         result.bytes += moved
         result.passes.append({"pass": n, "bytes": moved, "seconds": time.monotonic() - t,
-                              "literal": reply.get("literal", 0),
+                              "literal": reply.get("literal", 0), "link": reply.get("link"),
                               "files": reply.get("files", 0),
                               "vanished": len(reply.get("vanished", []))})
         result.unreadable = list(reply.get("unreadable", []))

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import proc
@@ -119,7 +119,6 @@ class TestMachine:
     port: int = 22
     data_mb: int = 0
     bad_file: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def rootfs_view(self) -> Path:
@@ -148,12 +147,6 @@ class TestMachine:
 
     def known_hosts_line(self) -> str:
         return f"{self.ip} {self.host_key_line}\n"
-
-    def get(self, path: str, timeout: float = 5.0) -> str:
-        """GET ``path`` from the machine's web service (from inside the switch's namespace)."""
-        return http_get(self.switch_netns_for_clients, self.ip, path, timeout)
-
-    switch_netns_for_clients: str = ""
 
 
 def http_get(netns: str, ip: str, path: str = "/", timeout: float = 5.0) -> str:
@@ -289,7 +282,6 @@ def start(home: Path, prefix: str, client_key: Path, data_mb: int = 0,
     hostkey = (home / "keys/ssh_host_ed25519_key.pub").read_text().split()
     m = TestMachine(home, netns, sw, ip, client_key, f"{hostkey[0]} {hostkey[1]}",
                     data_mb=data_mb, bad_file=BAD_FILE if bad_file else None)
-    m.switch_netns_for_clients = netns_client(prefix)
     log = open(home / "boot.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         p = subprocess.Popen(
@@ -316,11 +308,6 @@ def start(home: Path, prefix: str, client_key: Path, data_mb: int = 0,
             raise NetworkError(f"the test machine did not boot: {log_tail}")
         time.sleep(0.2)
     return m
-
-
-def netns_client(prefix: str) -> str:
-    """Where a test can open connections to the machine from: the first test host."""
-    return f"{prefix}-a"
 
 
 def stop_stale(home: Path) -> None:

@@ -120,6 +120,8 @@ def test_p2c_boots_and_serves_the_same_page(world) -> None:  # type: ignore[no-u
         assert res["boot"] in ("running", "degraded"), res
         assert res["unreadable"] == [BAD_FILE], res
         assert len(res["passes"]) == 2
+        # the machine's files came over the direct data link (b is an "auto" host)
+        assert res["passes"][0]["link"] == "tcp", res["passes"]
         assert res["passes"][1]["bytes"] < res["passes"][0]["bytes"] / 10, res["passes"]
         ip = res["ipv4"]
         assert http_get(f"{PREFIX}-b", ip, "/index.html") == original
