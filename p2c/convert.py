@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,11 +81,15 @@ def interrupted_conversion(state: Any, name: str, host: str) -> Any:
 
 
 def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
-            progress: Progress = no_progress) -> P2cResult:
-    """Inventory, then (unless ``dry_run``) pull, finish and boot on ``target``."""
+            progress: Progress = no_progress,
+            on_inventory: Callable[[Inventory], None] | None = None) -> P2cResult:
+    """Inventory (handed to ``on_inventory`` before anything moves), then (unless
+    ``dry_run``) pull, finish and boot on ``target``."""
     t0 = time.monotonic()
     name = ContainerName(opts.name)
     inv = gather(source, opts.excludes)
+    if on_inventory is not None:
+        on_inventory(inv)
     result = P2cResult(str(source.spec), f"{target.name}:{name}", inv)
     if opts.dry_run:
         result.seconds = time.monotonic() - t0

@@ -62,11 +62,11 @@ def p2c_cmd(
 
         target = transport_for(to)
     with machine, target, Bars(enabled=None if fmt != Format.json else False) as bars:
-        result = convert(h.state, machine, target, opts, bars)
+        result = convert(h.state, machine, target, opts, bars,
+                         show_inventory if fmt != Format.json else None)
     if fmt == Format.json:
         typer.echo(json.dumps(result.as_dict(), indent=2, default=str))
         return
-    show_inventory(result.inventory)
     if dry_run:
         say("dry run: nothing was changed on the target")
         return
