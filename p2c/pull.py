@@ -56,6 +56,7 @@ from migrator.transport.rsync_relay import (
     sender_args,
     shim_rsh,
     shim_socket,
+    start_client,
 )
 
 CHUNK = 1 << 20
@@ -119,7 +120,6 @@ def serve_pull(dest: Path, rules: list[str], read: Reader, write: Writer) -> dic
         with lock:
             write(pack(kind, payload))
 
-    outcome: dict[str, Any] = {}
     last = [0.0]
 
     def on_line(line: str) -> None:
@@ -134,17 +134,9 @@ def serve_pull(dest: Path, rules: list[str], read: Reader, write: Writer) -> dic
         argv = ["rsync", *RSYNC_FLAGS, *[f"--filter={r}" for r in rules], "--rsh",
                 shim_rsh(path), "source:/", f"{dest}/"]
 
-        def client() -> None:
-            try:
-                outcome["rc"], outcome["out"], outcome["err"] = run_watched(argv, on_line)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                outcome["error"] = e
-            finally:
-                with contextlib.suppress(OSError):
-                    listener.shutdown(socket.SHUT_RDWR)
-
-        runner = threading.Thread(target=client, daemon=True)
-        runner.start()
+        runner, outcome = start_client(
+            listener, lambda: dict(zip(("rc", "out", "err"), run_watched(argv, on_line),
+                                       strict=True)))
         listener.settimeout(SHIM_WAIT)
         try:
             conn, _ = listener.accept()

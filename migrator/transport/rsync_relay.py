@@ -27,7 +27,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,26 +73,34 @@ class RsyncResult:
     wire: int  # bytes that crossed the channel, both directions
 
 
+def start_client(listener: socket.socket, run: Callable[[], dict[str, Any]]
+                 ) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run the local rsync (``run``, returning its results) in a thread. Its results, or
+    its error under ``"error"``, land in the returned dict; when it ends the listener is
+    shut down, so an ``accept`` still waiting for its shim returns at once."""
+    outcome: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            outcome.update(run())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+        finally:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+
+    runner = threading.Thread(target=client, daemon=True)
+    runner.start()
+    return runner, outcome
+
+
 def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: bool,
                compress: bool, meter: ProgressMeter | None = None) -> RsyncResult:
     """Make the agent-side volume named by ``request`` (pool, volume) a copy of ``src``."""
     with shim_socket() as (listener, path):
-        outcome: dict[str, Any] = {}
-
-        def client() -> None:
-            try:
-                outcome["literal"] = rsync_tree(
-                    src, "agent:/volume", meter, checksum=not exact_times,
-                    exact_times=exact_times, compress=compress,
-                    rsh=shim_rsh(path))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                outcome["error"] = e
-            finally:
-                with contextlib.suppress(OSError):
-                    listener.shutdown(socket.SHUT_RDWR)
-
-        runner = threading.Thread(target=client, daemon=True)
-        runner.start()
+        runner, outcome = start_client(listener, lambda: {"literal": rsync_tree(
+            src, "agent:/volume", meter, checksum=not exact_times, exact_times=exact_times,
+            compress=compress, rsh=shim_rsh(path))})
         wire = 0
         try:
             listener.settimeout(SHIM_WAIT)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from runtime.testhosts import TestHostSpec
-from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
+from tests.integration.test_remote import MIGRATE, b_in_inventory, host_pair, m, rootfs
 from tests.integration.treecmp import signature
 
 BASE = Path("/var/tmp/migrator-tests/backup-remote")
@@ -36,18 +36,11 @@ def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: i
 def hosts(pair):  # type: ignore[no-untyped-def]
     """Host a with b in its inventory; containers and repositories emptied after."""
     a, b = pair
-    (a.root / "ssh").mkdir(exist_ok=True)
-    (a.root / "ssh" / "known_hosts").write_bytes(a.known_hosts.read_bytes())
-    m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
-      str(b.root), "--command", AGENT)
-    yield a, b
+    with b_in_inventory(a, b):
+        yield a, b
     for spec in (a, b):
-        _rc, out, _e = m(spec, "list", "--format", "json")
-        for c in json.loads(out):
-            m(spec, "delete", "--force", c["name"])
         for repo in (spec.root / "backups", spec.root / "offsite"):
             subprocess.run(["rm", "-rf", "--one-file-system", str(repo)], check=True)
-    m(a, "host", "remove", "b")
 
 
 def offsite(b: TestHostSpec) -> tuple[str, Path]:

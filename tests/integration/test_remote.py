@@ -62,20 +62,27 @@ def m(spec: TestHostSpec, *args: str, check: bool = True) -> tuple[int, str, str
     return r.returncode, r.stdout, r.stderr
 
 
-@pytest.fixture
-def hosts(pair):  # type: ignore[no-untyped-def]
-    """Host a with host b in its inventory (trusted key); both emptied after the test."""
-    a, b = pair
+@contextlib.contextmanager
+def b_in_inventory(a: TestHostSpec, b: TestHostSpec) -> Iterator[None]:
+    """Host b in host a's inventory (trusted key); both hosts' containers deleted after."""
     (a.root / "ssh").mkdir(exist_ok=True)
     shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
     m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
       str(b.root), "--command", AGENT)
-    yield a, b
+    yield
     for spec in (a, b):
         _rc, out, _e = m(spec, "list", "--format", "json")
         for c in json.loads(out):
             m(spec, "delete", "--force", c["name"])
     m(a, "host", "remove", "b")
+
+
+@pytest.fixture
+def hosts(pair):  # type: ignore[no-untyped-def]
+    """Host a with host b in its inventory (trusted key); both emptied after the test."""
+    a, b = pair
+    with b_in_inventory(a, b):
+        yield a, b
 
 
 def rootfs(spec: TestHostSpec, name: str) -> Path:
