@@ -35,8 +35,10 @@ bench: setup
 # Two test hosts on this machine (network namespaces mh-a, mh-b joined by a private
 # 198.51.100.0/24 link, each with its own sshd, state root, pools and busybox image):
 # see runtime/testhosts.py. Idempotent; `make hosts-down` removes everything.
+# SHAPE=100mbit limits what host a sends on the link (tc tbf); SHAPE=off lifts it.
 hosts: setup
 	$(PY) -m runtime.testhosts up --hosts a,b
+	$(if $(SHAPE),$(PY) -m runtime.testhosts shape a $(SHAPE))
 
 hosts-down:
 	$(PY) -m runtime.testhosts down

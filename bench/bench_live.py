@@ -37,9 +37,9 @@ baseline with rsync over OpenSSH). After each live migration the counter must ke
 on host b from where it was (same ``start``, higher ``count``, ``bad=0``); the state before and
 after is printed. Then the container is deleted on both hosts.
 
-``--shape 1gbit`` shapes host a's side of the link (``tc qdisc add dev link0 root tbf rate
-1gbit burst 256kb latency 50ms`` in host a's namespace) for the whole run; the qdisc is
-removed at the end.
+``--shape 1gbit`` shapes host a's side of the link (``testhosts.shape``: a tc tbf qdisc at
+that rate, burst 256kb, latency 50ms, on link0 in host a's namespace) for the whole run; the
+qdisc is removed at the end.
 
 Each run writes ``bench/results/live-<timestamp>.json``.
 
@@ -160,7 +160,7 @@ class Bench:
     counter: Path
     shm: Path  # images of the baseline, both sides
     shape: str | None = None
-    shaped_dev: str | None = None
+    shaped = False
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def ssh(self) -> str:
@@ -178,21 +178,13 @@ class Bench:
           "--remote-root", str(self.b.root), "--command", AGENT)
 
     def shape_link(self) -> None:
-        out = run(["ip", "-n", self.a.netns, "-o", "link"]).stdout
-        devs = re.findall(r"^\d+: ([^:@]+)[:@]", out, re.M)
-        dev = testhosts.LINK_IF if testhosts.LINK_IF in devs else None
-        if dev is None:
-            raise BenchError(f"no {testhosts.LINK_IF} in {self.a.netns}: {devs}")
-        run(self.in_a(["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.shape or "",
-                       "burst", "256kb", "latency", "50ms"]))
-        self.shaped_dev = dev
-        print(f"link shaped: {self.a.netns} {dev} tbf rate {self.shape} burst 256kb "
-              "latency 50ms", flush=True)
+        print(f"link shaped: {testhosts.shape(self.a, self.shape)}", flush=True)
+        self.shaped = True
 
     def unshape_link(self) -> None:
-        if self.shaped_dev is not None:
-            run(self.in_a(["tc", "qdisc", "del", "dev", self.shaped_dev, "root"]), check=False)
-            self.shaped_dev = None
+        if self.shaped:
+            testhosts.shape(self.a, None)
+            self.shaped = False
 
     def clean(self, name: str) -> None:
         """The container gone from both hosts, the baseline's copy on b included."""
@@ -355,8 +347,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             continue
         parts = []
         for method in ("stop-and-copy", "post-copy"):
-            r = by.get((size, method))
-            if r is not None:
+            found = by.get((size, method))
+            if found is not None:
+                r = found
                 parts.append(f"{method} downtime {r['downtime_s'] / base['downtime_s']:.2f}, "
                              f"total {r['total_s'] / base['total_s']:.2f}")
         print(f"  {size} MB: " + "; ".join(parts))

@@ -38,8 +38,13 @@ read from /proc/stat: on a small VM both ends share the same cores. Before each 
 the script waits (up to 5 minutes) until the machine has been idle for half a second, so
 that other work (a test run) is not measured too; ``busy_before`` in the JSON says how idle.
 
+``--shape RATE`` (e.g. ``100mbit``) limits what host a sends on the link with a tc token
+bucket (``testhosts.shape``) for the whole run, to see the lanes on a slower network. The
+run then also prints what ``--compress auto`` would choose at the rate the ``fast-none``
+lane measured on random data (the link's raw rate, as ``migrate host check`` measures it).
+
 Usage: .venv/bin/python bench/bench_transport.py [--size-mib 1024] [--repeat 3]
-       [--kinds zero,random,half,tar]
+       [--kinds zero,random,half,tar] [--shape 100mbit]
        [--lanes openssh,rsync,project-none,project-zstd,fast-none,fast-zstd]
 """
 
@@ -66,6 +71,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from migrator.remote import choose_compression  # noqa: E402
 from migrator.streams import SendStream  # noqa: E402
 from migrator.transport.ssh import SshTransport  # noqa: E402
 from runtime import testhosts  # noqa: E402
@@ -314,6 +320,17 @@ def print_rows(rows: list[dict[str, Any]], size_mib: int) -> None:
         print(f"{head}: {', '.join(parts)}")
 
 
+def print_auto_choice(rows: list[dict[str, Any]]) -> None:
+    """What ``--compress auto`` picks at the link rate measured here (random data over the
+    fast link is the raw rate, the same figure ``migrate host check`` stores)."""
+    raw = next((r for r in rows if r["kind"] == "random" and r["lane"] == "fast-none"), None)
+    if raw is None:
+        return
+    comp, why = choose_compression({"compressors": ["zstd", "none"]}, "auto",
+                                   raw["bytes"] / raw["median_s"])
+    print(f"--compress auto at this link rate: {comp} ({why})")
+
+
 def write_json(rows: list[dict[str, Any]], bench: Bench, args: argparse.Namespace,
                elapsed: float) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -330,6 +347,7 @@ def write_json(rows: list[dict[str, Any]], bench: Bench, args: argparse.Namespac
         "repeat": args.repeat,
         "kinds": args.kinds,
         "lanes": args.lanes,
+        "shape": args.shape,
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
@@ -355,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kinds", default=",".join(KINDS), help="zero,random,half")
     ap.add_argument("--lanes", default=",".join(LANES),
                     help="openssh,rsync,project-none,project-zstd")
+    ap.add_argument("--shape", default=None, metavar="RATE",
+                    help="limit what host a sends on the link to RATE (tc tbf), e.g. 100mbit")
     args = ap.parse_args(argv)
     args.kinds = [k for k in args.kinds.split(",") if k]
     args.lanes = [x for x in args.lanes.split(",") if x]
@@ -389,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             sys.exit(f"cannot clear an earlier run: {problems}")
         a, b = testhosts.up(("a", "b"), BASE, pools=("dir",), images=(), prefix=PREFIX)
+        if args.shape:
+            print(f"link shaped: {testhosts.shape(a, args.shape)}", flush=True)
         data_dir.mkdir(mode=0o700)
         sources = {"zero": Source("zero", size, None)}
         if "random" in args.kinds:
@@ -433,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - t0
         print()
         print_rows(rows, args.size_mib)
+        print_auto_choice(rows)
         print(f"\nMB/s = 10^6 bytes / median seconds of {args.repeat} round(s), whole "
               f"transfer; total {elapsed:.1f}s")
         print(f"results: {write_json(rows, bench, args, elapsed)}")

@@ -454,6 +454,35 @@ def up(
     return [specs[n] for n in dict.fromkeys(names)]
 
 
+_RATE = re.compile(r"^\d+(\.\d+)?[kmg]?(bit|bps)$")
+
+
+def shape(spec: TestHostSpec, rate: str | None) -> str:
+    """Limit what host ``spec`` sends on its link to ``rate`` (a tc rate such as ``1gbit`` or
+    ``100mbit``; None removes the limit), so a benchmark or a test sees a slower network.
+
+    A token bucket (tbf) on the host's own end of the veth, replaced in place: shaping again
+    changes the rate, and ``down`` needs no extra step since the device goes with the
+    namespace. Only the host's outgoing traffic is shaped, which is the direction a push
+    from that host uses. Returns what is now in force, for the log.
+    """
+    if rate is None:
+        proc.run(["tc", "-n", spec.netns, "qdisc", "del", "dev", LINK_IF, "root"], check=False)
+        return f"{spec.netns} {LINK_IF}: not shaped"
+    if not _RATE.match(rate):
+        raise InvalidInput(f"bad rate {rate!r}", "a tc rate such as 1gbit, 100mbit or 500kbit")
+    proc.run(["tc", "-n", spec.netns, "qdisc", "replace", "dev", LINK_IF, "root", "tbf",
+              "rate", rate, "burst", "256kb", "latency", "50ms"])
+    return f"{spec.netns} {LINK_IF}: tbf rate {rate} burst 256kb latency 50ms"
+
+
+def shaped_rate(spec: TestHostSpec) -> str | None:
+    """The tbf rate on the host's link as tc reports it, or None when it is not shaped."""
+    r = proc.run(["tc", "-n", spec.netns, "qdisc", "show", "dev", LINK_IF], check=False)
+    m = re.search(r"qdisc tbf .*?\brate (\S+)", r.stdout)
+    return m.group(1) if m else None
+
+
 def namespaces(prefix: str) -> list[str]:
     """The network namespaces named ``PREFIX-*`` (hosts and switch), sorted."""
     r = proc.run(["ip", "netns", "list"], check=False)
@@ -624,7 +653,9 @@ def run_in(
 def _describe(spec: TestHostSpec) -> str:
     pid = _pid_of(spec)
     up_ = network.netns_exists(spec.netns)
+    rate = shaped_rate(spec) if up_ else None
     return (f"{spec.name}  netns {spec.netns}{'' if up_ else ' (missing)'}  link {spec.link_ip}"
+            f"{f' (sends at most {rate})' if rate else ''}"
             f"  ssh {spec.link_ip}:{spec.port} "
             f"({f'sshd {pid}' if pid and _in_netns(pid, spec.netns) else 'sshd down'})"
             f"  root {spec.root}")
@@ -656,6 +687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             help="remove every test host under the base")
     p_down.add_argument("--prefix", default=None)
     sub.add_parser("status", parents=[common], help="show the test hosts under the base")
+    p_shape = sub.add_parser("shape", parents=[common],
+                             help="limit what one host sends on its link (tc tbf), or "
+                                  "remove the limit with 'off'")
+    p_shape.add_argument("host", help="a test host's name, e.g. a")
+    p_shape.add_argument("rate", help="a tc rate (1gbit, 100mbit) or off")
     args = ap.parse_args(argv)
 
     def split(s: str) -> list[str]:
@@ -676,6 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"down in {time.monotonic() - t0:.1f}s" + (" with problems" if problems
                                                                 else ""))
             return 1 if problems else 0
+        elif args.cmd == "shape":
+            print(shape(get(args.host, args.base), None if args.rate == "off" else args.rate))
         else:
             specs = hosts(args.base)
             if not specs:

@@ -168,3 +168,41 @@ def test_up_again_is_quick_and_changes_nothing(pair: tuple[TestHostSpec, TestHos
     assert [s.pid_file.read_text() for s in again] == pids
     assert pair[0].known_hosts.read_text() == known
     assert testhosts.namespaces(PREFIX) == ["mt2-a", "mt2-b", "mt2-sw"]
+
+
+def _send_seconds(src: TestHostSpec, dst: TestHostSpec, size: int) -> float:
+    """Seconds to push ``size`` bytes from ``src`` to ``dst``'s sshd (discarded there)."""
+    client = _connect(src, dst, src.known_hosts)
+    try:
+        chan = client.get_transport().open_session()  # type: ignore[union-attr]
+        chan.exec_command("cat > /dev/null")
+        block = b"\0" * (256 << 10)
+        t0 = time.monotonic()
+        for _ in range(size // len(block)):
+            chan.sendall(block)
+        chan.shutdown_write()
+        assert chan.recv_exit_status() == 0
+        return time.monotonic() - t0
+    finally:
+        client.close()
+
+
+def test_shaped_link_is_slower_and_unshaped_again(
+    pair: tuple[TestHostSpec, TestHostSpec],
+) -> None:
+    a, b = pair
+    size = 8 << 20  # 64 Mbit: 3.2 s at 20 Mbit/s, well under 1 s unshaped
+    try:
+        assert "tbf rate 20mbit" in testhosts.shape(a, "20mbit")
+        assert testhosts.shaped_rate(a) == "20Mbit" and testhosts.shaped_rate(b) is None
+        slow = _send_seconds(a, b, size)
+        assert slow > 2.5, slow  # the limit holds (a burst of 256 kB aside)
+        back = _send_seconds(b, a, size)  # only what a sends is shaped
+        assert back < slow / 2, (back, slow)
+        with pytest.raises(testhosts.InvalidInput, match="bad rate"):
+            testhosts.shape(a, "fast")
+        assert testhosts.shaped_rate(a) == "20Mbit"  # a bad rate changes nothing
+    finally:
+        testhosts.shape(a, None)
+    assert testhosts.shaped_rate(a) is None
+    assert _send_seconds(a, b, size) < slow / 2
