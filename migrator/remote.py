@@ -233,6 +233,7 @@ class RemoteCopy:
                                if not k.startswith("volatile.")},
                     "snapshots": [{"name": n, "uuid": by_name[n].uuid,
                                    "created": by_name[n].created,
+                                   "expires": by_name[n].expires,
                                    "config": by_name[n].config}
                                   for n in result.snapshots_added],
                 })

@@ -446,7 +446,8 @@ def snapshot_list(name: str, fmt: Format = FORMAT_OPT) -> None:
         {
             "name": s.name,
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)),
-            "expires": s.expires,
+            "expires": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.expires))
+            if s.expires is not None else None,
         }
         for s in _ctx().containers.snapshot_list(name)
     ]

@@ -173,6 +173,12 @@ def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: 
     m(a, "config", "set", "mv1", "snapshots.schedule=0 6,18 * * *", "snapshots.expiry=2w")
     m(a, "exec", "mv1", "--", "sh", "-c", "echo before > /root/v")
     m(a, "snapshot", "create", "mv1", "s0")
+    m(a, "schedule", "tick", "--now", "2026-11-01T05:00")  # first sight
+    m(a, "schedule", "tick", "--now", "2026-11-01T07:00")  # the 06:00 snapshot, 2 weeks
+    _rc, out, _e = m(a, "snapshot", "list", "mv1", "--format", "json")
+    snaps_a = json.loads(out)
+    auto = [s for s in snaps_a if s["expires"]]
+    assert len(auto) == 1 and len(snaps_a) == 2, snaps_a
     m(a, "exec", "mv1", "--", "sh", "-c", "echo after > /root/v")
     _rc, out, _e = m(a, "info", "mv1", "--format", "json")
     ip = json.loads(out)["ipv4"]
@@ -191,6 +197,13 @@ def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: 
     assert out.strip() == "0 6,18 * * *"  # its schedule moved with it
     _rc, out, _e = m(b, "schedule", "status", "--format", "json")
     assert [(r["container"], r["job"]) for r in json.loads(out)["jobs"]] == [("mv1", "snapshot")]
+    # the automatic snapshot kept its expiry on b, so b's scheduler expires it; s0 stays
+    _rc, out, _e = m(b, "snapshot", "list", "mv1", "--format", "json")
+    assert json.loads(out) == snaps_a
+    _rc, out, _e = m(b, "schedule", "tick", "--now", "2026-11-16T00:00", "--format", "json")
+    assert json.loads(out)["expired"] == [f"mv1/{auto[0]['name']}"]
+    _rc, out, _e = m(b, "snapshot", "list", "mv1", "--format", "json")
+    assert [s["name"] for s in json.loads(out)] == ["s0"]
 
 
 def test_unknown_host_key_is_refused_with_fingerprint(pair) -> None:  # type: ignore[no-untyped-def]
