@@ -106,9 +106,18 @@ a copy app host-b:app-copy -p btrfs
 a exec app -- sh -c 'echo "newer state" > /root/state'
 a snapshot create app s1
 a copy app host-b:app-copy --refresh
+# A nightly schedule: one tick when the scheduler first sees app, one the next night, which
+# takes the automatic snapshot (expiring after a week). The schedule and the snapshot's
+# expiry move with the container.
+a config set app snapshots.schedule=@daily "snapshots.pattern=auto-{date:%Y%m%d}" \
+  snapshots.expiry=1w
+a schedule tick --now "$(date +%Y-%m-%dT00:00)"
+a schedule tick --now "$(date -d tomorrow +%Y-%m-%dT00:30)"
 a move app host-b -p zfs
 b list
 b exec app -- cat /root/state
+b snapshot list app
+b schedule status
 
 a operations --all
 echo "demo OK" >&2
