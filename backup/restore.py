@@ -153,19 +153,41 @@ def restore_backup(
             remove_leftover(recv_b, scratch)
         elif idx.final in {s.name for s in dst_b.list_snapshots(scratch)}:
             dst_b.delete_snapshot(scratch, SnapshotName(idx.final))
-        op.stage("replace")
         ipv4 = existing.ipv4 if existing is not None else None
+        snaps = [SnapshotRecord(target, s.name, s.created, dict(s.config), None, s.uuid)
+                 for s in idx.snapshots]
+        # what the record needs is journaled first: once the replaced container is gone,
+        # the restored volume is the only copy, and `migrate recover` completes the record
+        # from this rather than removing it
+        op.stage("replace", record={
+            "image": idx.image, "config": conf, "ipv4": ipv4,
+            "snapshots": [{"name": s.name, "created": s.created, "config": s.config,
+                           "uuid": s.uuid} for s in snaps]})
         if existing is not None:
             cts.delete(existing.name, force=True)
             result.notes.append(f"replaced the existing container {target}")
         dst_b.rename_volume(scratch, final_vol)
         st.add_undo("rename the volume back", lambda: dst_b.rename_volume(final_vol, scratch))
         op.stage("record")
-        snaps = [SnapshotRecord(target, s.name, s.created, dict(s.config), None, s.uuid)
-                 for s in idx.snapshots]
         cts.record_received(target, pool_name, idx.image, conf, snaps, ipv4)
     result.seconds = time.monotonic() - t0
     return result
+
+
+def complete_record(cts: Containers, op_detail: dict[str, Any]) -> bool:
+    """Record a restored container from what its journal kept (``replace`` stage): for
+    ``migrate recover`` when a restore was cut after its volume moved in. False when the
+    volume is not there (it never moved in)."""
+    name, pool = ContainerName(op_detail["container"]), PoolName(op_detail["pool"])
+    rec = op_detail.get("record")
+    if rec is None or not cts.host.backend(pool).volume_exists(VolumeRef("container", name)):
+        return False
+    snaps = [SnapshotRecord(name, SnapshotName(s["name"]), float(s["created"]),
+                            {str(k): str(v) for k, v in dict(s["config"]).items()}, None,
+                            str(s["uuid"]))
+             for s in rec["snapshots"]]
+    cts.record_received(name, pool, rec["image"], dict(rec["config"]), snaps, rec["ipv4"])
+    return True
 
 
 def _guard(idx: BackupIndex) -> Any:

@@ -176,18 +176,41 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
 
 
 def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
-    """A killed ``backup restore``: the scratch volume(s) go; a restore that reached its
-    record is complete."""
+    """A killed ``backup restore``. Before ``replace`` it is rolled back (the scratch
+    volumes go; a container it was to replace was not touched). From ``replace`` on, once
+    the replaced container is gone, the restored volume is the only copy: it is moved in
+    and recorded from what the journal kept, never removed."""
+    from backup.restore import complete_record  # backup sits above migrator
+
     name, scratch = op.detail["container"], op.detail["scratch"]
-    for pool in {op.detail["pool"], op.detail.get("receive_pool") or op.detail["pool"]}:
-        with contextlib.suppress(MigratorError):
-            remove_leftover(cts.host.backend(pool), VolumeRef("container", scratch))
+    pools = [op.detail["pool"]] + [p for p in [op.detail.get("receive_pool")]
+                                   if p and p != op.detail["pool"]]
+    dst = cts.host.backend(op.detail["pool"])
+    final, restored = VolumeRef("container", name), VolumeRef("container", scratch)
+
+    def drop_scratch() -> None:
+        for pool in pools:
+            with contextlib.suppress(MigratorError):
+                remove_leftover(cts.host.backend(pool), restored)
+
     if "record" in op.stages and cts.state.has_container(name):
+        drop_scratch()
         return f"completed: {name} was restored from {op.detail['backup']}"
+    if "replace" in op.stages and cts.state.has_container(name):
+        old = cts.state.get_container(name)
+        if not cts.host.backend(old.pool).volume_exists(final):
+            # cut inside the replaced container's deletion: finish deleting its record
+            cts.lxc.remove_config(name)
+            with cts.state.transaction():
+                cts.state.delete_container(name)
     if "replace" in op.stages and not cts.state.has_container(name):
-        remove_leftover(cts.host.backend(op.detail["pool"]), VolumeRef("container", name))
-        return (f"rolled back: the restore of {name} was cut while replacing it; its volume "
-                "was removed (the container it replaced is gone: restore again)")
+        if not dst.volume_exists(final) and dst.volume_exists(restored):
+            dst.rename_volume(restored, final)
+        if complete_record(cts, op.detail):
+            drop_scratch()
+            return (f"completed: {name} was restored from {op.detail['backup']} (the restore "
+                    "was cut while it replaced the old container)")
+    drop_scratch()
     return f"rolled back: the partial restore of {name} was removed"
 
 

@@ -465,3 +465,51 @@ def test_unprivileged_debian_round_trip_leaves_dev_to_lxc(make_host) -> None:  #
     th.cts.start("bk1-deb2")
     rc, out, err = th.exec("bk1-deb2", "sh", "-c", "cat /etc/motd; test -c /dev/null")
     assert (rc, out) == (0, "changed\n"), err
+
+
+_DIE_AT = """
+import os, signal, sys
+from runtime.containers import Containers
+from runtime.lxc import LxcDriver
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[1] == "record":
+    Containers.record_received = die      # the old container gone, the new one moved in
+else:
+    LxcDriver.remove_config = die         # inside the old container's deletion
+sys.argv = ["migrate", *sys.argv[2:]]
+from migrator.cli.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("cut", ["record", "delete"])
+def test_restore_force_cut_while_replacing_is_completed_by_recover(host, cut) -> None:  # type: ignore[no-untyped-def]
+    """Once the replaced container is being deleted, the restored volume is the only copy:
+    recover must move it in and record it, never remove it."""
+    host.cts.create("busybox", "bk1-rep", "btrfs")
+    host.cts.config_set("bk1-rep", {"limits.memory": "200MiB"})
+    memory = host.cts.get("bk1-rep").config["limits.memory"]
+    (rootfs(host, "bk1-rep") / "root" / "v").write_text("backed up")
+    host.cts.snapshot_create("bk1-rep", "s0")
+    r = create_backup(host.cts, "bk1-rep", repo_of(host))
+    (rootfs(host, "bk1-rep") / "root" / "v").write_text("replaced")
+    p = subprocess.run([sys.executable, "-c", _DIE_AT, cut, "--root", str(host.root), "backup",
+                        "restore", r.id, "--force"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert p.returncode == -9, p.stderr
+    ops = json.loads(host.cli("operations", "--format", "json", check=True).stdout)
+    assert [(o["kind"], o["status"]) for o in ops] == [("restore", "interrupted")]
+    res = host.cli("recover", check=True)
+    assert "completed: bk1-rep was restored" in res.stderr, res.stderr
+    rec = host.cts.get("bk1-rep")
+    assert rec.config["limits.memory"] == memory
+    assert [s.name for s in host.cts.snapshot_list("bk1-rep")] == ["s0"]
+    assert (rootfs(host, "bk1-rep") / "root" / "v").read_text() == "backed up"
+    vols = {v.name for v in (host.root / "storage-pools" / "btrfs" / "containers").iterdir()}
+    assert vols == {"bk1-rep"}, vols  # no scratch volume left
+    host.cts.start("bk1-rep")
+    assert host.cts.status("bk1-rep") == "RUNNING"
+    assert json.loads(host.cli("operations", "--format", "json", check=True).stdout) == []
