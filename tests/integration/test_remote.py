@@ -169,40 +169,41 @@ def test_failed_pull_leaves_nothing_here_and_a_retry_works(hosts) -> None:  # ty
 @pytest.mark.parametrize("dst_pool", ["btrfs", "zfs"])
 def test_stateless_move_of_running_container(hosts, dst_pool) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
-    m(a, "launch", "busybox", "mv1", "-p", "btrfs")
-    m(a, "config", "set", "mv1", "snapshots.schedule=0 6,18 * * *", "snapshots.expiry=2w")
-    m(a, "exec", "mv1", "--", "sh", "-c", "echo before > /root/v")
-    m(a, "snapshot", "create", "mv1", "s0")
+    ct = f"mv-{dst_pool}"  # each run its own name: the schedulers remember names
+    m(a, "launch", "busybox", ct, "-p", "btrfs")
+    m(a, "config", "set", ct, "snapshots.schedule=0 6,18 * * *", "snapshots.expiry=2w")
+    m(a, "exec", ct, "--", "sh", "-c", "echo before > /root/v")
+    m(a, "snapshot", "create", ct, "s0")
     m(a, "schedule", "tick", "--now", "2026-11-01T05:00")  # first sight
     m(a, "schedule", "tick", "--now", "2026-11-01T07:00")  # the 06:00 snapshot, 2 weeks
-    _rc, out, _e = m(a, "snapshot", "list", "mv1", "--format", "json")
+    _rc, out, _e = m(a, "snapshot", "list", ct, "--format", "json")
     snaps_a = json.loads(out)
     auto = [s for s in snaps_a if s["expires"]]
     assert len(auto) == 1 and len(snaps_a) == 2, snaps_a
-    m(a, "exec", "mv1", "--", "sh", "-c", "echo after > /root/v")
-    _rc, out, _e = m(a, "info", "mv1", "--format", "json")
+    m(a, "exec", ct, "--", "sh", "-c", "echo after > /root/v")
+    _rc, out, _e = m(a, "info", ct, "--format", "json")
     ip = json.loads(out)["ipv4"]
-    _rc, out, err = m(a, "move", "mv1", "b", "-p", dst_pool, "--format", "json")
+    _rc, out, err = m(a, "move", ct, "b", "-p", dst_pool, "--format", "json")
     res = json.loads(out)
     assert res["downtime"] is not None and res["downtime"] < 20, res  # no relay stall
     assert "running on b" in res["verified"]
     _rc, out, _e = m(a, "list", "--format", "json")
     assert json.loads(out) == []  # gone from a
-    _rc, out, _e = m(b, "info", "mv1", "--format", "json")
+    _rc, out, _e = m(b, "info", ct, "--format", "json")
     info = json.loads(out)
     assert info["state"] == "RUNNING" and info["ipv4"] == ip and info["pool"] == dst_pool
-    _rc, out, _e = m(b, "exec", "mv1", "--", "cat", "/root/v")
+    _rc, out, _e = m(b, "exec", ct, "--", "cat", "/root/v")
     assert out.strip() == "after"
-    _rc, out, _e = m(b, "config", "get", "mv1", "snapshots.schedule")
+    _rc, out, _e = m(b, "config", "get", ct, "snapshots.schedule")
     assert out.strip() == "0 6,18 * * *"  # its schedule moved with it
     _rc, out, _e = m(b, "schedule", "status", "--format", "json")
-    assert [(r["container"], r["job"]) for r in json.loads(out)["jobs"]] == [("mv1", "snapshot")]
+    assert [(r["container"], r["job"]) for r in json.loads(out)["jobs"]] == [(ct, "snapshot")]
     # the automatic snapshot kept its expiry on b, so b's scheduler expires it; s0 stays
-    _rc, out, _e = m(b, "snapshot", "list", "mv1", "--format", "json")
+    _rc, out, _e = m(b, "snapshot", "list", ct, "--format", "json")
     assert json.loads(out) == snaps_a
     _rc, out, _e = m(b, "schedule", "tick", "--now", "2026-11-16T00:00", "--format", "json")
-    assert json.loads(out)["expired"] == [f"mv1/{auto[0]['name']}"]
-    _rc, out, _e = m(b, "snapshot", "list", "mv1", "--format", "json")
+    assert json.loads(out)["expired"] == [f"{ct}/{auto[0]['name']}"]
+    _rc, out, _e = m(b, "snapshot", "list", ct, "--format", "json")
     assert [s["name"] for s in json.loads(out)] == ["s0"]
 
 
