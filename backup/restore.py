@@ -161,8 +161,7 @@ def restore_backup(
         # from this rather than removing it
         op.stage("replace", record={
             "image": idx.image, "config": conf, "ipv4": ipv4,
-            "snapshots": [{"name": s.name, "created": s.created, "config": s.config,
-                           "uuid": s.uuid} for s in snaps]})
+            "snapshots": [s.to_wire() for s in snaps]})
         if existing is not None:
             cts.delete(existing.name, force=True)
             result.notes.append(f"replaced the existing container {target}")
@@ -182,10 +181,7 @@ def complete_record(cts: Containers, op_detail: dict[str, Any]) -> bool:
     rec = op_detail.get("record")
     if rec is None or not cts.host.backend(pool).volume_exists(VolumeRef("container", name)):
         return False
-    snaps = [SnapshotRecord(name, SnapshotName(s["name"]), float(s["created"]),
-                            {str(k): str(v) for k, v in dict(s["config"]).items()}, None,
-                            str(s["uuid"]))
-             for s in rec["snapshots"]]
+    snaps = [SnapshotRecord.from_wire(name, s) for s in rec["snapshots"]]
     cts.record_received(name, pool, rec["image"], dict(rec["config"]), snaps, rec["ipv4"])
     return True
 

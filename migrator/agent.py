@@ -157,10 +157,7 @@ class Agent:
         pool = PoolName(req["pool"])
         config = {str(k): validate(str(k), str(v)) if not str(k).startswith(("image.",
                   "volatile.")) else str(v) for k, v in dict(req.get("config", {})).items()}
-        snaps = [SnapshotRecord(name, SnapshotName(s["name"]), float(s["created"]),
-                                {str(k): str(v) for k, v in dict(s.get("config", {})).items()},
-                                _expires(s.get("expires")), str(s.get("uuid", "")))
-                 for s in req.get("snapshots", [])]
+        snaps = [SnapshotRecord.from_wire(name, s) for s in req.get("snapshots", [])]
         want = req.get("ipv4")
         rec = self.cts.record_received(name, pool, req.get("image"), config, snaps,
                                        str(want) if want else None)
@@ -401,16 +398,6 @@ def _tag(value: Any) -> str:
     if not tag or len(tag) > 64 or any(c not in "0123456789abcdef-" for c in tag):
         raise errors.InvalidInput(f"invalid operation tag {tag!r}")
     return tag
-
-
-def _expires(value: Any) -> float | None:
-    """A snapshot's expiry as sent (epoch seconds, or absent for a manual snapshot): an
-    automatic snapshot keeps its expiry on the host it moves to, so it still expires there."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise errors.InvalidInput(f"snapshot expiry must be a number, not {value!r}")
-    return float(value)
 
 
 def _volume(obj: Any) -> VolumeRef:

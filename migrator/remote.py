@@ -231,11 +231,7 @@ class RemoteCopy:
                     "ipv4": src.ipv4,
                     "config": {k: v for k, v in src.config.items()
                                if not k.startswith("volatile.")},
-                    "snapshots": [{"name": n, "uuid": by_name[n].uuid,
-                                   "created": by_name[n].created,
-                                   "expires": by_name[n].expires,
-                                   "config": by_name[n].config}
-                                  for n in result.snapshots_added],
+                    "snapshots": [by_name[n].to_wire() for n in result.snapshots_added],
                 })
         except BaseException:
             if not state["exists"] or "commit" not in op.rec.stages:

@@ -113,6 +113,31 @@ class SnapshotRecord:
     expires: float | None = None
     uuid: str = ""
 
+    def to_wire(self) -> dict[str, Any]:
+        """The snapshot as it crosses to another host or into a journal (JSON)."""
+        return {"name": self.name, "created": self.created, "expires": self.expires,
+                "config": dict(self.config), "uuid": self.uuid}
+
+    @classmethod
+    def from_wire(cls, container: str, obj: Any) -> SnapshotRecord:
+        """Read back ``to_wire``'s form, checking it: it may come from another host. An
+        automatic snapshot keeps its expiry, so it still expires where it arrives."""
+        from migrator.errors import InvalidInput
+        from migrator.names import SnapshotName
+
+        if not isinstance(obj, dict):
+            raise InvalidInput("a snapshot must be an object")
+        expires = obj.get("expires")
+        if expires is not None and (isinstance(expires, bool)
+                                    or not isinstance(expires, (int, float))):
+            raise InvalidInput(f"snapshot expiry must be a number, not {expires!r}")
+        try:
+            return cls(container, SnapshotName(obj["name"]), float(obj["created"]),
+                       {str(k): str(v) for k, v in dict(obj.get("config", {})).items()},
+                       None if expires is None else float(expires), str(obj.get("uuid", "")))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInput(f"bad snapshot record: {e}") from e
+
 
 @dataclass
 class OperationRecord:

@@ -407,3 +407,18 @@ def test_volume_move_cascades_to_snapshots_and_attachments(pooled: StateStore) -
     assert pooled.list_attachments() == []
     pooled.delete_volume("q", "w")
     assert pooled.list_volume_snapshots("q", "w") == []
+
+
+def test_snapshot_wire_form_round_trips_and_is_checked() -> None:
+    from migrator.errors import InvalidInput
+    from runtime.state import SnapshotRecord
+
+    s = SnapshotRecord("c1", "auto-1", 100.5, {"limits.cpu": "1"}, 700.0, "u-1")
+    assert SnapshotRecord.from_wire("c2", s.to_wire()) == \
+        SnapshotRecord("c2", "auto-1", 100.5, {"limits.cpu": "1"}, 700.0, "u-1")
+    manual = SnapshotRecord("c1", "s0", 1.0)
+    assert SnapshotRecord.from_wire("c1", manual.to_wire()).expires is None
+    for bad in ({**s.to_wire(), "expires": "soon"}, {**s.to_wire(), "expires": True},
+                {**s.to_wire(), "name": "../x"}, {"name": "s1"}, ["s1"]):
+        with pytest.raises(InvalidInput):
+            SnapshotRecord.from_wire("c1", bad)
