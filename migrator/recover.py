@@ -199,10 +199,9 @@ def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     if "replace" in op.stages and cts.state.has_container(name):
         old = cts.state.get_container(name)
         if not cts.host.backend(old.pool).volume_exists(final):
-            # cut inside the replaced container's deletion: finish deleting its record
-            cts.lxc.remove_config(name)
-            with cts.state.transaction():
-                cts.state.delete_container(name)
+            # cut inside the replaced container's deletion: finish it (every step of
+            # Containers.delete is idempotent)
+            cts.delete(name, force=True)
     if "replace" in op.stages and not cts.state.has_container(name):
         if not dst.volume_exists(final) and dst.volume_exists(restored):
             dst.rename_volume(restored, final)
