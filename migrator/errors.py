@@ -187,6 +187,15 @@ class ImportsFailed(MigratorError):
     hint = "fix each listed container and import it by name"
 
 
+class CallRefused(MigratorError):
+    """A call from another host that the operation in progress does not allow: during a
+    pull, a call aimed at anything but the container being pulled (``transport/reverse``)."""
+
+    exit_code = 26
+    hint = ("the operation was stopped and what it had written here was removed; the other "
+            "host does not behave like a migrate agent: do not trust it")
+
+
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -212,4 +221,5 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     UnsafeArchive,
     JobsFailed,
     ImportsFailed,
+    CallRefused,
 )
