@@ -39,6 +39,7 @@ from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.transfer import Plan, execute, negotiate
 from runtime import config as cfg
 from runtime.containers import Containers, Stages
+from runtime.durable import sync_filesystem
 from runtime.operations import journaled
 from runtime.state import SnapshotRecord
 
@@ -159,9 +160,14 @@ def restore_backup(
         # what the record needs is journaled first: once the replaced container is gone,
         # the restored volume is the only copy, and `migrate recover` completes the record
         # from this rather than removing it
-        op.stage("replace", record={
-            "image": idx.image, "config": conf, "ipv4": ipv4,
-            "snapshots": [s.to_wire() for s in snaps]})
+        # durable before destructive: the restored volume on disk, and this journal entry
+        # (what recover completes from) committed with a sync, before the old one goes
+        if existing is not None:
+            sync_filesystem(dst_b.volume_path(scratch))
+        with state.durable():
+            op.stage("replace", record={
+                "image": idx.image, "config": conf, "ipv4": ipv4,
+                "snapshots": [s.to_wire() for s in snaps]})
         if existing is not None:
             cts.delete(existing.name, force=True)
             result.notes.append(f"replaced the existing container {target}")

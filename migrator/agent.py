@@ -70,6 +70,11 @@ class Agent:
         self.progress: Any = None
         # a program this agent becomes once its reply is out (``rsync_receive``)
         self.exec_after_reply: list[str] | None = None
+        # who sends the requests (named in refusals), and whether a container it sends may
+        # be privileged: no, unless the operator said so (``--allow-privileged`` on a pull);
+        # ``serve`` allows it, as its client logged in here as root
+        self.peer = "the sending host"
+        self.allow_privileged = False
 
     # requests ------------------------------------------------------------------------------
     def hello(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -149,18 +154,24 @@ class Agent:
         return {}
 
     def commit_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
-        """Record a container whose volume has been received (or refresh its record)."""
-        from runtime.config import validate
+        """Record a container whose volume has been received (or refresh its record).
+
+        Its config and its snapshots' configs pass ``runtime.config.admit_config`` inside
+        ``record_received``; a privileged one only when ``allow_privileged`` (a pull: the
+        operator's ``--allow-privileged``)."""
         from runtime.state import SnapshotRecord
 
         name = ContainerName(req["name"])
         pool = PoolName(req["pool"])
-        config = {str(k): validate(str(k), str(v)) if not str(k).startswith(("image.",
-                  "volatile.")) else str(v) for k, v in dict(req.get("config", {})).items()}
         snaps = [SnapshotRecord.from_wire(name, s) for s in req.get("snapshots", [])]
         want = req.get("ipv4")
-        rec = self.cts.record_received(name, pool, req.get("image"), config, snaps,
-                                       str(want) if want else None)
+        image = req.get("image")
+        if image is not None and not isinstance(image, str):
+            raise errors.InvalidInput(f"commit_container: image {image!r} is not a name")
+        rec = self.cts.record_received(name, pool, image, req.get("config", {}), snaps,
+                                       str(want) if want else None,
+                                       origin=f"{self.peer}'s commit_container",
+                                       allow_privileged=self.allow_privileged)
         return {"ipv4": rec.ipv4}
 
     def abort_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -199,6 +210,19 @@ class Agent:
     def delete_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         self.cts.delete(ContainerName(req["name"]), force=bool(req.get("force")))
         return {}
+
+    def sync_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+        """Put a received container on disk before the source deletes its copy (a move's
+        or a live migration's last request before that): the filesystem of its volume is
+        synced, then every record committed so far is made durable. Only this reply lets
+        the source go."""
+        from runtime.durable import sync_filesystem
+
+        rec = self.cts.get(ContainerName(req["name"]))
+        sync_filesystem(self.host.backend(rec.pool).volume_path(
+            VolumeRef("container", rec.name)))
+        self.state.flush()
+        return {"synced": rec.pool}
 
 
     # live migration (the target side) --------------------------------------------------
@@ -421,6 +445,7 @@ OPS: dict[str, Callable[[Agent, dict[str, Any], Reader], dict[str, Any]]] = {
     "sink": Agent.sink,
     "start": Agent.start,
     "delete_container": Agent.delete_container,
+    "sync_container": Agent.sync_container,
     "live_check": Agent.live_check,
     "receive_images": Agent.receive_images,
     "checkpoint_restore": Agent.checkpoint_restore,
@@ -453,6 +478,9 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
             raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
         agent = Agent(cts_factory(), lambda ev: write_json(write, ev))
         agent.write = write
+        # the client logged in here as root over SSH: it could run anything, so what it
+        # sends may be privileged (a pull's source host, which is not, never gets here)
+        agent.peer, agent.allow_privileged = "the client", True
         result = op(agent, req, read)
         write_json(write, {"ok": True, **result})
         if agent.exec_after_reply:

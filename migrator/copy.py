@@ -31,6 +31,7 @@ from migrator.transfer import (
 )
 from migrator.verify import verify_volume
 from runtime.containers import Containers, Stages
+from runtime.durable import sync_filesystem
 from runtime.network import allocate_ipv4
 from runtime.operations import journaled
 from runtime.state import ContainerRecord, SnapshotRecord
@@ -345,8 +346,9 @@ def move_container(
                     dst_b.delete_snapshot(vol, SnapshotName(first))
         op.stage("verify")
         result.verified = verify_volume(src_b, dst_b, vol, full=verify)
+        sync_filesystem(dst_b.volume_path(vol))  # the new copy on disk before...
         op.stage("switch")
-        with state.transaction():
+        with state.transaction(durable=True):  # ...the record points at it, durably
             state.set_container_pool(rec.name, pool)
         st.add_undo("point back at source", lambda: _set_pool(cts, rec.name, rec.pool))
         if running:

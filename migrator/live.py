@@ -343,6 +343,8 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
                                                        for n, u in want.items()):
                 raise InvalidState(f"{rec.name} on {transport.name} is not as expected after "
                                    f"the restore (status {there.get('status')})")
+            # durable before the release: the target's volume and record on its disk
+            transport.request("sync_container", {"name": rec.name})
     except BaseException as e:
         result.notes.append(f"rolled back: {e}")
         _roll_back(cts, transport, ckpt, rec.name, images, dumped, lazy, tunnel, op)

@@ -250,14 +250,16 @@ class RemoteCopy:
 
 def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | None = None,
               instance_only: bool = False, refresh: bool = False, compress: str = "auto",
-              progress: Progress = no_progress) -> dict[str, Any]:
+              progress: Progress = no_progress, allow_privileged: bool = False
+              ) -> dict[str, Any]:
     """``migrate copy host-a:c1 c1``: host a pushes to this host through the request's own
     channel (``transport/reverse.py``), so host a never has to reach this host.
 
     The push (plan, negotiation, undo) runs in host a's agent and is journaled there; this
     side serves its calls with a local ``Agent``. If the pull breaks before the copy was
     committed here, this side removes what it received itself: the far side cannot ask it
-    to any more.
+    to any more. The source host sends the config: a privileged container is refused
+    unless ``allow_privileged`` (the operator's ``--allow-privileged``).
     """
     from migrator.agent import Agent
     from migrator.copy import undo_partial_target
@@ -266,6 +268,7 @@ def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | No
     dst = ContainerName(target)
     agent = Agent(cts)
     agent.progress = progress
+    agent.peer, agent.allow_privileged = f"host {transport.name}", allow_privileged
     seen: dict[str, Any] = {"pool": None, "committed": False}
 
     def on_call(call: dict[str, Any], read: Any, write: Any) -> None:
@@ -353,6 +356,7 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
                 f"{rec.name} on {transport.name} is not as expected after the move "
                 f"(status {there.get('status')}, snapshots {sorted(got)})",
                 "the source was kept and restarted; the target copy was removed")
+        transport.request("sync_container", {"name": rec.name})  # on disk there first
         result.verified = f"running on {transport.name} with all {len(want)} snapshots"
     except BaseException:
         try:

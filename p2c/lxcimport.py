@@ -53,6 +53,7 @@ from migrator.verify import verify_trees
 from runtime import config as cfg
 from runtime import idmap
 from runtime.containers import Containers, Stages
+from runtime.durable import sync_filesystem
 from runtime.lxc import PRIVILEGED_DEVICES
 from runtime.operations import journaled
 
@@ -843,7 +844,11 @@ def import_lxc(cts: Containers, plan: ImportPlan, delete: bool = False,
                                     "map")
             op.stage("record")
             st.add_undo("forget the record", lambda: _forget(cts, plan.name))
-            rec = cts.record_received(plan.name, plan.pool, None, plan.config, [], plan.ipv4)
+            if delete:  # the original goes next: the copy and its record on disk first
+                sync_filesystem(backend.volume_path(vol))
+            with cts.state.durable() if delete else contextlib.nullcontext():
+                rec = cts.record_received(plan.name, plan.pool, None, plan.config, [],
+                                          plan.ipv4)
         result.ipv4 = rec.ipv4
         if plan.ipv4 and rec.ipv4 != plan.ipv4:
             result.notes.append(f"address {plan.ipv4} was taken meanwhile; got {rec.ipv4}")

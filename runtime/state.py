@@ -4,11 +4,17 @@ SQLite in WAL mode so readers (``list``) never block a writer; the schema is ver
 ``PRAGMA user_version`` and upgraded by an ordered list of migrations, each in a transaction,
 so an old state root opens with a new program and a newer one is refused rather than damaged.
 JSON columns hold open-ended key/value config (LXD-style ``security.privileged`` keys).
+
+The database and its ``-wal`` and ``-shm`` files are 0600: they hold the inventory and
+``user.*`` config. Commits run with ``synchronous=NORMAL`` (durable at the next checkpoint);
+the few commits after which a source copy is deleted go through ``durable()`` (``FULL``:
+the WAL is fsynced before COMMIT returns).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid as uuidlib
@@ -211,8 +217,9 @@ class StateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
+            _private_files(path)
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        except sqlite3.Error as e:
+        except (OSError, sqlite3.Error) as e:
             raise StateStoreError(f"cannot open state database {path}: {e}") from e
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -239,8 +246,13 @@ class StateStore:
                 self.db.execute(f"PRAGMA user_version = {i + 1}")
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE: take the write lock up front so two writers queue, not deadlock."""
+    def transaction(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: take the write lock up front so two writers queue, not deadlock.
+        ``durable``: the commit is on disk when this returns (see ``durable``)."""
+        if durable:
+            with self.durable(), self.transaction() as db:
+                yield db
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -249,6 +261,36 @@ class StateStore:
             raise
         else:
             self.db.execute("COMMIT")
+
+    @contextmanager
+    def durable(self) -> Iterator[None]:
+        """Every commit inside is synced to disk before it returns (``synchronous=FULL``:
+        the WAL, holding this commit and every earlier one, is fsynced at COMMIT).
+
+        For the record a deletion relies on (a moved container's new pool, a restore's
+        journal before the old container goes): with NORMAL a power cut could roll the
+        record back to the copy that was just removed. Elsewhere NORMAL stays: it costs no
+        fsync per commit, and a lost last commit there loses no data."""
+        self.db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+
+    def flush(self) -> None:
+        """Make every transaction committed so far durable, by whichever connection (an
+        agent's commit ran in another process): a full checkpoint fsyncs the WAL, copies it
+        into the database file and fsyncs that; the explicit fsync after covers the case
+        where an earlier checkpoint already emptied the WAL."""
+        busy = self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
+        if busy:
+            raise StateStoreError(f"state database {self.path} stayed busy: could not "
+                                  "checkpoint it to disk", "retry when other commands finish")
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # settings ---------------------------------------------------------------------------
     def get_setting(self, key: str, default: str | None = None) -> str | None:
@@ -620,6 +662,27 @@ class StateStore:
 
     def delete_image(self, fingerprint: str) -> None:
         self.db.execute("DELETE FROM images WHERE fingerprint=?", (fingerprint,))
+
+
+def _private_files(path: Path) -> None:
+    """Create the database 0600 before SQLite does (SQLite gives its ``-wal`` and ``-shm``
+    the database's mode), and take group and other access from files an older version
+    left readable."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        try:
+            fd = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def _snapshot(r: sqlite3.Row) -> SnapshotRecord:

@@ -9,7 +9,7 @@ log() { printf '[setup] %s\n' "$*"; }
 
 APT_PKGS=(lxc python3-lxc iptables btrfs-progs python3-btrfsutil zfs-fuse rsync
           openssh-server openssh-client debootstrap busybox-static uidmap zstd iproute2
-          python3-venv python3-dev gcc bc acl attr)
+          python3-venv python3-dev gcc bc acl attr strace)
 export DEBIAN_FRONTEND=noninteractive
 
 # Trixie is added for CRIU only (bookworm's 3.17 fails on this 6.x kernel: vDSO), pinned low

@@ -46,7 +46,12 @@ def _output(file: str) -> Iterator[BinaryIO]:
     path = Path(file)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with open(tmp, "wb") as f:
+        # 0600 from the first byte: an export holds the container's files and its config
+        # (user.* keys); O_NOFOLLOW|O_EXCL: a link planted at the temporary name is refused
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -79,11 +79,12 @@ def agent_cmd() -> None:
     raise typer.Exit(main_stdio(lambda: _ctx().containers))
 
 
-def transport_for(name: str, accept_host_key: bool = False) -> Any:
+def transport_for(name: str, accept_host_key: bool = False,
+                  expect_fingerprint: str | None = None) -> Any:
     """An (unconnected) SSH transport to an inventory host, from this host's namespace."""
     from migrator.transport.ssh import inventory_transport
 
-    return inventory_transport(_ctx().host, name, accept_host_key)
+    return inventory_transport(_ctx().host, name, accept_host_key, expect_fingerprint)
 
 
 def delegation_target(name: str) -> dict[str, Any]:
@@ -115,6 +116,8 @@ DATA_LINK_HELP = ("How bulk data travels: auto (a direct TCP connection from tha
                   "to the SSH channel when it cannot connect), tcp, or ssh (the SSH channel "
                   "only: slower, but needs nothing beyond port 22)")
 DATA_LINKS = ("auto", "tcp", "ssh")
+FINGERPRINT_HELP = ("Accept only the SSH host key with this fingerprint (SHA256:..., as "
+                    "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` prints it on the host)")
 
 
 def _data_link(value: str) -> str:
@@ -138,8 +141,10 @@ def host_add(
     accept_host_key: bool = typer.Option(False, "--accept-host-key",
                                          help="Trust its SSH key now (shows the fingerprint)"),
     data_link: str = typer.Option("auto", "--data-link", help=DATA_LINK_HELP),
+    fingerprint: str = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
 ) -> None:
-    """Add a host to the inventory (and, with --accept-host-key, record its SSH key).
+    """Add a host to the inventory (and, with --accept-host-key or --fingerprint, record
+    its SSH key).
 
     Then `migrate host check NAME` measures the link, which decides whether transfers are
     compressed (zstd only helps on links slower than it compresses)."""
@@ -151,6 +156,7 @@ def host_add(
     if hname == "local":
         raise InvalidInput("'local' is this host", "pick another name")
     host_address(address)
+    expected = _fingerprint(fingerprint) if fingerprint else None
     if key and not os.path.isfile(key):
         raise InvalidInput(f"key file {key} does not exist")
     h = _ctx().host
@@ -159,8 +165,8 @@ def host_add(
                                     os.path.abspath(key) if key else None, root, command,
                                     _data_link(data_link)))
     say(f"host {hname} added ({user}@{address}:{port})")
-    if accept_host_key:
-        host_trust(hname)
+    if accept_host_key or expected:
+        host_trust(hname, expected)
 
 
 @host_app.command("set")
@@ -186,11 +192,35 @@ def host_set(
     say(f"host {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
+def _fingerprint(value: str) -> str:
+    """A SHA-256 key fingerprint as OpenSSH prints it: ``SHA256:`` and 43 base64 chars."""
+    import re
+
+    from migrator.errors import InvalidInput
+
+    if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", value.strip()):
+        raise InvalidInput(f"not a SHA-256 key fingerprint: {value!r}",
+                           "copy it from `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` "
+                           "on the host, e.g. SHA256:uNiVzt...")
+    return value.strip()
+
+
 @host_app.command("trust")
-def host_trust(name: str) -> None:
-    """Record the host's current SSH key in known_hosts (check the fingerprint first)."""
-    with transport_for(name, accept_host_key=True) as t:
-        say(f"trusted {name}: {t.host_key()}")
+def host_trust(
+    name: str,
+    fingerprint: str = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
+) -> None:
+    """Record the host's SSH key in known_hosts. With --fingerprint only that key is
+    accepted; without it, whatever key the host presents is, so check the fingerprint this
+    prints against the host's own (`ssh-keygen -lf` there)."""
+    expected = _fingerprint(fingerprint) if fingerprint else None
+    with transport_for(name, accept_host_key=True, expect_fingerprint=expected) as t:
+        shown = t.host_key()
+    if expected:
+        say(f"trusted {name}: {shown} (matches the fingerprint given)")
+    else:
+        say(f"trusted {name}: {shown} (not checked against a fingerprint: compare it with "
+            f"the host's own, or use `migrate host trust {name} --fingerprint SHA256:...`)")
 
 
 @host_app.command("list")

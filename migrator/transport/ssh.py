@@ -34,6 +34,7 @@ from migrator import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
+from migrator.transport.replies import parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,15 @@ def fingerprint(key: paramiko.PKey) -> str:
 class _Remember(paramiko.MissingHostKeyPolicy):
     """Refuse unknown keys, but remember the key so the error can show it (or accept it)."""
 
-    def __init__(self, accept: bool) -> None:
+    def __init__(self, accept: bool, expect: str | None = None) -> None:
         self.accept = accept
+        self.expect = expect  # accept only the key with this fingerprint
         self.seen: paramiko.PKey | None = None
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
                          key: paramiko.PKey) -> None:
         self.seen = key
-        if not self.accept:
+        if not self.accept or (self.expect and fingerprint(key) != self.expect):
             raise paramiko.SSHException(f"unknown host key for {hostname}")
         client.get_host_keys().add(hostname, key.get_name(), key)
 
@@ -74,8 +76,10 @@ class SshTransport:
                  key: str | None = None, remote_root: str | None = None,
                  command: str | None = None, known_hosts: Path | None = None,
                  netns: str | None = None, accept_host_key: bool = False,
-                 timeout: float = CONNECT_TIMEOUT, fast_link: bool = False) -> None:
+                 timeout: float = CONNECT_TIMEOUT, fast_link: bool = False,
+                 expect_fingerprint: str | None = None) -> None:
         self.name = name
+        self.expect_fingerprint = expect_fingerprint  # with accept: only this key
         self.address, self.port, self.user, self.key = address, port, user, key
         self.remote_root = remote_root
         self.command = command or "migrate"
@@ -111,7 +115,7 @@ class SshTransport:
             return self
         self.client = open_client(self.name, self.address, self.port, self.user, self.key,
                                   self._socket(), self.known_hosts, self.accept_host_key,
-                                  self.timeout)
+                                  self.timeout, expect_fingerprint=self.expect_fingerprint)
         return self
 
     def host_key(self) -> str:
@@ -212,9 +216,9 @@ class SshTransport:
             chan.close()
             raise errors.NetworkError(f"{self.name} closed the channel during {op!r}: {e}",
                                       "the agent or the link died; retry") from e
-        if not reply.get("ok"):
+        if reply.get("ok") is not True:
             chan.close()
-            raise remote_error(self.name, reply.get("error") or {})
+            raise remote_error(self.name, reply.get("error"))
         return chan
 
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
@@ -286,12 +290,11 @@ class SshTransport:
             raise errors.NetworkError(f"SSH error talking to {self.name}: {e}") from e
         finally:
             chan.close()
-        if not reply.get("ok"):
-            raise remote_error(self.name, reply.get("error") or {})
-        return reply
+        return parse_reply(self.name, op, reply)  # checked before anything reads it
 
 
-def inventory_transport(host: Any, name: str, accept_host_key: bool = False) -> SshTransport:
+def inventory_transport(host: Any, name: str, accept_host_key: bool = False,
+                        expect_fingerprint: str | None = None) -> SshTransport:
     """An (unconnected) transport to inventory host ``name`` of ``host`` (a runtime Host):
     its address, login and agent command from the inventory, its key checked against the
     host's known_hosts, connecting from the host's network namespace."""
@@ -300,34 +303,35 @@ def inventory_transport(host: Any, name: str, accept_host_key: bool = False) -> 
     rec = host.state.get_host(ContainerName(name))
     t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
                      rec.command, known_hosts=host.root / "ssh" / "known_hosts",
-                     netns=host.netns, accept_host_key=accept_host_key)
+                     netns=host.netns, accept_host_key=accept_host_key,
+                     expect_fingerprint=expect_fingerprint)
     t.data_link, t.link_rate = rec.data_link, rec.link_rate  # negotiate_session reads them
     return t
 
 
-def remote_error(host: str, err: dict[str, Any]) -> errors.MigratorError:
-    """The agent's typed error, re-raised here with the same class and exit code."""
-    by_name = {c.__name__: c for c in errors.ALL_ERRORS}
-    cls = by_name.get(str(err.get("type")), errors.RemoteError)
-    msg = f"on {host}: {err.get('message')}"
-    hint = err.get("hint")
-    if cls is errors.CommandFailed:
-        return errors.RemoteError(msg, hint)
-    return cls(msg, hint)
+def remote_error(host: str, err: Any) -> errors.MigratorError:
+    """The agent's typed error, re-raised here with the same (known) class and exit code,
+    its text cleaned: ``replies.remote_error``."""
+    from migrator.transport.replies import remote_error as parse_error
+
+    return parse_error(host, err)
 
 
 def open_client(label: str, address: str, port: int, user: str, key: str | None,
                 sock: socket.socket, known_hosts: Path | None, accept_host_key: bool,
                 timeout: float = CONNECT_TIMEOUT, password: str | None = None,
-                trust_hint: str | None = None) -> paramiko.SSHClient:
+                trust_hint: str | None = None,
+                expect_fingerprint: str | None = None) -> paramiko.SSHClient:
     """An authenticated paramiko client on ``sock``, the host key checked against
     ``known_hosts``: a changed key is refused, an unknown one refused with its fingerprint
-    unless ``accept_host_key`` (then recorded). Used for agents and for p2c sources alike."""
+    unless ``accept_host_key`` (then recorded). With ``expect_fingerprint`` the key must
+    also have that SHA-256 fingerprint, the one the operator checked on the host; any other
+    is refused with both shown and nothing recorded. Used for agents and p2c sources."""
     client = paramiko.SSHClient()
     hostkey_name = address if port == 22 else f"[{address}]:{port}"
     if known_hosts and known_hosts.exists():
         client.load_host_keys(str(known_hosts))
-    policy = _Remember(accept_host_key)
+    policy = _Remember(accept_host_key, expect_fingerprint)
     client.set_missing_host_key_policy(policy)
 
     def transport_factory(s: Any, **kw: Any) -> paramiko.Transport:
@@ -366,6 +370,9 @@ def open_client(label: str, address: str, port: int, user: str, key: str | None,
     except paramiko.SSHException as e:
         client.close()
         sock.close()
+        if policy.seen is not None and expect_fingerprint and \
+                fingerprint(policy.seen) != expect_fingerprint:
+            raise _wrong_key(label, address, policy.seen, expect_fingerprint) from e
         if policy.seen is not None and not accept_host_key:
             raise errors.HostKeyError(
                 f"the SSH key of {label} ({address}) is unknown: "
@@ -379,6 +386,13 @@ def open_client(label: str, address: str, port: int, user: str, key: str | None,
         client.close()
         sock.close()
         raise errors.NetworkError(f"SSH to {label} failed: {e}") from e
+    transport = client.get_transport()
+    assert transport is not None
+    server_key = transport.get_remote_server_key()
+    if expect_fingerprint and fingerprint(server_key) != expect_fingerprint:
+        client.close()  # a key already in known_hosts, but not the one the operator named
+        sock.close()
+        raise _wrong_key(label, address, server_key, expect_fingerprint)
     if policy.seen is not None and accept_host_key and known_hosts:
         known_hosts.parent.mkdir(parents=True, exist_ok=True)
         keys = paramiko.HostKeys()
@@ -387,7 +401,14 @@ def open_client(label: str, address: str, port: int, user: str, key: str | None,
         keys.add(hostkey_name, policy.seen.get_name(), policy.seen)
         keys.save(str(known_hosts))
         known_hosts.chmod(0o600)
-    transport = client.get_transport()
-    assert transport is not None
     transport.set_keepalive(KEEPALIVE)
     return client
+
+
+def _wrong_key(label: str, address: str, key: paramiko.PKey,
+               expected: str) -> errors.HostKeyError:
+    return errors.HostKeyError(
+        f"the SSH key of {label} ({address}) is {key.get_name()} {fingerprint(key)}, not "
+        f"the expected {expected}: refused, nothing recorded",
+        "compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` run on the host "
+        "itself; a different key may mean someone is intercepting the connection")

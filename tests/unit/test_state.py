@@ -422,3 +422,72 @@ def test_snapshot_wire_form_round_trips_and_is_checked() -> None:
                 {**s.to_wire(), "name": "../x"}, {"name": "s1"}, ["s1"]):
         with pytest.raises(InvalidInput):
             SnapshotRecord.from_wire("c1", bad)
+
+
+# file modes and durability --------------------------------------------------------------------
+def _mode(p: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_database_files_private_even_under_open_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        s = StateStore(tmp_path / "s.db")
+        with s.transaction():
+            s.set_setting("k", "v")
+        names = {p.name: _mode(p) for p in tmp_path.iterdir()}
+        s.close()
+    finally:
+        os.umask(old)
+    assert {"s.db", "s.db-wal", "s.db-shm"} <= set(names)
+    assert all(m == 0o600 for m in names.values()), names
+
+
+def test_readable_files_of_an_older_version_made_private(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    s = StateStore(path)
+    with s.transaction():
+        s.set_setting("secret", "x")
+    # an older version left them 0644 (and a reader keeps the WAL from being removed)
+    reader = sqlite3.connect(path)
+    reader.execute("SELECT 1 FROM settings").fetchall()
+    for p in tmp_path.iterdir():
+        p.chmod(0o644)
+    other = StateStore(path)
+    assert {p.name: _mode(p) for p in tmp_path.iterdir()} == {
+        "s.db": 0o600, "s.db-wal": 0o600, "s.db-shm": 0o600}
+    assert other.get_setting("secret") == "x"
+    other.close()
+    reader.close()
+    s.close()
+
+
+def test_planted_link_at_database_path_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    victim.chmod(0o644)
+    (tmp_path / "s.db").symlink_to(victim)
+    with pytest.raises(StateStoreError):
+        StateStore(tmp_path / "s.db")
+    assert victim.read_text() == "keep" and _mode(victim) == 0o644
+
+
+def test_durable_commit_is_full_then_normal_again(db: StateStore) -> None:
+    def level() -> int:
+        return int(db.db.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert level() == 1  # NORMAL
+    with db.transaction(durable=True):
+        assert level() == 2  # FULL for this commit
+        db.set_setting("k", "v")
+    assert level() == 1 and db.get_setting("k") == "v"
+    with pytest.raises(RuntimeError), db.transaction(durable=True):
+        db.set_setting("k", "w")
+        raise RuntimeError("cut")
+    assert level() == 1 and db.get_setting("k") == "v"  # rolled back, level restored
+    db.flush()
+    assert db.get_setting("k") == "v"
