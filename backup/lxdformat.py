@@ -637,22 +637,29 @@ class BackupFormatError(InvalidInput):
 
 
 def convert_config(lxd: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """LXD config -> ours: (config, dropped keys with the reason)."""
+    """LXD config -> ours: (config, dropped keys with the reason).
+
+    Each kept key passes the configuration gate's check of its own (``user.*`` without
+    control characters, ``image.*`` only the keys the runtime records, in their formats);
+    a value that fails is dropped and reported, never stored. ``record_received`` runs the
+    whole gate again on the result."""
     out: dict[str, str] = {}
     dropped: list[str] = []
     for key, value in sorted(lxd.items()):
+        shown = repr(value) if cfg.control_char(value) else value
         if key.startswith("volatile."):
             continue  # LXD's own bookkeeping (MACs, idmaps, last state)
-        if key.startswith(_KEEP_PREFIXES):
-            out[key] = value
+        if key.startswith("image.") and key not in cfg.IMAGE_KEYS:
+            dropped.append(f"{key}={shown} (not kept here)")
             continue
-        if key in cfg.KEYS:
+        if key.startswith(_KEEP_PREFIXES) or key in cfg.KEYS:
             try:
-                out[key] = cfg.validate(key, value)
+                out[key] = cfg.admit_config({key: value}, "the archive's config",
+                                            allow_privileged=True)[key]
             except InvalidInput as e:
-                dropped.append(f"{key}={value} ({e.message})")
+                dropped.append(f"{key}={shown} ({e.message.rpartition(': ')[2]})")
             continue
-        dropped.append(f"{key}={value} (not supported here)")
+        dropped.append(f"{key}={shown} (not supported here)")
     return out, dropped
 
 
@@ -832,9 +839,10 @@ class _ArchiveReader:
 
 def import_container(
     cts: Containers, src: BinaryIO, name: str | None = None, pool: str | None = None,
-    total: int | None = None, progress: Progress = no_progress,
+    total: int | None = None, progress: Progress = no_progress, allow_privileged: bool = False,
 ) -> ImportResult:
-    """Create a container from an LXD/Incus export read from ``src`` (a file or stdin)."""
+    """Create a container from an LXD/Incus export read from ``src`` (a file or stdin).
+    A privileged one only with ``allow_privileged`` (the operator's flag)."""
     t0 = time.monotonic()
     host, state = cts.host, cts.state
     meter = ProgressMeter(progress, "import", total)
@@ -853,6 +861,9 @@ def import_container(
             + (f" (first file: {index_member.name!r})" if index_member else ""),
             "it must be an `lxc export` / `incus export` / `migrate export` tarball")
     index = parse_index(_read_small(tar, index_member))
+    # the one privilege decision, before anything is extracted
+    cfg.privilege_of(index.config, f"the archive's {INDEX}",
+                     allow_privileged=allow_privileged, claimed=index.privileged)
     guard.rules = replace(_RULES, allow_devices=index.privileged)
     if not index.privileged and guard.summary.first_device is not None:
         raise device_refused(guard.summary.first_device)
@@ -909,7 +920,8 @@ def import_container(
         now = time.time()
         snaps = [SnapshotRecord(target, s, _created(index.snapshot_docs.get(s), now), {},
                                 None, secrets.token_hex(16)) for s in index.snapshots]
-        cts.record_received(target, pool_name, None, config, snaps)
+        cts.record_received(target, pool_name, None, config, snaps,
+                            origin=f"the archive's {INDEX}", allow_privileged=allow_privileged)
     result.bytes = guard.summary.bytes
     result.seconds = time.monotonic() - t0
     if not index.privileged:

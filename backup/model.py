@@ -280,6 +280,12 @@ def _check_consistent(idx: BackupIndex) -> None:
             raise ValueError(f"point {point!r}: incremental but the backup has no parent")
     if order[-1] != idx.final:
         raise ValueError("the final state is not the last point")
+    # the restore decides the tar rules (device nodes) from ``privileged`` and the container
+    # from its config: the two must say the same (the full check is runtime.config's gate)
+    said = idx.config.get("security.privileged", "false").strip().lower()
+    if (said in ("true", "1", "yes", "on")) != idx.privileged:
+        raise ValueError(f"privileged is {str(idx.privileged).lower()} but the config has "
+                         f"security.privileged={said!r}")
     for s in idx.snapshots:
         if s.backup == idx.id and s.name not in order:
             raise ValueError(f"snapshot {s.name!r} has no data in this backup")

@@ -428,9 +428,11 @@ def serve_restore(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
                       "total": event.total, "rate": event.rate, "eta": event.eta})
 
     config = {str(k): str(v) for k, v in dict(req.get("config") or {}).items()}
+    # the operator's --allow-privileged, relayed by a client that logged in as root here
     r = restore_backup(agent.cts, repo, _check_id(req["id"]), req.get("name"),
                        req.get("pool"), config, bool(req.get("force")), progress,
-                       bool(req.get("verify_first", True)))
+                       bool(req.get("verify_first", True)),
+                       bool(req.get("allow_privileged")) and agent.allow_privileged)
     return {"result": r.as_dict()}
 
 
@@ -449,7 +451,7 @@ def progress_relay(progress: Any) -> Any:
 
 def restore_on_host(transport: Any, repo: Any, backup_id: str, name: str | None,
                     pool: str | None, config: dict[str, str], force: bool,
-                    progress: Any, verify_first: bool = True
+                    progress: Any, verify_first: bool = True, allow_privileged: bool = False
                     ) -> tuple[dict[str, Any], list[str]]:
     """``backup restore --host H``: the restore runs on H, by H's agent, from a repository
     on H. A backup held elsewhere (this host, or a third one) is first copied with its chain
@@ -458,7 +460,7 @@ def restore_on_host(transport: Any, repo: Any, backup_id: str, name: str | None,
     from backup.replicate import copy_chain
 
     args = {"id": backup_id, "name": name, "pool": pool, "config": config, "force": force,
-            "verify_first": verify_first}
+            "verify_first": verify_first, "allow_privileged": allow_privileged}
     if isinstance(repo, RemoteRepository) and repo.host == transport.name:
         reply = transport.request("backup_restore", {"path": repo.path, **args},
                                   on_event=progress_relay(progress))

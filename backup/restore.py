@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 from backup.delta import decode_paths, remove_paths
-from backup.model import BackupIndex, PartInfo
+from backup.model import BackupIndex, PartInfo, SnapshotInfo
 from backup.parts import PartStream, read_small, real_error
 from backup.repository import Repository
 from backup.safety import TarGuard
@@ -76,6 +76,23 @@ def _overrides(idx: BackupIndex, config: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def admitted_config(idx: BackupIndex, overrides: dict[str, str], allow_privileged: bool
+                    ) -> tuple[dict[str, str], list[SnapshotInfo]]:
+    """The index's config (with the operator's ``--config`` over it) and each snapshot's,
+    through the configuration gate before anything is touched: an index is input from
+    wherever the repository was kept. Its ``privileged`` field must agree with its config,
+    and a privileged backup needs ``allow_privileged``."""
+    origin = f"backup index {idx.id}"
+    cfg.privilege_of(idx.config, origin, allow_privileged=allow_privileged,
+                     claimed=idx.privileged)
+    conf = cfg.admit_config({**idx.config, **overrides}, origin,
+                            allow_privileged=allow_privileged)
+    snaps = [replace(s, config=cfg.admit_config(
+        s.config, f"{origin} (snapshot {s.name})", allow_privileged=allow_privileged))
+        for s in idx.snapshots]
+    return conf, snaps
+
+
 def restore_backup(
     cts: Containers,
     repo: Repository,
@@ -86,6 +103,7 @@ def restore_backup(
     force: bool = False,
     progress: Progress = no_progress,
     verify_first: bool = True,
+    allow_privileged: bool = False,
 ) -> RestoreResult:
     """Restore backup ``backup_id`` as container ``name`` (default: the backed-up name).
 
@@ -94,13 +112,17 @@ def restore_backup(
     checked first and the checksums as the parts stream into the hidden scratch volume,
     which is deleted on a mismatch: each part is read once (half the disk reads, or half
     the network traffic from a remote repository), the existing container is untouched
-    either way, but a damaged backup is found only after its damaged part was written."""
+    either way, but a damaged backup is found only after its damaged part was written.
+
+    ``allow_privileged``: the operator's ``--allow-privileged``, without which a privileged
+    backup is refused (its root would be root on this host)."""
     t0 = time.monotonic()
     host, state = cts.host, cts.state
     repo.check()
     idx = repo.get(backup_id)
     target = ContainerName(name or idx.container)
     overrides = _overrides(idx, config or {})
+    conf, snap_infos = admitted_config(idx, overrides, allow_privileged)
     existing = state.get_container(target) if state.has_container(target) else None
     if existing is not None:
         if not force:
@@ -138,7 +160,6 @@ def restore_backup(
                            snapshots=[s.name for s in idx.snapshots], replaced=bool(existing))
     scratch = VolumeRef("container", f"{target[:40]}-restore-{secrets.token_hex(3)}")
     final_vol = VolumeRef("container", target)
-    conf = {**idx.config, **overrides}
     with journaled(state, "restore", container=target, backup=idx.id, pool=pool_name,
                    scratch=scratch.name, receive_pool=recv_pool) as op, Stages() as st:
         result.operation = op.id
@@ -156,7 +177,7 @@ def restore_backup(
             dst_b.delete_snapshot(scratch, SnapshotName(idx.final))
         ipv4 = existing.ipv4 if existing is not None else None
         snaps = [SnapshotRecord(target, s.name, s.created, dict(s.config), None, s.uuid)
-                 for s in idx.snapshots]
+                 for s in snap_infos]
         # what the record needs is journaled first: once the replaced container is gone,
         # the restored volume is the only copy, and `migrate recover` completes the record
         # from this rather than removing it
@@ -167,14 +188,16 @@ def restore_backup(
         with state.durable():
             op.stage("replace", record={
                 "image": idx.image, "config": conf, "ipv4": ipv4,
-                "snapshots": [s.to_wire() for s in snaps]})
+                "snapshots": [s.to_wire() for s in snaps],
+                "allow_privileged": allow_privileged})
         if existing is not None:
             cts.delete(existing.name, force=True)
             result.notes.append(f"replaced the existing container {target}")
         dst_b.rename_volume(scratch, final_vol)
         st.add_undo("rename the volume back", lambda: dst_b.rename_volume(final_vol, scratch))
         op.stage("record")
-        cts.record_received(target, pool_name, idx.image, conf, snaps, ipv4)
+        cts.record_received(target, pool_name, idx.image, conf, snaps, ipv4,
+                            origin=f"backup index {idx.id}", allow_privileged=allow_privileged)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -188,7 +211,13 @@ def complete_record(cts: Containers, op_detail: dict[str, Any]) -> bool:
     if rec is None or not cts.host.backend(pool).volume_exists(VolumeRef("container", name)):
         return False
     snaps = [SnapshotRecord.from_wire(name, s) for s in rec["snapshots"]]
-    cts.record_received(name, pool, rec["image"], dict(rec["config"]), snaps, rec["ipv4"])
+    # the restore admitted this config and the operator's privilege decision before it
+    # journaled them (the journal is this host's own state). A journal of an older version
+    # lacks the decision: the volume is the only copy then, so its own config decides.
+    allow = rec.get("allow_privileged", cfg.is_true(rec["config"], "security.privileged"))
+    cts.record_received(name, pool, rec["image"], dict(rec["config"]), snaps, rec["ipv4"],
+                        origin=f"the journal of restore {op_detail.get('backup')}",
+                        allow_privileged=bool(allow))
     return True
 
 

@@ -809,9 +809,13 @@ def detect_image(rootfs: Path) -> tuple[str, dict[str, str]]:
 
 # the import --------------------------------------------------------------------------------
 def import_lxc(cts: Containers, plan: ImportPlan, delete: bool = False,
-               progress: Progress = no_progress) -> ImportResult:
+               progress: Progress = no_progress, allow_privileged: bool = False
+               ) -> ImportResult:
     """Adopt the planned container: copy, verify, shift, record; then, with ``delete``,
-    destroy the original. Any failure before the record undoes everything this did."""
+    destroy the original. Any failure before the record undoes everything this did.
+    A privileged container only with ``allow_privileged`` (the operator's flag)."""
+    origin = f"LXC container {plan.lxcpath / plan.name}"
+    cfg.admit_config(plan.config, origin, allow_privileged=allow_privileged)  # before a copy
     t0 = time.monotonic()
     result = plan.result(dry_run=False)
     backend = cts.host.backend(plan.pool)
@@ -848,7 +852,8 @@ def import_lxc(cts: Containers, plan: ImportPlan, delete: bool = False,
                 sync_filesystem(backend.volume_path(vol))
             with cts.state.durable() if delete else contextlib.nullcontext():
                 rec = cts.record_received(plan.name, plan.pool, None, plan.config, [],
-                                          plan.ipv4)
+                                          plan.ipv4, origin=origin,
+                                          allow_privileged=allow_privileged)
         result.ipv4 = rec.ipv4
         if plan.ipv4 and rec.ipv4 != plan.ipv4:
             result.notes.append(f"address {plan.ipv4} was taken meanwhile; got {rec.ipv4}")
@@ -908,7 +913,8 @@ class BatchEntry:
 def import_all(cts: Containers, lxcpath: Path = DEFAULT_LXCPATH, pool: str | None = None,
                delete: bool = False, dry_run: bool = False,
                progress: Progress = no_progress,
-               on_done: Callable[[BatchEntry], None] | None = None) -> list[BatchEntry]:
+               on_done: Callable[[BatchEntry], None] | None = None,
+               allow_privileged: bool = False) -> list[BatchEntry]:
     """Plan and import every container of ``lxcpath``, each on its own: a failure is
     recorded in its entry and the next one goes on."""
     entries = []
@@ -917,7 +923,7 @@ def import_all(cts: Containers, lxcpath: Path = DEFAULT_LXCPATH, pool: str | Non
         try:
             plan = plan_import(cts, name, lxcpath, pool)
             entry.result = plan.result(True) if dry_run else \
-                import_lxc(cts, plan, delete, progress)
+                import_lxc(cts, plan, delete, progress, allow_privileged)
         except MigratorError as e:
             entry.error, entry.error_type = e.message, type(e).__name__
             entry.hint, entry.exit_code = e.hint or None, e.exit_code

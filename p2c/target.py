@@ -47,7 +47,7 @@ def prepare_volume(cts: Any, name: str, pool: str, resume: bool) -> Path:
 
 def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
     """Fixups, report, shift, record and (``start``) boot; what was changed and how it booted."""
-    from runtime.config import validate
+    from runtime.config import admit_config, validate
 
     cname, pname = ContainerName(req["name"]), PoolName(req["pool"])
     backend = cts.host.backend(pname)
@@ -58,6 +58,10 @@ def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
         raise errors.NotFound(f"no received volume for {cname!r} on pool {pname!r}")
     rootfs = backend.volume_path(vol) / "rootfs"
     privileged = bool(req.get("privileged"))
+    origin = f"the machine converted into {cname}"
+    admit_config({"image.os": str(req.get("os", "unknown")),  # refused before any change
+                  "image.release": str(req.get("release", ""))}, origin,
+                 allow_privileged=privileged)
     net = cts.host.network_config()
     ipv4 = allocate_ipv4(net, cts.state.used_ipv4())
     plan = NetworkPlan(bool(req.get("dhcp")), f"{ipv4}/{net.prefixlen}", net.gateway)
@@ -79,7 +83,11 @@ def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
               "image.description": f"converted from {header.get('source', 'a machine')}"}
     if privileged:
         config["security.privileged"] = validate("security.privileged", "true")
-    rec = cts.record_received(cname, pname, None, config, [], ipv4)
+    # os and release come from the machine's os-release: the gate checks them; privileged
+    # only as the operator asked (``migrate p2c --privileged``)
+    rec = cts.record_received(cname, pname, None, config, [], ipv4,
+                              origin=origin,
+                              allow_privileged=privileged)
     result: dict[str, Any] = {"ipv4": rec.ipv4, "changes": changes, "status": "STOPPED"}
     if req.get("start"):
         cts.start(cname)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,11 @@ class Containers:
         net = self.host.network_config()
         ipv4 = allocate_ipv4(net, self.state.used_ipv4())
         privileged = cfg.is_true(conf, "security.privileged")
-        for key in ("os", "release", "init"):
-            if key in image.properties:
-                conf[f"image.{key}"] = str(image.properties[key])
+        # what the image says of itself is input from whoever built the image
+        conf.update(cfg.admit_config(
+            {f"image.{key}": str(image.properties[key]) for key in ("os", "release", "init")
+             if key in image.properties},
+            f"the properties of image {image.fingerprint[:12]}", allow_privileged=False))
         rec = ContainerRecord(cname, pool_name, image.fingerprint, ipv4, conf)
         vol = VolumeRef("container", cname)
         with Stages() as st:
@@ -156,20 +158,25 @@ class Containers:
         return self.get(cname)
 
     def record_received(
-        self, name: str, pool: str, image: str | None, config: dict[str, str],
-        snapshots: list[SnapshotRecord], ipv4: str | None = None,
+        self, name: str, pool: str, image: str | None, config: Mapping[str, object],
+        snapshots: list[SnapshotRecord], ipv4: str | None = None, *, origin: str,
+        allow_privileged: bool,
     ) -> ContainerRecord:
-        """Record a container whose volume was filled by a transfer or a restore (or update
-        the record of an existing one: its config, plus the snapshots given), in one
-        transaction, then render its LXC config.
+        """Record a container whose volume was filled by a transfer, a restore, an import
+        or a conversion (or update the record of an existing one: its config, plus the
+        snapshots given), in one transaction, then render its LXC config.
 
-        ``ipv4`` is kept when it is free and inside this host's subnet (a moved container
-        keeps its address); otherwise a free one is allocated. The caller validated
-        ``config`` (``image.*`` and ``volatile.*`` keys pass as they are).
+        ``config`` and every snapshot's config pass ``config.admit_config`` here, whatever
+        the caller checked before: ``origin`` names where they came from in the error, and
+        a privileged config needs ``allow_privileged`` (the operator's flag). ``ipv4`` is
+        kept when it is free and inside this host's subnet (a moved container keeps its
+        address); otherwise a free one is allocated.
         """
         import ipaddress
 
         cname = ContainerName(name)
+        config = cfg.admit_config(config, origin, allow_privileged=allow_privileged)
+        snapshots = admit_snapshots(snapshots, origin, allow_privileged=allow_privileged)
         with self.state.transaction():
             if self.state.has_container(cname):
                 self.state.update_container_config(cname, config)
@@ -445,11 +452,25 @@ class Containers:
         was_running = self.lxc.state(rec.name) != "STOPPED"
         if was_running:
             self.stop(rec.name)
+        # the snapshot's config was admitted when it was recorded (taken here, or received
+        # with the operator's privilege decision); checked again before it becomes the
+        # container's, as records made by older versions were not
+        config = cfg.admit_config(s.config, f"snapshot {rec.name}/{s.name}",
+                                  allow_privileged=True)
         self.host.backend(rec.pool).restore_snapshot(self.volume(rec), SnapshotName(s.name))
-        self.state.update_container_config(rec.name, dict(s.config))
+        self.state.update_container_config(rec.name, config)
         if was_running:
             self.start(rec.name)
         return was_running
+
+
+def admit_snapshots(snapshots: list[SnapshotRecord], origin: str, *,
+                    allow_privileged: bool) -> list[SnapshotRecord]:
+    """Each snapshot's config through ``config.admit_config`` (``snapshot restore`` makes
+    it the container's config one day, so it is held to the same rules)."""
+    return [dataclasses.replace(s, config=cfg.admit_config(
+        s.config, f"{origin} (snapshot {s.name})", allow_privileged=allow_privileged))
+        for s in snapshots]
 
 
 def _copy_rootfs(src: Path, dst: Path) -> None:

@@ -10,18 +10,25 @@ Config choices made here for CRIU (checkpoint/restore must work for every contai
 makes for them), and no ``lxc.apparmor.profile`` line at all (the kernel has no AppArmor and
 a named profile makes CRIU restore fail). systemd containers boot with
 ``systemd.legacy_systemd_cgroup_controller=1`` so systemd attaches no bpf programs.
+
+The renderer is a second wall behind ``runtime.config.admit_config``: LXC reads its config
+line by line, so a value holding a newline would add a line of its own (a
+``lxc.hook.pre-start`` runs as root on the host). ``render_config`` refuses any line with a
+control character, whatever field it came from, and a MAC that is not one, even though
+every config was validated before it reached the record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from migrator import proc
-from migrator.errors import CommandFailed, ContainerError
+from migrator.errors import CommandFailed, ContainerError, InvalidInput
 from runtime.idmap import IdMap
 from runtime.network import NetworkConfig
 
@@ -72,7 +79,35 @@ def cpuset(cpus: int) -> str:
     return "0" if cpus == 1 else f"0-{cpus - 1}"
 
 
+class UnsafeConfigValue(InvalidInput):
+    """A value that would change the structure of an LXC config file (a newline or other
+    control character, a MAC that is not one): the config is not written."""
+
+
+# what LXC (or anything line-oriented) could read as structure: C0, DEL, C1, U+2028/9
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _refuse_unsafe(name: str, lines: list[str]) -> None:
+    for line in lines:
+        m = _CONTROL.search(line)
+        if m:
+            key = line.partition(" = ")[0]
+            raise UnsafeConfigValue(
+                f"refusing to write the LXC config of {name!r}: the value of {key} holds a "
+                f"control character ({repr(m.group())[1:-1]})",
+                "the container's record holds a value that was never validated; fix it "
+                "with `migrate config`, or delete the container")
+
+
 def render_config(spec: ContainerSpec) -> str:
+    """The LXC config of ``spec``; ``UnsafeConfigValue`` if any field would break a line."""
+    mac = spec.hwaddr or hwaddr(spec.name, spec.ipv4)
+    if not _MAC.fullmatch(mac):
+        raise UnsafeConfigValue(f"refusing to write the LXC config of {spec.name!r}: "
+                                f"hwaddr {mac!r} is not a MAC address",
+                                "expected xx:xx:xx:xx:xx:xx (lower case hex)")
     lines = [
         "# Written by migrator; edit with `migrate config set`, not by hand.",
         f"lxc.uts.name = {spec.name}",
@@ -107,18 +142,22 @@ def render_config(spec: ContainerSpec) -> str:
             f"lxc.net.0.link = {net.bridge}",
             "lxc.net.0.name = eth0",
             "lxc.net.0.flags = up",
-            f"lxc.net.0.hwaddr = {spec.hwaddr or hwaddr(spec.name, spec.ipv4)}",
+            f"lxc.net.0.hwaddr = {mac}",
             f"lxc.net.0.ipv4.address = {spec.ipv4}/{net.prefixlen}",
             f"lxc.net.0.ipv4.gateway = {net.gateway}",
         ]
     else:
         lines.append("lxc.net.0.type = empty")
     for src, target in spec.mounts:
+        if any(ch.isspace() for ch in f"{src}{target}"):  # fstab fields are split on blanks
+            raise UnsafeConfigValue(f"refusing to write the LXC config of {spec.name!r}: "
+                                    f"mount {src} -> {target!r} holds a blank")
         lines.append(f"lxc.mount.entry = {src} {target.lstrip('/')} none bind,create=dir 0 0")
     if spec.memory:
         lines.append(f"lxc.cgroup.memory.limit_in_bytes = {spec.memory}")
     if spec.cpus:
         lines.append(f"lxc.cgroup.cpuset.cpus = {cpuset(spec.cpus)}")
+    _refuse_unsafe(spec.name, lines)
     return "\n".join(lines) + "\n"
 
 
@@ -136,10 +175,13 @@ class LxcDriver:
         return self.lxcpath / name / "config"
 
     def write_config(self, spec: ContainerSpec) -> None:
+        """Render first (a refused value leaves no file and no directory), then replace
+        the config atomically."""
+        text = render_config(spec)
         d = self.lxcpath / spec.name
         d.mkdir(mode=0o700, exist_ok=True)
         tmp = d / "config.tmp"
-        tmp.write_text(render_config(spec))
+        tmp.write_text(text)
         tmp.replace(d / "config")
 
     def remove_config(self, name: str) -> None:

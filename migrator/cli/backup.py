@@ -208,6 +208,9 @@ def restore_cmd(
         help="Check every part's sha256 before writing anything (reads the backup twice), "
         "or while it streams into a hidden scratch volume that is deleted on a mismatch "
         "(reads it once: faster, half the traffic from an ssh:// repository)"),
+    allow_privileged: bool = typer.Option(
+        False, "--allow-privileged",
+        help="Accept a privileged backup (the container's root is root on this host)"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """Restore a backup (through its incremental chain) as a stopped container.
@@ -241,11 +244,12 @@ def restore_cmd(
 
             with transport_for(host) as t:
                 done, staged = restore_on_host(t, _repo(repo), backup_id, name, pool,
-                                               overrides, force, bars, verify_first)
+                                               overrides, force, bars, verify_first,
+                                               allow_privileged)
             r = RestoreResult(**done)
         else:
             r = restore_backup(_ctx().containers, _repo(repo), backup_id, name, pool,
-                               overrides, force, bars, verify_first)
+                               overrides, force, bars, verify_first, allow_privileged)
     if fmt == Format.json:
         _json({**r.as_dict(), "host": host or "local", "staged": staged})
         return

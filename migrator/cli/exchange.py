@@ -102,6 +102,9 @@ def import_cmd(
     name: str = typer.Argument(None, help="Name of the new container [default: the "
                                           "archive's]"),
     pool: str = typer.Option(None, "--pool", "-p", help="Pool [default: the default pool]"),
+    allow_privileged: bool = typer.Option(
+        False, "--allow-privileged",
+        help="Accept a privileged container (its root is root on this host)"),
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Import a container from an `lxc export`, `incus export` or `migrate export` tarball
@@ -116,7 +119,8 @@ def import_cmd(
         else:
             src = stack.enter_context(open(file, "rb"))
             total = os.fstat(src.fileno()).st_size
-        r = import_container(_ctx().containers, src, name, pool, total, bars)
+        r = import_container(_ctx().containers, src, name, pool, total, bars,
+                             allow_privileged)
     lines = [f"imported {r.container} (archive of {r.source_name}) on pool {r.pool}: "
              f"{'optimized' if r.optimized else 'generic'}, {r.compression}, "
              f"{'privileged' if r.privileged else 'unprivileged'}, "

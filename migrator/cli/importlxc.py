@@ -66,6 +66,9 @@ def import_lxc_cmd(
                                 "adopted container is recorded and verified"),
     replaced: bool = typer.Option(False, "--show-replaced", help="Also list the LXC keys the "
                                   "runtime sets its own way (ttys, console, AppArmor...)"),
+    allow_privileged: bool = typer.Option(
+        False, "--allow-privileged", help="Adopt a privileged container (no lxc.idmap: its "
+        "root is root on this host); refused without this"),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="table or json"),
 ) -> None:
     """Adopt a stopped LXC container (its config and dir rootfs) into this host, as LXD's
@@ -87,13 +90,15 @@ def import_lxc_cmd(
     if not all_:
         with Bars() as bars:
             plan = plan_import(cts, name, lxcpath, pool)
-            r = plan.result(True) if dry_run else import_lxc(cts, plan, delete, bars)
+            r = plan.result(True) if dry_run else import_lxc(cts, plan, delete, bars,
+                                                             allow_privileged)
         if fmt == Format.json:
             typer.echo(json.dumps(r.as_dict(), indent=2))
         show(r)
         return
     with Bars() as bars:
-        entries = import_all(cts, lxcpath, pool, delete, dry_run, bars)
+        entries = import_all(cts, lxcpath, pool, delete, dry_run, bars,
+                             allow_privileged=allow_privileged)
     if fmt == Format.json:
         typer.echo(json.dumps([e.as_dict() for e in entries], indent=2))
     for e in entries:

@@ -70,6 +70,10 @@ def copy_cmd(
         help="Copy a running container's live files without freezing it for a snapshot"),
     compress: str = typer.Option("auto", "--compress",
                                  help="Between hosts: zstd, none, or auto"),
+    allow_privileged: bool = typer.Option(
+        False, "--allow-privileged",
+        help="A pull (HOST:NAME as the source) may bring a privileged container, whose "
+        "root is root on this host; refused without this"),
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Copy a container with its snapshots: on this host (any pool to any pool), to another
@@ -88,7 +92,8 @@ def copy_cmd(
     dst_host, dst_name = split_ref(target)
     if src_host is not None:
         if dst_host is None:
-            _pull(src_host, src_name, dst_name, pool, instance_only, refresh, compress, fmt)
+            _pull(src_host, src_name, dst_name, pool, instance_only, refresh, compress, fmt,
+                  allow_privileged)
             return
         if dst_host == src_host:
             from migrator.errors import InvalidInput
@@ -132,7 +137,7 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
 
 
 def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bool,
-          refresh: bool, compress: str, fmt: Format) -> None:
+          refresh: bool, compress: str, fmt: Format, allow_privileged: bool = False) -> None:
     """HOST:C1 C1: the other host pushes to this one through the same SSH channel."""
     from types import SimpleNamespace
 
@@ -141,7 +146,7 @@ def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bo
 
     with Bars() as bars, transport_for(src_host) as t:
         r = pull_copy(_ctx().containers, t, src, dst, pool, instance_only, refresh, compress,
-                      bars)
+                      bars, allow_privileged)
     result = SimpleNamespace(**r, as_dict=lambda: r)
     report(result, fmt, "refreshed" if refresh else "copied")
 

@@ -88,12 +88,23 @@ def test_unknown_key_lists_known_keys() -> None:
     assert "limits.disk" in str(ei.value)
 
 
-def test_user_keys_are_free_form() -> None:
-    assert (
-        cfg.validate("user.note", "anything = goes, even\nnewlines")
-        == "anything = goes, even\nnewlines"
-    )
+def test_user_keys_are_free_form_single_line_text() -> None:
+    assert cfg.validate("user.note", "anything = goes, even 'quotes' and ünïcode") == (
+        "anything = goes, even 'quotes' and ünïcode")
     assert cfg.validate("user.x", "") == ""
+
+
+@pytest.mark.parametrize("value", ["two\nlines", "tab\there", "nul\x00", "cr\r", "del\x7f",
+                                   "esc\x1b[31m", "c1\x85", "sep\u2028"])
+def test_user_values_with_control_characters_are_refused(value: str) -> None:
+    with pytest.raises(InvalidInput) as ei:
+        cfg.validate("user.note", value)
+    assert "user.note" in str(ei.value) and "control character" in str(ei.value)
+
+
+def test_user_keys_with_control_characters_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="control character"):
+        cfg.validate("user.a\nlxc.hook.pre-start", "x")
 
 
 def test_bare_user_prefix_is_not_a_key() -> None:
@@ -159,3 +170,126 @@ def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(InvalidInput) as ei:
         parse_size(text)
     assert ei.value.hint
+
+
+# the gate for configs that arrive from elsewhere (admit_config) ------------------------------
+HOSTILE_MAC = "aa:bb:cc:dd:ee:ff\nlxc.hook.pre-start = /bin/touch /tmp/PWNED"
+ORIGIN = "backup index web-20260101T000000Z-abcdef"
+
+
+def admit(config: dict[str, object], allow_privileged: bool = False) -> dict[str, str]:
+    return cfg.admit_config(config, ORIGIN, allow_privileged=allow_privileged)
+
+
+def test_admit_canonicalises_every_known_family() -> None:
+    got = admit({
+        "security.privileged": "no", "security.protection.delete": "ON",
+        "limits.memory": "256MiB", "limits.cpu": "1", "snapshots.schedule": "@daily",
+        "snapshots.expiry": "2w", "backups.incremental": "yes", "user.owner": "ops",
+        "image.os": "debian", "image.release": "bookworm", "image.init": "systemd",
+        "image.description": "Debian bookworm (minbase, systemd)",
+        "volatile.eth0.hwaddr": "00:16:3E:12:34:56"})
+    assert got["security.privileged"] == "false"
+    assert got["security.protection.delete"] == "true"
+    assert got["limits.memory"] == str(256 << 20)
+    assert got["backups.incremental"] == "true"
+    assert got["volatile.eth0.hwaddr"] == "00:16:3e:12:34:56"  # lower case, as LXC writes
+    assert got["image.init"] == "systemd" and got["user.owner"] == "ops"
+    assert admit(got) == got  # canonical: a second pass changes nothing
+
+
+def test_hostile_mac_with_a_hook_line_is_refused_naming_key_and_origin() -> None:
+    with pytest.raises(cfg.ConfigRefused) as ei:
+        admit({"user.a": "b", "volatile.eth0.hwaddr": HOSTILE_MAC})
+    msg = str(ei.value)
+    assert msg.startswith(f"refused from {ORIGIN}: volatile.eth0.hwaddr")
+    assert "control character (\\n)" in msg
+    assert ei.value.exit_code == InvalidInput.exit_code and ei.value.hint
+
+
+@pytest.mark.parametrize("mac", ["aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:ff:00", "gg:bb:cc:dd:ee:ff",
+                                 "aa-bb-cc-dd-ee-ff", "01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff",
+                                 "00:00:00:00:00:00", " 00:16:3e:12:34:56", ""])
+def test_volatile_hwaddr_must_be_a_unicast_mac(mac: str) -> None:
+    with pytest.raises(cfg.ConfigRefused, match="volatile.eth0.hwaddr"):
+        admit({"volatile.eth0.hwaddr": mac})
+
+
+@pytest.mark.parametrize("key", ["volatile.last_state.idmap", "volatile.idmap.base",
+                                 "volatile.eth1.hwaddr", "volatile.last_state.power",
+                                 "image.serial", "image.architecture", "raw.lxc",
+                                 "lxc.hook.pre-start", "limits.processes", "security.nesting",
+                                 "user.", "environment.PATH"])
+def test_keys_nobody_here_writes_are_refused(key: str) -> None:
+    with pytest.raises(cfg.ConfigRefused) as ei:
+        admit({key: "[]"})
+    assert key in str(ei.value) and ORIGIN in str(ei.value)
+    assert "user.*" in ei.value.hint
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("image.init", "upstart"), ("image.init", "systemd\nlxc.init.cmd = /bin/sh"),
+    ("image.os", ""), ("image.os", "debian; rm -rf /"), ("image.os", "x" * 65),
+    ("image.release", "bookworm\n"), ("image.description", "d" * 257),
+    ("image.description", "ok\tbut a tab"), ("limits.memory", "1MiB"),
+    ("limits.memory", "256MiB\nlxc.hook.start = /bin/sh"), ("limits.cpu", "1\n"),
+    ("security.privileged", "maybe"), ("snapshots.schedule", "@daily\n"),
+    ("user.note", "line\nlxc.hook.pre-start = /bin/sh"),
+])
+def test_each_value_is_parsed_by_its_type(key: str, value: str) -> None:
+    with pytest.raises(cfg.ConfigRefused) as ei:
+        admit({key: value})
+    assert key in str(ei.value)
+
+
+@pytest.mark.parametrize("config", [{"limits.cpu": 1}, {"user.a": None}, {1: "x"},
+                                    {"user.a": ["b"]}])
+def test_only_text_is_admitted(config: dict[object, object]) -> None:
+    with pytest.raises(cfg.ConfigRefused, match="must be text"):
+        admit(config)  # type: ignore[arg-type]
+
+
+def test_not_a_mapping_is_refused() -> None:
+    with pytest.raises(cfg.ConfigRefused, match="not a mapping"):
+        cfg.admit_config(["user.a=b"], ORIGIN, allow_privileged=True)  # type: ignore[arg-type]
+
+
+def test_oversized_values_are_refused() -> None:
+    with pytest.raises(cfg.ConfigRefused, match="characters long"):
+        admit({"user.blob": "x" * (cfg.MAX_VALUE + 1)})
+    with pytest.raises(cfg.ConfigRefused, match="characters long"):
+        admit({"user." + "k" * cfg.MAX_KEY: "x"})
+
+
+def test_image_and_volatile_stay_read_only_for_operators() -> None:
+    for key, value in (("image.init", "busybox"), ("volatile.eth0.hwaddr", "00:16:3e:00:00:01")):
+        assert admit({key: value}) == {key: value}
+        with pytest.raises(InvalidInput, match="set by the runtime"):
+            cfg.validate(key, value)
+
+
+# privilege: one decision --------------------------------------------------------------------
+def test_privileged_config_needs_the_operators_flag() -> None:
+    with pytest.raises(cfg.ConfigRefused) as ei:
+        admit({"security.privileged": "true"})
+    assert "security.privileged=true" in str(ei.value) and ORIGIN in str(ei.value)
+    assert "--allow-privileged" in ei.value.hint
+    assert admit({"security.privileged": "1"}, allow_privileged=True) == {
+        "security.privileged": "true"}
+    assert admit({}) == {}  # unprivileged by default: no flag needed
+
+
+@pytest.mark.parametrize(("config", "claimed"), [
+    ({"security.privileged": "true"}, False), ({}, True),
+    ({"security.privileged": "false"}, True)])
+def test_a_source_that_contradicts_itself_is_refused(config: dict[str, str],
+                                                     claimed: bool) -> None:
+    with pytest.raises(cfg.ConfigRefused, match="security.privileged") as ei:
+        cfg.privilege_of(config, ORIGIN, allow_privileged=True, claimed=claimed)
+    assert f"privileged={str(claimed).lower()}" in str(ei.value)
+
+
+def test_privilege_of_agrees_with_its_source() -> None:
+    assert cfg.privilege_of({"security.privileged": "true"}, ORIGIN, allow_privileged=True,
+                            claimed=True)
+    assert not cfg.privilege_of({}, ORIGIN, allow_privileged=False, claimed=False)

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from migrator.errors import InvalidInput
 from runtime.idmap import IdMap
-from runtime.lxc import PRIVILEGED_DEVICES, ContainerSpec, cpuset, hwaddr, render_config
+from runtime.lxc import (
+    PRIVILEGED_DEVICES,
+    ContainerSpec,
+    LxcDriver,
+    UnsafeConfigValue,
+    cpuset,
+    hwaddr,
+    render_config,
+)
 from runtime.network import NetworkConfig, parse_subnet
 
 NET = NetworkConfig(netns="h1", bridge="migbr0", address=parse_subnet("192.0.2.1/24"))
@@ -155,3 +164,53 @@ def test_hwaddr_distinct_across_many_names() -> None:
 
 def test_render_is_deterministic() -> None:
     assert render_config(spec(memory=2**30, cpus=1)) == render_config(spec(memory=2**30, cpus=1))
+
+
+# the second wall: nothing that would break a line reaches the file ----------------------------
+HOOK = "\nlxc.hook.pre-start = /bin/touch /tmp/PWNED"
+
+
+def test_hostile_hwaddr_is_refused_by_the_renderer_itself() -> None:
+    with pytest.raises(UnsafeConfigValue) as ei:
+        render_config(spec(hwaddr="aa:bb:cc:dd:ee:ff" + HOOK))
+    assert "web-1" in str(ei.value) and "hwaddr" in str(ei.value)
+    assert isinstance(ei.value, InvalidInput) and ei.value.hint
+
+
+@pytest.mark.parametrize("mac", ["AA:BB:CC:DD:EE:FF", "aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:ff "])
+def test_hwaddr_that_is_no_mac_is_refused(mac: str) -> None:
+    with pytest.raises(UnsafeConfigValue, match="not a MAC address"):
+        render_config(spec(hwaddr=mac))
+
+
+@pytest.mark.parametrize(("field", "value", "key"), [
+    ("name", "web-1" + HOOK, "lxc.uts.name"),
+    ("rootfs", Path("/var/lib/x" + HOOK), "lxc.rootfs.path"),
+    ("log_file", Path("/var/log/x\r"), "lxc.log.file"),
+    ("ipv4", "192.0.2.10\x00", "lxc.net.0.ipv4.address"),
+    ("network", NetworkConfig(netns="h1", bridge="br0" + HOOK,
+                              address=parse_subnet("192.0.2.1/24")), "lxc.net.0.link"),
+    ("mounts", ((Path("/srv/vol"), "/data\x1b"),), "lxc.mount.entry"),
+    ("mounts", ((Path("/srv/vol\x7f"), "/data"),), "lxc.mount.entry"),
+    ("idmap", IdMap(100000, size="65536\u2028lxc.hook.start = x"), "lxc.idmap"),  # type: ignore[arg-type]
+])
+def test_every_interpolated_field_is_checked(field: str, value: object, key: str) -> None:
+    with pytest.raises(UnsafeConfigValue) as ei:
+        render_config(spec(**{field: value}))
+    assert key in str(ei.value) and "control character" in str(ei.value)
+
+
+def test_a_blank_in_a_mount_would_shift_its_fields() -> None:
+    with pytest.raises(UnsafeConfigValue, match="blank"):
+        render_config(spec(mounts=((Path("/srv/vol"), "/data none rbind,dev 0 0 #"),)))
+
+
+def test_write_config_leaves_nothing_when_refused(tmp_path: Path) -> None:
+    driver = LxcDriver(tmp_path, None)
+    with pytest.raises(UnsafeConfigValue):
+        driver.write_config(spec(hwaddr="aa:bb:cc:dd:ee:ff" + HOOK))
+    assert list(tmp_path.iterdir()) == []
+    driver.write_config(spec(hwaddr="aa:bb:cc:dd:ee:ff"))
+    text = (tmp_path / "web-1" / "config").read_text()
+    assert values(text, "lxc.net.0.hwaddr") == ["aa:bb:cc:dd:ee:ff"]
+    assert "hook" not in text
