@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from migrator.errors import CorruptBackup, UnsafeArchive
+from migrator.errors import CorruptBackup, InvalidInput, UnsafeArchive
+from runtime.inroot import RootDir
 
 MANIFEST_VERSION = 1
 #: kind, mode, uid, gid, size, mtime_ns, nlink, rdev, symlink target
@@ -183,38 +183,18 @@ def safe_relative(rel: str) -> list[str]:
 def remove_paths(root: Path, paths: Iterable[str]) -> int:
     """Remove each relative path under ``root``; never follows a symlink on the way.
 
-    Directories are opened one component at a time with ``O_NOFOLLOW``, so a symlink in
-    the restored tree cannot redirect a removal outside it. Missing paths are fine.
+    Through ``runtime.inroot.RootDir`` with no links followed at all: a symlink among the
+    parents (even one leading inside) is refused, the last component is removed itself (a
+    link, not what it names), a directory with everything in it. Missing paths are fine.
     """
     removed = 0
-    for rel in paths:
-        parts = safe_relative(rel)
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            for comp in parts[:-1]:
-                try:
-                    nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                  dir_fd=fd)
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    raise UnsafeArchive(f"refusing to remove {rel!r}: {comp!r} is not a "
-                                        "directory (a symlink?)") from e
-                os.close(fd)
-                fd = nfd
-            else:
-                name = parts[-1]
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    shutil.rmtree(name, dir_fd=fd)
-                else:
-                    os.unlink(name, dir_fd=fd)
-                removed += 1
-        finally:
-            os.close(fd)
+    with RootDir(root, follow_links=False) as tree:
+        for rel in paths:
+            safe_relative(rel)
+            try:
+                removed += tree.remove(rel)
+            except InvalidInput as e:
+                raise UnsafeArchive(f"refusing to remove {rel!r}: {e.message}") from e
     return removed
 
 

@@ -15,16 +15,23 @@ tree (which undoes them) and runs them again.
   (LXC configures it before init starts, so ifupdown is told ``manual``; systemd-networkd
   and netplan get it written out), or DHCP; other interfaces' files are set aside;
 - the hostname is kept (``/etc/hostname`` is not touched).
+
+The tree is the source machine's, so any name in it may be a planted symlink: every read and
+write goes through ``runtime.inroot.RootDir``, which resolves links inside the rootfs only
+and replaces (never writes through) a link at the name being written. What cannot be done
+inside the tree raises ``InvalidInput``.
 """
 
 from __future__ import annotations
 
-import os
+import fnmatch
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.images import DEBIAN_MASKED_UNITS, PROTECT_HOSTNAME_UNITS
+from runtime.inroot import RootDir
 
 UNIT_DIRS = ("etc/systemd/system", "lib/systemd/system", "usr/lib/systemd/system")
 DISK_FSTYPES = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
@@ -82,70 +89,55 @@ class NetworkPlan:
     gateway: str | None = None
 
 
-def _inside(rootfs: Path, rel: str) -> Path:
-    """``rel`` under ``rootfs``, refusing a path whose parents are symlinks (the tree is the
-    source machine's: a hostile ``etc -> /etc`` must not make us edit the host)."""
-    p = rootfs
-    for part in Path(rel).parts[:-1]:
-        p = p / part
-        if p.is_symlink():
-            raise ValueError(f"/{rel}: {p} is a symlink; refusing to follow it")
-    return p / Path(rel).name
-
-
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    if path.is_symlink():
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, mode)
+def _fnmatch_names(root: RootDir, rel: str, pattern: str) -> list[str]:
+    return [n for n in root.listdir(rel) if fnmatch.fnmatchcase(n, pattern)]
 
 
 def fix_fstab(rootfs: Path) -> list[str]:
     """Comment out disk, swap and runtime-filesystem lines; keep tmpfs and the rest."""
-    fstab = _inside(rootfs, "etc/fstab")
-    if not fstab.is_file() or fstab.is_symlink():
-        return []
-    out, changes = [], []
-    for line in fstab.read_text().splitlines():
-        f = line.split()
-        if not f or f[0].startswith("#") or len(f) < 3:
-            out.append(line)
-            continue
-        src, fstype = f[0], f[2]
-        disk = fstype in DISK_FSTYPES or src.startswith(("/dev/", "UUID=", "LABEL=",
-                                                         "PARTUUID=", "PARTLABEL="))
-        if fstype == "swap":
-            why = "swap: a container has none of its own"
-        elif fstype in RUNTIME_FSTYPES:
-            why = f"{fstype}: mounted by the container runtime"
-        elif disk and f[1] == "/":
-            why = "the root disk: the container's root is its volume"
-        elif disk:
-            why = "a disk of the machine: its data was copied into the volume"
-        else:
-            out.append(line)
-            continue
-        out.append(f"# p2c: {line}")
-        changes.append(f"/etc/fstab: commented out {' '.join(f[:3])} ({why})")
-    if changes:
-        _write(fstab, "\n".join(out) + "\n", fstab.stat().st_mode & 0o7777)
-    return changes
+    with RootDir(rootfs) as root:
+        st = root.stat("etc/fstab")
+        text = root.read_text("etc/fstab") if st and stat.S_ISREG(st.st_mode) else None
+        if text is None or st is None:
+            return []
+        out, changes = [], []
+        for line in text.splitlines():
+            f = line.split()
+            if not f or f[0].startswith("#") or len(f) < 3:
+                out.append(line)
+                continue
+            src, fstype = f[0], f[2]
+            disk = fstype in DISK_FSTYPES or src.startswith(("/dev/", "UUID=", "LABEL=",
+                                                             "PARTUUID=", "PARTLABEL="))
+            if fstype == "swap":
+                why = "swap: a container has none of its own"
+            elif fstype in RUNTIME_FSTYPES:
+                why = f"{fstype}: mounted by the container runtime"
+            elif disk and f[1] == "/":
+                why = "the root disk: the container's root is its volume"
+            elif disk:
+                why = "a disk of the machine: its data was copied into the volume"
+            else:
+                out.append(line)
+                continue
+            out.append(f"# p2c: {line}")
+            changes.append(f"/etc/fstab: commented out {' '.join(f[:3])} ({why})")
+        if changes:
+            root.write_text("etc/fstab", "\n".join(out) + "\n", st.st_mode & 0o7777)
+        return changes
 
 
-def _unit_exists(rootfs: Path, unit: str) -> bool:
-    return any((rootfs / d / unit).exists() or (rootfs / d / unit).is_symlink()
-               for d in UNIT_DIRS)
+def _unit_exists(root: RootDir, unit: str) -> bool:
+    return any(root.lexists(f"{d}/{unit}") for d in UNIT_DIRS)
 
 
-def _mask(rootfs: Path, unit: str) -> bool:
-    link = _inside(rootfs, f"etc/systemd/system/{unit}")
-    if link.is_symlink() and os.readlink(link) == "/dev/null":
+def _mask(root: RootDir, unit: str) -> bool:
+    link = f"etc/systemd/system/{unit}"
+    if root.readlink(link) == "/dev/null":
         return False
-    if link.exists() or link.is_symlink():
-        link.rename(link.with_name(link.name + SIDE))
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to("/dev/null")
+    if root.lexists(link):
+        root.rename(link, link + SIDE)
+    root.symlink("/dev/null", link)
     return True
 
 
@@ -153,78 +145,80 @@ def mask_units(rootfs: Path) -> list[str]:
     """Mask what cannot run in a container (only units the machine has) and what this
     runtime masks in its own Debian containers; swap units too."""
     changes = []
-    for unit, why in CONTAINER_UNFIT.items():
-        if _unit_exists(rootfs, unit) and _mask(rootfs, unit):
-            changes.append(f"masked {unit} ({why})")
-    for unit in DEBIAN_MASKED_UNITS:
-        if unit not in CONTAINER_UNFIT and _unit_exists(rootfs, unit) and _mask(rootfs, unit):
-            changes.append(f"masked {unit} ({RUNTIME_MASK_REASON})")
-    etc = _inside(rootfs, "etc/systemd/system/x")
-    if etc.parent.is_dir():
-        for p in sorted(etc.parent.glob("*.swap")):
-            if _mask(rootfs, p.name):
-                changes.append(f"masked {p.name} (no swap in a container)")
-    for unit in PROTECT_HOSTNAME_UNITS:
-        if not _unit_exists(rootfs, f"{unit}.service"):
-            continue
-        conf = _inside(rootfs, f"etc/systemd/system/{unit}.service.d/migrator-container.conf")
-        if not conf.exists():
-            _write(conf, "[Service]\nProtectHostname=no\n")
-            changes.append(f"{unit}.service: ProtectHostname=no (a nested UTS namespace "
-                           "cannot be checkpointed for live migration)")
+    with RootDir(rootfs) as root:
+        for unit, why in CONTAINER_UNFIT.items():
+            if _unit_exists(root, unit) and _mask(root, unit):
+                changes.append(f"masked {unit} ({why})")
+        for unit in DEBIAN_MASKED_UNITS:
+            if unit not in CONTAINER_UNFIT and _unit_exists(root, unit) and _mask(root, unit):
+                changes.append(f"masked {unit} ({RUNTIME_MASK_REASON})")
+        for name in _fnmatch_names(root, "etc/systemd/system", "*.swap"):
+            if _mask(root, name):
+                changes.append(f"masked {name} (no swap in a container)")
+        for unit in PROTECT_HOSTNAME_UNITS:
+            if not _unit_exists(root, f"{unit}.service"):
+                continue
+            conf = f"etc/systemd/system/{unit}.service.d/migrator-container.conf"
+            st = root.lstat(conf)
+            if st is None or not stat.S_ISREG(st.st_mode):  # a planted link is replaced
+                root.write_text(conf, "[Service]\nProtectHostname=no\n")
+                changes.append(f"{unit}.service: ProtectHostname=no (a nested UTS namespace "
+                               "cannot be checkpointed for live migration)")
     return changes
-
-
-def _set_aside(path: Path) -> str:
-    path.rename(path.with_name(path.name + SIDE))
-    return f"/{path.name}"
 
 
 def configure_network(rootfs: Path, plan: NetworkPlan) -> list[str]:
     """eth0 as planned, in whichever network stack the machine uses."""
     changes = []
     how = "DHCP" if plan.dhcp else f"{plan.address} via {plan.gateway}"
-    ifaces = _inside(rootfs, "etc/network/interfaces")
-    if ifaces.is_file() and not ifaces.is_symlink():
-        old = ifaces.read_text()
-        orig = ifaces.with_name("interfaces" + SIDE)
-        if not orig.exists():
-            orig.write_text(old)
-        eth0 = "iface eth0 inet dhcp\n" if plan.dhcp else (
-            "iface eth0 inet manual\n"
-            f"    # {plan.address} via {plan.gateway}: set on eth0 by the container runtime\n")
-        _write(ifaces, "# written by migrate p2c; the machine's own file is "
-               f"interfaces{SIDE}\nauto lo\niface lo inet loopback\n\nauto eth0\n{eth0}")
-        changes.append(f"/etc/network/interfaces: eth0 only, {how} (was: "
-                       f"{', '.join(_ifupdown_ifaces(old)) or 'nothing'})")
-    nd = _inside(rootfs, "etc/systemd/network/x").parent
-    if nd.is_dir() and not nd.is_symlink() and (any(nd.glob("*.network")) or _networkd_enabled(
-            rootfs)):
-        for p in sorted(nd.glob("*.network")):
-            if p.name != "10-p2c-eth0.network":
-                changes.append(f"/etc/systemd/network/{p.name} set aside as {p.name}{SIDE}")
-                _set_aside(p)
-        body = "DHCP=yes\n" if plan.dhcp else f"Address={plan.address}\nGateway={plan.gateway}\n"
-        _write(nd / "10-p2c-eth0.network", f"[Match]\nName=eth0\n\n[Network]\n{body}")
-        changes.append(f"/etc/systemd/network/10-p2c-eth0.network: eth0, {how}")
-    npd = _inside(rootfs, "etc/netplan/x").parent
-    if npd.is_dir() and not npd.is_symlink():
-        for p in sorted(npd.glob("*.yaml")):
-            if p.name != "10-p2c.yaml":
-                changes.append(f"/etc/netplan/{p.name} set aside as {p.name}{SIDE}")
-                _set_aside(p)
-        eth0 = "      dhcp4: true\n" if plan.dhcp else (
-            f"      addresses: [{plan.address}]\n      routes:\n"
-            f"        - to: default\n          via: {plan.gateway}\n")
-        _write(npd / "10-p2c.yaml", f"network:\n  version: 2\n  ethernets:\n    eth0:\n{eth0}",
-               0o600)
-        changes.append(f"/etc/netplan/10-p2c.yaml: eth0, {how}")
+    with RootDir(rootfs) as root:
+        ifaces = "etc/network/interfaces"
+        old = root.read_text(ifaces) if root.is_file(ifaces) else None
+        if old is not None:
+            orig = ifaces + SIDE
+            st = root.lstat(orig)
+            if st is None or not stat.S_ISREG(st.st_mode):  # a planted link is replaced
+                root.write_text(orig, old)
+            eth0 = "iface eth0 inet dhcp\n" if plan.dhcp else (
+                "iface eth0 inet manual\n"
+                f"    # {plan.address} via {plan.gateway}: set on eth0 by the container "
+                "runtime\n")
+            root.write_text(ifaces, "# written by migrate p2c; the machine's own file is "
+                            f"interfaces{SIDE}\nauto lo\niface lo inet loopback\n\n"
+                            f"auto eth0\n{eth0}")
+            changes.append(f"/etc/network/interfaces: eth0 only, {how} (was: "
+                           f"{', '.join(_ifupdown_ifaces(old)) or 'nothing'})")
+        nd = "etc/systemd/network"
+        networks = _fnmatch_names(root, nd, "*.network")
+        if root.is_dir(nd) and (networks or _networkd_enabled(root)):
+            for name in networks:
+                if name != "10-p2c-eth0.network":
+                    changes.append(f"/etc/systemd/network/{name} set aside as {name}{SIDE}")
+                    root.rename(f"{nd}/{name}", f"{nd}/{name}{SIDE}")
+            body = ("DHCP=yes\n" if plan.dhcp
+                    else f"Address={plan.address}\nGateway={plan.gateway}\n")
+            root.write_text(f"{nd}/10-p2c-eth0.network",
+                            f"[Match]\nName=eth0\n\n[Network]\n{body}")
+            changes.append(f"/etc/systemd/network/10-p2c-eth0.network: eth0, {how}")
+        npd = "etc/netplan"
+        if root.is_dir(npd):
+            for name in _fnmatch_names(root, npd, "*.yaml"):
+                if name != "10-p2c.yaml":
+                    changes.append(f"/etc/netplan/{name} set aside as {name}{SIDE}")
+                    root.rename(f"{npd}/{name}", f"{npd}/{name}{SIDE}")
+            eth0 = "      dhcp4: true\n" if plan.dhcp else (
+                f"      addresses: [{plan.address}]\n      routes:\n"
+                f"        - to: default\n          via: {plan.gateway}\n")
+            root.write_text(f"{npd}/10-p2c.yaml",
+                            f"network:\n  version: 2\n  ethernets:\n    eth0:\n{eth0}", 0o600)
+            changes.append(f"/etc/netplan/10-p2c.yaml: eth0, {how}")
     return changes
 
 
-def _networkd_enabled(rootfs: Path) -> bool:
-    etc = rootfs / "etc/systemd/system"
-    return any(etc.glob("*.wants/systemd-networkd.service"))
+def _networkd_enabled(root: RootDir) -> bool:
+    etc = "etc/systemd/system"
+    return any(root.lexists(f"{etc}/{d}/systemd-networkd.service")
+               for d in _fnmatch_names(root, etc, "*.wants"))
 
 
 def _ifupdown_ifaces(text: str) -> list[str]:
@@ -236,9 +230,10 @@ def _ifupdown_ifaces(text: str) -> list[str]:
 def apply_all(rootfs: Path, plan: NetworkPlan) -> list[str]:
     """Every fixup, in order; the list of changes."""
     changes = fix_fstab(rootfs) + mask_units(rootfs) + configure_network(rootfs, plan)
-    hostname = _inside(rootfs, "etc/hostname")
-    if hostname.is_file():
-        changes.append(f"hostname kept: {hostname.read_text().strip()}")
+    with RootDir(rootfs) as root:
+        hostname = root.read_text("etc/hostname") if root.is_file("etc/hostname") else None
+    if hostname is not None:
+        changes.append(f"hostname kept: {hostname.strip()[:253]}")
     return changes
 
 
@@ -251,6 +246,14 @@ def write_report(rootfs: Path, header: dict[str, str], changes: list[str],
     lines += [f"- {c}" for c in changes] or ["- none"]
     lines += ["", "Files that could not be read on the source (not copied):"]
     lines += [f"- {u}" for u in unreadable] or ["- none"]
-    path = _inside(rootfs, REPORT)
-    _write(path, "\n".join(lines) + "\n", 0o600)
-    return path
+    with RootDir(rootfs) as root:
+        root.write_text(REPORT, "\n".join(lines) + "\n", 0o600)
+    return rootfs / REPORT
+
+
+def append_report(rootfs: Path, text: str) -> None:
+    """Add ``text`` to the report of a converted (and maybe already running) container:
+    appended in place, keeping its shifted owner, and refused if it is no longer a plain
+    file (the container's root may have replaced it with a link)."""
+    with RootDir(rootfs) as root:
+        root.append_text(REPORT, text)

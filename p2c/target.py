@@ -17,7 +17,7 @@ from typing import Any
 from migrator import errors
 from migrator.backends import VolumeRef
 from migrator.names import ContainerName, PoolName
-from p2c.fixups import REPORT, NetworkPlan, apply_all, write_report
+from p2c.fixups import NetworkPlan, append_report, apply_all, write_report
 from runtime import idmap
 from runtime.network import allocate_ipv4
 
@@ -65,10 +65,10 @@ def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
     net = cts.host.network_config()
     ipv4 = allocate_ipv4(net, cts.state.used_ipv4())
     plan = NetworkPlan(bool(req.get("dhcp")), f"{ipv4}/{net.prefixlen}", net.gateway)
-    try:
+    try:  # every read and write stays inside the tree (runtime.inroot)
         changes = apply_all(rootfs, plan)
-    except ValueError as e:
-        raise errors.InvalidInput(f"cannot convert the received tree: {e}") from e
+    except errors.InvalidInput as e:
+        raise errors.InvalidInput(f"cannot convert the received tree: {e}", e.hint) from e
     unreadable = [str(u) for u in req.get("unreadable", [])]
     header = {str(k): str(v) for k, v in dict(req.get("header", {})).items()}
     header.update({"container": cname, "address": "DHCP" if plan.dhcp else str(plan.address),
@@ -96,7 +96,11 @@ def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
                                           "--no-pager"])
         failed = [line.split()[0] for line in out.splitlines() if line.split()]
         result.update({"status": cts.status(cname), "boot": state, "failed_units": failed})
-        with open(rootfs / REPORT, "a") as f:  # owner and mode stay as written (shifted)
-            f.write(f"\nFirst boot: systemd is {state}\n")
-            f.write("Failed units: " + (", ".join(failed) if failed else "none") + "\n")
+        # appended in place (owner and mode stay as written, shifted); the container has
+        # run by now, so a link it put there is refused rather than followed
+        try:
+            append_report(rootfs, f"\nFirst boot: systemd is {state}\nFailed units: "
+                          + (", ".join(failed) if failed else "none") + "\n")
+        except errors.InvalidInput as e:
+            result["report"] = f"first-boot lines not added to the report: {e}"
     return result

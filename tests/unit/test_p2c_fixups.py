@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from migrator.errors import InvalidInput
 from migrator.transport.rsync_relay import sender_args
 from p2c.fixups import (
     NetworkPlan,
+    append_report,
     apply_all,
     configure_network,
     fix_fstab,
@@ -18,6 +20,7 @@ from p2c.fixups import (
     write_report,
 )
 from p2c.pull import check_rules, drop_unreadable, parse_rsync_errors, parse_stats
+from runtime import inroot
 
 FSTAB = """\
 # /etc/fstab: static file system information.
@@ -106,16 +109,157 @@ def test_network_dhcp_and_no_networkd_file_when_unused(tmp_path: Path) -> None:
     assert list((root / "etc/systemd/network").iterdir()) == []
 
 
-def test_a_symlinked_etc_is_refused(tmp_path: Path) -> None:
+@pytest.fixture(params=["openat2", "walk"])
+def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways runtime.inroot resolves paths: openat2 and the O_NOFOLLOW walk."""
+    monkeypatch.setattr(inroot, "_use_openat2", request.param == "openat2")
+    return str(request.param)
+
+
+def test_a_symlinked_etc_leads_inside_the_tree_only(tmp_path: Path, resolution: str) -> None:
     root = tmp_path / "r"
     root.mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
-    (root / "etc").symlink_to(outside)
-    with pytest.raises(ValueError, match="symlink"):
-        fix_fstab(root)
+    (root / "etc").symlink_to(outside)  # inside the tree this is root/<tmp_path>/outside
+    assert fix_fstab(root) == []
     assert (outside / "fstab").read_text().startswith("/dev/sda1")
+
+
+# Every path the fixups and the report read or write, relative to the rootfs.
+WRITTEN = [
+    "etc/fstab",
+    "etc/network/interfaces", "etc/network/interfaces.p2c-orig",
+    "etc/systemd/network/10-p2c-eth0.network", "etc/systemd/network/50-ens3.network.p2c-orig",
+    "etc/netplan/10-p2c.yaml", "etc/netplan/01-netcfg.yaml.p2c-orig",
+    "etc/systemd/system/systemd-udevd.service", "etc/systemd/system/getty@.service",
+    "etc/systemd/system/systemd-timesyncd.service", "etc/systemd/system/smartd.service",
+    "etc/systemd/system/systemd-logind.service",
+    "etc/systemd/system/dev-sdb2.swap.p2c-orig",
+    "etc/systemd/system/systemd-logind.service.d/migrator-container.conf",
+    "etc/hostname", "root/p2c-report.txt",
+]
+READ = {"etc/fstab", "etc/network/interfaces", "etc/hostname"}
+PARENTS = ["etc/network", "etc/systemd/network", "etc/netplan", "root",
+           "etc/systemd/system/systemd-logind.service.d"]
+
+
+def _host_state(top: Path) -> dict[str, tuple[int, int, bytes | str]]:
+    """Every entry under ``top``: mode, mtime and content (or link target)."""
+    out: dict[str, tuple[int, int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            body: bytes | str = (os.readlink(p) if p.is_symlink() else
+                                 p.read_bytes() if p.is_file() else b"")
+            out[str(p.relative_to(top))] = (st.st_mode, st.st_mtime_ns, body)
+    return out
+
+
+def _plant(root: Path, rel: str, target: str) -> None:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+    p.symlink_to(target)
+
+
+@pytest.mark.parametrize("how", ["absolute-dangling", "absolute-existing", "relative-up",
+                                 "read-names-too", "parents-absolute", "parents-relative"])
+def test_a_hostile_machine_with_links_at_every_path_writes_nothing_outside(
+        tmp_path: Path, how: str, resolution: str) -> None:
+    """A converted machine plants a symlink at every name the fixups touch (and at their
+    parent directories): a host canary directory the links aim at stays byte for byte and
+    mtime for mtime the same, and each write either lands inside the tree or is refused."""
+    root = machine(tmp_path)
+    host = tmp_path / "host"  # stands for the host's /etc: the links aim here
+    (host / "cron.d").mkdir(parents=True)
+    (host / "cron.d/keep").write_text("# host cron\n")
+    for rel in WRITTEN:
+        (host / rel.replace("/", "_")).write_text(f"host file {rel}\n")
+    os.utime(host / "cron.d", ns=(1, 10**18))  # an mtime no write would leave
+    up = "../" * (len(root.parts) + 3)  # far more .. than the tree is deep
+    if how.startswith("parents"):
+        for rel in PARENTS:
+            dest = host / ("dir_" + rel.replace("/", "_"))
+            dest.mkdir()
+            (dest / "canary").write_text("host\n")
+            _plant(root, rel, str(dest) if how == "parents-absolute" else up + str(dest)[1:])
+    else:  # the names only written; the files read too, when they must lead nowhere
+        for rel in WRITTEN:
+            if rel in READ and how != "read-names-too":
+                continue
+            name = rel.replace("/", "_")
+            target = {"absolute-dangling": str(host / "cron.d" / name),
+                      "absolute-existing": str(host / name),
+                      "read-names-too": str(host / name),
+                      "relative-up": up + str(host / name)[1:]}[how]
+            _plant(root, rel, target)
+    before = _host_state(host)
+    outside_before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        changes = apply_all(root, STATIC)
+        write_report(root, {"source": "root@evil"}, changes, [])
+    except InvalidInput as e:  # a refusal must say what it refused
+        assert "refusing /" in str(e) and str(root) in str(e)
+        refused = True
+    else:
+        refused = False
+        report = root / "root/p2c-report.txt"
+        if report.is_symlink() or not report.is_file():
+            raise AssertionError("the report went somewhere else")
+        assert "source: root@evil" in report.read_text()
+    assert _host_state(host) == before, how
+    assert sorted(p.name for p in tmp_path.iterdir()) == outside_before
+    if not how.startswith("parents"):
+        assert not refused  # links at the leaves are replaced, never written through
+        for unit in ("systemd-udevd.service", "getty@.service"):
+            assert os.readlink(root / "etc/systemd/system" / unit) == "/dev/null"
+        written = [rel for rel in WRITTEN if rel not in READ and "@" not in rel
+                   and not rel.endswith((".service", ".swap.p2c-orig"))]
+        if how == "read-names-too":  # nothing read from the host, so nothing to change
+            assert "host file" not in report.read_text()
+            written = ["root/p2c-report.txt"]
+        for rel in written:
+            p = root / rel
+            assert p.is_file() and not p.is_symlink(), rel
+        if how != "read-names-too":
+            assert "ens3" in (root / "etc/network/interfaces.p2c-orig").read_text()
+
+
+def test_fifo_and_huge_files_are_refused_not_read(tmp_path: Path, resolution: str) -> None:
+    root = machine(tmp_path)
+    (root / "etc/fstab").unlink()
+    os.mkfifo(root / "etc/fstab")
+    assert fix_fstab(root) == []  # not a regular file: nothing read, nothing blocked
+    (root / "etc/hostname").unlink()
+    os.mkfifo(root / "etc/hostname")
+    changes = apply_all(root, STATIC)
+    assert not any(c.startswith("hostname") for c in changes)
+    big = root / "etc/network/interfaces"
+    with open(big, "wb") as f:
+        f.truncate(inroot.MAX_READ + 1)
+    with pytest.raises(InvalidInput, match="more than"):
+        configure_network(root, STATIC)
+
+
+def test_report_append_refuses_a_link_the_container_put_there(tmp_path: Path,
+                                                              resolution: str) -> None:
+    root = machine(tmp_path)
+    write_report(root, {"source": "root@web1"}, [], [])
+    append_report(root, "First boot: running\n")
+    assert (root / "root/p2c-report.txt").read_text().endswith("First boot: running\n")
+    victim = tmp_path / "victim"
+    victim.write_text("host\n")
+    (root / "root/p2c-report.txt").unlink()
+    (root / "root/p2c-report.txt").symlink_to(victim)
+    with pytest.raises(InvalidInput, match="p2c-report.txt"):
+        append_report(root, "more\n")
+    assert victim.read_text() == "host\n"
 
 
 def test_report_lists_every_change(tmp_path: Path) -> None:
