@@ -145,12 +145,12 @@ class Runs:
 
     def project_restore(self) -> None:
         s, _ = timed(partial(restore_backup, self.cts, self.repo, self.sizes["full_id"],
-                             "bk-r"))
+                             "bk-r", allow_privileged=True))
         self.samples["project_restore"].append(s)
 
     def project_restore_streamed(self) -> None:
         s, _ = timed(partial(restore_backup, self.cts, self.repo, self.sizes["full_id"],
-                             "bk-s", verify_first=False))
+                             "bk-s", verify_first=False, allow_privileged=True))
         self.samples["project_restore_streamed"].append(s)
 
     def baseline_restore(self) -> None:

@@ -64,7 +64,7 @@ def test_generic_round_trip_onto_other_driver_keeps_everything(host) -> None:  #
     assert stat.S_IMODE(repo.path.stat().st_mode) == 0o700
 
     res = restore_backup(host.cts, repo, r.id, name="bk1-dst", pool="btrfs",
-                         config={"limits.cpu": "1"})
+                         config={"limits.cpu": "1"}, allow_privileged=True)
     assert res.snapshots == ["s0"]
     assert signature(rootfs(host, "bk1-dst")) == signature(rootfs(host, "bk1-src"))
     assert snap_sig(host, "bk1-dst", "s0") == snap_sig(host, "bk1-src", "s0")
@@ -84,7 +84,7 @@ def test_generic_round_trip_onto_other_driver_keeps_everything(host) -> None:  #
     assert rc == 0 and out.strip() == "after s0"
     # a second restore under the same name is refused, with the way out in the hint
     with pytest.raises(AlreadyExists) as e:
-        restore_backup(host.cts, repo, r.id, name="bk1-dst")
+        restore_backup(host.cts, repo, r.id, name="bk1-dst", allow_privileged=True)
     assert "--force" in e.value.hint
 
 
@@ -181,7 +181,8 @@ def test_incremental_chain_of_five_restores_every_point(host, pool, optimized) -
     for i, r in enumerate(results):
         verify_backup(repo, r.id, deep=True)
         target = f"bk1-r{i}"
-        res = restore_backup(host.cts, repo, r.id, name=target, pool=pool)
+        res = restore_backup(host.cts, repo, r.id, name=target, pool=pool,
+                             allow_privileged=True)
         assert res.chain == [x.id for x in results[: i + 1]]
         files, snaps = expected[i]
         assert signature(rootfs(host, target)) == files, f"point {i}"
@@ -355,12 +356,14 @@ def test_zfs_optimized_incremental_restores_onto_zfs_and_dir(make_host) -> None:
     generic = create_backup(th.cts, "bk1-z", repo)  # tar through a zfs clone
     want = signature(rootfs(th, "bk1-z"), with_xattrs=False)
     for pool in ("zfs", "dir"):
-        res = restore_backup(th.cts, repo, inc.id, name=f"bk1-z-{pool}", pool=pool)
+        res = restore_backup(th.cts, repo, inc.id, name=f"bk1-z-{pool}", pool=pool,
+                             allow_privileged=True)
         assert res.method.startswith("zfs")
         assert signature(rootfs(th, f"bk1-z-{pool}"), with_xattrs=False) == want
         assert [s.name for s in th.cts.snapshot_list(f"bk1-z-{pool}")] == ["s0"]
         assert snap_sig(th, f"bk1-z-{pool}", "s0", False) == snap_sig(th, "bk1-z", "s0", False)
-    restore_backup(th.cts, repo, generic.id, name="bk1-z-tar", pool="dir")
+    restore_backup(th.cts, repo, generic.id, name="bk1-z-tar", pool="dir",
+                   allow_privileged=True)
     assert signature(rootfs(th, "bk1-z-tar"), with_xattrs=False) == want
 
 

@@ -84,7 +84,8 @@ def test_round_trip_privileged_dir_to_btrfs_keeps_every_file_property(host) -> N
     assert index["snapshots"] == ["s0", "s1"] and index["type"] == "container"
     assert index["config"]["container"]["config"]["security.privileged"] == "true"
 
-    r = host.cli("import", str(archive), "bk2-back", "--pool", "btrfs", "--format", "json")
+    r = host.cli("import", str(archive), "bk2-back", "--pool", "btrfs", "--allow-privileged",
+                 "--format", "json")
     assert r.returncode == 0, r.stderr
     assert signature(rootfs(host, "bk2-back")) == signature(rootfs(host, "bk2-priv"))
     rec = host.cts.get("bk2-back")

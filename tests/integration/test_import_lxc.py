@@ -108,7 +108,7 @@ def test_busybox_dry_run_then_import_starts_snapshots_and_moves(host, lxcpath) -
     assert signature(rootfs) == before
 
     r = host.cli("import-lxc", "il-bb", "--lxcpath", str(lxcpath), "--pool", "btrfs",
-                 "--format", "json", check=True)
+                 "--allow-privileged", "--format", "json", check=True)
     done = json.loads(r.stdout)
     assert not done["dry_run"] and done["ipv4"] == "192.0.2.77" and not done["deleted"]
     assert "files match" in done["verified"]
@@ -162,7 +162,8 @@ def test_failed_import_keeps_the_original_even_with_delete(make_host, lxcpath) -
     rootfs = lxc_create(lxcpath, "il-z", NO_NET)
     os.setxattr(rootfs / "etc" / "passwd", "user.tag", b"x")  # zfs-fuse cannot store it
     before = signature(rootfs)
-    r = th.cli("import-lxc", "il-z", "--lxcpath", str(lxcpath), "--pool", "zfs", "--delete")
+    r = th.cli("import-lxc", "il-z", "--lxcpath", str(lxcpath), "--pool", "zfs", "--delete",
+               "--allow-privileged")
     assert r.returncode == 11, r.stderr  # StorageError
     assert "xattrs" in r.stderr
     assert signature(rootfs) == before and lxc_state(lxcpath, "il-z") == "STOPPED"
@@ -173,7 +174,7 @@ def test_failed_import_keeps_the_original_even_with_delete(make_host, lxcpath) -
     # without the xattr it goes onto zfs, the original is destroyed, and it moves on
     os.removexattr(rootfs / "etc" / "passwd", "user.tag")
     th.cli("import-lxc", "il-z", "--lxcpath", str(lxcpath), "--pool", "zfs", "--delete",
-           check=True)
+           "--allow-privileged", check=True)
     assert not (lxcpath / "il-z").exists()
     th.cts.start("il-z")
     assert th.exec("il-z", "true")[0] == 0
@@ -185,7 +186,7 @@ def test_running_original_and_name_clash_are_refused(host, lxcpath) -> None:  # 
     lxc_create(lxcpath, "il-run", NO_NET)
     run("lxc-start", "-P", str(lxcpath), "-n", "il-run")
     try:
-        r = host.cli("import-lxc", "il-run", "--lxcpath", str(lxcpath))
+        r = host.cli("import-lxc", "il-run", "--lxcpath", str(lxcpath), "--allow-privileged")
         assert r.returncode == 6, r.stderr  # InvalidState
         assert "is running" in r.stderr and f"lxc-stop -P {lxcpath} -n il-run" in r.stderr
         nothing_changed(host, "il-run")
@@ -195,7 +196,8 @@ def test_running_original_and_name_clash_are_refused(host, lxcpath) -> None:  # 
     host.cts.create("busybox", "il-run", "dir")
     marker = host.cts.rootfs(host.cts.get("il-run")) / "root" / "mine"
     marker.write_text("runtime's own\n")
-    r = host.cli("import-lxc", "il-run", "--lxcpath", str(lxcpath), "--pool", "btrfs")
+    r = host.cli("import-lxc", "il-run", "--lxcpath", str(lxcpath), "--pool", "btrfs",
+                 "--allow-privileged")
     assert r.returncode == 5, r.stderr  # AlreadyExists
     assert host.cts.get("il-run").pool == "dir" and marker.read_text() == "runtime's own\n"
     assert not host.host.backend("btrfs").volume_exists(VolumeRef("container", "il-run"))
@@ -218,7 +220,7 @@ def test_all_imports_the_others_when_one_is_broken(host, lxcpath) -> None:  # ty
         nothing_changed(host, name)
 
     r = host.cli("import-lxc", "--all", "--lxcpath", str(lxcpath), "--pool", "btrfs",
-                 "--format", "json")
+                 "--allow-privileged", "--format", "json")
     assert r.returncode == 25, r.stderr
     entries = {e["name"]: e for e in json.loads(r.stdout)}
     assert entries["il-a"]["status"] == entries["il-b"]["status"] == "imported"
@@ -297,7 +299,8 @@ main()
 def test_recover_rolls_back_an_import_killed_before_its_record(host, lxcpath) -> None:  # type: ignore[no-untyped-def]
     lxc_create(lxcpath, "il-k", NO_NET)
     r = subprocess.run([sys.executable, "-c", KILLED_IN_VERIFY, "--root", str(host.root),
-                        "import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs"],
+                        "import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs",
+                        "--allow-privileged"],
                        capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 9, r.stderr
@@ -308,7 +311,8 @@ def test_recover_rolls_back_an_import_killed_before_its_record(host, lxcpath) ->
     assert not host.host.backend("btrfs").volume_exists(VolumeRef("container", "il-k"))
     assert not host.host.state.has_container("il-k")
     assert (lxcpath / "il-k" / "config").exists()
-    host.cli("import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs", check=True)
+    host.cli("import-lxc", "il-k", "--lxcpath", str(lxcpath), "--pool", "btrfs",
+             "--allow-privileged", check=True)
     host.cts.start("il-k")
     assert host.exec("il-k", "true")[0] == 0
 
@@ -317,7 +321,7 @@ def test_delete_keeps_an_original_with_lxc_snapshots(host, lxcpath) -> None:  # 
     lxc_create(lxcpath, "il-s", NO_NET)
     run("lxc-snapshot", "-P", str(lxcpath), "-n", "il-s")
     r = host.cli("import-lxc", "il-s", "--lxcpath", str(lxcpath), "--pool", "dir", "--delete",
-                 "--format", "json", check=True)
+                 "--allow-privileged", "--format", "json", check=True)
     done = json.loads(r.stdout)
     assert not done["deleted"]
     assert any("LXC snapshots snap0" in u for u in done["unconvertible"])
