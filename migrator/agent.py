@@ -70,6 +70,10 @@ class Agent:
         self.progress: Any = None
         # a program this agent becomes once its reply is out (``rsync_receive``)
         self.exec_after_reply: list[str] | None = None
+        # serving a pull's calls (``reverse.py``): the sender is the host pulled from, not
+        # the operator's client, so a LINK offer is refused and device nodes pass a tar
+        # stream only for a privileged container
+        self.pulling = False
         # who sends the requests (named in refusals), and whether a container it sends may
         # be privileged: no, unless the operator said so (``--allow-privileged`` on a pull);
         # ``serve`` allows it, as its client logged in here as root
@@ -118,7 +122,12 @@ class Agent:
         compress = str(req.get("compress", "none"))
         if req.get("first") and vol.type == "container":
             undo_partial_target(self.cts, vol.name, pool)  # debris of a cut-off transfer
-        stream = FrameStream(read, how, snap, parent, compress)
+        # every tar member is checked before tar sees it (as in a restore); devices pass
+        # for a privileged container, or from the operator's own client (a push)
+        check = _tar_checker(bool(req.get("privileged")) or not self.pulling) \
+            if how == "tar" else None
+        stream = FrameStream(read, how, snap, parent, compress, check,
+                             follow_link=not self.pulling)
         meter = None
         if self.progress is not None:
             from migrator.streams import ProgressMeter
@@ -128,6 +137,11 @@ class Agent:
                                   int(size) if isinstance(size, int) else None)
         try:
             backend.receive(vol, snap, stream, meter)
+        except BaseException as e:
+            # the receiver saw only a cut stream: the refused member or link is the cause
+            if isinstance(stream.error, errors.MigratorError) and stream.error is not e:
+                raise stream.error from e
+            raise
         finally:
             stream.kill()
         if req.get("drop_after"):
@@ -414,6 +428,15 @@ class Agent:
             results.append(r.as_dict())
             self.notify({"event": "migrated", **r.as_dict()})
         return {"results": results, "failures": failures}
+
+
+def _tar_checker(allow_devices: bool) -> Any:
+    """The restore's tar guard (``backup.safety``) for a container volume's tar stream:
+    members inside ``rootfs/`` (and its parents) only, no escape through links, device
+    nodes only if allowed."""
+    from backup.safety import TarChecker, TarRules
+
+    return TarChecker(TarRules(allow_devices=allow_devices, root="rootfs"))
 
 
 def _tag(value: Any) -> str:

@@ -137,13 +137,16 @@ class RemoteCopy:
             if not drop_after:
                 self.t.request("snapshot_volume", {**target, "snapshot": name})
             return pushed.wire
+        # announced with the data: the receiver lets device nodes through a tar stream only
+        # for a privileged container, and a pull's client holds the commit to the same
+        privileged = str(self.cts.get(vol.name).config.get("security.privileged")) == "true"
         stream = src_b.send(snaps[name], snaps[parent] if parent else None, how)
         meter = ProgressMeter(self.progress, f"{vol.name}@{name}", stream.size_hint)
         try:
             reply = self.t.request("receive", {
                 **target, "snapshot": name, "parent": parent, "how": how,
                 "compress": compress, "drop_after": drop_after, "first": first,
-                "size": stream.size_hint},
+                "size": stream.size_hint, "privileged": privileged},
                 stream=stream, compress=compress, meter=meter)
         finally:
             stream.kill()
@@ -256,39 +259,41 @@ def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | No
     channel (``transport/reverse.py``), so host a never has to reach this host.
 
     The push (plan, negotiation, undo) runs in host a's agent and is journaled there; this
-    side serves its calls with a local ``Agent``. If the pull breaks before the copy was
-    committed here, this side removes what it received itself: the far side cannot ask it
-    to any more. The source host sends the config: a privileged container is refused
-    unless ``allow_privileged`` (the operator's ``--allow-privileged``).
+    side serves its calls with a local ``Agent``, each checked first against the pull's
+    ``PullScope``: this one container, new or refreshed as asked, tar data through the
+    restore's guard, no LINK offer followed. If the pull breaks or a call is refused before
+    the copy was committed here, this side removes what the pull wrote itself: the far side
+    cannot ask it to any more, and may be the cause. The source host sends the config: a
+    privileged container is refused unless ``allow_privileged`` (the operator's
+    ``--allow-privileged``), before any of its data is written.
     """
     from migrator.agent import Agent
-    from migrator.copy import undo_partial_target
-    from migrator.transport.reverse import answer_call
+    from migrator.transport.replies import copy_result
+    from migrator.transport.reverse import PullScope, answer_call
 
     dst = ContainerName(target)
+    scope = PullScope.begin(cts, transport.name, dst, pool, refresh, allow_privileged)
     agent = Agent(cts)
     agent.progress = progress
     agent.peer, agent.allow_privileged = f"host {transport.name}", allow_privileged
-    seen: dict[str, Any] = {"pool": None, "committed": False}
+    agent.pulling = True
 
     def on_call(call: dict[str, Any], read: Any, write: Any) -> None:
-        if call.get("call") == "receive":
-            seen["pool"] = call.get("pool")
-        answer_call(agent, call, read, write)
-        if call.get("call") == "commit_container":
-            seen["committed"] = True
+        answer_call(agent, call, read, write, scope)
 
     try:
         reply = transport.request("delegate", {
             "command": "copy", "target": {"reverse": True}, "source": str(ContainerName(source)),
             "target_name": dst, "pool": pool, "instance_only": instance_only,
             "refresh": refresh, "compress": compress}, on_call=on_call)
+        if scope.phase != "committed":
+            raise InvalidState(f"{transport.name} reported the copy of {dst!r} done without "
+                               "committing it here", "nothing was recorded here; retry")
     except BaseException:
-        if seen["pool"] and not seen["committed"]:
-            with contextlib.suppress(MigratorError):
-                undo_partial_target(cts, dst, seen["pool"])
+        with contextlib.suppress(MigratorError):
+            scope.undo(cts)
         raise
-    result = dict(reply["result"])
+    result = copy_result(transport.name, reply.get("result"))
     result["source"] = f"{transport.name}:{result['source']}"
     result["target"] = str(dst)
     return result

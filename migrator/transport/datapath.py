@@ -33,6 +33,7 @@ from typing import Any
 
 import zstandard
 
+from migrator.errors import CallRefused, MigratorError
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.frames import (
     DATA,
@@ -174,6 +175,17 @@ class _Compressor:
                 self._queue.get_nowait()
 
 
+def _refused_link(payload: bytes) -> CallRefused:
+    """The error for a LINK offer where none may be followed, naming where it pointed."""
+    try:
+        offer = json.loads(payload)
+        where = f"{str(offer['address'])[:64]}:{int(offer['port'])}"
+    except (ValueError, KeyError, TypeError):
+        where = "an address the sender named"
+    return CallRefused(f"refused a data link offer to {where!r}: a pull never connects "
+                       "where the host it pulls from points")
+
+
 def _emit(write: DataWriter, out: bytes) -> int:
     """``out`` as DATA frames of at most MAX_DATA bytes; the payload bytes written."""
     for i in range(0, len(out), MAX_DATA):
@@ -188,10 +200,17 @@ class FrameStream(Stream):
     ``close()`` raises if the frames did not end with a valid trailer whose byte count
     matches: a cut link or a killed sender is an error even when the consuming command
     happened to exit 0 on the truncated input.
+
+    ``check`` (an object with ``feed(memoryview)`` and ``finish()``, e.g. a tar checker)
+    sees every decoded piece before it enters the pipe, so a piece it refuses never reaches
+    the consumer; if it has an ``out`` queue (a checker that writes what it approved anew),
+    the pipe gets what it queues there instead of the input. ``follow_link=False`` refuses
+    a LINK offer instead of connecting to the address it names (a pull: the sender is the
+    host being pulled from, which must not choose where this host connects).
     """
 
     def __init__(self, read: Reader, how: str, name: str, parent: str | None,
-                 compress: str) -> None:
+                 compress: str, check: Any = None, follow_link: bool = True) -> None:
         if compress not in COMPRESSORS:
             raise ProtocolError(f"unknown compressor {compress!r}")
         self.how, self.name, self.parent = how, name, parent
@@ -204,6 +223,8 @@ class FrameStream(Stream):
         self.link_error = ""  # why an offered link could not be made
         self._read = read
         self._compress = compress
+        self._check = check
+        self._follow_link = follow_link
         self._r, self._w = os.pipe()
         _pipe_size(self._w)
         self._done = False
@@ -220,6 +241,8 @@ class FrameStream(Stream):
             while True:
                 kind, length = read_header(read)
                 if kind == LINK:
+                    if not self._follow_link:
+                        raise _refused_link(read_exactly(read, length))
                     if link is not None or self.wire or self.link_error:
                         raise ProtocolError("a link offer must come before the data")
                     link = self._connect(json.loads(read_exactly(read, length)))
@@ -232,6 +255,9 @@ class FrameStream(Stream):
                         raise ProtocolError(
                             f"stream ended after {self.raw} bytes but the sender sent "
                             f"{trailer.get('bytes')}")
+                    if self._check is not None:
+                        self._check.finish()
+                        self._drain(b"")
                     return
                 if kind != DATA:
                     raise ProtocolError(f"unexpected frame {kind!r} inside a data stream")
@@ -245,7 +271,12 @@ class FrameStream(Stream):
                     length -= len(piece)
                     self.wire += len(piece)
                     data = dec.decompress(piece) if dec is not None else piece
-                    self._put(data)
+                    self.raw += len(data)
+                    if self._check is None:
+                        self._put(data)
+                    elif data:
+                        self._check.feed(memoryview(data))  # before the consumer sees it
+                        self._drain(data)
         except BaseException as e:  # noqa: BLE001 - handed to close() in the caller's thread
             self.error = e
         finally:
@@ -271,7 +302,15 @@ class FrameStream(Stream):
         while view:
             n = os.write(self._w, view)
             view = view[n:]
-        self.raw += len(data)
+
+    def _drain(self, data: bytes | memoryview) -> None:
+        """Pass on what the checker approved: its rewritten output, or ``data`` as is."""
+        out = getattr(self._check, "out", None)
+        if out is None:
+            self._put(data)
+            return
+        while out:
+            self._put(out.popleft())
 
     def fileno(self) -> int:
         return self._r
@@ -280,7 +319,7 @@ class FrameStream(Stream):
         self._thread.join()
         self._release()
         if check and self.error is not None:
-            if isinstance(self.error, ProtocolError):
+            if isinstance(self.error, MigratorError):  # a cut, a refused member or link
                 raise self.error
             raise ProtocolError(f"the incoming stream failed: {self.error}") from self.error
 
