@@ -77,7 +77,7 @@ import yaml
 import zstandard
 
 from backup.safety import GnuTarInfo, TarGuard, TarRules, device_refused
-from migrator import proc
+from migrator import proc, safeyaml
 from migrator.backends import StorageBackend, VolumeRef
 from migrator.backends.base import Snapshot
 from migrator.backends.generic import tar_extract, tree_size
@@ -103,6 +103,7 @@ from runtime import config as cfg
 from runtime import idmap
 from runtime.containers import Containers, Stages
 from runtime.state import ContainerRecord, SnapshotRecord
+from runtime.treecheck import TreePolicy, container_policy, inspect_volume
 
 INDEX = "backup/index.yaml"
 OPTIMIZED_HEADER = "backup/optimized_header.yaml"
@@ -279,13 +280,41 @@ def lxd_idmap(base: int) -> str:
 
 def disk_shift(config: dict[str, str]) -> int:
     """The uid an archive's native streams store for the container's root: LXD's
-    ``volatile.last_state.idmap`` (absent or ``[]``: not shifted on disk)."""
+    ``volatile.last_state.idmap`` (absent or ``[]``: not shifted on disk).
+
+    The archive decides this itself, and every file of its streams is shifted by it, so
+    only one plain range is accepted: one uid and one gid entry (or one entry for both),
+    from container id 0, at the same host id, covering the 65536 ids a container maps.
+    Anything else is ``UnsafeArchive``; the tree is then held to the range it claims
+    (``runtime.treecheck``, ``all_owners``)."""
+    raw = config.get("volatile.last_state.idmap") or "[]"
+
+    def refuse(why: str) -> UnsafeArchive:
+        return UnsafeArchive(f"the archive's volatile.last_state.idmap {raw[:200]!r} {why}",
+                             "only a single id range starting at container id 0 is "
+                             "accepted; nothing was imported")
     try:
-        entries = json.loads(config.get("volatile.last_state.idmap") or "[]")
-        return next(int(e["Hostid"]) for e in entries
-                    if e.get("Isuid") and int(e.get("Nsid", -1)) == 0)
-    except (ValueError, TypeError, KeyError, AttributeError, StopIteration):
+        entries = json.loads(raw)
+    except ValueError:
+        raise refuse("is not JSON") from None
+    if entries == []:
         return 0
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise refuse("is not a list of id ranges")
+    uids = [e for e in entries if e.get("Isuid") is True]
+    gids = [e for e in entries if e.get("Isgid") is True]
+    if len(uids) != 1 or len(gids) != 1 or len(entries) > 2:
+        raise refuse("is not one range for uids and one for gids")
+    for e in (uids[0], gids[0]):
+        host, ns, size = e.get("Hostid"), e.get("Nsid"), e.get("Maprange")
+        if not (type(host) is int and type(ns) is int and type(size) is int):
+            raise refuse("has a range that is not three integers")
+        if ns != 0 or size < idmap.MAP_SIZE or not 0 <= host <= 2**32 - 1 - idmap.MAP_SIZE:
+            raise refuse(f"maps {size} ids from container id {ns} to host id {host}, not "
+                         f"{idmap.MAP_SIZE} or more from 0 to a valid host id")
+    if uids[0]["Hostid"] != gids[0]["Hostid"]:
+        raise refuse("maps uids and gids to different host ids")
+    return int(uids[0]["Hostid"])
 
 
 def _instance_doc(rec: ContainerRecord, pool: str, snaps: list[SnapshotRecord],
@@ -574,7 +603,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _yaml(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(data)
+        doc = safeyaml.load(data)  # no aliases: a 1 kB alias bomb would expand to GBs
     except yaml.YAMLError as e:
         raise CorruptBackup(f"{what} is not valid YAML ({e})") from None
     if not isinstance(doc, dict):
@@ -831,7 +860,7 @@ class _ArchiveReader:
             info.uid, info.gid = m.uid + self.shift, m.gid + self.shift
         # keep xattrs and ACLs; tarfile writes path, size, times and sparse data itself
         info.pax_headers = {k: v for k, v in m.pax_headers.items()
-                            if k.startswith("SCHILY.")}
+                            if k.startswith("SCHILY.") or k in ("mtime", "atime")}
         info.uname = info.gname = ""
         assert section.tar is not None
         section.tar.addfile(info, f)
@@ -892,6 +921,8 @@ def import_container(
     if extra_devices:
         result.dropped += [f"device {d} (devices are not converted)" for d in extra_devices]
     shift = 0 if index.privileged else idmap.default_idmap().base
+    # what the native streams' ids are, checked before anything is received
+    stored = disk_shift(index.config) if index.optimized and not index.privileged else 0
     scratch = VolumeRef("container", f"{target[:40]}-import-{secrets.token_hex(3)}")
     final = VolumeRef("container", target)
     reader = _ArchiveReader(tar, guard, index, shift, index.optimized)
@@ -910,8 +941,16 @@ def import_container(
         if missing:
             raise CorruptBackup(f"the archive lacks the data of {', '.join(missing)} "
                                 f"(listed in {INDEX})")
+        # Send streams passed no member check: the received trees are walked before they
+        # are shifted or recorded (runtime.treecheck), an unprivileged one held to the ids
+        # its archive claims. Generic sections are walked too (setuid owners, cheaply).
         if index.optimized and not index.privileged:
-            _reshift_native(backend, scratch, index, shift, result.notes)
+            inspect_volume(backend, scratch, TreePolicy(False, stored, all_owners=True),
+                           "the archive's btrfs streams")
+            _reshift_native(backend, scratch, stored, shift, result.notes)
+        else:
+            inspect_volume(backend, scratch, container_policy(index.privileged),
+                           "the archive")
         rootfs = backend.volume_path(scratch) / "rootfs"
         if "image.init" not in config:
             config["image.init"] = _detect_init(rootfs)
@@ -929,13 +968,13 @@ def import_container(
     return result
 
 
-def _reshift_native(backend: StorageBackend, vol: VolumeRef, index: _Index, shift: int,
+def _reshift_native(backend: StorageBackend, vol: VolumeRef, stored: int, shift: int,
                     notes: list[str]) -> None:
     """Send streams carry the ids as they were on the exporting host's disk (LXD records
     that map in ``volatile.last_state.idmap``); shift the received trees to this host's."""
     import btrfsutil  # type: ignore[import-not-found]
 
-    delta = shift - disk_shift(index.config)
+    delta = shift - stored
     if delta == 0:
         return
     idmap.shift_tree(backend.volume_path(vol) / "rootfs", delta)

@@ -34,6 +34,9 @@ _ID = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}-\d{8}T\d{6}Z-[0-9a-f]{6}$")
 _PART_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMPRESSION = re.compile(r"^(none|zstd:(-?\d{1,2}))$")
+#: an index is read into memory whole; a real one is a few KiB (hundreds of snapshots and
+#: parts stay far below this), so a larger one is refused before it is parsed
+MAX_INDEX_BYTES = 16 << 20
 
 
 def valid_id(value: str) -> bool:
@@ -130,6 +133,8 @@ class BackupIndex:
     def from_json(cls, text: str | bytes, expect_id: str | None = None) -> BackupIndex:
         """Parse and validate; any defect is ``CorruptBackup`` naming the field."""
         where = f"backup {expect_id}" if expect_id else "backup"
+        if len(text) > MAX_INDEX_BYTES:
+            raise _bad(where, f"index.json is larger than {MAX_INDEX_BYTES} bytes")
         try:
             doc = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:

@@ -120,16 +120,49 @@ def check_digest(reader: _HashingReader, backup_id: str, part: PartInfo) -> None
         raise CorruptBackup(f"backup {backup_id}: part {part.path} checksum mismatch")
 
 
+class _Capped:
+    """A part's raw content, never more than the ``raw_size`` its index declares: a part
+    that decompresses further (a lying index, a zstd bomb) is refused at that byte, before
+    the disk it is written to fills."""
+
+    def __init__(self, src: Any, backup_id: str, part: PartInfo) -> None:
+        self.src = src
+        self.count = 0
+        self._id, self._part = backup_id, part
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._part.raw_size - self.count
+        data: bytes = self.src.read(CHUNK if n is None or n < 0 else n)
+        if len(data) > left:
+            raise CorruptBackup(
+                f"backup {self._id}: part {self._part.path} decompresses beyond the "
+                f"{self._part.raw_size} bytes its index declares",
+                "the index lies about this part; nothing of it was kept")
+        self.count += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def check_complete(self) -> None:
+        if self.count != self._part.raw_size:
+            raise CorruptBackup(f"backup {self._id}: part {self._part.path} holds "
+                                f"{self.count} bytes, its index says {self._part.raw_size}")
+
+
 def open_decompressed(repo: Repository, backup_id: str, part: PartInfo,
                       compression: str) -> tuple[IO[bytes], _HashingReader]:
-    """The part's raw content as a reader, and the hashing layer under it."""
+    """The part's raw content as a reader (capped at its declared raw size), and the
+    hashing layer under it."""
     hashing = _HashingReader(repo.open_part(backup_id, part.path))
     if compression == "none":
-        return hashing, hashing  # type: ignore[return-value]
+        return _Capped(hashing, backup_id, part), hashing  # type: ignore[return-value]
     dctx = zstandard.ZstdDecompressor()
     reader = dctx.stream_reader(hashing, read_size=CHUNK,  # type: ignore[arg-type]
                                 read_across_frames=True)
-    return reader, hashing  # type: ignore[return-value]
+    return _Capped(reader, backup_id, part), hashing  # type: ignore[return-value]
 
 
 def read_small(repo: Repository, backup_id: str, part: PartInfo, compression: str,
@@ -164,6 +197,7 @@ class PartStream(Stream):
         self.error: BaseException | None = None
         self._part, self._id = part, backup_id
         reader, self._hashing = open_decompressed(repo, backup_id, part, compression)
+        self._capped: _Capped = reader  # type: ignore[assignment]
         self._reader = guard(reader) if guard is not None else reader
         self._r, self._w = os.pipe()
         self._r_open = True
@@ -185,6 +219,7 @@ class PartStream(Stream):
                     view = view[n:]
             self._hashing.drain()
             check_digest(self._hashing, self._id, self._part)
+            self._capped.check_complete()
         except BrokenPipeError:
             pass  # the consumer stopped reading: it reports its own error
         except zstandard.ZstdError as e:

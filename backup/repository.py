@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from backup.model import FORMAT, VERSION, BackupIndex, PartInfo, valid_id
+from backup.model import FORMAT, MAX_INDEX_BYTES, VERSION, BackupIndex, PartInfo, valid_id
 from migrator.errors import BackupError, CorruptBackup, NotFound
 
 LOCK_WAIT = 10.0  # seconds a second writer waits for the first before giving up
@@ -249,7 +249,8 @@ class Repository:
                            "see `migrate backup list`")
         path = self.backups_dir / backup_id / "index.json"
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:  # no more than from_json accepts, +1 to refuse it
+                data = f.read(MAX_INDEX_BYTES + 1)
         except FileNotFoundError as e:
             if (self.backups_dir / backup_id).is_dir():
                 raise CorruptBackup(f"backup {backup_id}: index.json is missing") from e

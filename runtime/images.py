@@ -4,11 +4,14 @@ The fingerprint is the sha256 of the tarball, as in LXD, and the tarball itself 
 export hands out the very same bytes (and the same fingerprint) on every host. The unpacked
 rootfs is cached beside it for fast launches.
 
-Archives are validated in full before anything is extracted: members must lie under
-``rootfs/`` or ``templates/`` (or be ``metadata.yaml``), with no absolute path, no ``..``, no
-member reached through a symlink of the archive, hard links only to earlier members, and
-device nodes only under ``rootfs/dev``. Extraction then uses GNU tar (numeric ids, xattrs,
-ACLs) into a temporary directory that is renamed into place only when complete.
+The image file is opened once: copied into the store (hashed on the way: the fingerprint),
+and everything after reads only that private copy, so the file cannot be swapped between the
+check, the fingerprint and the unpack. The copy is read through ``migrator.targuard`` twice:
+a full check first (members under ``rootfs/`` or ``templates/``, or ``metadata.yaml``; no
+absolute path, no ``..``, nothing reached through a symlink of the archive, hard links only
+to earlier members, no device node but the standard ones under ``rootfs/dev``), then the
+unpack, where GNU tar (numeric ids, xattrs, ACLs) reads only the headers the guard rewrote,
+into a temporary directory renamed into place (0700) when complete.
 
 Builds (``busybox``, ``debian/SUITE``) are cached machine-wide (``/var/cache/migrator``) by
 recipe, so a second host or a second test run imports instead of running debootstrap again.
@@ -22,21 +25,26 @@ import hashlib
 import lzma
 import os
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 import yaml
 import zstandard
 
-from migrator import proc
-from migrator.errors import ImageError, InvalidInput, NotFound
+from migrator import proc, safeyaml
+from migrator.backends.generic import tar_extract
+from migrator.errors import ImageError, InvalidInput, MigratorError, NotFound
 from migrator.names import ImageAlias
+from migrator.streams import Stream
+from migrator.targuard import TarGuard, TarRules
 from runtime.state import ImageRecord, StateStore
 
 RECIPE_VERSION = 4  # bump when a recipe's output changes, so caches are rebuilt
@@ -85,117 +93,76 @@ def cache_dir() -> Path:
 
 
 # archive validation ------------------------------------------------------------------------
-class _CountingReader:
-    """A decompressed stream that counts what it hands out (to detect truncation)."""
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self.raw.read(n)
-        self.count += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+#: what an image may hold: metadata.yaml, templates/ (plain files) and one rootfs, with no
+#: device node but the standard character devices under rootfs/dev (LXC's autodev mounts
+#: its own /dev over them anyway)
+IMAGE_RULES = TarRules(root="rootfs", data_prefix="templates", data_files=("metadata.yaml",),
+                       standard_devices=True)
+_UNREADABLE = (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, TypeError,
+               ValueError, lzma.LZMAError)
 
 
-def _decompressed(f: IO[bytes]) -> _CountingReader:
+def _decompressed(f: IO[bytes]) -> Any:
     """Explicit decompressors (not tarfile's ``r|*``): they raise on a truncated stream."""
     head = f.read(6)
     f.seek(0)
-    raw: Any
     if head.startswith(ZSTD_MAGIC):
-        raw = zstandard.ZstdDecompressor().stream_reader(f)
-    elif head.startswith(b"\x1f\x8b"):
-        raw = gzip.GzipFile(fileobj=f)  # closed with the file by the caller
-    elif head.startswith(b"\xfd7zXZ\x00"):
-        raw = lzma.LZMAFile(f)  # noqa: SIM115 - closed with the file by the caller
-    elif head.startswith(b"BZh"):
-        raw = bz2.BZ2File(f)
-    else:
-        raw = f
-    return _CountingReader(raw)
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=f)  # closed with the file by the caller
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(f)  # noqa: SIM115 - closed with the file by the caller
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(f)
+    return f
 
 
-def _clean_member_name(name: str) -> str:
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts:
-        raise ImageError(
-            f"unsafe path in image archive: {name!r}",
-            "the archive is malformed or malicious; nothing was extracted",
-        )
-    parts = [x for x in p.parts if x not in (".", "")]
-    return "/".join(parts)
+def _refused(label: object, e: BaseException) -> ImageError:
+    if isinstance(e, MigratorError):
+        return ImageError(f"{label} is refused: {e.message}",
+                          "the archive is malformed or malicious; nothing was extracted")
+    if isinstance(e, yaml.YAMLError):
+        return ImageError(f"metadata.yaml in {label} is not valid YAML: {e}")
+    return ImageError(f"{label} is not a readable image archive: {e}")
 
 
-def validate_archive(path: Path) -> ImageContent:
-    """Read the whole archive once; raise ImageError on anything unsafe or malformed."""
-    metadata: dict[str, Any] | None = None
-    seen: set[str] = set()
-    symlinks: set[str] = set()
-    count = size = 0
+def _validate(f: IO[bytes], label: object) -> ImageContent:
+    """Read the whole archive from ``f`` through the tar guard; raise ImageError on anything
+    unsafe or malformed. The metadata is read from the guard's own output."""
+    metadata: Any = None
+    has_rootfs = False
+    f.seek(0)
     try:
-        with open(path, "rb") as f:
-            stream = _decompressed(f)
-            tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
+        guard = TarGuard(_decompressed(f), IMAGE_RULES)
+        with tarfile.open(fileobj=guard, mode="r|") as tar:  # type: ignore[call-overload]
             for m in tar:
-                name = _clean_member_name(m.name)
-                if not name:
-                    continue
-                top = name.split("/", 1)[0]
-                if name != "metadata.yaml" and top not in ("rootfs", "templates"):
-                    raise ImageError(
-                        f"unexpected member {m.name!r} in image archive",
-                        "an image holds metadata.yaml, rootfs/ and templates/",
-                    )
-                parents = name.split("/")
-                for i in range(1, len(parents)):
-                    if "/".join(parents[:i]) in symlinks:
-                        raise ImageError(
-                            f"member {m.name!r} lies behind a symlink of the archive",
-                            "the archive is malformed or malicious",
-                        )
-                if m.islnk():
-                    target = _clean_member_name(m.linkname)
-                    if target not in seen:
-                        raise ImageError(
-                            f"hard link {m.name!r} points outside the archive ({m.linkname!r})"
-                        )
-                if m.issym():
-                    symlinks.add(name)
-                if (m.ischr() or m.isblk()) and not name.startswith("rootfs/dev/"):
-                    raise ImageError(f"device node {m.name!r} outside rootfs/dev")
-                if name == "metadata.yaml":
+                has_rootfs = has_rootfs or m.name == "rootfs"
+                if m.name == "metadata.yaml":
                     if not m.isfile() or m.size > MAX_METADATA:
                         raise ImageError("metadata.yaml is not a small regular file")
                     data = tar.extractfile(m)
                     assert data is not None
-                    metadata = yaml.safe_load(data.read())
-                seen.add(name)
-                count += 1
-                size += m.size
-            # stream mode stops quietly at a cut: demand the two zero end blocks
-            end = tar.offset
-            stream.drain()
-            if stream.count < end + 2 * tarfile.BLOCKSIZE:
-                raise ImageError(f"{path} is truncated (the tar archive has no end)",
-                                 "copy the image again; nothing was extracted")
-    except (tarfile.TarError, zstandard.ZstdError, EOFError, OSError, TypeError,
-            ValueError, lzma.LZMAError) as e:
-        raise ImageError(f"{path} is not a readable image archive: {e}") from e
-    except yaml.YAMLError as e:
-        raise ImageError(f"metadata.yaml in {path} is not valid YAML: {e}") from e
+                    metadata = safeyaml.load(data.read())
+        while guard.read(1 << 20):  # to the end: the guard checks what follows the end
+            pass
+    except ImageError:
+        raise
+    except (MigratorError, yaml.YAMLError, *_UNREADABLE) as e:
+        raise _refused(label, e) from e
     if not isinstance(metadata, dict):
         raise ImageError(
-            f"{path} has no metadata.yaml mapping",
+            f"{label} has no metadata.yaml mapping",
             "a unified image tarball holds metadata.yaml and rootfs/",
         )
-    if "rootfs" not in seen:
-        raise ImageError(f"{path} has no rootfs/ directory")
-    return ImageContent(metadata, count, size)
+    if not has_rootfs:
+        raise ImageError(f"{label} has no rootfs/ directory")
+    return ImageContent(metadata, guard.summary.members, guard.summary.bytes)
+
+
+def validate_archive(path: Path) -> ImageContent:
+    """Read the whole archive once; raise ImageError on anything unsafe or malformed."""
+    with open(path, "rb") as f:
+        return _validate(f, path)
 
 
 def sha256_file(path: Path) -> str:
@@ -204,6 +171,55 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _GuardedFeed(Stream):
+    """An image's archive, through the tar guard, as a pipe GNU tar reads: what tar
+    unpacks is what the guard approved and rewrote (a thread feeds the pipe)."""
+
+    how = "tar"
+    parent = None
+    size_hint = None
+
+    def __init__(self, f: IO[bytes], name: str) -> None:
+        self.name = name
+        self.error: BaseException | None = None
+        self._guard = TarGuard(_decompressed(f), IMAGE_RULES)
+        self._r, self._w = os.pipe()
+        self._r_open = True
+        self._thread = threading.Thread(target=self._feed, daemon=True, name="image-feed")
+        self._thread.start()
+
+    def _feed(self) -> None:
+        try:
+            while data := self._guard.read(1 << 20):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._w, view):]
+        except BrokenPipeError:
+            pass  # tar stopped reading: it reports its own error
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = e
+        finally:
+            os.close(self._w)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def _close_read_end(self) -> None:
+        if self._r_open:
+            self._r_open = False
+            os.close(self._r)
+
+    def close(self, check: bool = True) -> None:
+        self._thread.join()
+        self._close_read_end()
+        if check and self.error is not None:
+            raise self.error
+
+    def kill(self) -> None:
+        self._close_read_end()
+        self._thread.join()
 
 
 # Flags that keep a rootfs exact: numeric ids, xattrs (file capabilities), ACLs.
@@ -218,11 +234,22 @@ def pack(src_dir: Path, out: Path) -> None:
     proc.run(argv, timeout=None)
 
 
-def unpack(archive: Path, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    argv = ["tar", *TAR_EXACT, "--same-permissions", "--same-owner", "-C", str(dest), "-xf",
-            str(archive)]
-    proc.run(argv, timeout=None)
+def unpack(f: IO[bytes], dest: Path, label: object = "the image") -> None:
+    """Unpack the archive open as ``f`` into the new directory ``dest``, through the tar
+    guard (GNU tar sees only the members it approved, with headers it wrote)."""
+    dest.mkdir(mode=0o700, parents=True)
+    f.seek(0)
+    feed = _GuardedFeed(f, "image")
+    try:
+        tar_extract(feed, dest, None, acls=True)
+    except BaseException as e:
+        feed.kill()
+        cause = feed.error or e
+        if isinstance(cause, ImageError):
+            raise cause from e
+        if isinstance(cause, (MigratorError, yaml.YAMLError, *_UNREADABLE)):
+            raise _refused(label, cause) from e
+        raise
 
 
 # recipes -------------------------------------------------------------------------------------
@@ -375,30 +402,60 @@ class ImageStore:
         return self.import_file(cached, alias or recipe)
 
     def import_file(self, path: Path, alias: str | None) -> ImageRecord:
+        """Import the image file ``path``. It is opened once: copied (and hashed) into the
+        store, and everything after reads only that private copy, so the file cannot be
+        swapped between the check, the fingerprint and the unpack."""
         if alias is not None:
             ImageAlias(alias)
-        if not path.is_file():
-            raise NotFound(f"image file {path} not found")
-        content = validate_archive(path)
-        fp = sha256_file(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise NotFound(f"image file {path} not found") from e
+        except OSError as e:
+            raise ImageError(f"image file {path} cannot be opened: {e.strerror}",
+                             "give a regular file (not a symlink or a device)") from e
+        with os.fdopen(fd, "rb") as src:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(f"image file {path} is not a regular file")
+            os.set_blocking(src.fileno(), True)
+            return self._import_open(src, path, alias)
+
+    def _import_open(self, src: IO[bytes], label: Path, alias: str | None) -> ImageRecord:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".tar", dir=self.dir)
+        copy = Path(tmp_name)  # 0600, in the store: only root can change it from now on
+        unpacked: Path | None = None
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "w+b") as own:
+                while chunk := src.read(1 << 20):
+                    h.update(chunk)
+                    own.write(chunk)
+                    size += len(chunk)
+                own.flush()
+                fp = h.hexdigest()
+                content = _validate(own, label)
+                dest = self.dir / fp
+                if not dest.exists():
+                    unpacked = self.dir / f".{fp}.tmp"
+                    if unpacked.exists():
+                        shutil.rmtree(unpacked)
+                    unpack(own, unpacked, label)
+            if unpacked is not None:
+                os.replace(copy, self.tarball(fp))
+                unpacked.rename(dest)
+                os.chmod(dest, 0o700)  # image trees are not for local users to read
+                unpacked = None
+        finally:
+            copy.unlink(missing_ok=True)
+            if unpacked is not None:
+                shutil.rmtree(unpacked, ignore_errors=True)
         props = dict(content.metadata.get("properties") or {})
         if "init" not in props:
             props["init"] = "busybox" if props.get("os") == "busybox" else "systemd"
-        dest = self.dir / fp
-        if not dest.exists():
-            tmp = self.dir / f".{fp}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            try:
-                unpack(path, tmp)
-                shutil.copyfile(path, self.tarball(fp))
-                os.chmod(self.tarball(fp), 0o600)
-                tmp.rename(dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.tarball(fp).unlink(missing_ok=True)
-                raise
-        rec = ImageRecord(fp, alias, props, path.stat().st_size, time.time())
+        rec = ImageRecord(fp, alias, props, size, time.time())
         self.state.add_image(rec)
         return self.state.find_image(fp)
 
