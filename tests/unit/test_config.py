@@ -293,3 +293,18 @@ def test_privilege_of_agrees_with_its_source() -> None:
     assert cfg.privilege_of({"security.privileged": "true"}, ORIGIN, allow_privileged=True,
                             claimed=True)
     assert not cfg.privilege_of({}, ORIGIN, allow_privileged=False, claimed=False)
+
+
+def test_an_lxd_exports_config_keeps_only_what_passes_the_gate() -> None:
+    from backup.lxdformat import convert_config
+
+    conf, dropped = convert_config({
+        "user.user-data": "#cloud-config\npackages: [x]", "user.ok": "fine",
+        "image.os": "Debian", "image.serial": "20260101", "image.init": "openrc\n",
+        "volatile.eth0.hwaddr": "aa:bb:cc:dd:ee:ff\nlxc.hook.pre-start = /bin/sh",
+        "volatile.last_state.idmap": "[]", "raw.lxc": "lxc.hook.pre-start = /bin/sh"})
+    assert conf == {"user.ok": "fine", "image.os": "Debian"}
+    reasons = {d.split("=")[0]: d for d in dropped}
+    assert set(reasons) == {"user.user-data", "image.serial", "image.init", "raw.lxc"}
+    assert "control character" in reasons["user.user-data"]
+    assert "\n" not in "".join(dropped)  # shown escaped: a report line stays one line
