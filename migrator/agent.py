@@ -431,12 +431,14 @@ class Agent:
 
 
 def _tar_checker(allow_devices: bool) -> Any:
-    """The restore's tar guard (``backup.safety``) for a container volume's tar stream:
-    members inside ``rootfs/`` (and its parents) only, no escape through links, device
-    nodes only if allowed."""
-    from backup.safety import TarChecker, TarRules
+    """The restore's tar guard (``migrator.targuard``) for a container volume's tar stream:
+    members inside ``rootfs/`` (and its parents) only, no escape through links, every
+    header written anew from checked values; device nodes only if allowed, else only the
+    harmless standard ones an image puts in ``/dev`` (``/dev/null``...)."""
+    from migrator.targuard import TarChecker, TarRules
 
-    return TarChecker(TarRules(allow_devices=allow_devices, root="rootfs"))
+    return TarChecker(TarRules(allow_devices=allow_devices, root="rootfs",
+                               standard_devices=True))
 
 
 def _tag(value: Any) -> str:

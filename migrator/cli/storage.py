@@ -130,7 +130,9 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
             "command": "copy", "target": target, "source": src, "target_name": dst,
             "pool": pool, "instance_only": instance_only, "refresh": refresh,
             "compress": compress})
-    r = dict(reply["result"])
+    from migrator.transport.replies import copy_result
+
+    r = copy_result(src_host, reply.get("result"))  # another host's report: checked, cleaned
     r["source"] = f"{src_host}:{r['source']}"
     result = SimpleNamespace(**r, as_dict=lambda: r)
     report(result, fmt, "refreshed" if refresh else "copied")

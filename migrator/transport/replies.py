@@ -151,6 +151,21 @@ def parse_reply(host: str, op: str, reply: Any) -> dict[str, Any]:
     return reply
 
 
+def clean_event(event: dict[str, Any], depth: int = 4) -> dict[str, Any]:
+    """An event (``{"event": ...}``, shown or turned into progress) with every text in it
+    cleaned and capped; nesting deeper than ``depth`` is dropped."""
+    def clean(value: Any, level: int) -> Any:
+        if isinstance(value, str):
+            return clean_text(value)
+        if isinstance(value, dict):
+            return {clean_text(k, MAX_NAME): clean(v, level + 1) for k, v in value.items()} \
+                if level < depth else {}
+        if isinstance(value, list):
+            return [clean(v, level + 1) for v in value] if level < depth else []
+        return value
+    return {clean_text(k, MAX_NAME): clean(v, 1) for k, v in event.items()}
+
+
 def copy_result(host: str, result: Any) -> dict[str, Any]:
     """A copy's result as another host reports it (a pull, a copy between two other hosts):
     only the known fields, each of its type, text cleaned, since the CLI prints it."""

@@ -34,7 +34,7 @@ from migrator import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
-from migrator.transport.replies import parse_reply
+from migrator.transport.replies import clean_event, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class SshTransport:
                             raise ProtocolError(f"{self.name} sent an unexpected call")
                         on_call(reply, chan.recv, chan.sendall)
                     elif on_event is not None:
-                        on_event(reply)
+                        on_event(clean_event(reply))  # shown: no escape sequences
                     reply = read_json(chan.recv)
             except ProtocolError as e:
                 # the exit status may arrive just after the EOF: give it a moment

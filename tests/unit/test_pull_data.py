@@ -143,3 +143,21 @@ def test_a_tar_cut_between_members_is_refused() -> None:
     drain(fs)
     with pytest.raises(errors.CorruptBackup, match="truncated"):
         fs.close()
+
+
+def test_an_images_standard_dev_nodes_pass_for_an_unprivileged_container() -> None:
+    null = tarfile.TarInfo("./rootfs/dev/null")
+    null.type, null.devmajor, null.devminor, null.mode = tarfile.CHRTYPE, 1, 3, 0o666
+    dev = tarfile.TarInfo("./rootfs/dev")
+    dev.type, dev.mode = tarfile.DIRTYPE, 0o755
+    fs = FrameStream(io.BytesIO(framed(volume_tar(dev, null))).read, "tar", "s0", None,
+                     "none", _tar_checker(False), follow_link=False)
+    drain(fs)
+    fs.close()
+    mem = tarfile.TarInfo("./rootfs/dev/mem")  # /dev/mem is no such harmless node
+    mem.type, mem.devmajor, mem.devminor, mem.mode = tarfile.CHRTYPE, 1, 1, 0o666
+    fs = FrameStream(io.BytesIO(framed(volume_tar(dev, mem))).read, "tar", "s0", None,
+                     "none", _tar_checker(False), follow_link=False)
+    drain(fs)
+    with pytest.raises(errors.UnsafeArchive, match="dev/mem"):
+        fs.close()

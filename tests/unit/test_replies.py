@@ -155,3 +155,12 @@ def test_a_hostile_reply_through_the_transport(monkeypatch: pytest.MonkeyPatch) 
     # an unasked call (the far side pretending this is a pull) is refused too
     with pytest.raises(errors.NetworkError, match="unexpected call"):
         request_with_reply(monkeypatch, "hello", {"call": "receive"}, GOOD_HELLO)
+
+
+def test_events_are_cleaned_before_anyone_shows_them() -> None:
+    from migrator.transport.replies import clean_event
+
+    ev = clean_event({"event": "failed", "name": "c1\x1b[2J", "message": "\x1b]0;x\x07bad",
+                      "result": {"notes": ["\x1b[31mred"], "bytes": 5}, "done": 3})
+    assert ev == {"event": "failed", "name": "c1", "message": "bad",
+                  "result": {"notes": ["red"], "bytes": 5}, "done": 3}
