@@ -110,3 +110,24 @@ def test_disk_idmap_round_trips_through_lxds_key() -> None:
            '{"Isuid":false,"Isgid":true,"Hostid":1000000,"Nsid":0,"Maprange":1000000000}]')
     assert disk_shift({"volatile.last_state.idmap": lxd}) == 1000000
     assert disk_shift({"volatile.last_state.idmap": "not json"}) == 0
+
+
+def test_parse_index_bounds_yaml_aliases() -> None:
+    # PyYAML's own dumper writes aliases for repeated objects (older exports hold some)
+    shared = {"security.privileged": "true"}
+    doc = yaml.safe_load(index())
+    doc["config"]["container"]["config"] = doc["config"]["container"]["expanded_config"] = \
+        shared
+    assert b"*id001" in yaml.safe_dump(doc).encode()
+    assert parse_index(yaml.safe_dump(doc).encode()).privileged
+    # an alias bomb of < 1 kB (9 to the 9th nodes) is refused before anything walks it
+    bomb = b'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + b"".join(
+        b"%c: &%c [%s]\n" % (98 + i, 98 + i, b",".join([b"*%c" % (97 + i)] * 9))
+        for i in range(8))
+    assert len(bomb) < 1024
+    with pytest.raises(CorruptBackup, match="YAML aliases expand the document beyond"):
+        parse_index(bomb)
+    with pytest.raises(CorruptBackup, match="refers to itself"):
+        parse_index(b"name: &a [*a]\n")
+    with pytest.raises(CorruptBackup, match="nested deeper than 64"):
+        parse_index(b"name: " + b"[" * 100 + b"]" * 100 + b"\n")
