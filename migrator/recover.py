@@ -5,6 +5,11 @@ point (a local move's ``switch``, a remote move's ``start-remote``) the operatio
 back: the target's partial copy is removed, temporary snapshots are dropped, and a
 container that was running is started again where it was. After that point it is
 completed: the target is already the container, so only the old copy is removed.
+
+Either way one copy is removed, and only after the copy that stays has been checked to be
+whole (its volume there, with every recorded snapshot, and the record pointing at it):
+otherwise both are kept and the error says why. Backup repositories, local or ``ssh://``,
+are reached through the repository interface (``backup.remote.open_repository``).
 """
 
 from __future__ import annotations
@@ -55,15 +60,48 @@ def _clean_temps(cts: Any, name: str) -> None:
                                    VolumeRef("container", name))
 
 
+def whole_copy_problem(cts: Any, name: str, pool: str | None = None) -> str | None:
+    """Why the copy of container ``name`` on this host (on ``pool``, if given) is not whole
+    (no record, the record on another pool, no volume, a recorded snapshot missing), or
+    None when it is whole."""
+    if not cts.state.has_container(name):
+        return f"{name} has no record here"
+    rec = cts.state.get_container(name)
+    if pool is not None and rec.pool != pool:
+        return f"the record of {name} points at pool {rec.pool}, not {pool}"
+    backend = cts.host.backend(rec.pool)
+    vol = VolumeRef("container", name)
+    if not backend.volume_exists(vol):
+        return f"the volume of {name} is missing from pool {rec.pool}"
+    have = {s.name for s in backend.list_snapshots(vol)}
+    missing = [s.name for s in cts.state.list_snapshots(name) if s.name not in have]
+    if missing:
+        return f"{name} on pool {rec.pool} lacks its snapshot(s) {', '.join(missing)}"
+    return None
+
+
+def _keep_both(problem: str, other: str) -> InvalidState:
+    return InvalidState(f"recover kept both copies: {problem}, so {other} may be the only "
+                        "good one",
+                        "look at both (`migrate info`, the pools' directories), keep the "
+                        "whole one, then delete the other by hand")
+
+
 def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     name, src, dst = op.detail["container"], op.detail["from_pool"], op.detail["to_pool"]
     vol = VolumeRef("container", name)
     rec = cts.state.get_container(name)
     if rec.pool == src:  # not switched: the source is the container
+        problem = whole_copy_problem(cts, name, src)
+        if problem and cts.host.backend(dst).volume_exists(vol):
+            raise _keep_both(problem, f"the copy on {dst}")
         remove_leftover(cts.host.backend(dst), vol)
         clean_stale_temp_snapshots(cts.host.backend(src), vol)
         return f"rolled back: {name} stays on {src}, the partial copy on {dst} was removed" + \
             _restart(cts, name, op.detail.get("was_running", False))
+    problem = whole_copy_problem(cts, name, dst)
+    if problem and cts.host.backend(src).volume_exists(vol):
+        raise _keep_both(problem, f"the old copy on {src}")
     remove_leftover(cts.host.backend(src), vol)  # switched: finish by removing the old copy
     clean_stale_temp_snapshots(cts.host.backend(dst), vol)
     return f"completed: {name} is on {dst}, the old copy on {src} was removed" + \
@@ -102,8 +140,11 @@ def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], A
             if cts.state.has_container(name):
                 cts.delete(name, force=True)
             return f"completed: {name} runs on {host}; the copy here was removed"
+        problem = whole_copy_problem(cts, name)
         if "send" not in op.stages:
             pass  # nothing was sent: the target never existed (the copy checks that first)
+        elif problem:
+            raise _keep_both(problem, f"the copy on {host}")
         elif there.get("exists") and there.get("pool") == op.detail.get("pool"):
             t.request("delete_container", {"name": name, "force": True})
         else:
@@ -137,6 +178,9 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
         return f"completed: {name} runs on {host}; the source was released"
     with transport_for(host) as t:
         if "sync" in op.stages:
+            problem = whole_copy_problem(cts, name)
+            if problem:
+                raise _keep_both(problem, f"the copy on {host}")
             there = t.request("container_state", {"name": name})
             if there.get("exists"):
                 t.request("delete_container", {"name": name, "force": True})
@@ -161,10 +205,8 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     """A killed ``backup create``: its ``.partial-ID`` goes with the repository's next writer;
     here only the base snapshot an optimized backup kept on the pool is dropped, unless the
     backup was committed (its index exists), which makes the operation complete."""
-    from pathlib import Path
-
     bid, name, base = op.detail["backup"], op.detail["container"], op.detail.get("base_snapshot")
-    if (Path(op.detail["repo"]) / "backups" / bid / "index.json").exists():
+    if _backup_committed(cts, op.detail["repo"], bid):
         return f"completed: backup {bid} is in the repository"
     if base and cts.state.has_container(name):
         from migrator.names import SnapshotName
@@ -173,6 +215,25 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
         with contextlib.suppress(MigratorError):
             backend.delete_snapshot(VolumeRef("container", name), SnapshotName(base))
     return f"rolled back: backup {bid} was not made; the next writer clears its partial files"
+
+
+def _backup_committed(cts: Any, spec: str, bid: str) -> bool:
+    """Whether backup ``bid`` has its index in the repository ``spec`` (a directory or
+    ``ssh://HOST/PATH``), asked through the repository itself: an unreachable repository
+    raises, so nothing is dropped on a guess."""
+    from backup.remote import open_repository  # backup sits above migrator
+    from migrator.errors import CorruptBackup, NotFound
+
+    repo = open_repository(cts.host, spec)
+    try:
+        repo.get(bid)
+    except (NotFound, CorruptBackup):  # no backup, or one whose index was never written
+        return False
+    finally:
+        transport = getattr(repo, "t", None)
+        if transport is not None:
+            transport.close()
+    return True
 
 
 def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
