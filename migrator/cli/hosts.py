@@ -208,7 +208,7 @@ def _fingerprint(value: str) -> str:
 @host_app.command("trust")
 def host_trust(
     name: str,
-    fingerprint: str = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
+    fingerprint: str | None = typer.Option(None, "--fingerprint", help=FINGERPRINT_HELP),
 ) -> None:
     """Record the host's SSH key in known_hosts. With --fingerprint only that key is
     accepted; without it, whatever key the host presents is, so check the fingerprint this
