@@ -263,6 +263,14 @@ class _TarOut:
             self.write(b"\0" * (record - self.bytes % record))
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a dict used twice (``config`` and ``expanded_config``) out twice: an import
+    refuses YAML aliases (``migrator.safeyaml``), ours included."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts or 0, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -414,7 +422,7 @@ def export_container(
     with consistent_snapshot(cts, rec, backend, vol, result.notes) as tmp_name:
         current = next(s for s in backend.list_snapshots(vol) if s.name == tmp_name)
         tar.add_dir("backup")
-        tar.add_bytes(INDEX, yaml.safe_dump(index, sort_keys=False).encode())
+        tar.add_bytes(INDEX, yaml.dump(index, Dumper=_NoAliasDumper, sort_keys=False).encode())
         if optimized:
             _export_btrfs(tar, backend, [on_disk[s.name] for s in snaps], current, progress)
         else:

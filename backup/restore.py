@@ -15,6 +15,11 @@ copied across with the transfer machinery (rsync between the two trees), then th
 volume goes. Only when the volume is complete is an existing container replaced (``force``)
 and the new one recorded; any failure before removes everything the restore made.
 Unprivileged containers keep the shifted uids they were stored with.
+
+Before anything is copied on or recorded, the scratch volume and its snapshots are walked
+(``runtime.treecheck``): a native stream passes no member check on its way in, so device
+nodes and setuid/setgid files owned outside the container's ids are refused there (and a
+tar's setuid files, which ``TarGuard`` does not judge, with them).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from runtime.containers import Containers, Stages
 from runtime.durable import sync_filesystem
 from runtime.operations import journaled
 from runtime.state import SnapshotRecord
+from runtime.treecheck import container_policy, inspect_volume
 
 
 @dataclass
@@ -166,6 +172,14 @@ def restore_backup(
         st.add_undo("delete the restored volume", lambda: remove_leftover(recv_b, scratch))
         op.stage("receive")
         result.bytes = _replay(repo, chain, idx, recv_b, scratch, progress)
+        # Native streams passed no member check on their way in, and a tar's setuid files
+        # none either: the scratch volume and its snapshots are walked before any of it
+        # is copied on or recorded (runtime.treecheck). A container counts as privileged
+        # here only when both its index and its config say so.
+        op.stage("inspect")
+        privileged = idx.privileged and cfg.is_true(conf, "security.privileged")
+        inspect_volume(recv_b, scratch, container_policy(privileged),
+                       f"backup {idx.id}", skip=(idx.final,))
         if recv_pool != pool_name:
             op.stage("convert")
             st.add_undo("delete the converted volume", lambda: remove_leftover(dst_b, scratch))

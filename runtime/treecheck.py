@@ -19,8 +19,9 @@ The policy, by the container's privilege (``TreePolicy``):
     ids is refused: a setuid-root program inside a container's rootfs is a way to host
     root for any local user who can reach the path, and one owned by another container's
     ids is that container's;
-  - ``all_owners``: every owner must be inside the ids (an archive that says how its ids are
-    shifted is held to it: a file outside would be shifted into someone else's range).
+  - ``all_owners``: every owner under ``rootfs/`` must be inside the ids (an archive that
+    says how its ids are shifted is held to it: a file outside would be shifted into
+    someone else's range, or stay the host's).
 
 A refusal is ``UnsafeArchive`` naming the first offending paths and what they are.
 """
@@ -33,9 +34,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from migrator.backends import StorageBackend, VolumeRef
 from migrator.errors import UnsafeArchive
+from runtime import idmap
 
-MAP_SIZE = 65536
+MAP_SIZE = idmap.MAP_SIZE
 #: name under rootfs/dev -> (major, minor) of the character devices allowed there
 SAFE_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
                 "urandom": (1, 9), "tty": (5, 0), "console": (5, 1), "ptmx": (5, 2)}
@@ -66,7 +69,9 @@ class TreeReport:
 def _problem(rel: str, st: os.stat_result, policy: TreePolicy) -> str | None:
     """Why entry ``rel`` (relative to the walked top) is refused, or None."""
     mode = st.st_mode
-    if policy.all_owners and not (policy.inside(st.st_uid) and policy.inside(st.st_gid)):
+    owned = rel == "rootfs" or rel.startswith("rootfs/")  # beside it: the host's files
+    if policy.all_owners and owned and not (policy.inside(st.st_uid)
+                                            and policy.inside(st.st_gid)):
         return (f"is owned by {st.st_uid}:{st.st_gid}, outside the ids "
                 f"{policy.base}..{policy.base + policy.size - 1} the archive says it uses")
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -129,3 +134,25 @@ def inspect_tree(top: Path, policy: TreePolicy, what: str,
     if problems:
         raise UnsafeArchive(f"{what}: " + "; ".join(problems[:SHOWN])
                             + (" (and maybe more)" if len(problems) >= SHOWN else ""), HINT)
+
+
+def container_policy(privileged: bool) -> TreePolicy:
+    """The policy for a container of this host: unprivileged ones own this host's ids."""
+    if privileged:
+        return TreePolicy(privileged=True)
+    return TreePolicy(privileged=False, base=idmap.default_idmap().base)
+
+
+def inspect_volume(backend: StorageBackend, vol: VolumeRef, policy: TreePolicy, what: str,
+                   skip: tuple[str, ...] = ()) -> TreeReport:
+    """``inspect_tree`` over a volume and each of its snapshots (but those named in
+    ``skip``), each snapshot read where the driver shows it (``mount_snapshot``)."""
+    report = TreeReport()
+    if policy.privileged:
+        return report  # nothing to refuse: no walk
+    inspect_tree(backend.volume_path(vol), policy, what, report)
+    for snap in backend.list_snapshots(vol):
+        if snap.name not in skip:
+            with backend.mount_snapshot(snap) as path:
+                inspect_tree(path, policy, f"{what} (snapshot {snap.name})", report)
+    return report

@@ -34,6 +34,8 @@ zfs-fuse particulars this driver works around (all verified on pool version 23):
 - no xattrs, no POSIX ACLs (``supports_xattrs = False``), timestamps in whole seconds, no
   ``.zfs/snapshot`` directory (snapshots are read through a temporary clone), no
   ``zfs send -n/-P``;
+- ``zfs receive`` has ``-u`` (undocumented in its usage text) but neither ``-x`` nor ``-o``:
+  received properties are reset by hand before the first mount (``receive``);
 - atime updates count as changes since the last snapshot (they would make every incremental
   receive need a rollback), so pools are created with ``atime=off``.
 """
@@ -61,6 +63,7 @@ from migrator.errors import (
     NoSpace,
     NotFound,
     StorageError,
+    UnsafeArchive,
 )
 from migrator.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
@@ -79,6 +82,9 @@ TMP_PREFIX = "tmp-"
 DELETED = "deleted"
 BUSY_WAIT = 15.0  # seconds a busy dataset is retried before giving up
 RECEIVE_SETTLE = 60.0  # seconds to wait for the daemon to let go of a failed receive
+#: properties a stream may set that ``zfs inherit`` refuses, with the value that undoes them
+NOT_INHERITABLE = {"canmount": "on", "quota": "none", "refquota": "none",
+                   "reservation": "none", "refreservation": "none"}
 
 
 def zpool_name(root: Path, pool: str) -> str:
@@ -559,10 +565,17 @@ class ZfsBackend:
             raise
         # -F only rolls back changes made since the newest snapshot (a refresh overwrites
         # them anyway); the check above guarantees no snapshot is ever destroyed by it.
-        argv = ["zfs", "receive", *(["-F"] if stream.parent else []), f"{ds}@{name}"]
+        # -u: nothing is mounted by the receive itself, so a property the stream carries
+        # (``zfs send -p``: a mountpoint over a host directory, canmount...) is dropped
+        # (``_drop_received_properties``) before the dataset is first mounted. Naming the
+        # snapshot makes zfs refuse a replication (-R) stream, which could add datasets.
+        argv = ["zfs", "receive", "-u", *(["-F"] if stream.parent else []), f"{ds}@{name}"]
         if stream.parent is None:
             try:
                 receive_with(argv, stream, meter, no_space_markers=NO_SPACE)
+                self._check_received(vol, ds)
+                self._drop_received_properties(ds)
+                self._mount(ds)
             except BaseException:
                 self._settle_failed_receive(ds)
                 raise
@@ -577,10 +590,35 @@ class ZfsBackend:
             if self._settle_failed_receive(f"{ds}@{name}"):
                 # the daemon completed it after all: back to the parent's content
                 run_zfs(["zfs", "rollback", f"{ds}@{stream.parent}"])
+            with contextlib.suppress(MigratorError):  # it may have set properties anyway
+                self._drop_received_properties(ds)
             raise
+        self._drop_received_properties(ds)
         self._unmount(ds)
         self._mount(ds)
         return Snapshot(vol, name, None)
+
+    def _check_received(self, vol: VolumeRef, ds: str) -> None:
+        """A full stream must have made one filesystem (not a zvol, nothing below it)."""
+        r = run_zfs(["zfs", "list", "-H", "-r", "-o", "name,type", ds])
+        rows = [line.split("\t") for line in r.stdout.splitlines()]
+        if rows != [[ds, "filesystem"]]:
+            made = ", ".join(f"{n} ({t})" for n, t in rows)
+            raise UnsafeArchive(f"the zfs stream received as volume {vol} made {made}, not "
+                                "one filesystem", "nothing was kept; do not trust its source")
+
+    def _drop_received_properties(self, ds: str) -> None:
+        """Reset every property a stream set on ``ds`` (``zfs send -p`` carries them): a
+        received value takes precedence over the inherited one, so a ``mountpoint`` would
+        mount the volume over a host directory, ``canmount=off`` hide it, a quota or
+        reservation take the pool's space. Inherited again where zfs allows, else set to
+        its default (these properties cannot be inherited)."""
+        r = run_zfs(["zfs", "get", "-H", "-s", "received", "-o", "property", "all", ds])
+        for prop in r.stdout.split():
+            if prop in NOT_INHERITABLE:
+                run_zfs(["zfs", "set", f"{prop}={NOT_INHERITABLE[prop]}", ds])
+            else:
+                run_zfs(["zfs", "inherit", prop, ds])
 
     def _unmount(self, ds: str) -> None:
         """Unmount (busy is retried); a dataset that is not mounted is fine."""

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from runtime.idmap import default_idmap
 from tests.integration.conftest import MIGRATE
 from tests.integration.treecmp import populate, signature
 
@@ -144,11 +145,13 @@ def test_round_trip_unprivileged_is_stored_unshifted_and_piped(host) -> None:  #
 
 def test_optimized_btrfs_export_pipes_into_import(host) -> None:  # type: ignore[no-untyped-def]
     host.cts.create("busybox", "bk2-opt", "btrfs")
-    (rootfs(host, "bk2-opt") / "one").write_text("1\n")
-    host.cts.snapshot_create("bk2-opt", "a")
-    (rootfs(host, "bk2-opt") / "two").write_text("2\n")
-    host.cts.snapshot_create("bk2-opt", "b")
-    (rootfs(host, "bk2-opt") / "three").write_text("3\n")
+    base = default_idmap().base  # files made from the host, owned as the container's root
+    # would own them (an optimized import holds every owner to the archive's idmap)
+    for name, snap in (("one", "a"), ("two", "b"), ("three", None)):
+        (rootfs(host, "bk2-opt") / name).write_text(f"{name}\n")
+        os.chown(rootfs(host, "bk2-opt") / name, base, base)
+        if snap:
+            host.cts.snapshot_create("bk2-opt", snap)
     with open(host.root / "export.err", "wb") as err:
         export = subprocess.Popen([*MIGRATE, "--root", str(host.root), "export", "bk2-opt",
                                    "-", "--optimized", "--compression", "none"],

@@ -11,7 +11,7 @@ import yaml
 import zstandard
 
 from backup.lxdformat import BackupFormatError, convert_config, open_archive, parse_index
-from migrator.errors import CorruptBackup, InvalidInput
+from migrator.errors import CorruptBackup, InvalidInput, UnsafeArchive
 from migrator.streams import ProgressMeter
 
 
@@ -109,7 +109,32 @@ def test_disk_idmap_round_trips_through_lxds_key() -> None:
     lxd = ('[{"Isuid":true,"Isgid":false,"Hostid":1000000,"Nsid":0,"Maprange":1000000000},'
            '{"Isuid":false,"Isgid":true,"Hostid":1000000,"Nsid":0,"Maprange":1000000000}]')
     assert disk_shift({"volatile.last_state.idmap": lxd}) == 1000000
-    assert disk_shift({"volatile.last_state.idmap": "not json"}) == 0
+    both = '[{"Isuid":true,"Isgid":true,"Hostid":100000,"Nsid":0,"Maprange":65536}]'
+    assert disk_shift({"volatile.last_state.idmap": both}) == 100000
+
+
+@pytest.mark.parametrize(("claimed", "why"), [
+    ("not json", "is not JSON"),
+    ('{"Hostid": 0}', "is not a list"),
+    ('[{"Isuid":true,"Isgid":false,"Hostid":100000,"Nsid":0,"Maprange":65536}]',
+     "one range for uids and one for gids"),
+    ('[{"Isuid":true,"Isgid":true,"Hostid":-100000,"Nsid":0,"Maprange":65536}]',
+     "to host id -100000"),
+    ('[{"Isuid":true,"Isgid":true,"Hostid":100000,"Nsid":1000,"Maprange":65536}]',
+     "from container id 1000"),
+    ('[{"Isuid":true,"Isgid":true,"Hostid":100000,"Nsid":0,"Maprange":10}]', "maps 10 ids"),
+    ('[{"Isuid":true,"Isgid":true,"Hostid":"100000","Nsid":0,"Maprange":65536}]',
+     "not three integers"),
+    ('[{"Isuid":true,"Isgid":false,"Hostid":100000,"Nsid":0,"Maprange":65536},'
+     '{"Isuid":false,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "different host"),
+    ('[{"Isuid":true,"Isgid":true,"Hostid":100000,"Nsid":0,"Maprange":65536},'
+     '{"Isuid":true,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "one range"),
+])
+def test_an_archives_idmap_must_be_one_sane_range(claimed: str, why: str) -> None:
+    from backup.lxdformat import disk_shift
+
+    with pytest.raises(UnsafeArchive, match=why):
+        disk_shift({"volatile.last_state.idmap": claimed})
 
 
 def test_parse_index_bounds_yaml_aliases() -> None:

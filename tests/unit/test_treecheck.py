@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +90,13 @@ def test_an_archive_is_held_to_the_ids_it_claims(tmp_path: Path) -> None:
     with pytest.raises(UnsafeArchive, match="tmp/fifo is owned by 0:0, outside the ids "
                        "100000..165535 the archive says"):
         inspect_tree(vol, TreePolicy(privileged=False, base=BASE, all_owners=True), "x")
-    with pytest.raises(UnsafeArchive, match="top directory is owned by 100000"):
+    with pytest.raises(UnsafeArchive, match="rootfs is owned by 100000:100000"):
         inspect_tree(vol, TreePolicy(privileged=False, base=0, all_owners=True), "x")
+    os.lchown(vol / "rootfs", 0, 0)  # the volume's top and what is beside rootfs are the
+    os.lchown(vol, 0, 0)             # host's: not held to the map
+    (vol / "metadata.yaml").write_text("x\n")
+    with pytest.raises(UnsafeArchive, match="rootfs is owned by 0:0"):
+        inspect_tree(vol, TreePolicy(privileged=False, base=BASE, all_owners=True), "x")
 
 
 def test_many_problems_are_named_three_at_a_time(tmp_path: Path) -> None:

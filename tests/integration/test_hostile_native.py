@@ -1,0 +1,203 @@
+"""Hostile native streams: btrfs/zfs sends that carry what a tar would have been refused for.
+
+A stopped unprivileged container gets, from the host, a character device node (/dev/kmem's
+numbers) and a setuid program owned by host root; its optimized backup (btrfs, zfs) and its
+optimized LXD export then carry them as send streams, which no member check reads. Restore
+and import must refuse them after receiving into their scratch volume, before anything is
+recorded: the scratch volume gone, no record, the other container on the host untouched.
+Also: an export that lies about its idmap, and a zfs stream carrying a mountpoint property.
+Containers are named ``hn-*``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from backup.create import create_backup
+from backup.repository import Repository
+from backup.restore import restore_backup
+from migrator.backends import VolumeRef
+from migrator.errors import UnsafeArchive
+from migrator.streams import SendStream
+from runtime.idmap import default_idmap
+from tests.integration.conftest import TEST_BASE
+from tests.integration.treecmp import signature
+
+
+def rootfs(th, name: str) -> Path:  # type: ignore[no-untyped-def]
+    return th.cts.rootfs(th.cts.get(name))
+
+
+def plant(th, name: str, device_owner: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """The two things an unprivileged container must never hold, put there from the host."""
+    r = rootfs(th, name)
+    (r / "root").mkdir(exist_ok=True)
+    os.mknod(r / "root/kmem", 0o600 | stat.S_IFCHR, os.makedev(1, 2))
+    os.lchown(r / "root/kmem", device_owner, device_owner)
+    evil = r / "usr/bin/evil"
+    evil.parent.mkdir(parents=True, exist_ok=True)
+    evil.write_text("#!/bin/sh\nexec /bin/sh\n")
+    os.chmod(evil, 0o4755)  # owned by host root: a way to host root for any local user
+
+
+def host_state(th) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Records, LXC dirs, and every volume and snapshot entry of every pool (datasets too)."""
+    pools = {}
+    for p in th.host.state.list_pools():
+        base = th.host.backend(p.name).path
+        pools[p.name] = sorted(str(x.relative_to(base)) for sub in ("containers",
+                                                                     "containers-snapshots")
+                               if (base / sub).exists() for x in (base / sub).iterdir())
+    return {"containers": sorted(c.name for c in th.host.state.list_containers()),
+            "lxc": sorted(p.name for p in th.host.lxcpath.iterdir()), "pools": pools}
+
+
+def keeper(th, pool: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The other container on the host: what must stay the same."""
+    rec = th.cts.get("hn-keep")
+    return {"tree": signature(rootfs(th, "hn-keep"), th.host.backend(pool).supports_xattrs),
+            "config": rec.config, "pool": rec.pool, "ipv4": rec.ipv4}
+
+
+def test_btrfs_streams_with_a_device_and_setuid_root_are_refused(make_host,  # type: ignore[no-untyped-def]
+                                                                   tmp_path: Path) -> None:
+    th = make_host(pools=("btrfs",))
+    base = default_idmap().base
+    th.cts.create("busybox", "hn-keep", "btrfs")
+    (rootfs(th, "hn-keep") / "root/data").write_text("keep me\n")
+    th.cts.create("busybox", "hn-dev", "btrfs")  # unprivileged, never started
+    plant(th, "hn-dev", device_owner=base)
+    repo = Repository(th.root / "backups")
+    backup = create_backup(th.cts, "hn-dev", repo, optimized=True)
+    assert backup.kind == "optimized"
+    before, kept = host_state(th), keeper(th, "btrfs")
+
+    # optimized backup -> restore: received, inspected, refused, removed
+    r = th.cli("backup", "restore", backup.id, "--name", "hn-back")
+    assert r.returncode == UnsafeArchive.exit_code, r.stderr
+    assert "root/kmem is a character device node (1:2)" in r.stderr, r.stderr
+    assert "usr/bin/evil is setuid to uid 0" in r.stderr, r.stderr
+    assert "nothing was recorded" in r.stderr
+    assert host_state(th) == before and keeper(th, "btrfs") == kept
+    assert th.cts.state.list_operations()[-1].status == "rolled-back"
+
+    # optimized LXD export -> import: the same, and the idmap the archive claims is checked
+    archive = tmp_path / "hn.tar"
+    r = th.cli("export", "hn-dev", str(archive), "--optimized", "--compression", "none")
+    assert r.returncode == 0, r.stderr
+    r = th.cli("import", str(archive), "hn-imp", "--pool", "btrfs")
+    assert r.returncode == UnsafeArchive.exit_code, r.stderr
+    assert "rootfs/root/kmem is a character device node (1:2)" in r.stderr, r.stderr
+    assert "rootfs/usr/bin/evil is owned by 0:0, outside the ids" in r.stderr, r.stderr
+    assert host_state(th) == before and keeper(th, "btrfs") == kept
+
+    # a clean container whose archive lies: "[]" (ids not shifted on disk) for a tree that
+    # is shifted would keep every file the host's; a map of another range, the same
+    th.cts.create("busybox", "hn-clean", "btrfs")
+    clean = tmp_path / "clean.tar"
+    assert th.cli("export", "hn-clean", str(clean), "--optimized", "--compression",
+                  "none").returncode == 0
+    before = host_state(th)
+    for lie, message in [
+        ("[]", f"rootfs is owned by {base}:{base}, outside the ids 0..65535"),
+        ('[{"Isuid":true,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":4294901760}]',
+         "outside the ids 0..65535"),
+        ('[{"Isuid":true,"Isgid":false,"Hostid":0,"Nsid":0,"Maprange":65536}]',
+         "not one range for uids and one for gids"),
+    ]:
+        forged = tmp_path / "forged.tar"
+        forged.write_bytes(_with_idmap(clean.read_bytes(), lie))
+        r = th.cli("import", str(forged), "hn-lie", "--pool", "btrfs")
+        assert r.returncode == UnsafeArchive.exit_code, (lie, r.stderr)
+        assert message in r.stderr, (lie, r.stderr)
+        assert host_state(th) == before, lie
+    # the honest one imports (and is shifted to this host's map)
+    r = th.cli("import", str(clean), "hn-clean2", "--pool", "btrfs")
+    assert r.returncode == 0, r.stderr
+    assert os.lstat(rootfs(th, "hn-clean2") / "bin/busybox").st_uid == base
+    assert keeper(th, "btrfs") == kept
+
+
+def _with_idmap(raw: bytes, claimed: str) -> bytes:
+    """The same uncompressed export with its index claiming another on-disk idmap."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as src, \
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            data = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
+            if m.name == "backup/index.yaml":
+                doc = yaml.safe_load(data or b"")
+                for where in ("config", "expanded_config"):
+                    conf = dict(doc["config"]["container"][where])
+                    conf["volatile.last_state.idmap"] = claimed
+                    doc["config"]["container"][where] = conf
+                data = yaml.dump(doc, Dumper=_NoAliases, sort_keys=False).encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def test_zfs_streams_are_inspected_and_lose_their_properties(make_host) -> None:  # type: ignore[no-untyped-def]
+    th = make_host(pools=("zfs",))
+    th.cts.create("busybox", "hn-keep", "zfs")
+    th.cts.create("busybox", "hn-zdev", "zfs")
+    plant(th, "hn-zdev")
+    repo = Repository(th.root / "backups")
+    backup = create_backup(th.cts, "hn-zdev", repo, optimized=True)
+    assert backup.kind == "optimized"
+    before, kept = host_state(th), keeper(th, "zfs")
+    with pytest.raises(UnsafeArchive) as e:
+        restore_backup(th.cts, repo, backup.id, name="hn-zback")
+    assert "root/kmem is a character device node (1:2)" in str(e.value)
+    assert "usr/bin/evil is setuid to uid 0" in str(e.value)
+    assert host_state(th) == before and keeper(th, "zfs") == kept
+    b = th.host.backend("zfs")
+    assert not any("restore" in v for v in _datasets(b))
+
+    # a stream made with `zfs send -p` carries a mountpoint over a host directory (and a
+    # quota, canmount=noauto): received with -u and every such property dropped before the
+    # first mount, so it lands at its place in the pool
+    evil = TEST_BASE / f"hn-evil-{os.getpid()}"
+    src = VolumeRef("container", "hn-psrc")
+    b.create_volume(src)
+    (b.volume_path(src) / "marker").write_text("from the stream\n")
+    ds = b._ds(src)  # noqa: SLF001 - the test sets properties a hostile sender would
+    for prop in (f"mountpoint={evil}", "canmount=noauto", "quota=200M"):
+        _zfs("set", prop, ds)
+    _zfs("unmount", ds)
+    _zfs("snapshot", f"{ds}@s1")
+    stream = SendStream(["zfs", "send", "-p", f"{ds}@s1"], "zfs", "s1")
+    dst = VolumeRef("container", "hn-precv")
+    b.receive(dst, "s1", stream, None)
+    assert (b.volume_path(dst) / "marker").read_text() == "from the stream\n"
+    props = _zfs("get", "-H", "-o", "property,value,source", "mountpoint,canmount,quota",
+                 b._ds(dst))  # noqa: SLF001
+    assert "received" not in props, props
+    assert str(evil) not in Path("/proc/mounts").read_text()
+    assert not evil.exists() or os.listdir(evil) == []
+    _zfs("inherit", "mountpoint", ds)
+    b.delete_volume(src)
+    b.delete_volume(dst)
+
+
+def _zfs(*args: str) -> str:
+    from migrator.backends.zfs import run_zfs
+
+    return run_zfs(["zfs", *args]).stdout
+
+
+def _datasets(backend) -> list[str]:  # type: ignore[no-untyped-def]
+    return _zfs("list", "-H", "-o", "name", "-r", backend.dataset).split()
