@@ -409,6 +409,11 @@ class TarChecker:
             self._ended = True
             self._current = ""
             return
+        kind = block[156:157]
+        if kind in _META_TYPES and _nti(block[148:156]) == sum(block) - sum(block[148:156]) \
+                + 256:  # a pax or long-name header: only its size matters, read it cheaply
+            self._start_meta(kind, _nti(block[124:136]))
+            return
         try:
             info = tarfile.TarInfo.frombuf(block, _ENCODING, _ERRORS)
         except tarfile.HeaderError as e:
@@ -419,18 +424,21 @@ class TarChecker:
         if info.size < 0:
             raise CorruptBackup(f"member {info.name!r} has a negative size")
         if info.type in _META_TYPES:
-            if info.size > MAX_META_BYTES:
-                raise UnsafeArchive(
-                    f"archive has a {info.size}-byte long-name or pax header at offset "
-                    f"{self._offset}; at most {MAX_META_BYTES} are accepted"
-                )
-            self._meta_type = info.type
-            self._meta_need = info.size
-            self._meta.clear()
-            if info.size == 0:
-                self._end_meta()
+            self._start_meta(info.type, info.size)
             return
         self._member(info, block)
+
+    def _start_meta(self, kind: bytes, size: int) -> None:
+        if not 0 <= size <= MAX_META_BYTES:
+            raise UnsafeArchive(
+                f"archive has a {size}-byte long-name or pax header at offset "
+                f"{self._offset}; at most {MAX_META_BYTES} are accepted"
+            )
+        self._meta_type = kind
+        self._meta_need = size
+        self._meta.clear()
+        if size == 0:
+            self._end_meta()
 
     def _end_meta(self) -> None:
         kind, raw = self._meta_type, bytes(self._meta)
@@ -585,7 +593,7 @@ class TarChecker:
     def _emit(self, info: tarfile.TarInfo, data: int, head: bytes = b"") -> None:
         """Write ``info``'s header (then ``head``), and pass ``data`` bytes on after it."""
         try:
-            buf = info.tobuf(tarfile.PAX_FORMAT, _ENCODING, _ERRORS)
+            buf = write_header(info)
         except ValueError as e:
             raise UnsafeArchive(f"member {self._current!r} cannot be written back ({e})") \
                 from None
@@ -664,10 +672,10 @@ class TarChecker:
         head = text.encode("ascii")
         head += bytes(-len(head) % BLOCK)
         info = sparse.info
-        info.pax_headers.update({
-            "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+        info.pax_headers = {
+            **info.pax_headers, "GNU.sparse.major": "1", "GNU.sparse.minor": "0",
             "GNU.sparse.name": info.name, "GNU.sparse.realsize": str(sparse.realsize),
-        })
+        }
         info.name = "GNUSparseFile.0/sparse"  # GNU tar and tarfile take GNU.sparse.name
         info.size = len(head) + data
         self._emit(info, data, head)
@@ -832,6 +840,75 @@ class TarChecker:
                     )
             elif part not in ("", "."):
                 depth += 1
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode(_ENCODING) + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def _ustar(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+           linkname: bytes = b"", devmajor: int = 0, devminor: int = 0) -> bytes:
+    """One POSIX ustar header block (empty prefix, uname and gname)."""
+    dev = (_octal(devmajor, 8) + _octal(devminor, 8)) if kind in (tarfile.CHRTYPE,
+                                                                   tarfile.BLKTYPE) \
+        else bytes(16)
+    head = b"".join((
+        name[:100].ljust(100, b"\0"), _octal(mode, 8), _octal(uid, 8), _octal(gid, 8),
+        _octal(size, 12), _octal(mtime, 12), b" " * 8, kind,
+        linkname[:100].ljust(100, b"\0"), b"ustar\x0000", bytes(64), dev,
+    )).ljust(BLOCK, b"\0")
+    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
+
+
+def write_header(info: tarfile.TarInfo) -> bytes:
+    """The pax header (if needed) and ustar header of one approved member, written here
+    rather than by tarfile's general writer: only the fields this guard approved, and
+    about three times faster (it runs once per member of every restore)."""
+    records: dict[str, str] = dict(info.pax_headers)
+    name = info.name + "/" if info.type == tarfile.DIRTYPE and info.name != "/" else info.name
+    raw_name = name.encode(_ENCODING, _ERRORS)
+    raw_link = info.linkname.encode(_ENCODING, _ERRORS)
+    if len(raw_name) > 100 or not name.isascii():
+        records["path"] = name
+    if len(raw_link) > 100 or not info.linkname.isascii():
+        records["linkpath"] = info.linkname
+    numbers = {"uid": info.uid, "gid": info.gid, "size": info.size}
+    for key, value in numbers.items():
+        if value >= 8 ** (7 if key != "size" else 11):
+            records[key] = str(value)
+            numbers[key] = 0
+    mtime = int(info.mtime)
+    if not 0 <= mtime < 8 ** 11:
+        records.setdefault("mtime", str(mtime))
+        mtime = 0
+    if max(info.devmajor, info.devminor) >= 8 ** 7 or min(info.devmajor, info.devminor) < 0:
+        raise ValueError(f"device numbers {info.devmajor}:{info.devminor} are too large")
+    head = _ustar(raw_name, info.type, info.mode & 0o7777, numbers["uid"], numbers["gid"],
+                  numbers["size"], mtime, raw_link, info.devmajor, info.devminor)
+    if not records:
+        return head
+    values = {k: v.encode(_ENCODING, _ERRORS) for k, v in records.items()}
+    binary = any(not _valid_utf8(v) for v in values.values())
+    body = (b"21 hdrcharset=BINARY\n" if binary else b"") + b"".join(
+        _pax_record(k, v) for k, v in values.items())
+    pax_head = _ustar(b"././@PaxHeader", tarfile.XHDTYPE, 0o644, 0, 0, len(body), mtime)
+    return pax_head + body + bytes(-len(body) % BLOCK) + head
+
+
+def _valid_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode(_ENCODING)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _pax_uint(pax: dict[str, str], key: str, name: str) -> int:
