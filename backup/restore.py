@@ -27,6 +27,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import IO, Any
 
 from backup.delta import decode_paths, remove_paths
@@ -235,8 +236,10 @@ def complete_record(cts: Containers, op_detail: dict[str, Any]) -> bool:
     return True
 
 
-def _guard(idx: BackupIndex) -> Any:
-    rules = tar_rules(idx)
+def _guard(idx: BackupIndex, existing: Path | None = None) -> Any:
+    """The tar guard for ``idx``'s parts; ``existing``: the tree a delta is applied on
+    (a member below a symlink already there is refused: GNU tar would follow it)."""
+    rules = replace(tar_rules(idx), existing=None if existing is None else str(existing))
 
     def wrap(reader: IO[bytes]) -> IO[bytes]:
         return TarGuard(reader, rules)  # type: ignore[arg-type,return-value]
@@ -306,5 +309,6 @@ def _apply_delta(repo: Repository, b: BackupIndex, point: str, parts: list[PartI
     paths = decode_paths(read_small(repo, b.id, listed, b.compression), where)
     root = backend.volume_path(vol)
     remove_paths(root, paths)
-    stream = PartStream(repo, b.id, tar, b.compression, "tar", point, tar.base, _guard(b))
+    stream = PartStream(repo, b.id, tar, b.compression, "tar", point, tar.base,
+                        _guard(b, root))
     _consume(stream, tar_extract, stream, root, meter, bool(backend.supports_xattrs))

@@ -48,7 +48,9 @@ end-of-archive blocks are written only once the whole input has been read and ch
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import tarfile
 from collections import deque
 from dataclasses import dataclass, field
@@ -123,6 +125,11 @@ class TarRules:
     data_prefix: str | None = None
     data_files: tuple[str, ...] = ()
     standard_devices: bool = False
+    #: the directory the archive is unpacked into when it already holds a tree (a delta
+    #: applied on the points before it): GNU tar follows a symlink it finds there, so a
+    #: member below a symlink on disk is refused unless a directory member of this archive
+    #: replaced it first
+    existing: str | None = None
 
 
 @dataclass
@@ -323,6 +330,7 @@ class TarChecker:
         self._symlinks: set[tuple[str, ...]] = set()
         self._members: set[tuple[str, ...]] = set()  # non-directories, for hard links
         self._dirs: set[tuple[str, ...]] = set()
+        self._real_dirs: set[tuple[str, ...]] = set()  # directories found on disk
 
     def set_rules(self, rules: TarRules) -> None:
         self.rules = rules
@@ -741,6 +749,8 @@ class TarChecker:
             raise UnsafeArchive(f"member {name!r} replaces the symlink an earlier member made")
         if path in self._members or (kind != tarfile.DIRTYPE and path in self._dirs):
             raise UnsafeArchive(f"member {name!r} appears twice in the archive")
+        if self.rules.existing is not None:
+            self._check_on_disk(name, path, self.rules.existing)
 
         area, root = self._where(parts)
         if area == "wild-parent":
@@ -785,6 +795,21 @@ class TarChecker:
         else:
             self._members.add(path)
         return path
+
+    def _check_on_disk(self, name: str, path: tuple[str, ...], base: str) -> None:
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix in self._dirs or prefix in self._real_dirs:
+                continue  # replaced by this archive's directory, or seen to be one
+            try:
+                st = os.lstat(os.path.join(base, *prefix))
+            except FileNotFoundError:
+                continue  # tar makes it a directory
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchive(
+                    f"member {name!r} would be written through {'/'.join(prefix)!r}, a "
+                    "symlink already in the tree it is unpacked into")
+            self._real_dirs.add(prefix)
 
     def _check_device(self, name: str, what: str, rel: tuple[str, ...], kind: bytes,
                       info: tarfile.TarInfo) -> None:

@@ -615,3 +615,33 @@ def test_gnu_tar_reads_the_rewritten_archive_back_exactly(
     assert sparse.stat().st_blocks * 512 < 1_000_000  # holes stayed holes
     assert os.stat(dest / "hard").st_ino == os.stat(
         dest / ("d" * 120) / ("e" * 120) / ("f" * 150)).st_ino
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="GNU tar extracts as root in production")
+def test_a_delta_cannot_go_through_a_symlink_already_in_the_tree(tmp_path: Path) -> None:
+    # a restore applies a delta on the tree the points before it made, where an earlier
+    # (checked, absolute, hence allowed) symlink may sit: GNU tar follows it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    crafted = raw_header("rootfs/etc/cron.d", size=1) + data(b"x") + END
+    naive = tmp_path / "naive"
+    (naive / "rootfs").mkdir(parents=True)
+    (naive / "rootfs/etc").symlink_to(outside)
+    subprocess.run(["tar", "-x", "-C", str(naive)], input=crafted, check=True)
+    assert (outside / "cron.d").exists()  # the attack is real without the check
+    (outside / "cron.d").unlink()
+
+    target = tmp_path / "target"
+    (target / "rootfs").mkdir(parents=True)
+    (target / "rootfs/etc").symlink_to(outside)
+    rules = TarRules(root="rootfs", existing=str(target))
+    with pytest.raises(UnsafeArchive, match="'rootfs/etc', a symlink already in the tree"):
+        rewritten(crafted, rules)
+    assert list(outside.iterdir()) == []
+    # a directory member of the same archive replaces the symlink first (GNU tar does)
+    replaced = raw_header("rootfs/etc", tarfile.DIRTYPE) + crafted
+    assert [m[0] for m in members(rewritten(replaced, rules))] == ["rootfs/etc",
+                                                                    "rootfs/etc/cron.d"]
+    (target / "rootfs/etc").unlink()
+    (target / "rootfs/etc").mkdir()
+    assert len(members(rewritten(crafted, rules))) == 1
