@@ -85,6 +85,9 @@ def main() -> int:
     elif kind == "delete":
         call("delete_snapshot", pool=pool, volume={"type": "container", "name": victim},
              snapshot="v0")
+    elif kind == "delete-own":  # a refresh: the target's own snapshot, not one it sent
+        call("delete_snapshot", pool=pool, volume={"type": "container", "name": pulled},
+             snapshot="s0")
     elif kind == "commit":
         call("commit_container", name=victim, pool=pool, image=None, ipv4=None,
              config={"user.owned": "yes", "security.privileged": "true"}, snapshots=[])

@@ -105,6 +105,27 @@ def test_calls_aimed_at_another_container_are_refused(setup, kind: str,  # type:
     assert not any("pulled" in v for v in after["volumes"])
 
 
+def test_a_refresh_may_not_delete_the_targets_own_snapshots(setup) -> None:  # type: ignore[no-untyped-def]
+    a, case = setup
+    m(a, "create", "busybox", "pulled", "-p", POOL)
+    m(a, "snapshot", "create", "pulled", "s0")
+    try:
+        before = outside_view(a)
+        case.write_text(json.dumps({"kind": "delete-own", "victim": "victim",
+                                    "pulled": "pulled", "pool": POOL}))
+        rc, _out, err = m(a, "copy", "evil:pulled", "pulled", "--refresh", check=False)
+        assert rc == 26, err
+        assert "'delete_snapshot' call aimed at 'pulled'" in err, err
+        assert "'s0' was not received by this pull" in err, err
+        assert outside_view(a) == before
+        _rc, out, _e = m(a, "snapshot", "list", "pulled", "--format", "json")
+        assert [s["name"] for s in json.loads(out)] == ["s0"]
+        assert (a.root / "storage-pools" / POOL / "containers-snapshots" / "pulled" /
+                "s0").is_dir()
+    finally:
+        m(a, "delete", "--force", "pulled")
+
+
 def test_a_link_offer_is_refused_and_never_connected(setup) -> None:  # type: ignore[no-untyped-def]
     a, case = setup
     before = outside_view(a)
