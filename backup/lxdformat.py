@@ -32,6 +32,10 @@ are known gaps. Optimized (btrfs)
 streams carry the ids as they are on disk, so the index records that map in LXD's key,
 ``volatile.last_state.idmap``, and import shifts the received trees by the difference to
 this host's map (``[]``, LXD's value for an unshifted disk, means a shift by the whole base).
+Nothing checks a send stream's content on its way in, so the streams are received confined
+(``btrfs.receive_confined``) and the received trees are walked before the shift
+(``runtime.treecheck``): that map must be one sane range, every rootfs owner inside it, and
+an unprivileged container's device nodes and foreign setuid/setgid files are refused.
 
 The one design decision: both directions stream. Export writes the tar straight into the
 compressor and the output (a file or stdout), section by section (GNU tar for each volume,
@@ -97,7 +101,6 @@ from migrator.streams import (
     SendStream,
     Stream,
     no_progress,
-    receive_with,
 )
 from runtime import config as cfg
 from runtime import idmap
@@ -1079,14 +1082,28 @@ def _receive_btrfs(backend: StorageBackend, vol: VolumeRef, reader: _ArchiveRead
             btrfsutil.set_subvolume_read_only(str(sub), False)
         btrfsutil.delete_subvolume(str(sub))
 
+    try:
+        _receive_btrfs_sections(backend, vol, reader, index, progress, snap_dir, drop)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            snap_dir.rmdir()  # when nothing was kept there (the undo removes the rest)
+        raise
+
+
+def _receive_btrfs_sections(backend: StorageBackend, vol: VolumeRef, reader: _ArchiveReader,
+                            index: _Index, progress: Progress, snap_dir: Path,
+                            drop: Callable[[Path], None]) -> None:
+    import btrfsutil  # type: ignore[import-not-found]
+
+    from migrator.backends.btrfs import receive_confined
+
     for key, stream in _sections(reader, index):
         recv = snap_dir / f".recv-{secrets.token_hex(3)}"
         recv.mkdir()
         meter = ProgressMeter(progress, f"import {key}")
         try:
             try:
-                receive_with(["btrfs", "receive", "-q", str(recv)], stream, meter,
-                             no_space_markers=("No space left", "ENOSPC"))
+                receive_confined(recv, stream, meter)
             except MigratorError as e:
                 reader.raise_error()  # the real cause (unsafe member, truncation) first
                 raise e

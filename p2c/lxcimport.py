@@ -54,6 +54,7 @@ from runtime import config as cfg
 from runtime import idmap
 from runtime.containers import Containers, Stages
 from runtime.durable import sync_filesystem
+from runtime.inroot import RootDir
 from runtime.lxc import PRIVILEGED_DEVICES
 from runtime.operations import journaled
 
@@ -757,21 +758,14 @@ def ids_outside(root: Path, base: int, size: int, limit: int = 10) -> list[str]:
 
 
 def _read_inside(root: Path, rel: str, limit: int = 65536) -> str | None:
-    """A small regular file of the rootfs, never through a symlink (a rootfs is not
-    trusted: /etc may point anywhere on this host)."""
-    path = root
-    for part in rel.split("/"):
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            return None
-    if not stat.S_ISREG(st.st_mode):
+    """A small regular file of the rootfs, read as the container sees it: links resolve
+    inside the rootfs only (``runtime.inroot``), never out to this host's files."""
+    try:
+        with RootDir(root) as tree:
+            data = tree.read_bytes(rel)
+    except (InvalidInput, OSError):
         return None
-    with open(path, "rb") as f:
-        return f.read(limit).decode(errors="replace")
+    return None if data is None else data[:limit].decode(errors="replace")
 
 
 def detect_image(rootfs: Path) -> tuple[str, dict[str, str]]:

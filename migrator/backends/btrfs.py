@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,6 +38,41 @@ def make_loop_filesystem(image: Path, size: int) -> None:
         f.truncate(size)
     os.chmod(image, 0o600)
     proc.run(["mkfs.btrfs", "-q", "-f", str(image)], timeout=60)
+
+
+def _mount_root(path: Path) -> Path:
+    """The mount point the filesystem of ``path`` is reached through."""
+    p = path.resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+@contextlib.contextmanager
+def _nodev_bind(dest: Path) -> Iterator[None]:
+    """``dest`` bound onto itself ``nodev,nosuid`` for as long as the block runs."""
+    proc.run(["mount", "--bind", str(dest), str(dest)])
+    try:
+        proc.run(["mount", "-o", "remount,bind,nodev,nosuid", str(dest)])
+        yield
+    finally:
+        if proc.run(["umount", str(dest)], check=False).returncode != 0:
+            proc.run(["umount", "--lazy", str(dest)], check=False)
+
+
+def receive_confined(dest: Path, stream: Stream, meter: ProgressMeter | None) -> None:
+    """``btrfs receive`` into directory ``dest`` of a stream that may be hostile.
+
+    ``btrfs receive`` replays the stream's operations by path as root: a stream can make a
+    symlink to a host file and then write "into" it, or make a block device node with the
+    numbers of the host's disk and write to that (both tried: the host file and the disk
+    changed). So it runs chrooted into ``dest`` (``-C``; ``-m`` names the real mount for
+    finding parent subvolumes), on a ``nodev,nosuid`` bind of ``dest`` onto itself, where
+    no device node can be opened. What the streams leave is inspected afterwards
+    (``runtime.treecheck``)."""
+    with _nodev_bind(dest):
+        receive_with(["btrfs", "receive", "-q", "-C", "-m", str(_mount_root(dest)),
+                      str(dest)], stream, meter, no_space_markers=("No space left", "ENOSPC"))
 
 
 class BtrfsBackend(TreeLayout):
@@ -231,14 +267,15 @@ class BtrfsBackend(TreeLayout):
             raise AlreadyExists(f"snapshot {vol}/{name} already exists")
         sd.mkdir(parents=True, exist_ok=True)
         try:
-            receive_with(["btrfs", "receive", "-q", str(sd)], stream, meter,
-                         no_space_markers=("No space left", "ENOSPC"))
+            receive_confined(sd, stream, meter)
             self._replace_volume_with(vol, dst)
         except BaseException:
             if dst.exists():
                 with contextlib.suppress(Exception):
                     btrfsutil.set_subvolume_read_only(str(dst), False)
                     btrfsutil.delete_subvolume(str(dst), recursive=True)
+            with contextlib.suppress(OSError):
+                sd.rmdir()  # only when this receive left it empty
             raise
         return Snapshot(vol, name, dst)
 

@@ -5,8 +5,10 @@ numbers) and a setuid program owned by host root; its optimized backup (btrfs, z
 optimized LXD export then carry them as send streams, which no member check reads. Restore
 and import must refuse them after receiving into their scratch volume, before anything is
 recorded: the scratch volume gone, no record, the other container on the host untouched.
-Also: an export that lies about its idmap, and a zfs stream carrying a mountpoint property.
-Containers are named ``hn-*``.
+Also: an export that lies about its idmap, a zfs stream carrying a mountpoint property, and
+btrfs streams edited to write through a symlink they made to a host file, or into a block
+device node they made with the numbers of a host disk (``btrfs receive`` does both when run
+plainly). Containers are named ``hn-*``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from backup.create import create_backup
 from backup.repository import Repository
 from backup.restore import restore_backup
 from migrator.backends import VolumeRef
-from migrator.errors import UnsafeArchive
+from migrator.errors import MigratorError, UnsafeArchive
 from migrator.streams import SendStream
 from runtime.idmap import default_idmap
 from tests.integration.conftest import TEST_BASE
@@ -201,3 +205,104 @@ def _zfs(*args: str) -> str:
 
 def _datasets(backend) -> list[str]:  # type: ignore[no-untyped-def]
     return _zfs("list", "-H", "-o", "name", "-r", backend.dataset).split()
+
+
+# ----- btrfs send streams edited by hand (format: btrfs-progs Documentation/dev/dev-send-stream)
+
+_CMD_WRITE, _ATTR_PATH, _CMD_END = 15, 15, 21
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc
+
+
+def _redirect_write(raw: bytes, path: bytes) -> bytes:
+    """The stream with its (one) write command moved to the end and aimed at ``path``."""
+    assert raw[:13] == b"btrfs-stream\0"
+    cmds, off = [], 17
+    while off < len(raw):
+        size, cmd, _crc = struct.unpack_from("<IHI", raw, off)
+        body, attrs, p = raw[off + 10:off + 10 + size], [], 0
+        while p < len(body):
+            kind, n = struct.unpack_from("<HH", body, p)
+            attrs.append((kind, body[p + 4:p + 4 + n]))
+            p += 4 + n
+        cmds.append((cmd, attrs))
+        off += 10 + size
+    write = next(c for c in cmds if c[0] == _CMD_WRITE)
+    cmds.remove(write)
+    cmds.insert(len(cmds) - 1, (_CMD_WRITE, [(k, path if k == _ATTR_PATH else v)
+                                             for k, v in write[1]]))
+    out = raw[:17]
+    for cmd, attrs in cmds:
+        body = b"".join(struct.pack("<HH", k, len(v)) + v for k, v in attrs)
+        crc = _crc32c(struct.pack("<IHI", len(body), cmd, 0) + body)
+        out += struct.pack("<IHI", len(body), cmd, crc) + body
+    return out
+
+
+def test_btrfs_streams_cannot_write_through_their_links_or_devices(make_host,  # type: ignore[no-untyped-def]
+                                                                    tmp_path: Path) -> None:
+    th = make_host(pools=("btrfs",))
+    b = th.host.backend("btrfs")
+    canary = TEST_BASE / f"hn-canary-{os.getpid()}"
+    canary.write_text("host file\n")
+    disk = tmp_path / "disk.img"  # a host disk: a loop device over a file
+    disk.write_bytes(b"\0" * (1 << 20))
+    loop = subprocess.run(["losetup", "-f", "--show", str(disk)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    try:
+        rdev = os.stat(loop).st_rdev
+        src = VolumeRef("container", "hn-craft")
+        path = b.create_volume(src)
+        (path / "a").symlink_to(canary)
+        os.mknod(path / "d", 0o600 | stat.S_IFBLK, rdev)
+        (path / "b").mkdir()
+        (path / "b/x").write_text("payload from the stream\n")
+        snap = b.snapshot(src, "s1")
+        raw = subprocess.run(["btrfs", "send", "-q", str(snap.path)], capture_output=True,
+                             check=True).stdout
+        before = host_state(th)
+        for target in (b"a", b"d"):
+            evil = tmp_path / f"evil-{target.decode()}.bin"
+            evil.write_bytes(_redirect_write(raw, target))
+            stream = SendStream(["cat", str(evil)], "btrfs", "s1")
+            with pytest.raises(MigratorError):
+                b.receive(VolumeRef("container", "hn-evil"), "s1", stream, None)
+            assert canary.read_text() == "host file\n", target
+            assert disk.read_bytes() == b"\0" * (1 << 20), target
+            assert host_state(th) == before, target
+        # the same stream as an optimized export's container.bin: refused, nothing kept
+        th.cts.create("busybox", "hn-exp", "btrfs")
+        archive = tmp_path / "exp.tar"
+        assert th.cli("export", "hn-exp", str(archive), "--optimized", "--compression",
+                      "none").returncode == 0
+        before = host_state(th)
+        forged = tmp_path / "forged.tar"
+        forged.write_bytes(_replace_member(archive.read_bytes(), "backup/container.bin",
+                                           _redirect_write(raw, b"d")))
+        r = th.cli("import", str(forged), "hn-forged", "--pool", "btrfs")
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+        assert disk.read_bytes() == b"\0" * (1 << 20)
+        assert host_state(th) == before
+        b.delete_volume(src)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+        canary.unlink()
+
+
+def _replace_member(raw: bytes, name: str, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as src, \
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src:
+            body = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
+            if m.name == name:
+                body, m.size = data, len(data)
+            dst.addfile(m, io.BytesIO(body) if body is not None else None)
+    return out.getvalue()
