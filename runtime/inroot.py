@@ -68,6 +68,12 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int = 0, links: bool = Tru
     return int(fd)
 
 
+def _reopen(path_fd: int, flags: int) -> int:
+    """A real descriptor of the inode an O_PATH descriptor holds (the same inode: no race
+    with a rename in between)."""
+    return os.open(f"/proc/self/fd/{path_fd}", flags | os.O_NOCTTY | os.O_CLOEXEC)
+
+
 def _parts(rel: str | os.PathLike[str]) -> list[str]:
     """Components of ``rel`` (leading slashes mean the root too); ``..`` is kept: it is
     resolved against the root like any other component, never above it."""
@@ -264,19 +270,24 @@ class RootDir:
 
     def read_bytes(self, rel: str | os.PathLike[str]) -> bytes | None:
         """A regular file's content (links followed inside the root), None when missing;
-        anything else (a fifo, a device, a directory) or a file over ``MAX_READ`` refused."""
+        anything else (a fifo, a device, a directory) or a file over ``MAX_READ`` refused,
+        before it is opened for reading (opening a device can act: a watchdog, a tape)."""
         try:
-            fd = self._open(rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+            pfd = self._open(rel, os.O_PATH)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise self._refuse(rel, f"cannot be read inside the tree ({e.strerror})") from e
         try:
-            st = os.fstat(fd)
+            st = os.fstat(pfd)
             if not stat.S_ISREG(st.st_mode):
                 raise self._refuse(rel, "not a regular file")
             if st.st_size > MAX_READ:
                 raise self._refuse(rel, f"{st.st_size} bytes, more than {MAX_READ} to read")
+            fd = _reopen(pfd, os.O_RDONLY)
+        finally:
+            os.close(pfd)
+        try:
             chunks = []
             while data := os.read(fd, 1 << 20):
                 chunks.append(data)
@@ -329,16 +340,10 @@ class RootDir:
         except FileNotFoundError as e:
             raise self._refuse(rel, "missing") from e
         try:
+            fd = self._checked(pfd, name, rel, (stat.S_IFREG,), os.O_WRONLY | os.O_APPEND)
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=pfd)
-            except OSError as e:
-                raise self._refuse(rel, f"not a regular file to append to ({e.strerror})") \
-                    from e
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                    raise self._refuse(rel, "not a regular file of one name to append to")
+                if os.fstat(fd).st_nlink != 1:
+                    raise self._refuse(rel, "a file of several names (hard links)")
                 os.write(fd, text.encode("utf-8", "surrogateescape"))
             finally:
                 os.close(fd)
@@ -379,15 +384,8 @@ class RootDir:
         """Mode of the regular file or directory ``rel`` itself (a symlink is refused)."""
         pfd, name = self._parent(rel)
         try:
+            fd = self._checked(pfd, name, rel, (stat.S_IFREG, stat.S_IFDIR), os.O_RDONLY)
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-                             | os.O_CLOEXEC, dir_fd=pfd)
-            except OSError as e:
-                raise self._refuse(rel, f"cannot change its mode ({e.strerror})") from e
-            try:
-                kind = stat.S_IFMT(os.fstat(fd).st_mode)
-                if kind not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise self._refuse(rel, "not a regular file or directory")
                 os.fchmod(fd, mode)
             finally:
                 os.close(fd)
@@ -418,6 +416,23 @@ class RootDir:
             return True
         finally:
             os.close(pfd)
+
+    def _checked(self, pfd: int, name: str, rel: str | os.PathLike[str],
+                 kinds: tuple[int, ...], flags: int) -> int:
+        """Entry ``name`` itself opened with ``flags`` once it is known to be of ``kinds``:
+        looked at through an O_PATH descriptor first, so a link, fifo or device is refused
+        without ever being opened for real."""
+        try:
+            path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except OSError as e:
+            raise self._refuse(rel, f"cannot be opened ({e.strerror})") from e
+        try:
+            if stat.S_IFMT(os.fstat(path_fd).st_mode) not in kinds:
+                raise self._refuse(rel, "not a regular file" + (
+                    " or directory" if stat.S_IFDIR in kinds else ""))
+            return _reopen(path_fd, flags)
+        finally:
+            os.close(path_fd)
 
     @staticmethod
     def _lstat_at(pfd: int, name: str) -> os.stat_result | None:

@@ -7,6 +7,7 @@ on kernels without it.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_rename_symlink_remove_chmod_act_on_the_name(tree: tuple[Path, Path]) ->
         r.symlink("/dev/null", "etc/unit")
         with pytest.raises(InvalidInput, match="already exists"):
             r.symlink("/dev/null", "etc/unit")
-        with pytest.raises(InvalidInput, match="cannot change its mode"):
+        with pytest.raises(InvalidInput, match="not a regular file or directory"):
             r.chmod("etc/unit.orig", 0o777)
         assert r.remove("etc/d") and not r.remove("etc/d")
         r.chmod("etc/real/file", 0o600)
@@ -116,9 +117,12 @@ def test_append_keeps_the_file_and_refuses_links_and_fifos(tree: tuple[Path, Pat
     root, outside = tree
     (root / "etc/log").symlink_to(outside / "canary")
     os.mkfifo(root / "etc/fifo")
+    os.mknod(root / "etc/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # never opened
     with RootDir(root) as r:
         r.append_text("etc/real/file", "more\n")
-        for rel in ("etc/log", "etc/fifo", "etc/missing", "nodir/x"):
+        with pytest.raises(InvalidInput, match="not a regular file"):
+            r.read_text("etc/null")
+        for rel in ("etc/log", "etc/fifo", "etc/null", "etc/missing", "nodir/x"):
             with pytest.raises(InvalidInput, match="refusing"):
                 r.append_text(rel, "x\n")
         with pytest.raises(InvalidInput, match="not a regular file"):
