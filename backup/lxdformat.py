@@ -267,8 +267,8 @@ class _TarOut:
 
 
 class _NoAliasDumper(yaml.SafeDumper):
-    """Writes a dict used twice (``config`` and ``expanded_config``) out twice: an import
-    refuses YAML aliases (``migrator.safeyaml``), ours included."""
+    """Writes a dict used twice (``config`` and ``expanded_config``) out twice, as LXD
+    does: an import bounds what YAML aliases expand to (``migrator.safeyaml``)."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
@@ -614,7 +614,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _yaml(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = safeyaml.load(data)  # no aliases: a 1 kB alias bomb would expand to GBs
+        doc = safeyaml.load(data)  # aliases bounded: a 1 kB alias bomb would expand to GBs
     except yaml.YAMLError as e:
         raise CorruptBackup(f"{what} is not valid YAML ({e})") from None
     if not isinstance(doc, dict):
