@@ -113,7 +113,12 @@ def test_p2c_boots_and_serves_the_same_page(world) -> None:  # type: ignore[no-u
     a, b, m = world
     original = http_get(f"{PREFIX}-a", m.ip, "/index.html")
     assert original == WEB_PAGE
-    with cleanup(b, "pm1"):
+    # a hostile machine: links at names the conversion writes, aimed at the host's cron
+    planted = {rel: Path(f"/etc/cron.d/p2c-canary-{Path(rel).name}")
+               for rel in ("root/p2c-report.txt", "etc/systemd/system/systemd-udevd.service")}
+    for rel, target in planted.items():
+        (m.rootfs_view / rel).symlink_to(target)
+    with cleanup(b, "pm1"), _unplant(m, planted):
         r = cli(a, *p2c_args(a, m, "pm1", "--format", "json"))
         res = json.loads(r.stdout)
         assert res["status"] == "RUNNING", res
@@ -142,6 +147,18 @@ def test_p2c_boots_and_serves_the_same_page(world) -> None:  # type: ignore[no-u
         assert not (rootfs / BAD_FILE.lstrip("/")).exists()
         assert (rootfs / "srv/archive/good.txt").read_text() == "this file reads fine\n"
         assert (rootfs / "var/lib/appdata").is_dir()
+        assert not any(t.exists() for t in planted.values())  # nothing written on the host
+        assert not (rootfs / "root/p2c-report.txt").is_symlink()
+
+
+@contextlib.contextmanager
+def _unplant(m: TestMachine, planted: dict[str, Path]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for rel, target in planted.items():
+            (m.rootfs_view / rel).unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
 
 
 def _cut_halfway(a: TestHostSpec, b: TestHostSpec, m: TestMachine, name: str) -> int:
