@@ -42,7 +42,8 @@ compressor and the output (a file or stdout), section by section (GNU tar for ea
 with ``-b1`` so its end blocks can be cut off, and btrfs send streams whose size is found by
 a first counting pass, since a tar header needs it up front): no temporary copy of the
 container. Import reads the archive once, through ``backup.safety.TarGuard`` (every header
-checked before anything acts on it), and hands each rootfs section to GNU tar as its own
+checked before anything acts on it, and written anew: tarfile here reads only the guard's
+headers), and hands each rootfs section to GNU tar as its own
 stream with names rebased to ``rootfs/`` (and .bin members to ``btrfs receive``). The
 container is built in a scratch volume that only becomes the container once everything has
 arrived: any failure, including an unsafe member, removes it and changes nothing else.

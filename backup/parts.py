@@ -7,8 +7,10 @@ the expensive step, so it runs in zstd's own threads; Python only shuttles buffe
 
 Reading: ``PartStream`` is a ``migrator.streams.Stream`` a backend's ``receive`` (or
 ``tar_extract``) consumes like a send stream. A thread reads the part, hashes it, decompresses
-it and, for tar parts, passes it through ``backup.safety.TarGuard`` (which stops at the first
-member that would escape the target) before writing to a pipe. The digest is compared when
+it (never past the raw size its index declares: a lying index or a zstd bomb stops there,
+before the disk fills) and, for tar parts, passes it through ``backup.safety.TarGuard``
+(which stops at the first member that would escape the target and rewrites every header it
+approves) before writing to a pipe. The digest is compared when
 the part ends: ``close()`` raises ``CorruptBackup`` for a mismatch, or the guard's
 ``UnsafeArchive``, so the receiver's cleanup runs and the real cause is reported (see
 ``PartStream.error``).
