@@ -278,6 +278,19 @@ def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | No
     agent.peer, agent.allow_privileged = f"host {transport.name}", allow_privileged
     agent.pulling = True
 
+    def inspect(scope: PullScope) -> None:
+        """A native stream's content passed no member check: walk what arrived (the
+        volume, the snapshots the pull added) as a restore does, before it is recorded."""
+        if not scope.native or scope.pool is None:
+            return
+        from runtime.treecheck import container_policy, inspect_volume
+
+        inspect_volume(cts.host.backend(scope.pool), VolumeRef("container", dst),
+                       container_policy(bool(scope.privileged)),
+                       f"{dst!r} pulled from {transport.name}", skip=tuple(scope.known))
+
+    scope.inspect = inspect
+
     def on_call(call: dict[str, Any], read: Any, write: Any) -> None:
         answer_call(agent, call, read, write, scope)
 

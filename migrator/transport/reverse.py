@@ -108,6 +108,10 @@ class PullScope:
     known: frozenset[str] = frozenset()  # the refreshed target's snapshots at the start
     created: list[str] = field(default_factory=list)  # received by this pull, still there
     touched: bool = False  # a receive was let through (the volume may hold its data)
+    native: bool = False  # some data came as a native stream, which no tar guard saw
+    # looks at the received volume before the commit (``remote.pull_copy``: the restore's
+    # tree inspection), as nothing checked a native stream's content on its way in
+    inspect: Callable[[PullScope], None] | None = None
     received: bool = False  # a receive completed
     phase: str = "new"  # new -> hello -> state -> committed | aborted
 
@@ -227,6 +231,7 @@ class PullScope:
         self.privileged = announced
         self.pool = call["pool"]
         self.touched = True
+        self.native = self.native or call.get("how") != "tar"
 
     @staticmethod
     def _priv(value: bool | None) -> str:
@@ -299,19 +304,33 @@ class PullScope:
         return {"removed": gone}
 
 
+class _Ends(Exception):  # noqa: N818 - a carrier, never seen outside answer_call
+    """An error that ends the pull, whatever its class."""
+
+    def __init__(self, error: errors.MigratorError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def answer_call(agent: Any, call: dict[str, Any], read: Reader,
                 write: Callable[[bytes], Any], scope: PullScope) -> None:
     """Serve one call from the far side with this host's ``Agent``, within ``scope``;
     write its reply (a typed error too, so the push there unwinds with its own undo).
 
     A call outside the scope is answered with ``CallRefused`` and raised here, which ends
-    the pull (the caller undoes this pull's work). So is a failed ``receive``: it has left
-    the rest of its data frames unread, so the channel can no longer be trusted."""
+    the pull (the caller undoes this pull's work), and so is a received volume that fails
+    its inspection before the commit. So is a failed ``receive``: it has left the rest of
+    its data frames unread, so the channel can no longer be trusted."""
     from migrator.agent import OPS, error_reply
 
     op = str(call.get("call"))
     try:
         scope.check(call)
+        if op == "commit_container" and scope.inspect is not None:
+            try:
+                scope.inspect(scope)
+            except errors.MigratorError as e:
+                raise _Ends(e) from e
         if op == "abort_container":
             result = scope.undo(agent.cts)
         elif op == "hello":
@@ -319,6 +338,9 @@ def answer_call(agent: Any, call: dict[str, Any], read: Reader,
         else:
             result = OPS[op](agent, call, read)
         scope.done(call)
+    except _Ends as e:
+        write_json(write, error_reply(e.error))
+        raise e.error from None
     except errors.CallRefused as e:
         write_json(write, error_reply(e))
         raise

@@ -13,8 +13,10 @@ victim still stopped, nothing written outside its place, nothing connected to.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,4 +190,30 @@ def test_an_honest_pull_still_works_with_the_victim_untouched(setup, pair) -> No
     finally:
         m(a, "delete", "--force", "pulled", check=False)
         m(b, "delete", "--force", "pulled", check=False)
+        m(a, "host", "remove", "honest")
+
+
+@pytest.mark.parametrize("src_pool", ["btrfs", "dir"])  # a native stream / a tar stream
+def test_a_device_node_in_a_pulled_container_is_refused(setup, pair, src_pool: str) -> None:  # type: ignore[no-untyped-def]
+    """Host b's real agent sends an unprivileged container whose rootfs holds a block
+    device node with a host disk's numbers: btrfs to btrfs it comes as a native stream,
+    which only the inspection before the commit sees; dir to btrfs as tar, which the tar
+    guard refuses on the way in. Either way nothing is recorded or left here."""
+    a, _case = setup
+    _a, b = pair
+    m(a, "host", "add", "honest", b.link_ip, "--key", str(a.client_key), "--remote-root",
+      str(b.root), "--command", f"{sys.executable} -m migrator.cli.main")
+    try:
+        m(b, "create", "busybox", "devs", "-p", src_pool)
+        disk = b.root / "storage-pools" / src_pool / "containers" / "devs" / "rootfs" / "disk"
+        os.mknod(disk, 0o666 | stat.S_IFBLK, os.makedev(7, 0))
+        before = outside_view(a)
+        rc, _out, err = m(a, "copy", "honest:devs", "devs", "-p", POOL, check=False)
+        assert rc == 22, err  # UnsafeArchive
+        assert "disk" in err and "device" in err, err
+        # which wall stopped it: the inspection of what arrived, or the tar guard
+        assert ("pulled from honest" in err) == (src_pool == "btrfs"), err
+        assert outside_view(a) == before  # no record, no volume, the victim as it was
+    finally:
+        m(b, "delete", "--force", "devs", check=False)
         m(a, "host", "remove", "honest")

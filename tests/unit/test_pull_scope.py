@@ -297,3 +297,26 @@ def test_answer_call_serves_an_abort_with_the_scoped_undo(
     out.seek(0)
     assert read_json(out.read) == {"ok": True, "removed": []}
     assert cts.backend.deleted == []
+
+
+def test_a_native_stream_is_inspected_before_the_commit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import migrator.agent
+
+    monkeypatch.setitem(migrator.agent.OPS, "commit_container",
+                        lambda *a: pytest.fail("committed an uninspected volume"))
+    scope = new_scope()
+    run(scope, [{**receive("s0", first=True), "how": "btrfs"}])
+    assert scope.native
+
+    def inspect(s: PullScope) -> None:
+        raise errors.UnsafeArchive("'pulled': rootfs/etc/disk is a block device")
+
+    scope.inspect = inspect
+    out = io.BytesIO()
+    with pytest.raises(errors.UnsafeArchive, match="block device"):
+        answer_call(SimpleNamespace(cts=host()), commit(), io.BytesIO().read, out.write,
+                    scope)
+    out.seek(0)
+    assert read_json(out.read)["error"]["type"] == "UnsafeArchive"
+    assert scope.phase == "state"  # not committed: the caller's undo removes the volume
