@@ -278,19 +278,15 @@ class StateStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
 
     def flush(self) -> None:
-        """Make every transaction committed so far durable, by whichever connection (an
-        agent's commit ran in another process): a full checkpoint fsyncs the WAL, copies it
-        into the database file and fsyncs that; the explicit fsync after covers the case
-        where an earlier checkpoint already emptied the WAL."""
-        busy = self.db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()[0]
-        if busy:
-            raise StateStoreError(f"state database {self.path} stayed busy: could not "
-                                  "checkpoint it to disk", "retry when other commands finish")
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Make every transaction committed so far durable, whichever process committed it
+        (an agent's commit ran in another one). A commit with ``synchronous=FULL`` fsyncs
+        the WAL, which holds every commit not yet checkpointed; checkpoints sync what they
+        copy. The commit rewrites the schema version with its own value: a page written,
+        nothing changed. (No fsync through a descriptor of our own: closing it would drop
+        this process's locks on the database.)"""
+        with self.transaction(durable=True):
+            version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+            self.db.execute(f"PRAGMA user_version = {version}")
 
     # settings ---------------------------------------------------------------------------
     def get_setting(self, key: str, default: str | None = None) -> str | None:
@@ -667,22 +663,29 @@ class StateStore:
 def _private_files(path: Path) -> None:
     """Create the database 0600 before SQLite does (SQLite gives its ``-wal`` and ``-shm``
     the database's mode), and take group and other access from files an older version
-    left readable."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    left readable.
+
+    Existing files are changed by path (``chmod``), never opened here: closing any
+    descriptor of a database file drops every POSIX lock this process holds on it, which
+    would silently release the locks of another ``StateStore`` open in the same process."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = path.with_name(path.name + suffix)
+        if os.path.islink(p):
+            raise OSError(f"{p} is a symbolic link, refused")
     try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for suffix in ("-wal", "-shm", "-journal"):
-        side = path.with_name(path.name + suffix)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)  # a file that did not exist: nothing in this process has it open
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = path.with_name(path.name + suffix)
         try:
-            fd = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
         except FileNotFoundError:
             continue
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
 
 
 def _snapshot(r: sqlite3.Row) -> SnapshotRecord:
