@@ -127,7 +127,7 @@ class Agent:
         check = _tar_checker(bool(req.get("privileged")) or not self.pulling) \
             if how == "tar" else None
         stream = FrameStream(read, how, snap, parent, compress, check,
-                             follow_link=not self.pulling)
+                             follow_link=not self.pulling, answer=self.notify)
         meter = None
         if self.progress is not None:
             from migrator.streams import ProgressMeter
@@ -200,7 +200,8 @@ class Agent:
         import os
         import time
 
-        stream = FrameStream(read, "probe", "probe", None, str(req.get("compress", "none")))
+        stream = FrameStream(read, "probe", "probe", None, str(req.get("compress", "none")),
+                             answer=self.notify)
         fd = stream.fileno()
         first = os.read(fd, 1 << 20)
         t0 = time.monotonic()  # from the first byte: the rate of the link, not of start-up
@@ -256,7 +257,8 @@ class Agent:
         from migrator.checkpoint.base import images_dir, remove_images_dir
 
         images = images_dir(self.host.root, _tag(req["tag"]))
-        stream = FrameStream(read, "tar", "images", None, str(req.get("compress", "none")))
+        stream = FrameStream(read, "tar", "images", None, str(req.get("compress", "none")),
+                             answer=self.notify)
         try:
             tar_extract(stream, images, None, acls=False)
         except BaseException:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import socket
 import threading
@@ -153,7 +154,8 @@ def serve_pull(dest: Path, rules: list[str], read: Reader, write: Writer) -> dic
             try:
                 send(JSON, json.dumps({"event": "rsync", "args": args}).encode())
                 up.start()
-                status = _download(read, to_rsync)
+                status = _download(read, to_rsync,
+                                   lambda ev: send(JSON, json.dumps(ev).encode()))
             finally:
                 with contextlib.suppress(OSError):
                     os.close(to_rsync)
@@ -213,20 +215,25 @@ def _upload(fd: int, send: Callable[[bytes, bytes], None]) -> None:
         send(END, json.dumps({"bytes": n}).encode())
 
 
-def _download(read: Reader, fd: int) -> int:
+def _download(read: Reader, fd: int, answer: Callable[[dict[str, Any]], None]) -> int:
     """DATA frames from the client -> rsync's input, until END (the sender's exit status).
     A LINK frame moves the rest onto the client's direct data link (``transport/link.py``)
-    when it can be made; otherwise the frames keep coming on the channel."""
+    when it can be made (this end's certificate, or why not, goes back through ``answer``);
+    otherwise the frames keep coming on the channel."""
     alive = True  # False once rsync is gone: the rest is read and dropped up to the END
     link: Any = None
     try:
         while True:
             kind, payload = read_frame(read if link is None else link)
             if kind == LINK and link is None:
-                from migrator.transport.link import connect
+                from migrator.transport import link as tls
 
-                with contextlib.suppress(OSError, ProtocolError, ValueError):
-                    link = connect(json.loads(payload))
+                try:
+                    me, peer, event = tls.answer(json.loads(payload))
+                    answer(event)
+                    link = tls.connect(json.loads(payload), me, peer)
+                except (OSError, ProtocolError, ValueError) as e:
+                    answer({"event": "link", "error": str(e) or type(e).__name__})
             elif kind == DATA:
                 view = memoryview(payload)
                 while alive and view:
@@ -258,6 +265,7 @@ def relay(chan: Any, source: Any, meter: ProgressMeter | None,
     pump: threading.Thread | None = None
     moved = [0, 0]  # to the source, from the source
     link_used = [False]
+    answers: queue.Queue[dict[str, Any]] = queue.Queue()  # the agent's link answers
 
     def from_source() -> None:
         status = 255
@@ -265,11 +273,19 @@ def relay(chan: Any, source: Any, meter: ProgressMeter | None,
         link = None
         try:
             if link_from is not None:
-                from migrator.transport.link import LinkOffer
+                from migrator.transport import link as tls
 
-                offer = LinkOffer(*link_from)
-                write_link(chan.sendall, offer.describe())
-                link = offer.accept()
+                offer = tls.LinkOffer(*link_from)
+                try:
+                    write_link(chan.sendall, offer.describe())
+                    ans = answers.get(timeout=tls.ACCEPT_WAIT)
+                    if ans.get("cert"):
+                        link = offer.accept(tls.decode_cert(ans["cert"]),
+                                            give_up=lambda: not answers.empty())
+                except (queue.Empty, ProtocolError):
+                    link = None
+                finally:
+                    offer.close()
                 if link is not None:
                     write, link_used[0] = link, True
             while data := src_chan.recv(CHUNK):
@@ -297,7 +313,9 @@ def relay(chan: Any, source: Any, meter: ProgressMeter | None,
                         src_chan.shutdown_write()
             elif kind == JSON:
                 msg = json.loads(payload)
-                if msg.get("event") == "progress" and meter is not None:
+                if msg.get("event") == "link":
+                    answers.put(msg)
+                elif msg.get("event") == "progress" and meter is not None:
                     meter.set_done(int(msg.get("done", 0)))
                 elif msg.get("event") == "rsync" and src_chan is None:
                     src_chan = source.open_bulk(sender_args(msg.get("args")))

@@ -28,7 +28,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zstandard
@@ -210,7 +210,8 @@ class FrameStream(Stream):
     """
 
     def __init__(self, read: Reader, how: str, name: str, parent: str | None,
-                 compress: str, check: Any = None, follow_link: bool = True) -> None:
+                 compress: str, check: Any = None, follow_link: bool = True,
+                 answer: Callable[[dict[str, Any]], None] | None = None) -> None:
         if compress not in COMPRESSORS:
             raise ProtocolError(f"unknown compressor {compress!r}")
         self.how, self.name, self.parent = how, name, parent
@@ -225,6 +226,7 @@ class FrameStream(Stream):
         self._compress = compress
         self._check = check
         self._follow_link = follow_link
+        self._answer = answer  # where a LINK offer is answered (link.py): the channel back
         self._r, self._w = os.pipe()
         _pipe_size(self._w)
         self._done = False
@@ -286,13 +288,27 @@ class FrameStream(Stream):
                 link.close()
 
     def _connect(self, offer: Any) -> Any:
-        """The sender's fast link (``link.py``), or None: then the data stays on ``read``."""
-        from migrator.transport.link import connect
+        """The sender's fast link (``link.py``), or None: then the data stays on ``read``.
+        This end's certificate goes back through ``answer`` before it connects, and so does
+        the reason when the link cannot be made (the sender then stops waiting for it)."""
+        from migrator.transport import link as tls
 
+        if self._answer is None:
+            self.link_error = "this receiver cannot answer a data link offer"
+            return None
         try:
-            link = connect(offer if isinstance(offer, dict) else {})
+            me, peer, event = tls.answer(offer)
+        except ProtocolError as e:
+            self.link_error = e.message
+            self._answer({"event": "link", "error": self.link_error})
+            return None
+        self._answer(event)
+        try:
+            link = tls.connect(offer, me, peer)
         except (OSError, ProtocolError) as e:
-            self.link_error = str(e) or type(e).__name__
+            self.link_error = (e.message if isinstance(e, ProtocolError) else str(e)) \
+                or type(e).__name__
+            self._answer({"event": "link", "error": self.link_error})
             return None
         self.link = "tcp"
         return link

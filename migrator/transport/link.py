@@ -1,67 +1,86 @@
-"""The fast data link: one upload's frames over a direct TCP connection, AES-256-GCM sealed.
+"""The fast data link: one upload's frames over a direct TCP connection, inside TLS 1.3.
 
 Why it exists: paramiko sends in SSH channel packets of at most 32 KiB (the size OpenSSH's
 sshd allows on a session channel) and spends several Python calls on each, so one upload
 over the SSH channel stays near 200 MB/s on one core, below OpenSSH on the same link. Here
-the same frames travel in records of up to 4 MiB: the per-record Python work is spread over
-a megabyte and the encryption runs in OpenSSL at GB/s. The link is opt-in
-(``SshTransport(fast_link=True)``): it needs the agent's host to reach the client's
-address on an ephemeral port, and it opens a listening port for a few seconds.
+the frames go through Python's ``ssl`` (OpenSSL) a megabyte per call: OpenSSL cuts them
+into TLS records and seals them with AES-GCM at GB/s. The link is opt-in
+(``SshTransport(fast_link=True)``): it needs the agent's host to reach the client's address
+on an ephemeral port, and it opens a listening port for a few seconds.
 
-The handshake is carried by the SSH channel, which is encrypted and whose host key was
-checked, so nothing secret crosses the TCP connection in the clear:
+No cryptography is made here: TLS 1.3 does all of it. What this module decides is whom to
+trust, and that comes from the SSH channel, which is encrypted and whose host key was
+checked:
 
-1. The client listens on the local address of its SSH connection (port 0, in its network
-   namespace), draws a 32-byte random secret and sends a LINK frame on the channel:
-   ``{"address", "port", "secret" (base64), "cipher": "aes-256-gcm"}``.
-2. The agent connects and sends HMAC-SHA256(secret, "agent"). The client compares it with
-   ``hmac.compare_digest``; on a match it closes the listener (one connection is ever
-   accepted) and answers HMAC-SHA256(secret, "client"), which the agent checks in turn.
-   A connection that sends anything else, or nothing in time, is dropped.
-3. Then the frames flow as records: a 4-byte length L, then L bytes of AES-256-GCM output
-   (ciphertext and 16-byte tag) under a key derived from the secret, with the record
-   counter as nonce and the length as associated data. A changed, dropped, replayed or
-   reordered record fails its tag; a cut link fails the frame checks (no END trailer).
+1. The sender (the side that offers) makes an ephemeral EC P-256 key and a self-signed
+   certificate, listens on the local address of its SSH connection (port 0, in its network
+   namespace) and sends a LINK frame on the channel:
+   ``{"address", "port", "tls": "1.3", "cert": <its certificate, DER, base64>}``.
+2. The receiver makes its own ephemeral key and certificate, answers on the channel with
+   ``{"event": "link", "cert": ...}`` and connects. If it cannot, it says why:
+   ``{"event": "link", "error": ...}``.
+3. Each end trusts exactly the other's certificate (loaded as the only CA; hostnames are
+   not checked, the certificate is the identity) and checks after the handshake that the
+   peer's certificate has the SHA-256 fingerprint it was given: mutual authentication,
+   pinned through the channel. TLS 1.3 only; OpenSSL's default suite order puts
+   AES-256-GCM first, which runs on AES-NI.
+4. The sender accepts concurrently: every connection to its port gets a non-blocking TLS
+   handshake, and the first one that completes with the pinned certificate wins. A stranger
+   that connected first, sends garbage, holds a socket open without a word or presents
+   another certificate is dropped without delaying the real peer. Everything ends by one
+   deadline, ``ACCEPT_WAIT``.
 
-Nothing is lost if the link cannot be made: the agent that cannot connect (or finish the
-handshake) goes on reading the SSH channel, and the client that gets no valid connection
-within ``ACCEPT_WAIT`` seconds sends the frames there (slower, never wrong).
+TLS protects what crosses the link: a changed, dropped, replayed or reordered record fails
+its authentication (``ProtocolError``), and a connection cut without TLS's close_notify is
+an error too, not the end of the stream (besides, the frames' END trailer counts the bytes).
+
+Nothing is lost if the link cannot be made: the receiver that cannot connect goes on
+reading the SSH channel, and the sender that gets no valid connection within the deadline
+sends the frames there (slower, never wrong), and remembers not to offer that host a link
+again (``SshTransport.link_failed``).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
+import os
 import secrets
+import selectors
 import socket
-import struct
+import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from migrator.transport.frames import HEADER_SIZE, MAX_DATA, ProtocolError
+from migrator.transport.frames import ProtocolError
 
-CIPHER = "aes-256-gcm"
-TAG = 16
-RECORD_MAX = HEADER_SIZE + MAX_DATA  # one frame per record: what one write of send_frames is
-ACCEPT_WAIT = 10.0  # seconds the client waits for the agent's connection
-CONNECT_TIMEOUT = 5.0  # seconds the agent tries to connect (less than ACCEPT_WAIT)
-HANDSHAKE_TIMEOUT = 5.0
+TLS = "1.3"
+ACCEPT_WAIT = 10.0  # seconds the sender waits for the receiver's connection, strangers or not
+CONNECT_TIMEOUT = 5.0  # seconds the receiver tries to connect (less than ACCEPT_WAIT)
+HANDSHAKE_TIMEOUT = 5.0  # one connection's TLS handshake, on either side
+CLOSE_TIMEOUT = 5.0  # the sender waits this long for the receiver to take its close_notify
+MAX_PENDING = 256  # connections in handshake at once; beyond it the oldest is dropped
+MAX_CERT = 4096  # bytes of a peer certificate (a P-256 one is about 400)
+# Validity of an ephemeral certificate. The pin, not the dates, is what makes it trusted;
+# the window only bounds how long a leaked key could matter, and is wide enough that two
+# hosts whose clocks disagree by some hours still agree it is valid.
+VALIDITY = datetime.timedelta(days=1)
 KEEPALIVE = 15
-_LEN = struct.Struct(">I")
 
 
-def _derive(secret: bytes, label: bytes) -> bytes:
-    return hmac.new(secret, b"migrator-link-v1 " + label, hashlib.sha256).digest()
-
-
-def _nonce(seq: int) -> bytes:
-    return b"\0\0\0\0" + seq.to_bytes(8, "big")
+def fingerprint(der: bytes) -> str:
+    """A certificate's SHA-256 fingerprint, as logs and errors show it."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
 def _tune(sock: socket.socket) -> None:
@@ -73,20 +92,72 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> int:
-    """Fill ``view`` from ``sock``; the bytes received (fewer only at end of stream)."""
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if not n:
-            break
-        got += n
-    return got
+def decode_cert(value: Any) -> bytes:
+    """A peer certificate as it came through the channel (base64 DER), checked to parse."""
+    try:
+        der = base64.b64decode(str(value), validate=True)
+        if not 0 < len(der) <= MAX_CERT:
+            raise ValueError(f"{len(der)} bytes")
+        x509.load_der_x509_certificate(der)
+    except ValueError as e:
+        raise ProtocolError(f"malformed data link certificate: {e}") from e
+    return der
 
 
-# client side -------------------------------------------------------------------------------
+class Identity:
+    """An ephemeral key and its self-signed certificate: one end of one link."""
+
+    def __init__(self) -> None:
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "migrator data link")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder()
+                .subject_name(name).issuer_name(name)
+                .public_key(self._key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - VALIDITY).not_valid_after(now + VALIDITY)
+                .sign(self._key, hashes.SHA256()))
+        self.der = cert.public_bytes(serialization.Encoding.DER)
+        self.fingerprint = fingerprint(self.der)
+
+    def encoded(self) -> str:
+        return base64.b64encode(self.der).decode()
+
+    def context(self, server: bool, peer: bytes) -> ssl.SSLContext:
+        """A TLS 1.3 context that shows this identity and trusts only ``peer``."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False  # the certificate is the identity, not a name
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=peer)
+        if server:
+            ctx.num_tickets = 0  # no resumption; and nothing unread left at the receiver
+        # ``ssl`` loads keys only from files: the key goes to a private temporary file,
+        # encrypted under a random password, and is removed as soon as it is loaded
+        password = secrets.token_bytes(32)
+        pem = self._key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.BestAvailableEncryption(password))
+        cert_pem = ssl.DER_cert_to_PEM_cert(self.der).encode()
+        fd, path = tempfile.mkstemp(prefix="migrator-link-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem + cert_pem)
+            ctx.load_cert_chain(path, path, password)
+        finally:
+            os.unlink(path)
+        return ctx
+
+
+def _pinned(sock: ssl.SSLSocket, peer: bytes) -> bool:
+    got = sock.getpeercert(binary_form=True) or b""
+    return hmac.compare_digest(hashlib.sha256(got).digest(), hashlib.sha256(peer).digest())
+
+
+# the sending side ----------------------------------------------------------------------------
 class LinkOffer:
-    """A listening socket and a secret: what the client offers the agent for one upload."""
+    """A listening socket and an identity: what the sender offers for one upload."""
 
     def __init__(self, address: str, netns: str | None = None) -> None:
         def listen() -> socket.socket:
@@ -94,7 +165,7 @@ class LinkOffer:
                               socket.SOCK_STREAM)
             try:
                 s.bind((address, 0))
-                s.listen(4)
+                s.listen(64)
             except BaseException:
                 s.close()
                 raise
@@ -108,47 +179,97 @@ class LinkOffer:
             self.listener = listen()
         self.address = address
         self.port = self.listener.getsockname()[1]
-        self.secret = secrets.token_bytes(32)
+        self.identity = Identity()
+        self.dropped = 0  # connections refused: strangers, wrong certificates, too slow
 
     def describe(self) -> dict[str, Any]:
         """The LINK frame's payload (it goes only inside the SSH channel)."""
-        return {"address": self.address, "port": self.port, "cipher": CIPHER,
-                "secret": base64.b64encode(self.secret).decode()}
+        return {"address": self.address, "port": self.port, "tls": TLS,
+                "cert": self.identity.encoded()}
 
-    def accept(self, wait: float = ACCEPT_WAIT,
+    def accept(self, peer: bytes, wait: float = ACCEPT_WAIT,
                give_up: Callable[[], bool] = lambda: False) -> LinkWriter | None:
-        """The agent's authenticated connection, or None after ``wait`` seconds (or as soon
-        as ``give_up()`` is true). The listener is closed either way."""
+        """The receiver's authenticated connection (its certificate is ``peer``), or None
+        after ``wait`` seconds or as soon as ``give_up()`` is true. Handshakes run side by
+        side, so strangers cannot hold the real peer up. The listener is closed either way.
+        """
         assert self.listener is not None
-        want = _derive(self.secret, b"agent")
+        ctx = self.identity.context(True, peer)
+        sel = selectors.DefaultSelector()
+        pending: dict[ssl.SSLSocket, float] = {}  # in handshake, with its own deadline
         deadline = time.monotonic() + wait
+        self.listener.setblocking(False)
+        sel.register(self.listener, selectors.EVENT_READ)
         try:
-            self.listener.settimeout(0.1)
-            while time.monotonic() < deadline and not give_up():
-                try:
-                    conn, _peer = self.listener.accept()
-                except TimeoutError:
-                    continue
-                conn.settimeout(max(0.1, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic())))
-                try:
-                    got = bytearray(len(want))
-                    n = _recv_exactly(conn, memoryview(got))
-                except OSError:
-                    n = 0
-                if n == len(want) and hmac.compare_digest(bytes(got), want):
-                    self.close()  # exactly one connection is ever accepted
-                    try:
-                        conn.sendall(_derive(self.secret, b"client"))
-                        conn.settimeout(None)
-                        _tune(conn)
-                    except OSError:
-                        conn.close()
-                        return None
-                    return LinkWriter(conn, _derive(self.secret, b"data"))
-                conn.close()  # a stranger, or too slow: keep waiting for the agent
+            while (left := deadline - time.monotonic()) > 0 and not give_up():
+                for key, _ in sel.select(min(0.1, left)):
+                    if key.fileobj is self.listener:
+                        self._take(sel, ctx, pending)
+                        continue
+                    conn = key.fileobj
+                    assert isinstance(conn, ssl.SSLSocket)
+                    if self._handshake(sel, conn, pending):
+                        if _pinned(conn, peer):
+                            sel.unregister(conn)
+                            del pending[conn]
+                            conn.setblocking(True)
+                            _tune(conn)
+                            return LinkWriter(conn)
+                        self._drop(sel, conn, pending)
+                now = time.monotonic()
+                for conn in [c for c, until in pending.items() if until < now]:
+                    self._drop(sel, conn, pending)  # silent, or too slow
             return None
         finally:
+            for conn in list(pending):
+                self._drop(sel, conn, pending)
+            sel.close()
             self.close()
+
+    def _take(self, sel: selectors.BaseSelector, ctx: ssl.SSLContext,
+              pending: dict[ssl.SSLSocket, float]) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                raw, _peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            raw.setblocking(False)
+            try:
+                conn = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False,
+                                       suppress_ragged_eofs=False)
+            except (OSError, ValueError):
+                raw.close()
+                self.dropped += 1
+                continue
+            if len(pending) >= MAX_PENDING:  # a flood: the oldest attempt makes room
+                self._drop(sel, next(iter(pending)), pending)
+            pending[conn] = time.monotonic() + HANDSHAKE_TIMEOUT
+            sel.register(conn, selectors.EVENT_READ)
+
+    def _handshake(self, sel: selectors.BaseSelector, conn: ssl.SSLSocket,
+                   pending: dict[ssl.SSLSocket, float]) -> bool:
+        """One step of a non-blocking handshake: True once it is complete."""
+        try:
+            conn.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            sel.modify(conn, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            sel.modify(conn, selectors.EVENT_WRITE)
+        except (OSError, ValueError):  # garbage, a wrong certificate, a reset
+            self._drop(sel, conn, pending)
+        return False
+
+    def _drop(self, sel: selectors.BaseSelector, conn: ssl.SSLSocket,
+              pending: dict[ssl.SSLSocket, float]) -> None:
+        if pending.pop(conn, None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(conn)
+            self.dropped += 1
+        conn.close()
 
     def close(self) -> None:
         if self.listener is not None:
@@ -157,117 +278,93 @@ class LinkOffer:
 
 
 class LinkWriter:
-    """Seals what it is given into records on the link: a ``Writer`` for ``send_frames``."""
+    """Writes what it is given into the TLS connection: a ``Writer`` for ``send_frames``."""
 
-    def __init__(self, sock: socket.socket, key: bytes) -> None:
+    def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
-        self._aes = algorithms.AES(key)
-        self._seq = 0
-        self._out = bytearray(_LEN.size + RECORD_MAX + TAG + 16)
-        self.sent = 0  # bytes on the wire, records included
+        self.sent = 0  # payload bytes written
 
     def __call__(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        for i in range(0, len(view), RECORD_MAX):
-            self._record(view[i:i + RECORD_MAX])
-
-    def _record(self, chunk: memoryview) -> None:
-        n = len(chunk)
-        out = memoryview(self._out)
-        _LEN.pack_into(self._out, 0, n + TAG)
-        enc = Cipher(self._aes, modes.GCM(_nonce(self._seq))).encryptor()
-        enc.authenticate_additional_data(bytes(out[:_LEN.size]))
-        enc.update_into(chunk, out[_LEN.size:])  # type: ignore[arg-type]  # any buffer
-        enc.finalize()
-        end = _LEN.size + n
-        out[end:end + TAG] = enc.tag
-        self._seq += 1
-        self.sock.sendall(out[:end + TAG])
-        self.sent += end + TAG
+        self.sock.sendall(data)  # one call per frame: OpenSSL cuts and seals the records
+        self.sent += len(data)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
+        """close_notify (the receiver tells a finished stream from a cut one), then close."""
+        with contextlib.suppress(OSError, ValueError):
+            self.sock.settimeout(CLOSE_TIMEOUT)
+            self.sock.unwrap().close()
         self.sock.close()
 
 
-# agent side --------------------------------------------------------------------------------
-def connect(offer: dict[str, Any]) -> LinkReader:
-    """Connect to a client's offer and authenticate both ways; raises OSError or
+# the receiving side --------------------------------------------------------------------------
+def answer(offer: Any) -> tuple[Identity, bytes, dict[str, Any]]:
+    """Check a LINK offer and make this end's identity: (identity, the sender's certificate,
+    the event that carries this end's certificate back through the channel)."""
+    if not isinstance(offer, dict) or offer.get("tls") != TLS:
+        raise ProtocolError("unknown data link offer (this end speaks TLS 1.3 only)")
+    peer = decode_cert(offer.get("cert"))
+    me = Identity()
+    return me, peer, {"event": "link", "cert": me.encoded()}
+
+
+def connect(offer: dict[str, Any], me: Identity, peer: bytes) -> LinkReader:
+    """Connect to a sender's offer as ``me``, trusting only ``peer``; raises OSError or
     ProtocolError when the link cannot be made (the caller then stays on the channel)."""
-    if offer.get("cipher") != CIPHER:
-        raise ProtocolError(f"unknown link cipher {offer.get('cipher')!r}")
     try:
-        secret = base64.b64decode(str(offer["secret"]), validate=True)
         address, port = str(offer["address"]), int(offer["port"])
     except (KeyError, ValueError, TypeError) as e:
-        raise ProtocolError(f"malformed link offer: {e}") from e
-    if len(secret) != 32 or not 0 < port < 65536:
-        raise ProtocolError("malformed link offer")
-    sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+        raise ProtocolError(f"malformed data link offer: {e}") from e
+    if not 0 < port < 65536 or len(address) > 255:
+        raise ProtocolError("malformed data link offer")
+    ctx = me.context(False, peer)
+    raw = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
     try:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
-        sock.sendall(_derive(secret, b"agent"))
-        want = _derive(secret, b"client")
-        got = bytearray(len(want))
-        if _recv_exactly(sock, memoryview(got)) != len(want) or \
-                not hmac.compare_digest(bytes(got), want):
-            raise ProtocolError("the link's peer did not prove it holds the secret")
-        sock.settimeout(None)
-        _tune(sock)
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        sock = ctx.wrap_socket(raw, suppress_ragged_eofs=False)
+    except ssl.SSLError as e:
+        raw.close()
+        raise ProtocolError(f"the data link's TLS handshake failed: {e.reason or e}") from e
     except BaseException:
-        sock.close()
+        raw.close()
         raise
-    return LinkReader(sock, _derive(secret, b"data"))
+    if not _pinned(sock, peer):  # the CA check already held; this is the pin itself
+        sock.close()
+        raise ProtocolError("the data link's peer showed another certificate than the "
+                            "one offered through SSH")
+    sock.settimeout(None)
+    _tune(sock)
+    return LinkReader(sock)
 
 
 class LinkReader:
-    """Opens the records: a ``Reader`` for the frame parser. The pieces it returns are
-    views of each record's own buffer, valid for as long as the caller keeps them."""
+    """Reads the TLS connection: a ``Reader`` for the frame parser. Each call returns
+    exactly ``n`` bytes (the frame parser asks only for bytes its frames promised) or fewer
+    only at the end of the stream; TLS errors become ``ProtocolError``."""
 
-    def __init__(self, sock: socket.socket, key: bytes) -> None:
+    def __init__(self, sock: ssl.SSLSocket) -> None:
         self.sock = sock
-        self._aes = algorithms.AES(key)
-        self._seq = 0
-        self._ct = bytearray(RECORD_MAX + TAG)
-        self._plain = memoryview(b"")
         self.received = 0
 
     def __call__(self, n: int) -> memoryview:
-        if not self._plain and not self._next():
-            return memoryview(b"")
-        piece = self._plain[:n]
-        self._plain = self._plain[n:]
-        return piece
-
-    def _next(self) -> bool:
-        head = bytearray(_LEN.size)
-        got = _recv_exactly(self.sock, memoryview(head))
-        if got == 0:
-            return False  # the end of the link; the frame parser says if that was early
-        if got < _LEN.size:
-            raise ProtocolError("the data link closed in the middle of a record")
-        (length,) = _LEN.unpack(head)
-        if not TAG <= length <= RECORD_MAX + TAG:
-            raise ProtocolError(f"data link record of {length} bytes is out of bounds")
-        ct = memoryview(self._ct)[:length]
-        if _recv_exactly(self.sock, ct) < length:
-            raise ProtocolError("the data link closed in the middle of a record")
-        n = length - TAG
-        dec = Cipher(self._aes, modes.GCM(_nonce(self._seq), bytes(ct[n:]))).decryptor()
-        dec.authenticate_additional_data(bytes(head))
-        plain = bytearray(n + 16)  # a buffer per record: pieces handed out stay valid
-        dec.update_into(ct[:n], plain)  # type: ignore[arg-type]  # any buffer
+        buf = bytearray(n)  # a buffer per call: pieces handed out stay valid
+        view = memoryview(buf)
+        got = 0
         try:
-            dec.finalize()
-        except InvalidTag:
-            raise ProtocolError("a data link record failed authentication",
+            while got < n:
+                k = self.sock.recv_into(view[got:])
+                if not k:
+                    break  # close_notify: the end; the frame parser says if it was early
+                got += k
+        except ssl.SSLEOFError as e:
+            raise ProtocolError("the data link was cut (no TLS close_notify)",
+                                "the peer or the network went away; nothing was "
+                                "committed") from e
+        except ssl.SSLError as e:
+            raise ProtocolError(f"the data link failed TLS checks: {e.reason or e}",
                                 "the data was changed on the way; nothing was committed") \
-                from None
-        self._seq += 1
-        self.received += _LEN.size + length
-        self._plain = memoryview(plain)[:n]
-        return True
+                from e
+        self.received += got
+        return view[:got]
 
     def close(self) -> None:
         self.sock.close()

@@ -12,9 +12,11 @@ Throughput: AES-GCM is preferred (no separate HMAC pass; ~20% more throughput in
 than aes128-ctr + hmac-sha2-256 here). Even so an upload through paramiko is bound by the
 Python work per SSH packet (sshd allows 32 KiB per packet on a session channel): about
 200 MB/s on one core here, against about 250-300 MB/s for OpenSSH's own client. With
-``fast_link=True`` the upload's frames go over a direct TCP connection instead, offered,
-keyed and authenticated through the channel and sealed with AES-256-GCM in records of up to
-4 MiB (``link.py``); when that connection cannot be made the channel carries them.
+``fast_link=True`` the upload's frames go over a direct TCP connection instead, inside
+TLS 1.3 whose two ephemeral certificates are exchanged and pinned through the channel
+(``link.py``). When that connection cannot be made the channel carries them, and this
+process remembers it for that host (``link_failed``): later transfers of the same run do
+not wait for a link again, and the pipelines note it in the operation's log.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from migrator import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
-from migrator.transport.replies import clean_event, parse_reply
+from migrator.transport.replies import clean_event, clean_text, parse_reply
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+# hosts whose direct data link failed in this process (see ``SshTransport.link_failed``)
+_LINK_FAILED: dict[tuple[str, str, str, int], str] = {}
 WINDOW = 64 << 20
 MAX_PACKET = 32768
 KEEPALIVE = 15
@@ -90,7 +94,6 @@ class SshTransport:
         self.fast_link = fast_link  # uploads over a direct TCP link (link.py), opt-in
         self.data_link = "tcp" if fast_link else "ssh"  # the inventory's setting (auto/tcp/ssh)
         self.link_rate: float | None = None  # bytes/s measured by `host check`, if known
-        self.link_failed = ""  # why that link could not be made (then not tried again)
         self.last_link = ""  # what carried the last upload: "channel" or "tcp"
         self.client: paramiko.SSHClient | None = None
         self._warm: list[Any] = []  # agents started ahead of their request (warm())
@@ -147,30 +150,90 @@ class SshTransport:
             return None
         return reply if not reply.get("ok") else None
 
-    def _offer_link(self, transport: paramiko.Transport, chan: Any) -> Any:
-        """Offer the agent a fast data link (``link.py``): the link, or None, and then the
-        frames go on the channel. A host that does not connect back is not asked again."""
+    @property
+    def link_failed(self) -> str:
+        """Why the direct data link to this host failed in this process ("" if it did
+        not): then no link is offered again and the channel carries the data."""
+        return _LINK_FAILED.get(self._link_key(), "")
+
+    @link_failed.setter
+    def link_failed(self, why: str) -> None:
+        if why:
+            _LINK_FAILED[self._link_key()] = why
+        else:
+            _LINK_FAILED.pop(self._link_key(), None)
+
+    def _link_key(self) -> tuple[str, str, str, int]:
+        return (self.netns or "", self.name, self.address, self.port)
+
+    def _offer_link(self, transport: paramiko.Transport, chan: Any
+                    ) -> tuple[Any, dict[str, Any] | None]:
+        """Offer the agent a fast data link (``link.py``): (the link or None, the agent's
+        error reply if it sent one instead of its answer). Without a link the frames go on
+        the channel, and a host whose link failed is not offered one again."""
         if self.link_failed:
-            return None
-        from migrator.transport.link import ACCEPT_WAIT, LinkOffer
+            return None, None
+        from migrator.transport import link as tls
 
         try:  # on the address the SSH connection leaves from: the host can reach it
-            offer = LinkOffer(transport.sock.getsockname()[0], self.netns)
+            offer = tls.LinkOffer(transport.sock.getsockname()[0], self.netns)
         except OSError as e:
-            self.link_failed = f"cannot listen for the data link: {e}"
-            log.warning("%s: %s; using the SSH channel", self.name, self.link_failed)
-            return None
+            self._link_down(f"cannot listen for the data link: {e}")
+            return None, None
+        link = None
         try:
             write_link(chan.sendall, offer.describe())
-            link = offer.accept(ACCEPT_WAIT, give_up=lambda: chan.recv_ready() or
-                                chan.exit_status_ready() or chan.closed)
+            answer = self._link_answer(chan, tls.ACCEPT_WAIT)
+            if answer is None:
+                self._link_down(f"{self.name} did not answer the data link offer within "
+                                f"{tls.ACCEPT_WAIT:.0f}s")
+                return None, None
+            if "event" not in answer:
+                return None, answer  # the agent's reply (an error) came instead
+            if answer.get("error") or not answer.get("cert"):
+                self._link_down(f"{self.name} could not make the data link: "
+                                f"{clean_text(str(answer.get('error')))}")
+                return None, None
+            link = offer.accept(tls.decode_cert(answer["cert"]), tls.ACCEPT_WAIT,
+                                give_up=lambda: chan.recv_ready() or chan.exit_status_ready()
+                                or chan.closed)
         finally:
             offer.close()
-        if link is None and not (chan.recv_ready() or chan.exit_status_ready()):
-            self.link_failed = (f"{self.name} did not connect back to "
-                                f"{offer.address}:{offer.port} within {ACCEPT_WAIT:.0f}s")
-            log.warning("%s; using the SSH channel", self.link_failed)
-        return link
+            if offer.dropped:
+                log.warning("%s: dropped %d connection(s) to the data link that were not "
+                            "its agent (no TLS, a wrong certificate, or silent)",
+                            self.name, offer.dropped)
+        if link is None:
+            why = (f"{self.name} did not connect back to {offer.address}:{offer.port} "
+                   f"within {tls.ACCEPT_WAIT:.0f}s")
+            if chan.recv_ready():  # the agent gave up first: its reason, or its error
+                answer = self._link_answer(chan, tls.ACCEPT_WAIT)
+                if answer is not None and "event" not in answer:
+                    return None, answer
+                if answer is not None and answer.get("error"):
+                    why = f"{self.name} could not make the data link: " \
+                          f"{clean_text(str(answer['error']))}"
+            self._link_down(why)
+        return link, None
+
+    def _link_answer(self, chan: Any, wait: float) -> dict[str, Any] | None:
+        """The agent's next message about the link (an event), or its reply, or None
+        when nothing came within ``wait`` seconds."""
+        chan.settimeout(wait)
+        try:
+            msg = read_json(chan.recv)
+        except TimeoutError:
+            return None
+        finally:
+            chan.settimeout(None)
+        if "event" in msg and msg.get("event") != "link":
+            raise ProtocolError(f"{self.name} sent {str(msg.get('event'))[:40]!r} where a "
+                                "data link answer belongs")
+        return msg
+
+    def _link_down(self, why: str) -> None:
+        self.link_failed = why
+        log.warning("%s; using the SSH channel for %s from now on", why, self.name)
 
     def _open_agent(self, transport: paramiko.Transport) -> Any:
         """A new channel running the agent (which starts, then waits for its request)."""
@@ -241,7 +304,11 @@ class SshTransport:
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
             if stream is not None:
-                link = self._offer_link(transport, chan) if self.fast_link else None
+                link, early = self._offer_link(transport, chan) if self.fast_link \
+                    else (None, None)
+                if early is not None:  # the agent refused before the data: say why
+                    stream.kill()
+                    return parse_reply(self.name, op, early)
                 self.last_link = "channel" if link is None else "tcp"
                 try:
                     self.last_raw, self.last_wire = send_frames(

@@ -1,20 +1,26 @@
 """The fast data link between two test hosts (paramiko client in ``mt8-a`` -> agent behind
-``mt8-b``'s sshd): data over the link, the fall back to the SSH channel when the agent
-cannot connect back, and an agent error in the middle of a stream over the link."""
+``mt8-b``'s sshd): data over the link (TLS 1.3, certificates pinned through SSH), strangers
+on the link's port that connect first, the fall back to the SSH channel when the agent
+cannot connect back (remembered for the host), and an agent error in the middle of a
+stream over the link."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from migrator import errors
+from migrator import errors, proc
 from migrator.streams import SendStream
-from migrator.transport import link
+from migrator.transport import link, ssh
 from migrator.transport.ssh import SshTransport
 from runtime import testhosts
 from runtime.testhosts import TestHostSpec
@@ -60,26 +66,130 @@ def test_upload_goes_over_the_link(pair, compress: str) -> None:  # type: ignore
         assert t.last_link == "tcp" and not t.link_failed
 
 
-def test_no_connection_back_falls_back_to_the_channel(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_no_connection_back_falls_back_to_the_channel(pair, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
+    monkeypatch.setattr(ssh, "_LINK_FAILED", {})  # what this process remembers, for this test
     monkeypatch.setattr(link, "ACCEPT_WAIT", 3.0)
     describe = link.LinkOffer.describe
-    # the agent is sent to a port nobody listens on, as if a firewall were in the way
-    monkeypatch.setattr(link.LinkOffer, "describe",
-                        lambda self: dict(describe(self), port=self.port ^ 1))
+    offers: list[link.LinkOffer] = []
+
+    def elsewhere(self: link.LinkOffer) -> dict[str, object]:
+        # the agent is sent to a port nobody listens on, as if a firewall were in the way
+        offers.append(self)
+        return dict(describe(self), port=self.port ^ 1)
+
+    monkeypatch.setattr(link.LinkOffer, "describe", elsewhere)
     with transport(a, b) as t:
-        for _ in range(2):
-            stream = SendStream(["head", "-c", str(8 << 20), "/dev/zero"], "probe", "probe")
-            reply = t.request("sink", {"compress": "zstd"}, stream=stream, compress="zstd")
-            assert reply["raw"] == 8 << 20 and t.last_link == "channel"
-        assert "did not connect back" in t.link_failed  # and was not asked again
+        stream = SendStream(["head", "-c", str(8 << 20), "/dev/zero"], "probe", "probe")
+        reply = t.request("sink", {"compress": "zstd"}, stream=stream, compress="zstd")
+        assert reply["raw"] == 8 << 20 and t.last_link == "channel"
+        assert "could not make the data link" in t.link_failed, t.link_failed
+        assert "refused" in t.link_failed.lower(), t.link_failed  # the agent's reason
+    assert len(offers) == 1
+    assert any("using the SSH channel" in r.getMessage() for r in caplog.records)
+    # remembered for this host in this process: a new connection offers no link and does
+    # not wait for one, the data goes on the channel at once
+    with transport(a, b) as t:
+        t0 = time.monotonic()
+        stream = SendStream(["head", "-c", str(8 << 20), "/dev/zero"], "probe", "probe")
+        reply = t.request("sink", {"compress": "zstd"}, stream=stream, compress="zstd")
+        assert reply["raw"] == 8 << 20 and t.last_link == "channel"
+        assert time.monotonic() - t0 < link.ACCEPT_WAIT
+    assert len(offers) == 1  # no second offer
+
+
+# A stranger on the data link: three processes in host b's namespace reach the port the
+# client listens on before the agent does (they are started as the offer is made): one
+# sends garbage, one holds its socket without a word, one speaks TLS with a certificate of
+# its own. The transfer still goes over the link, the bytes arrive unchanged, and it takes
+# no longer than without them (give or take the machine's noise).
+STRANGER = r"""
+import os, socket, ssl, sys
+from migrator.transport.link import Identity
+address, port, how, server = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.create_connection((address, port), timeout=10)
+if how == "garbage":
+    s.sendall(os.urandom(4096))
+print("connected", flush=True)
+if how == "tls":
+    import base64
+    ctx = Identity().context(False, base64.b64decode(server))
+    try:  # TLS 1.3: the client learns that its certificate was refused on its first read
+        s = ctx.wrap_socket(s)
+        print("ACCEPTED" if s.recv(1) else "refused: closed", flush=True)
+    except (OSError, ssl.SSLError) as e:
+        print("refused:", type(e).__name__, flush=True)
+sys.stdin.read()  # hold the socket until the test is done
+"""
+
+
+def _payload_tar(tmp: Path, size: int) -> tuple[Path, str]:
+    d = tmp / "payload"
+    (d / "rootfs").mkdir(parents=True)
+    data = os.urandom(size)
+    (d / "rootfs/payload.bin").write_bytes(data)
+    return d, hashlib.sha256(data).hexdigest()
+
+
+def _receive(t: SshTransport, src: Path, name: str) -> float:
+    t0 = time.monotonic()
+    t.request("receive", {"pool": "dir", "volume": {"type": "container", "name": name},
+                          "snapshot": "s0", "parent": None, "how": "tar", "compress": "none"},
+              stream=SendStream(["tar", "-C", str(src), "-c", "."], "tar", "s0"),
+              compress="none")
+    return time.monotonic() - t0
+
+
+def _received_hash(b: TestHostSpec, name: str) -> str:
+    found = b.root / "storage-pools/dir/containers" / name / "rootfs/payload.bin"
+    return hashlib.sha256(found.read_bytes()).hexdigest()
+
+
+def test_strangers_on_the_link_do_not_break_or_delay_it(pair, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    src, digest = _payload_tar(tmp_path, 96 << 20)
+    strangers: list[subprocess.Popen[bytes]] = []
+    offers: list[link.LinkOffer] = []
+    describe = link.LinkOffer.describe
+
+    def with_strangers(self: link.LinkOffer) -> dict[str, object]:
+        offers.append(self)
+        server = base64.b64encode(self.identity.der).decode()
+        for how in ("garbage", "silent", "tls"):
+            p = proc.spawn_piped(["env", f"PYTHONPATH={REPO}", sys.executable, "-c", STRANGER,
+                                  self.address, str(self.port), how, server], netns=b.netns)
+            assert p.stdout is not None and p.stdout.readline() == b"connected\n"
+            strangers.append(p)
+        return describe(self)
+
+    try:
+        with transport(a, b) as t:
+            clean = _receive(t, src, "clean")
+            assert t.last_link == "tcp"
+            t.request("abort_container", {"name": "clean", "pool": "dir"})
+            monkeypatch.setattr(link.LinkOffer, "describe", with_strangers)
+            crowded = _receive(t, src, "crowded")
+            assert t.last_link == "tcp" and not t.link_failed
+            assert _received_hash(b, "crowded") == digest  # the bytes, unchanged
+            t.request("abort_container", {"name": "crowded", "pool": "dir"})
+        assert crowded - clean < 2.0, (clean, crowded)
+        assert len(offers) == 1 and offers[0].dropped == 3
+        for p in strangers:
+            assert p.poll() is None  # still holding on, and got nowhere:
+        tls = strangers[2]
+        tls.stdin.close()  # type: ignore[union-attr]
+        assert tls.stdout is not None and tls.stdout.read().startswith(b"refused")
+    finally:
+        for p in strangers:
+            p.kill()
+            p.wait()
 
 
 def test_agent_error_mid_stream_is_reported_through_the_link(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     with transport(a, b) as t:
         stream = SendStream(["head", "-c", str(64 << 20), "/dev/urandom"], "tar", "s0")
-        with pytest.raises(errors.RemoteError, match="tar"):
+        with pytest.raises(errors.MigratorError, match="tar|archive"):  # random, not a tar
             t.request("receive", {"pool": "dir", "volume": {"type": "container",
                                                             "name": "junk"},
                                   "snapshot": "s0", "parent": None, "how": "tar",
