@@ -17,8 +17,9 @@ b's sshd and throws it away there (rsync writes it to a file, which it deletes a
   the stream framed, sent, checked and drained on host b, and the agent's reply. The
   agent runs this checkout's code (``PYTHONPATH``), like the client;
 - ``fast-link none`` / ``fast-link zstd``: the same with ``SshTransport(fast_link=True)``: the
-  frames go over a direct TCP connection negotiated through the channel and sealed with
-  AES-256-GCM (``migrator/transport/link.py``). Skipped when the checkout has no fast link.
+  frames go over a direct TCP connection negotiated through the channel, inside TLS 1.3
+  whose ephemeral certificates are pinned through the channel (Python's ``ssl``, AES-256-GCM;
+  ``migrator/transport/link.py``). Skipped when the checkout has no fast link.
 
 Data, ``--size-mib`` MiB each, on tmpfs (``/dev/shm``) so reading it costs almost nothing:
 
@@ -244,7 +245,7 @@ class Bench:
 
     def measure(self, lane: str, src: Source, rnd: int) -> dict[str, Any]:
         fn = self.lane(lane)
-        busy_before = settle()
+        busy_before = settle(wait=SETTLE_MAX)
         c0, t0 = cpu_busy(), time.perf_counter()
         extra = fn(src)
         seconds = time.perf_counter() - t0
@@ -370,6 +371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="data per transfer [1024]")
     ap.add_argument("--repeat", type=int, default=3, help="rounds [3]")
+    ap.add_argument("--settle", type=float, default=SETTLE_MAX, metavar="SECONDS",
+                    help=f"most seconds to wait for an idle machine before each transfer "
+                         f"[{SETTLE_MAX:.0f}]")
     ap.add_argument("--kinds", default=",".join(KINDS), help="zero,random,half")
     ap.add_argument("--lanes", default=",".join(LANES),
                     help="openssh,rsync,project-none,project-zstd")
@@ -392,6 +396,8 @@ def _sigterm(_signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global SETTLE_MAX
+    SETTLE_MAX = args.settle
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces and sshd need it)")
     for tool in ("ssh", "rsync", "ip", testhosts.SSHD):

@@ -270,8 +270,10 @@ class Agent:
 
     def checkpoint_restore(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Restore a received container from its images. With ``lazy``, the memory comes
-        from the source's page server, reached at ``127.0.0.1:port`` (an SSH forward): the
-        "restored" event goes out as soon as it runs, the reply once every page is here."""
+        from the source's page server, reached at ``127.0.0.1:port`` (an SSH forward): this
+        agent connects there, shows the forward's ``token`` and hands the connection to
+        ``criu lazy-pages`` (``transport/tunnel.py``). The "restored" event goes out as soon
+        as it runs, the reply once every page is here."""
         import time
 
         from migrator.checkpoint.base import images_dir, remove_images_dir
@@ -288,7 +290,8 @@ class Agent:
         pages = None
         try:
             if req.get("lazy"):
-                pages = ckpt.start_lazy_pages(images, "127.0.0.1", int(req["port"]))
+                with _page_stream(req) as sock:  # criu holds its own copy once started
+                    pages = ckpt.start_lazy_pages(images, ps_socket=sock.fileno())
                 stats = ckpt.restore(rec.name, images, lazy=True)
                 self.notify({"event": "restored", "seconds": stats.seconds})
                 pages.wait(float(req.get("timeout", 900)))
@@ -521,6 +524,30 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
     except BaseException as e:  # noqa: BLE001 - every failure becomes a typed reply
         write_json(write, error_reply(e))
         return getattr(e, "exit_code", 1)
+
+
+def _page_stream(req: dict[str, Any]) -> Any:
+    """The post-copy page stream's connection: to the client's SSH forward on this host's
+    loopback, opened by this agent (root) and authenticated with the tunnel's token; the
+    tunnel relays nothing else, so another local user who reaches the port gets nowhere."""
+    import base64
+    import binascii
+    import socket
+
+    try:
+        token = base64.b64decode(str(req["token"]), validate=True)
+    except (KeyError, binascii.Error) as e:
+        raise errors.InvalidInput("the page stream's token is missing or malformed") from e
+    if len(token) != 32:
+        raise errors.InvalidInput("the page stream's token is malformed")
+    sock = socket.create_connection(("127.0.0.1", int(req["port"])), timeout=10)
+    try:
+        sock.sendall(token)
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

@@ -30,8 +30,8 @@ downtime is measured from the freeze to the restore's return.
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,31 +206,6 @@ def plan_live(cts: Any, transport: Any, name: str, pool: str | None = None,
     return plan
 
 
-def _free_port(netns: str | None) -> int:
-    """A free TCP port on the loopback of this host's namespace (for the page server)."""
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    if netns:
-        from migrator.netns import call_in_netns
-
-        return call_in_netns(netns, pick)
-    return pick()
-
-
-def _connector(netns: str | None, port: int) -> Any:
-    def connect() -> socket.socket:
-        if netns:
-            from migrator.netns import socket_in_netns
-
-            return socket_in_netns(netns, ("127.0.0.1", port), 10)
-        return socket.create_connection(("127.0.0.1", port), 10)
-
-    return connect
-
-
 def _images_stream(images: Path) -> SendStream:
     return SendStream(["tar", "--create", "--file=-", "--numeric-owner", "-C", str(images),
                        "."], "checkpoint images", "images")
@@ -288,6 +263,7 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
     dumped = False
     lazy: Any = None
     tunnel: Any = None
+    pages: Any = None  # this end of the page server's socket pair (post-copy)
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
@@ -295,8 +271,16 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
         freeze = time.monotonic()
         with clock.stage(op, "dump", mode=plan.mode):
             if plan.mode == "post-copy":
-                port = _free_port(cts.host.netns)
-                lazy = ckpt.start_lazy_dump(rec.name, images, "127.0.0.1", port)
+                # the page server is handed one end of a connected pair (nothing listens:
+                # the container's memory is out of other local users' reach); the tunnel
+                # relays the other end to the target (``transport/tunnel.py``)
+                from migrator.transport.tunnel import socket_pair
+
+                pages, criu_end = socket_pair()
+                try:
+                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
+                finally:
+                    criu_end.close()
                 dumped = True  # from here the source's tasks are frozen: resume on failure
                 lazy.wait_serving(SERVE_WAIT)
             else:
@@ -319,9 +303,9 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
                 from migrator.transport.tunnel import PageTunnel
 
                 transport.connect()
-                tunnel = PageTunnel(transport.client.get_transport(),
-                                    _connector(cts.host.netns, port))
-                args |= {"lazy": True, "port": tunnel.open(), "timeout": PAGES_WAIT}
+                tunnel = PageTunnel(transport.client.get_transport(), lambda: pages)
+                args |= {"lazy": True, "port": tunnel.open(), "timeout": PAGES_WAIT,
+                         "token": base64.b64encode(tunnel.token).decode()}
 
             def on_event(ev: dict[str, Any]) -> None:
                 if ev.get("event") == "restored":
@@ -352,6 +336,8 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
     finally:
         if tunnel is not None:
             tunnel.close()
+        if pages is not None:
+            pages.close()
     # the point of no return: the target runs the container
     with clock.stage(op, "release"):
         try:

@@ -104,9 +104,11 @@ def spawn(
     netns: str | None = None,
     env: Mapping[str, str] | None = None,
     output: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in the background (stdin closed, stdout+stderr to ``output`` or
-    discarded, no inherited descriptors); the caller owns, waits for and reaps the process.
+    discarded, no inherited descriptors but ``pass_fds``); the caller owns, waits for and
+    reaps the process.
 
     For daemons and long commands that must run beside the caller (CRIU's page server and
     lazy-pages daemon). Output goes to a file, never a pipe: ``lxc-checkpoint`` keeps its
@@ -122,7 +124,7 @@ def spawn(
     try:
         return subprocess.Popen(
             full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=run_env, close_fds=True, start_new_session=True,
+            env=run_env, close_fds=True, start_new_session=True, pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as e:
         raise MissingDependency(f"required tool {argv[0]!r} is not installed") from e

@@ -84,7 +84,7 @@ def choose_link(remote: dict[str, Any], setting: str) -> tuple[str, str]:
                                "upgrade migrate there, or `migrate host set NAME "
                                "--data-link ssh`")
         return "ssh", "the agent offers only the SSH channel"
-    return "tcp", "direct TCP data link (authenticated through SSH, AES-256-GCM)"
+    return "tcp", "direct TCP data link (TLS 1.3, certificates pinned through SSH)"
 
 
 def choose_compression(remote: dict[str, Any], requested: str,
@@ -247,6 +247,7 @@ class RemoteCopy:
         result.notes.append(f"address on {self.t.name}: {rec['ipv4']}")
         if session.link == "tcp" and self.t.link_failed:
             result.notes.append(f"data went over the SSH channel: {self.t.link_failed}")
+            op.note(data_link_failed=self.t.link_failed)  # the operation's log says it too
         result.seconds = time.monotonic() - t0
         return result
 

@@ -319,10 +319,13 @@ class LxcDriver:
             raise
 
     def spawn_checkpoint(
-        self, name: str, images: Path, env: dict[str, str], output: Path, restore: bool = False
+        self, name: str, images: Path, env: dict[str, str], output: Path, restore: bool = False,
+        pass_fds: tuple[int, ...] = (),
     ) -> subprocess.Popen[bytes]:
-        """lxc-checkpoint in the background (a post-copy dump serves pages until done)."""
+        """lxc-checkpoint in the background (a post-copy dump serves pages until done);
+        ``pass_fds`` reach the criu it runs (the page server's socket)."""
         return proc.spawn(
-            self.checkpoint_argv(name, images, restore), netns=self.netns, env=env, output=output
+            self.checkpoint_argv(name, images, restore), netns=self.netns, env=env, output=output,
+            pass_fds=pass_fds,
         )
 

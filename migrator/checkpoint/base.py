@@ -123,14 +123,18 @@ def criu_config(*options: str) -> str:
     return "".join(f"{o}\n" for o in options)
 
 
-def dump_options(lazy: bool = False, address: str | None = None, port: int | None = None
-                 ) -> list[str]:
+def dump_options(lazy: bool = False, address: str | None = None, port: int | None = None,
+                 ps_socket: int | None = None) -> list[str]:
     # leave-stopped: after the dump CRIU leaves every task SIGSTOPped instead of killing it
     # (LXC's -s passes no --leave-running, so this config option decides the final state).
     # enable-fs ramfs: systemd mounts /run/credentials/* as ramfs, which CRIU dumps only
     # when told to (the files in it are dumped with the mount, so nothing is lost).
     opts = ["leave-stopped", "enable-fs ramfs"]
-    if lazy:
+    if lazy and ps_socket is not None:
+        # the page server talks over a socket it is handed, connected already: it listens
+        # nowhere, so no other local user can reach the container's memory
+        opts += ["lazy-pages", f"ps-socket {int(ps_socket)}"]
+    elif lazy:
         if not address or not port:
             raise ValueError("a post-copy dump needs the page server's address and port")
         opts += ["lazy-pages", f"address {address}", f"port {int(port)}"]

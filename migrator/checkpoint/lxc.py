@@ -152,6 +152,8 @@ class LazyDump:
         return self.popen.pid
 
     def _listening(self) -> bool:
+        if not self.port:  # handed a socket (--ps-socket): criu logs when it serves on it
+            return "Starting lazy pages server" in _read(self.images / "dump.log")
         # The lxc-checkpoint process sits in the host's network namespace; its /proc net
         # tables show that namespace's sockets. Never probe by connecting: the page server
         # accepts exactly one connection.
@@ -463,31 +465,38 @@ class LxcCheckpointer:
         return RestoreStats(seconds)
 
     # post-copy ---------------------------------------------------------------------------
-    def start_lazy_dump(self, name: str, images: Path, address: str, port: int) -> LazyDump:
-        """Start a post-copy dump; its page server will listen on ``address:port`` in this
-        host's network namespace. The tasks stay stopped after it, whatever the stream does.
-        """
+    def start_lazy_dump(self, name: str, images: Path, address: str | None = None,
+                        port: int | None = None, ps_socket: int | None = None) -> LazyDump:
+        """Start a post-copy dump; its page server serves on ``ps_socket`` (a connected
+        socket, passed down to criu: nothing listens), or listens on ``address:port`` in
+        this host's network namespace. The tasks stay stopped after it, whatever the stream
+        does."""
         rec = self.cts.get(name)
         self._require_running(rec.name)
-        conf = self._config(rec.name, "lazy-dump", dump_options(True, address, port))
+        conf = self._config(rec.name, "lazy-dump", dump_options(True, address, port, ps_socket))
         out = self._workdir() / f"{rec.name}.lazy-dump.out"
         out.unlink(missing_ok=True)
-        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
-        return LazyDump(self, rec.name, images, port, p, out)
+        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
+                                      pass_fds=() if ps_socket is None else (ps_socket,))
+        return LazyDump(self, rec.name, images, 0 if ps_socket is not None else int(port or 0),
+                        p, out)
 
-    def start_lazy_pages(self, images: Path, address: str, port: int,
-                         timeout: float = 30) -> LazyPages:
-        """Start the target's lazy-pages daemon against the source's page server and wait
-        until it is ready for a lazy restore (``images/lazy-pages.socket`` exists)."""
+    def start_lazy_pages(self, images: Path, address: str | None = None, port: int | None = None,
+                         timeout: float = 30, ps_socket: int | None = None) -> LazyPages:
+        """Start the target's lazy-pages daemon against the source's page server (through
+        ``ps_socket``, a connected socket passed down, or by connecting to ``address:port``)
+        and wait until it is ready for a lazy restore (``images/lazy-pages.socket``)."""
         criu = criu_binary()
         if criu is None:
             raise CheckpointError("criu is not installed", "run `make setup`")
         log = self._workdir() / f"lazy-pages-{images.name}.log"
         log.unlink(missing_ok=True)
         (images / "lazy-pages.socket").unlink(missing_ok=True)
-        p = proc.spawn([criu, "lazy-pages", "--page-server", "--address", address, "--port",
-                        str(int(port)), "--images-dir", str(images), "-o", str(log), "-v4"],
-                       netns=self.netns)
+        server = ["--ps-socket", str(int(ps_socket))] if ps_socket is not None else \
+            ["--address", str(address), "--port", str(int(port or 0))]
+        p = proc.spawn([criu, "lazy-pages", "--page-server", *server, "--images-dir",
+                        str(images), "-o", str(log), "-v4"], netns=self.netns,
+                       pass_fds=() if ps_socket is None else (ps_socket,))
         lp = LazyPages(p, images, log)
         deadline = time.monotonic() + timeout
         while not (images / "lazy-pages.socket").exists():

@@ -112,7 +112,7 @@ def delegation_target(name: str) -> dict[str, Any]:
 
 
 DATA_LINK_HELP = ("How bulk data travels: auto (a direct TCP connection from that host back "
-                  "to this one, authenticated through SSH and AES-256-GCM sealed, falling back "
+                  "to this one, in TLS 1.3 with certificates pinned through SSH, falling back "
                   "to the SSH channel when it cannot connect), tcp, or ssh (the SSH channel "
                   "only: slower, but needs nothing beyond port 22)")
 DATA_LINKS = ("auto", "tcp", "ssh")

@@ -1,11 +1,20 @@
 """A TCP tunnel through the SSH connection: CRIU's lazy-pages stream from target to source.
 
-Why: in post-copy the target's ``criu lazy-pages`` daemon connects to the page server that
-``criu dump --lazy-pages`` runs on the source. The two hosts need not reach each other (only
-this client reaches both), and the page stream must be encrypted and authenticated like every
-other byte. So the target's sshd listens on its loopback (an SSH remote forward, which
+Why: in post-copy the target's ``criu lazy-pages`` daemon reads pages from the page server
+that ``criu dump --lazy-pages`` runs on the source. The two hosts need not reach each other
+(only this client reaches both), and the page stream must be encrypted and authenticated like
+every other byte. So the target's sshd listens on its loopback (an SSH remote forward, which
 OpenSSH allows by default: ``AllowTcpForwarding``), each connection arrives here as a channel,
-and is relayed to the page server, opened by ``connect`` (in the source's network namespace).
+and is relayed to the page server's socket, given by ``connect``.
+
+The page stream is the container's memory, so no other local user may reach it on either
+host. Neither CRIU listens anywhere: both are handed an already connected socket
+(``--ps-socket``). On the source that is one end of ``socket_pair()``, made by this process;
+on the target the agent (root) connects to the forward itself and hands that connection to
+``criu lazy-pages``. The forward's port on the target's loopback is the one thing another
+local user could reach, so a connection there is relayed only after it has sent the
+tunnel's ``token`` (32 random bytes, given to the agent inside the SSH channel); anything
+else is closed unheard, and only one connection is ever relayed.
 
 The relay counts bytes both ways and remembers the first error, so the pipeline can tell a
 stream that ended cleanly from one that was cut.
@@ -14,9 +23,12 @@ stream that ended cleanly from one that was cut.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +39,32 @@ from migrator import errors
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+TOKEN_BYTES = 32
+HELLO_WAIT = 10.0  # seconds a connection to the forward has to show the token
+PAIR_WAIT = 5.0
+
+
+def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on loopback, no listener left behind: one for CRIU
+    (``--ps-socket``), one for the relay. A listener exists only while the pair is made; a
+    connection to it from anyone else is closed, and only ours is taken."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.socket()
+    try:
+        listener.settimeout(PAIR_WAIT)
+        ours.connect(listener.getsockname())
+        deadline = time.monotonic() + PAIR_WAIT
+        while time.monotonic() < deadline:
+            theirs, peer = listener.accept()
+            if peer == ours.getsockname():
+                return ours, theirs
+            theirs.close()  # somebody else's
+        raise TimeoutError("the page stream's socket pair could not be made")
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        listener.close()
 
 
 class PageTunnel:
@@ -41,6 +79,10 @@ class PageTunnel:
         self.to_source = 0
         self.connections = 0
         self.error: str | None = None
+        self.token = secrets.token_bytes(TOKEN_BYTES)  # the agent's connection shows it
+        self.refused = 0  # connections to the forward without the token: closed unheard
+        self._admitted = False
+        self._waiting: list[paramiko.Channel] = []  # connections yet to show the token
         self._threads: list[threading.Thread] = []
         self._open: list[Any] = []
         self._lock = threading.Lock()
@@ -58,11 +100,44 @@ class PageTunnel:
         return self.port
 
     def _accept(self, chan: paramiko.Channel, origin: Any, server: Any) -> None:
+        # called in paramiko's transport thread: the token is awaited in a thread of its
+        # own, so that a silent connection holds up nothing
         with self._lock:
             if self._closed:
                 chan.close()
                 return
-            self.connections += 1
+        self._waiting.append(chan)
+        th = threading.Thread(target=self._admit, args=(chan,), daemon=True,
+                              name="page-tunnel-admit")
+        th.start()
+        self._threads.append(th)
+
+    def _admit(self, chan: paramiko.Channel) -> None:
+        """Relay ``chan`` once it has shown the token; close it otherwise."""
+        got = b""
+        try:
+            chan.settimeout(HELLO_WAIT)
+            while len(got) < TOKEN_BYTES:
+                piece = chan.recv(TOKEN_BYTES - len(got))
+                if not piece:
+                    break
+                got += piece
+            chan.settimeout(None)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        with self._lock:
+            ok = (len(got) == TOKEN_BYTES and hmac.compare_digest(got, self.token)
+                  and not self._admitted and not self._closed)
+            if ok:
+                self._admitted = True
+                self.connections += 1
+            else:
+                self.refused += 1
+        if not ok:
+            log.warning("page tunnel: closed a connection to the forward that did not show "
+                        "the token (another local user on the target?)")
+            chan.close()
+            return
         try:
             sock = self.connect()
         except OSError as e:
@@ -115,6 +190,10 @@ class PageTunnel:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        for chan in self._waiting:  # a silent connection must not hold up the join below
+            with contextlib.suppress(Exception):
+                if not self._admitted or chan not in self._open:
+                    chan.close()
         with contextlib.suppress(Exception):
             if self.port:
                 self.t.cancel_port_forward("127.0.0.1", self.port)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from migrator import errors, proc
 from migrator.streams import SendStream
-from migrator.transport import link, ssh
+from migrator.transport import link, ssh, tunnel
 from migrator.transport.ssh import SshTransport
 from runtime import testhosts
 from runtime.testhosts import TestHostSpec
@@ -200,3 +201,65 @@ def test_agent_error_mid_stream_is_reported_through_the_link(pair) -> None:  # t
         stream = SendStream(["head", "-c", str(4 << 20), "/dev/zero"], "probe", "probe")
         assert t.request("sink", {}, stream=stream)["raw"] == 4 << 20
         assert t.last_link == "tcp"
+
+
+# The post-copy page stream's forward (``tunnel.py``) on host b's loopback: another local
+# user (nobody) who connects there, silent or not, is closed unheard and reaches nothing;
+# root with the tunnel's token (what the agent does) is relayed, even with the silent one
+# still holding its connection.
+KNOCK = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+if sys.argv[2] == "silent":
+    print("connected", flush=True)
+    sys.stdin.read()
+    sys.exit()
+s.sendall(bytes.fromhex(sys.argv[2]) if sys.argv[2] != "junk" else b"GET / HTTP/1.0\r\n" * 4)
+if sys.argv[2] == "junk":
+    print("closed" if s.recv(100) == b"" else "ANSWERED", flush=True)
+    sys.exit()
+s.sendall(b"ping")
+print(s.recv(4).decode(), flush=True)
+"""
+
+
+def test_the_page_forward_relays_only_the_token_holder(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    page_server, relay_end = tunnel.socket_pair()  # stands for criu's page server here
+    silent = None
+    with transport(a, b) as t:
+        t.connect()
+        assert t.client is not None
+        pt = tunnel.PageTunnel(t.client.get_transport(), lambda: relay_end)
+        port = pt.open()
+        try:
+            nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      sys.executable, "-S", "-c", KNOCK, str(port)]
+            silent = proc.spawn_piped([*nobody, "silent"], netns=b.netns)
+            assert silent.stdout is not None and silent.stdout.readline() == b"connected\n"
+            junk = proc.run([*nobody, "junk"], netns=b.netns, timeout=30)
+            assert junk.stdout.strip() == "closed", junk.stdout
+            page_server.setblocking(False)
+            with pytest.raises(BlockingIOError):  # not one byte reached the page server
+                page_server.recv(100)
+            page_server.setblocking(True)
+
+            def pong() -> None:
+                assert page_server.recv(4) == b"ping"
+                page_server.sendall(b"pong")
+
+            th = threading.Thread(target=pong)
+            th.start()
+            agent = proc.run([sys.executable, "-S", "-c", KNOCK, str(port), pt.token.hex()],
+                             netns=b.netns, timeout=30)
+            th.join(10)
+            assert agent.stdout.strip() == "pong"
+            assert pt.connections == 1 and pt.refused == 1 and pt.error is None
+        finally:
+            pt.close()
+            if silent is not None:
+                silent.kill()
+                silent.wait()
+            page_server.close()
+            relay_end.close()
+    assert pt.refused == 2  # the silent one too, once the tunnel closed

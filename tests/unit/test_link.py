@@ -327,3 +327,19 @@ def test_the_certificate_is_ephemeral_p256_and_short_lived() -> None:
     life = cert.not_valid_after - cert.not_valid_before
     assert life <= 2 * L.VALIDITY
     assert a.fingerprint.startswith("SHA256:") and len(a.fingerprint) == 50
+
+
+def test_the_page_stream_pair_is_connected_and_leaves_no_listener() -> None:
+    from migrator.checkpoint.base import dump_options
+    from migrator.transport.tunnel import socket_pair
+
+    a, b = socket_pair()
+    a.sendall(b"pages")
+    assert b.recv(5) == b"pages"
+    port = a.getpeername()[1]
+    with pytest.raises(ConnectionRefusedError):  # nobody listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    a.close()
+    b.close()
+    opts = dump_options(True, ps_socket=7)
+    assert "ps-socket 7" in opts and not any(o.startswith(("address", "port")) for o in opts)
