@@ -124,7 +124,7 @@ def criu_config(*options: str) -> str:
 
 
 def dump_options(lazy: bool = False, address: str | None = None, port: int | None = None,
-                 ps_socket: int | None = None) -> list[str]:
+                 ps_socket: int | None = None, status_fd: int | None = None) -> list[str]:
     # leave-stopped: after the dump CRIU leaves every task SIGSTOPped instead of killing it
     # (LXC's -s passes no --leave-running, so this config option decides the final state).
     # enable-fs ramfs: systemd mounts /run/credentials/* as ramfs, which CRIU dumps only
@@ -134,6 +134,8 @@ def dump_options(lazy: bool = False, address: str | None = None, port: int | Non
         # the page server talks over a socket it is handed, connected already: it listens
         # nowhere, so no other local user can reach the container's memory
         opts += ["lazy-pages", f"ps-socket {int(ps_socket)}"]
+        if status_fd is not None:  # criu writes a NUL there once it serves pages
+            opts.append(f"status-fd {int(status_fd)}")
     elif lazy:
         if not address or not port:
             raise ValueError("a post-copy dump needs the page server's address and port")

@@ -140,8 +140,10 @@ class LazyDump:
     """A post-copy dump running in the background: captures the tasks, then serves pages."""
 
     def __init__(self, ck: LxcCheckpointer, name: str, images: Path, port: int,
-                 popen: subprocess.Popen[bytes], output: Path) -> None:
+                 popen: subprocess.Popen[bytes], output: Path, status_fd: int | None = None
+                 ) -> None:
         self.ck, self.name, self.images, self.port = ck, name, images, port
+        self.status_fd = status_fd  # read end of criu's --status-fd (with --ps-socket)
         self.popen = popen
         self.output = output
         self.started = time.monotonic()
@@ -152,8 +154,12 @@ class LazyDump:
         return self.popen.pid
 
     def _listening(self) -> bool:
-        if not self.port:  # handed a socket (--ps-socket): criu logs when it serves on it
-            return "Starting lazy pages server" in _read(self.images / "dump.log")
+        if self.status_fd is not None:  # handed a socket: criu says when it serves on it
+            import select
+
+            if not select.select([self.status_fd], [], [], 0)[0]:
+                return False
+            return os.read(self.status_fd, 1) == b"\0"
         # The lxc-checkpoint process sits in the host's network namespace; its /proc net
         # tables show that namespace's sockets. Never probe by connecting: the page server
         # accepts exactly one connection.
@@ -194,6 +200,7 @@ class LazyDump:
             raise CheckpointError(
                 f"post-copy dump of {self.name!r} still serving pages after {timeout:.0f}s",
                 "aborted; the source tasks stay stopped: resume_source() rolls back") from None
+        self._release()
         seconds = time.monotonic() - self.started
         log = _read(self.images / "dump.log")
         if rc != 0 or "Lazy pages transfer FAILED" in log:
@@ -207,6 +214,13 @@ class LazyDump:
         (stopped, or running again if criu was killed mid-seize): resume_source() fixes
         either."""
         _kill_group(self.popen)
+        self._release()
+
+    def _release(self) -> None:
+        if self.status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.status_fd)
+            self.status_fd = None
 
 
 class LazyPages:
@@ -473,13 +487,24 @@ class LxcCheckpointer:
         does."""
         rec = self.cts.get(name)
         self._require_running(rec.name)
-        conf = self._config(rec.name, "lazy-dump", dump_options(True, address, port, ps_socket))
-        out = self._workdir() / f"{rec.name}.lazy-dump.out"
-        out.unlink(missing_ok=True)
-        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
-                                      pass_fds=() if ps_socket is None else (ps_socket,))
+        ready_r, ready_w = os.pipe() if ps_socket is not None else (None, None)
+        try:
+            conf = self._config(rec.name, "lazy-dump",
+                                dump_options(True, address, port, ps_socket, ready_w))
+            out = self._workdir() / f"{rec.name}.lazy-dump.out"
+            out.unlink(missing_ok=True)
+            fds = () if ps_socket is None or ready_w is None else (ps_socket, ready_w)
+            p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)},
+                                          out, pass_fds=fds)
+        except BaseException:
+            if ready_r is not None:
+                os.close(ready_r)
+            raise
+        finally:
+            if ready_w is not None:
+                os.close(ready_w)
         return LazyDump(self, rec.name, images, 0 if ps_socket is not None else int(port or 0),
-                        p, out)
+                        p, out, ready_r)
 
     def start_lazy_pages(self, images: Path, address: str | None = None, port: int | None = None,
                          timeout: float = 30, ps_socket: int | None = None) -> LazyPages:
