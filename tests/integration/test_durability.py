@@ -347,3 +347,41 @@ def test_remote_move_target_syncs_and_commits_before_the_source_goes(pair, tmp_p
                 with contextlib.suppress(AssertionError):
                     m(spec, "delete", "--force", c["name"])
         m(a, "host", "remove", "b")
+
+
+# recover checks the copy that stays ---------------------------------------------------------------
+def test_recover_keeps_both_when_the_source_is_not_whole(host) -> None:  # type: ignore[no-untyped-def]
+    """An interrupted move (journaled ``copy``, a dead owner) whose source lost a snapshot
+    on disk: recover must not remove the partial target, the only other copy; once the
+    source is whole again it rolls back as before."""
+    from runtime.state import OperationRecord
+
+    th = host
+    th.cli("create", "busybox", "r1", "-p", "dir", check=True)
+    th.cli("snapshot", "create", "r1", "s0", check=True)
+    dir_b, btrfs_b = th.host.backend("dir"), th.host.backend("btrfs")
+    vol = VolumeRef("container", "r1")
+    partial = btrfs_b.create_volume(vol)
+    (partial / "kept").write_text("the partial copy")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with th.host.state.transaction():
+        th.host.state.add_operation(OperationRecord(
+            "0123456789ab", "move", "running", ["copy"],
+            {"container": "r1", "from_pool": "dir", "to_pool": "btrfs", "was_running": False,
+             "pid": dead.pid, "pid_start": "0"}))
+    snap = next(s.path for s in dir_b.list_snapshots(vol))
+    assert snap is not None
+    moved = snap.with_name(".s0-aside")
+    snap.rename(moved)  # the source lacks its recorded snapshot
+    r = th.cli("recover")
+    assert r.returncode == 6, r.stderr
+    assert "kept both" in r.stderr and "s0" in r.stderr, r.stderr
+    assert (partial / "kept").read_text() == "the partial copy"  # not removed
+    assert dir_b.volume_exists(vol) and th.cts.get("r1").pool == "dir"
+    ops = json.loads(th.cli("operations", "--format", "json", check=True).stdout)
+    assert [o["status"] for o in ops] == ["interrupted"]  # still there to recover
+    moved.rename(snap)  # whole again: the partial target goes
+    r = th.cli("recover", check=True)
+    assert "rolled back" in r.stderr, r.stderr
+    assert not btrfs_b.volume_exists(vol) and dir_b.volume_exists(vol)
