@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import threading
 from collections.abc import Callable
 from typing import IO, Any, BinaryIO
 
@@ -30,8 +29,8 @@ import zstandard
 
 from backup.model import PartInfo
 from backup.repository import BackupWriter, Repository
-from migrator.errors import CorruptBackup, MigratorError
-from migrator.streams import ProgressMeter, Stream
+from migrator.errors import CorruptBackup
+from migrator.streams import FedStream, ProgressMeter
 
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20  # a bigger pipe means fewer, larger reads from the producer
@@ -188,7 +187,7 @@ def read_small(repo: Repository, backup_id: str, part: PartInfo, compression: st
     return data
 
 
-class PartStream(Stream):
+class PartStream(FedStream):
     """A backup part as a volume stream: checked, decompressed and (tar) guarded."""
 
     def __init__(self, repo: Repository, backup_id: str, part: PartInfo, compression: str,
@@ -196,64 +195,28 @@ class PartStream(Stream):
                  guard: Callable[[IO[bytes]], IO[bytes]] | None = None) -> None:
         self.how, self.name, self.parent = how, name, parent
         self.size_hint = part.raw_size
-        self.error: BaseException | None = None
         self._part, self._id = part, backup_id
         reader, self._hashing = open_decompressed(repo, backup_id, part, compression)
         self._capped: _Capped = reader  # type: ignore[assignment]
         self._reader = guard(reader) if guard is not None else reader
-        self._r, self._w = os.pipe()
-        self._r_open = True
-        widen_pipe(self._w)
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._feed, daemon=True,
-                                        name=f"part-{part.path}")
-        self._thread.start()
+        self.start_feeding(f"part-{part.path}", PIPE_SIZE)
 
-    def _feed(self) -> None:
-        try:
-            while True:
-                data = self._reader.read(CHUNK)
-                if not data:
-                    break
-                view = memoryview(data)
-                while view:
-                    n = os.write(self._w, view)
-                    view = view[n:]
-            self._hashing.drain()
-            check_digest(self._hashing, self._id, self._part)
-            self._capped.check_complete()
-        except BrokenPipeError:
-            pass  # the consumer stopped reading: it reports its own error
-        except zstandard.ZstdError as e:
-            self.error = CorruptBackup(f"backup {self._id}: part {self._part.path} does not "
-                                       f"decompress: {e}")
-        except (MigratorError, OSError) as e:
-            self.error = e
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(self._w)
-            with contextlib.suppress(OSError):
-                self._hashing.f.close()
-            self._done.set()
+    def produce(self, write: Callable[[bytes | memoryview], None]) -> None:
+        while data := self._reader.read(CHUNK):
+            write(data)
+        self._hashing.drain()
+        check_digest(self._hashing, self._id, self._part)
+        self._capped.check_complete()
 
-    def fileno(self) -> int:
-        return self._r
+    def translate(self, e: BaseException) -> BaseException:
+        if isinstance(e, zstandard.ZstdError):
+            return CorruptBackup(f"backup {self._id}: part {self._part.path} does not "
+                                 f"decompress: {e}")
+        return e
 
-    def _close_read_end(self) -> None:
-        if self._r_open:  # once: the number may belong to another file afterwards
-            self._r_open = False
-            with contextlib.suppress(OSError):
-                os.close(self._r)
-
-    def close(self, check: bool = True) -> None:
-        self._thread.join()
-        self._close_read_end()
-        if check and self.error is not None:
-            raise self.error
-
-    def kill(self) -> None:
-        self._close_read_end()  # the feeder's next write fails with EPIPE and it stops
-        self._thread.join()
+    def after_feed(self) -> None:
+        with contextlib.suppress(OSError):
+            self._hashing.f.close()
 
 
 def real_error(stream: PartStream, e: BaseException) -> BaseException:

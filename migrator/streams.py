@@ -114,6 +114,77 @@ class Stream:
         raise NotImplementedError
 
 
+class FedStream(Stream):
+    """A stream that a thread of this process writes into a pipe (a backup part checked and
+    decompressed, an image through the tar guard): the receiver reads the pipe like a child's
+    stdout. Subclasses say what to write (``produce``) and may turn an error into their own
+    (``translate``); the pipe, the thread and the error live here once.
+
+    The read end is closed once only: after that its number may belong to another file.
+    """
+
+    error: BaseException | None = None
+
+    def start_feeding(self, thread_name: str, pipe_size: int | None = None) -> None:
+        self.error = None
+        self._r, self._w = os.pipe()
+        self._r_open = True
+        if pipe_size:  # a bigger pipe means fewer, larger reads; best effort
+            with contextlib.suppress(OSError, AttributeError):
+                import fcntl
+
+                fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, pipe_size)
+        self._thread = threading.Thread(target=self._feed, daemon=True, name=thread_name)
+        self._thread.start()
+
+    def produce(self, write: Callable[[bytes | memoryview], None]) -> None:
+        """Write the whole stream with ``write``; raise on any problem."""
+        raise NotImplementedError
+
+    def translate(self, e: BaseException) -> BaseException:
+        """The error ``close()`` reports for ``e`` raised by ``produce``."""
+        return e
+
+    def after_feed(self) -> None:
+        """Runs in the feeding thread once it is done, whatever happened."""
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._w, view):]
+
+    def _feed(self) -> None:
+        try:
+            self.produce(self._write_all)
+        except BrokenPipeError:
+            pass  # the consumer stopped reading: it reports its own error
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = self.translate(e)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._w)
+            self.after_feed()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def _close_read_end(self) -> None:
+        if self._r_open:
+            self._r_open = False
+            with contextlib.suppress(OSError):
+                os.close(self._r)
+
+    def close(self, check: bool = True) -> None:
+        self._thread.join()
+        self._close_read_end()
+        if check and self.error is not None:
+            raise self.error
+
+    def kill(self) -> None:
+        self._close_read_end()  # the feeder's next write fails with EPIPE and it stops
+        self._thread.join()
+
+
 class SendStream(Stream):
     """A running producer of a volume stream; read it through ``fileno()`` or ``pump``.
 

@@ -29,7 +29,6 @@ import stat
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from migrator import proc, safeyaml
 from migrator.backends.generic import tar_extract
 from migrator.errors import ImageError, InvalidInput, MigratorError, NotFound
 from migrator.names import ImageAlias
-from migrator.streams import Stream
+from migrator.streams import FedStream
 from migrator.targuard import TarGuard, TarRules
 from runtime.state import ImageRecord, StateStore
 
@@ -173,9 +172,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class _GuardedFeed(Stream):
+class _GuardedFeed(FedStream):
     """An image's archive, through the tar guard, as a pipe GNU tar reads: what tar
-    unpacks is what the guard approved and rewrote (a thread feeds the pipe)."""
+    unpacks is what the guard approved and rewrote."""
 
     how = "tar"
     parent = None
@@ -183,43 +182,12 @@ class _GuardedFeed(Stream):
 
     def __init__(self, f: IO[bytes], name: str) -> None:
         self.name = name
-        self.error: BaseException | None = None
         self._guard = TarGuard(_decompressed(f), IMAGE_RULES)
-        self._r, self._w = os.pipe()
-        self._r_open = True
-        self._thread = threading.Thread(target=self._feed, daemon=True, name="image-feed")
-        self._thread.start()
+        self.start_feeding("image-feed")
 
-    def _feed(self) -> None:
-        try:
-            while data := self._guard.read(1 << 20):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._w, view):]
-        except BrokenPipeError:
-            pass  # tar stopped reading: it reports its own error
-        except BaseException as e:  # noqa: BLE001 - reported by close()
-            self.error = e
-        finally:
-            os.close(self._w)
-
-    def fileno(self) -> int:
-        return self._r
-
-    def _close_read_end(self) -> None:
-        if self._r_open:
-            self._r_open = False
-            os.close(self._r)
-
-    def close(self, check: bool = True) -> None:
-        self._thread.join()
-        self._close_read_end()
-        if check and self.error is not None:
-            raise self.error
-
-    def kill(self) -> None:
-        self._close_read_end()
-        self._thread.join()
+    def produce(self, write: Callable[[bytes | memoryview], None]) -> None:
+        while data := self._guard.read(1 << 20):
+            write(data)
 
 
 # Flags that keep a rootfs exact: numeric ids, xattrs (file capabilities), ACLs.
