@@ -131,9 +131,8 @@ def test_append_keeps_the_file_and_refuses_links_and_fifos(tree: tuple[Path, Pat
     assert (outside / "canary").read_text() == "host\n"
 
 
-def test_openat2_is_what_the_kernel_here_offers(resolution: str) -> None:
-    if resolution != "openat2":
-        pytest.skip("one check is enough")
+def test_openat2_is_what_the_kernel_here_offers() -> None:
+    # the kernel's answer does not depend on which resolution the fixture chose
     fd = os.open("/", os.O_PATH)
     try:
         os.close(inroot._openat2(fd, "etc", os.O_PATH))
