@@ -6,11 +6,10 @@ the record (a write to ``state.db-wal``, then an fsync/fdatasync of ``state.db``
 ``-wal``) must come before the first removal under the source (an unlink/rmdir there, a
 btrfs subvolume destroy ioctl, or an ``rm``/``btrfs subvolume delete`` run on it).
 
-Covered: a local ``move --pool`` (dir -> btrfs), a ``backup restore --force`` and a
-stateless move to another host, whose target side (the agent on host b, traced through its
-agent command) must sync and commit before host a removes its copy. A live migration's
-release ends the same way (``sync_container``) but is not traced here: a CRIU round trip
-under ptrace costs far more than this module's budget.
+Covered: a local ``move --pool`` (dir -> btrfs), a ``backup restore --force``, a stateless
+move to another host and the release of a live migration (stop-and-copy, CRIU), whose target
+side (the agent on host b, traced through its agent command) must sync and commit before
+host a removes its copy. Traces of both hosts are merged by time.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from migrator.backends import VolumeRef
 from runtime import testhosts
 from runtime.testhosts import TestHostSpec
 from tests.conftest import IN_CI
+from tests.integration.test_live import WORKLOAD, assert_kept_memory, launch_counting
 
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
 TRACED = ("syncfs,fsync,fdatasync,unlink,unlinkat,rmdir,rename,renameat,renameat2,execve,"
@@ -43,15 +43,18 @@ PREFIX = "mt14"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def strace_argv(out: Path, per_process: bool = False) -> list[str]:
+def strace_argv(out: Path, per_process: bool = False, exec_untraced: bool = False) -> list[str]:
+    """``exec_untraced``: follow forks and threads but let go of every process that runs
+    another program (``-b execve``), which is then printed, arguments and all, but not
+    traced further (see the live migration test for why)."""
     strace = shutil.which("strace")
     if strace is None:
         msg = "strace is not installed (run `make setup`)"
         if IN_CI:
             pytest.fail(msg)
         pytest.skip(msg)
-    return [strace, "-ff" if per_process else "-f", "-ttt", "-y", "-s", "256",
-            "-e", f"trace={TRACED}", "-o", str(out)]
+    return [strace, "-ff" if per_process else "-f", *(["-b", "execve"] if exec_untraced else []),
+            "-ttt", "-y", "-s", "256", "-e", f"trace={TRACED}", "-o", str(out)]
 
 
 # reading a trace ----------------------------------------------------------------------------
@@ -312,17 +315,34 @@ def test_host_trust_accepts_only_the_given_fingerprint(pair) -> None:  # type: i
         known.unlink(missing_ok=True)
 
 
-def test_remote_move_target_syncs_and_commits_before_the_source_goes(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    a, b = pair
+@contextlib.contextmanager
+def agent_traced(a: TestHostSpec, b: TestHostSpec, tmp_path: Path,
+                 exec_untraced: bool = False) -> Iterator[Path]:
+    """Host b known to a, its agent run under ``strace -ff`` (one file per process in the
+    directory yielded); every container on both deleted after, and b forgotten."""
     (a.root / "ssh").mkdir(exist_ok=True)
     shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
     traces = tmp_path / "agent"
     traces.mkdir()
-    agent = [*strace_argv(traces / "agent", per_process=True), *MIGRATE]
+    agent = [*strace_argv(traces / "agent", per_process=True, exec_untraced=exec_untraced),
+             *MIGRATE]
     m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
       str(b.root), "--command", " ".join(agent))
-    ct = "dur1"
     try:
+        yield traces
+    finally:
+        for spec in (a, b):
+            _rc, out, _e = m(spec, "list", "--format", "json")
+            for c in json.loads(out):
+                with contextlib.suppress(AssertionError):
+                    m(spec, "delete", "--force", c["name"])
+        m(a, "host", "remove", "b")
+
+
+def test_remote_move_target_syncs_and_commits_before_the_source_goes(pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    ct = "dur1"
+    with agent_traced(a, b, tmp_path) as traces:
         m(a, "launch", "busybox", ct, "-p", "dir")
         m(a, "exec", ct, "--", "sh", "-c", "echo kept > /root/v")
         m(a, "snapshot", "create", ct, "s0")
@@ -340,13 +360,62 @@ def test_remote_move_target_syncs_and_commits_before_the_source_goes(pair, tmp_p
                                                    record_write_after_sync=False))
         assert any(c.name == "pwrite64" and c.fd_path() == f"{b.root}/state.db-wal"
                    for c in calls), "the agent's record commit was not traced"
-    finally:
-        for spec in (a, b):
-            _rc, out, _e = m(spec, "list", "--format", "json")
-            for c in json.loads(out):
-                with contextlib.suppress(AssertionError):
-                    m(spec, "delete", "--force", c["name"])
-        m(a, "host", "remove", "b")
+
+
+@pytest.fixture(scope="module")
+def counter_bin(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """The live tests' workload: a known pattern in memory and a counter in /root/state."""
+    out = tmp_path_factory.mktemp("workload") / "counter"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOAD)], check=True)
+    return out
+
+
+def test_live_release_target_syncs_and_commits_before_the_source_goes(pair, counter_bin,
+                                                                      tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A running busybox container (the counter workload in its memory) migrated live,
+    stop-and-copy, from a to b: b's ``sync_container`` must have synced the target volume
+    and committed b's record before a's release removes anything of the source.
+
+    CRIU and strace both use ptrace. Followed into criu (``-f``), strace would own the tasks
+    ``criu restore`` forks on b, so criu could not seize them, and it would go on tracing
+    the restored container (its agent call would never end). So both ends are traced with
+    ``-b execve``: every process of the client and of b's agents (threads and forks too) is
+    followed until it runs another program; that execve is still printed with its
+    arguments (a ``btrfs subvolume delete`` or ``rm`` of the source would be seen), then
+    the process is let go, so lxc-checkpoint and criu run untraced. Every syscall the
+    order is decided on (syncfs, the WAL write and fdatasync, the removals through
+    libbtrfsutil's ioctl or unlinkat) is made by the Python processes themselves.
+    (``--seccomp-bpf`` must not be added: the filter stays on a process that is let go,
+    and its traced syscalls would then fail with ENOSYS.)"""
+    a, b = pair
+    ct = "dur2"
+    with agent_traced(a, b, tmp_path, exec_untraced=True) as traces:
+        before = launch_counting(a, counter_bin, ct, mb=8, pool="btrfs")
+        m(a, "snapshot", "create", ct, "s0")
+        source = a.root / "storage-pools" / "btrfs" / "containers" / ct
+        snap = a.root / "storage-pools" / "btrfs" / "containers-snapshots" / ct / "s0"
+        assert source.is_dir() and snap.is_dir()
+        client = tmp_path / "client.trace"
+        _rc, out, _e = m(a, "live", "local", "b", ct, "--mode", "stop-and-copy", "-p",
+                         "btrfs", "--format", "json",
+                         trace=strace_argv(client, exec_untraced=True))
+        res = json.loads(out)
+        assert res["mode"] == "stop-and-copy" and "release" in res["stages"], res
+        assert not source.exists() and not snap.exists()
+        _rc, out, _e = m(b, "info", ct, "--format", "json")
+        info = json.loads(out)
+        assert (info["state"], info["snapshots"]) == ("RUNNING", ["s0"]), info
+        assert_kept_memory(b, ct, before)  # the same process, memory intact
+        calls = read_trace([client, *traces.iterdir()])
+        target = b.root / "storage-pools" / "btrfs" / "containers" / ct
+        # sync_container on b: syncfs of the volume, then a commit of b's state store with
+        # synchronous=FULL (a WAL write and its fdatasync), then the reply lets a release
+        print("live release:", assert_durable_first(calls, [target], b.root, [source, snap]))
+        # criu ran, untraced: the dump started on a, the restore on b (each through the
+        # network namespace helper, whose execve carries the whole command)
+        runs = [c.strings()[1:] for c in calls if c.name == "execve"]
+        for mode in ("-s", "-r"):
+            assert any("lxc-checkpoint" in argv and mode in argv for argv in runs), runs
 
 
 # recover checks the copy that stays ---------------------------------------------------------------
