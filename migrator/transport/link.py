@@ -55,7 +55,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -69,6 +69,7 @@ ACCEPT_WAIT = 10.0  # seconds the sender waits for the receiver's connection, st
 CONNECT_TIMEOUT = 5.0  # seconds the receiver tries to connect (less than ACCEPT_WAIT)
 HANDSHAKE_TIMEOUT = 5.0  # one connection's TLS handshake, on either side
 CLOSE_TIMEOUT = 5.0  # the sender waits this long for the receiver to take its close_notify
+RECV_CHUNK = 1 << 20  # ciphertext the receiver reads from the socket at once
 MAX_PENDING = 256  # connections in handshake at once; beyond it the oldest is dropped
 MAX_CERT = 4096  # bytes of a peer certificate (a P-256 one is about 400)
 # Validity of an ephemeral certificate. The pin, not the dates, is what makes it trusted;
@@ -150,7 +151,7 @@ class Identity:
         return ctx
 
 
-def _pinned(sock: ssl.SSLSocket, peer: bytes) -> bool:
+def _pinned(sock: ssl.SSLSocket | ssl.SSLObject, peer: bytes) -> bool:
     return _same(sock.getpeercert(binary_form=True) or b"", peer)
 
 
@@ -358,30 +359,64 @@ def connect(offer: dict[str, Any], me: Identity, peer: bytes) -> LinkReader:
     raw = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
     try:
         raw.settimeout(HANDSHAKE_TIMEOUT)
-        sock = ctx.wrap_socket(raw, suppress_ragged_eofs=False)
+        reader = LinkReader(raw, ctx)
+        reader.handshake()
     except ssl.SSLError as e:
         raw.close()
         raise ProtocolError(f"the data link's TLS handshake failed: {e.reason or e}") from e
     except BaseException:
         raw.close()
         raise
-    if not _pinned(sock, peer):  # the CA check already held; this is the pin itself
-        sock.close()
+    if not _pinned(reader.tls, peer):  # the CA check already held; this is the pin itself
+        raw.close()
         raise ProtocolError("the data link's peer showed another certificate than the "
                             "one offered through SSH")
-    sock.settimeout(None)
-    _tune(sock)
-    return LinkReader(sock)
+    raw.settimeout(None)
+    _tune(raw)
+    return reader
 
 
 class LinkReader:
     """Reads the TLS connection: a ``Reader`` for the frame parser. Each call returns
     exactly ``n`` bytes (the frame parser asks only for bytes its frames promised) or fewer
-    only at the end of the stream; TLS errors become ``ProtocolError``."""
+    only at the end of the stream; TLS errors become ``ProtocolError``.
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        self.sock = sock
+    TLS runs over memory buffers here too, as on the sending side: the socket is read a
+    megabyte at a time and OpenSSL opens the records from memory, instead of two small
+    reads of the socket per 16 KiB record (which capped the receiver's rate)."""
+
+    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = raw
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self._in, self._out, server_side=False)
+        self._buf = bytearray(RECV_CHUNK)
         self.received = 0
+
+    def _flush(self) -> None:
+        out = self._out.read()
+        if out:
+            self.sock.sendall(out)
+
+    def _fill(self) -> None:
+        """More ciphertext from the socket into OpenSSL's buffer (EOF marked as such)."""
+        k = self.sock.recv_into(self._buf)
+        if k:
+            self._in.write(memoryview(self._buf)[:k])
+        else:
+            self._in.write_eof()
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                if self._in.eof:
+                    raise ssl.SSLEOFError("the sender closed during the handshake") from None
+                self._fill()
+                continue
+            self._flush()
+            return
 
     def __call__(self, n: int) -> memoryview:
         buf = bytearray(n)  # a buffer per call: pieces handed out stay valid
@@ -389,9 +424,18 @@ class LinkReader:
         got = 0
         try:
             while got < n:
-                k = self.sock.recv_into(view[got:])
-                if not k:
+                try:
+                    k = cast(int, self.tls.read(n - got, view[got:]))  # into the buffer
+                except ssl.SSLWantReadError:
+                    self._flush()  # TLS 1.3 may answer post-handshake messages
+                    if self._in.eof:
+                        raise ssl.SSLEOFError("EOF without close_notify") from None
+                    self._fill()
+                    continue
+                except ssl.SSLZeroReturnError:
                     break  # close_notify: the end; the frame parser says if it was early
+                if not k:
+                    break
                 got += k
         except ssl.SSLEOFError as e:
             raise ProtocolError("the data link was cut (no TLS close_notify)",
@@ -401,6 +445,10 @@ class LinkReader:
             raise ProtocolError(f"the data link failed TLS checks: {e.reason or e}",
                                 "the data was changed on the way; nothing was committed") \
                 from e
+        except OSError as e:
+            raise ProtocolError(f"the data link failed: {e}",
+                                "the peer or the network went away; nothing was "
+                                "committed") from e
         self.received += got
         return view[:got]
 
