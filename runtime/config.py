@@ -27,14 +27,12 @@ from collections.abc import Callable, Mapping
 
 from migrator.errors import InvalidInput
 from runtime.host import parse_size
+from runtime.lxc import CONTROL_CHARS, MAC_ADDRESS  # the renderer refuses the same characters
 from runtime.schedule_keys import SCHEDULE_KEYS
 
 #: longest key and value accepted (a config lives in the state database and in journals)
 MAX_KEY = 256
 MAX_VALUE = 64 * 1024
-# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: anything a
-# line-oriented reader (LXC's config parser, a shell, a terminal) could take as structure
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ConfigRefused(InvalidInput):
@@ -43,7 +41,7 @@ class ConfigRefused(InvalidInput):
 
 def control_char(text: str) -> str | None:
     """The first control character of ``text`` (as ``repr`` shows it), or None."""
-    m = _CONTROL.search(text)
+    m = CONTROL_CHARS.search(text)
     return repr(m.group())[1:-1] if m else None
 
 
@@ -124,13 +122,12 @@ IMAGE_KEYS: dict[str, Callable[[str], str]] = {
 }
 
 # volatile.* : what the runtime keeps for itself ------------------------------------------------
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def parse_mac(v: str) -> str:
     """A unicast Ethernet address, ``xx:xx:xx:xx:xx:xx`` (lower case), or InvalidInput."""
     low = v.lower()
-    if not _MAC.fullmatch(low):
+    if not MAC_ADDRESS.fullmatch(low):
         raise InvalidInput(f"expected a MAC address xx:xx:xx:xx:xx:xx, got {v!r}",
                            "e.g. 00:16:3e:12:34:56")
     if int(low[:2], 16) & 1 or low == "00:00:00:00:00:00":

@@ -84,14 +84,15 @@ class UnsafeConfigValue(InvalidInput):
     control character, a MAC that is not one): the config is not written."""
 
 
-# what LXC (or anything line-oriented) could read as structure: C0, DEL, C1, U+2028/9
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# what LXC (or anything line-oriented) could read as structure: C0, DEL, C1, U+2028/9;
+# runtime/config.py's gate uses the same two patterns (one definition, here, below it)
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAC_ADDRESS = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def _refuse_unsafe(name: str, lines: list[str]) -> None:
     for line in lines:
-        m = _CONTROL.search(line)
+        m = CONTROL_CHARS.search(line)
         if m:
             key = line.partition(" = ")[0]
             raise UnsafeConfigValue(
@@ -104,7 +105,7 @@ def _refuse_unsafe(name: str, lines: list[str]) -> None:
 def render_config(spec: ContainerSpec) -> str:
     """The LXC config of ``spec``; ``UnsafeConfigValue`` if any field would break a line."""
     mac = spec.hwaddr or hwaddr(spec.name, spec.ipv4)
-    if not _MAC.fullmatch(mac):
+    if not MAC_ADDRESS.fullmatch(mac):
         raise UnsafeConfigValue(f"refusing to write the LXC config of {spec.name!r}: "
                                 f"hwaddr {mac!r} is not a MAC address",
                                 "expected xx:xx:xx:xx:xx:xx (lower case hex)")
