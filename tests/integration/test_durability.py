@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 
 from migrator.backends import VolumeRef
-from runtime import testhosts
 from runtime.testhosts import TestHostSpec
 from tests.conftest import IN_CI
 from tests.integration.test_live import WORKLOAD, assert_kept_memory, launch_counting
+from tests.integration.test_remote import host_pair
 
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
 TRACED = ("syncfs,fsync,fdatasync,unlink,unlinkat,rmdir,rename,renameat,renameat2,execve,"
@@ -253,19 +253,8 @@ def test_trace_reader_catches_a_removal_before_the_sync(tmp_path) -> None:  # ty
 # two hosts: pinned host key, the agent's side of a move ------------------------------------------
 @pytest.fixture(scope="module")
 def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
-    if os.geteuid() != 0 or shutil.which("/usr/sbin/sshd") is None:
-        msg = "these tests need root and sshd (run `make setup`)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    testhosts.down(BASE, PREFIX)
-    try:
-        yield tuple(testhosts.up(("a", "b"), BASE, pools=("dir", "btrfs"),  # type: ignore[misc]
-                                 images=("busybox",), prefix=PREFIX))
-    finally:
-        problems = testhosts.down(BASE, PREFIX)
-        assert not problems, problems
-        assert testhosts.leftovers(BASE, PREFIX) == []
+    with host_pair(BASE, PREFIX, ("dir", "btrfs"), ("busybox",)) as hosts:
+        yield hosts
 
 
 def m(spec: TestHostSpec, *args: str, check: bool = True,
