@@ -33,6 +33,7 @@ from migrator.errors import MigratorError, UnsafeArchive
 from migrator.streams import SendStream
 from runtime.idmap import default_idmap
 from tests.integration.conftest import TEST_BASE
+from tests.integration.test_exchange import host_state
 from tests.integration.treecmp import signature
 
 
@@ -50,18 +51,6 @@ def plant(th, name: str, device_owner: int = 0) -> None:  # type: ignore[no-unty
     evil.parent.mkdir(parents=True, exist_ok=True)
     evil.write_text("#!/bin/sh\nexec /bin/sh\n")
     os.chmod(evil, 0o4755)  # owned by host root: a way to host root for any local user
-
-
-def host_state(th) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Records, LXC dirs, and every volume and snapshot entry of every pool (datasets too)."""
-    pools = {}
-    for p in th.host.state.list_pools():
-        base = th.host.backend(p.name).path
-        pools[p.name] = sorted(str(x.relative_to(base)) for sub in ("containers",
-                                                                     "containers-snapshots")
-                               if (base / sub).exists() for x in (base / sub).iterdir())
-    return {"containers": sorted(c.name for c in th.host.state.list_containers()),
-            "lxc": sorted(p.name for p in th.host.lxcpath.iterdir()), "pools": pools}
 
 
 def keeper(th, pool: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
