@@ -37,11 +37,11 @@ bench: setup
 # see runtime/testhosts.py. Idempotent; `make hosts-down` removes everything.
 # SHAPE=100mbit limits what host a sends on the link (tc tbf); SHAPE=off lifts it.
 hosts: setup
-	$(PY) -m runtime.testhosts up --hosts a,b
-	$(if $(SHAPE),$(PY) -m runtime.testhosts shape a $(SHAPE))
+	$(PY) -m testrigs.testhosts up --hosts a,b
+	$(if $(SHAPE),$(PY) -m testrigs.testhosts shape a $(SHAPE))
 
 hosts-down:
-	$(PY) -m runtime.testhosts down
+	$(PY) -m testrigs.testhosts down
 
 # Leftovers of an interrupted test run (hosts are normally torn down by the fixtures).
 clean-tests: setup

@@ -49,12 +49,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backup.create import create_backup  # noqa: E402
-from backup.repository import Repository  # noqa: E402
-from backup.restore import restore_backup  # noqa: E402
-from runtime.containers import Containers  # noqa: E402
-from runtime.host import Host  # noqa: E402
-from runtime.teardown import teardown  # noqa: E402
+from migrator.backup.create import create_backup  # noqa: E402
+from migrator.backup.repository import Repository  # noqa: E402
+from migrator.backup.restore import restore_backup  # noqa: E402
+from migrator.runtime.containers import Containers  # noqa: E402
+from migrator.runtime.host import Host  # noqa: E402
+from migrator.runtime.teardown import teardown  # noqa: E402
 
 MIB = 1 << 20
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]

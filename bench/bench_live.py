@@ -1,7 +1,7 @@
 """Benchmark: live migration of a running container between two test hosts, against the same
 migration run by hand with ``lxc-checkpoint`` and rsync.
 
-Two test hosts (``runtime.testhosts``, prefix ``mb``: namespaces ``mb-a``, ``mb-b`` on a
+Two test hosts (``testrigs.testhosts``, prefix ``mb``: namespaces ``mb-a``, ``mb-b`` on a
 private 198.51.100.0/24 veth link, each with its own sshd, a btrfs pool and the busybox
 image) are brought up for the run and taken down at the end, also after a failure or Ctrl-C.
 Host a has host b in its inventory (``migrate host add``, host key trusted), as in
@@ -68,8 +68,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime import testhosts  # noqa: E402
-from runtime.testhosts import TestHostSpec  # noqa: E402
+from testrigs import testhosts  # noqa: E402
+from testrigs.testhosts import TestHostSpec  # noqa: E402
 
 BASE = Path("/var/tmp/migrator-bench/live")
 PREFIX = "mb"

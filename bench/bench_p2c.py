@@ -1,7 +1,7 @@
 """Benchmark: ``migrate p2c`` of a ~1 GB machine against rsync over OpenSSH of the same tree.
 
-Two test hosts (``runtime.testhosts``, prefix ``mbp``) and the p2c test machine
-(``p2c.testmachine``: debootstrapped Debian, ~250 MB, plus ``--data-mb`` of incompressible
+Two test hosts (``testrigs.testhosts``, prefix ``mbp``) and the p2c test machine
+(``testrigs.testmachine``: debootstrapped Debian, ~250 MB, plus ``--data-mb`` of incompressible
 files in /var/lib/appdata, its own network/mount/PID namespaces) on their private switch.
 Each round, in the same run:
 
@@ -37,9 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from p2c import testmachine  # noqa: E402
-from p2c.inventory import Mount, exclude_rules  # noqa: E402
-from runtime import testhosts  # noqa: E402
+from migrator.p2c.inventory import Mount, exclude_rules  # noqa: E402
+from testrigs import testhosts, testmachine  # noqa: E402
 
 BASE = Path("/var/tmp/migrator-bench/p2c")
 PREFIX = "mbp"

@@ -6,7 +6,8 @@ What is compared, per storage pool driver (dir, btrfs), with privileged busybox 
   project: ``Containers.launch`` in-process (library) and ``migrate launch`` (cli).
   raw:     copy the image rootfs (``cp -a --reflink=auto`` on dir, ``btrfs subvolume snapshot``
            of the pool's cached image volume on btrfs), write the very config the project
-           renders (``runtime.lxc.render_config``), ``lxc-start`` + ``lxc-wait -s RUNNING``.
+           renders (``migrator.runtime.lxc.render_config``), ``lxc-start`` + ``lxc-wait -s
+           RUNNING``.
 * snapshot -- of the running container.
   project: ``Containers.snapshot_create`` / ``migrate snapshot create``.
   raw:     two baselines. "native" is the like-for-like one and the one the ratio of the
@@ -55,11 +56,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from migrator.backends import VolumeRef  # noqa: E402
-from migrator.proc import netns_prefix  # noqa: E402
-from runtime.containers import Containers  # noqa: E402
-from runtime.host import Host  # noqa: E402
-from runtime.lxc import ContainerSpec, render_config  # noqa: E402
-from runtime.teardown import teardown  # noqa: E402
+from migrator.core.proc import netns_prefix  # noqa: E402
+from migrator.runtime.containers import Containers  # noqa: E402
+from migrator.runtime.host import Host  # noqa: E402
+from migrator.runtime.lxc import ContainerSpec, render_config  # noqa: E402
+from migrator.runtime.teardown import teardown  # noqa: E402
 
 SUBNET = "198.51.100.1/24"  # TEST-NET-2 only
 RAW_IP = "198.51.100.200"  # far above the project's allocations (.10 up)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backup.scheduler import Scheduler  # noqa: E402
-from runtime.containers import Containers  # noqa: E402
-from runtime.host import Host  # noqa: E402
-from runtime.images import ImageStore  # noqa: E402
-from runtime.teardown import teardown  # noqa: E402
+from migrator.backup.scheduler import Scheduler  # noqa: E402
+from migrator.runtime.containers import Containers  # noqa: E402
+from migrator.runtime.host import Host  # noqa: E402
+from migrator.runtime.images import ImageStore  # noqa: E402
+from migrator.runtime.teardown import teardown  # noqa: E402
 
 DAY = 86400.0
 

@@ -1,6 +1,7 @@
 """Benchmark: the project's container copy and refresh against the tools an operator would use.
 
-Each scenario runs the project (``migrator.copy.copy_container``, in-process) and a baseline
+Each scenario runs the project (``migrator.pipelines.copy.copy_container``, in-process) and a
+baseline
 on the same data, in the same run, and reports the ratio project time / baseline time
 (< 1: the project is faster).
 
@@ -70,10 +71,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from migrator.copy import CopyResult, copy_container  # noqa: E402
-from runtime.containers import Containers  # noqa: E402
-from runtime.host import Host  # noqa: E402
-from runtime.teardown import teardown  # noqa: E402
+from migrator.pipelines.copy import CopyResult, copy_container  # noqa: E402
+from migrator.runtime.containers import Containers  # noqa: E402
+from migrator.runtime.host import Host  # noqa: E402
+from migrator.runtime.teardown import teardown  # noqa: E402
 
 BASE_DIR = Path("/var/tmp/migrator-bench")
 NETNS = "mbench-st"

@@ -1,6 +1,6 @@
 """Benchmark: the project's host-to-host transport against OpenSSH and rsync on the same link.
 
-Two test hosts (``runtime.testhosts``, prefix ``mbt``: namespaces ``mbt-a``, ``mbt-b`` on a
+Two test hosts (``testrigs.testhosts``, prefix ``mbt``: namespaces ``mbt-a``, ``mbt-b`` on a
 private 198.51.100.0/24 veth link, each with its own sshd) are brought up for the run and
 taken down at the end. Every lane sends ``--size-mib`` MiB from host a's namespace to host
 b's sshd and throws it away there (rsync writes it to a file, which it deletes afterwards):
@@ -72,11 +72,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from migrator.remote import choose_compression  # noqa: E402
+from migrator.pipelines.remote_copy import choose_compression  # noqa: E402
 from migrator.streams import SendStream  # noqa: E402
 from migrator.transport.ssh import SshTransport  # noqa: E402
-from runtime import testhosts  # noqa: E402
-from runtime.testhosts import TestHostSpec  # noqa: E402
+from testrigs import testhosts  # noqa: E402
+from testrigs.testhosts import TestHostSpec  # noqa: E402
 
 BASE = Path("/var/tmp/migrator-bench/transport")
 PREFIX = "mbt"

@@ -18,10 +18,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from migrator import errors
 from migrator.backends import VolumeRef
-from migrator.copy import undo_partial_target
-from migrator.names import ContainerName, PoolName, SnapshotName, host_address
+from migrator.core import errors
+from migrator.core.names import ContainerName, PoolName, SnapshotName, host_address
+from migrator.pipelines.copy import undo_partial_target
 from migrator.transport.datapath import COMPRESSORS, FrameStream
 from migrator.transport.frames import ProtocolError, Reader, Writer, read_json, write_json
 
@@ -33,7 +33,7 @@ def _criu_version() -> str | None:
     path = shutil.which("criu") or ("/usr/sbin/criu" if shutil.which("/usr/sbin/criu") else None)
     if not path:
         return None
-    from migrator import proc
+    from migrator.core import proc
 
     r = proc.run([path, "--version"], check=False, timeout=10)
     first = r.stdout.strip().splitlines()[:1]
@@ -49,7 +49,7 @@ def _criu_features() -> dict[str, bool]:
     path = shutil.which("criu") or "/usr/sbin/criu"
     if not shutil.which(path):
         return {}
-    from migrator import proc
+    from migrator.core import proc
 
     return {f: proc.run([path, "check", "--feature", f], check=False, timeout=30).returncode
             == 0 for f in CRIU_FEATURES}
@@ -170,10 +170,10 @@ class Agent:
     def commit_container(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Record a container whose volume has been received (or refresh its record).
 
-        Its config and its snapshots' configs pass ``runtime.config.admit_config`` inside
+        Its config and its snapshots' configs pass ``migrator.runtime.config.admit_config`` inside
         ``record_received``; a privileged one only when ``allow_privileged`` (a pull: the
         operator's ``--allow-privileged``)."""
-        from runtime.state import SnapshotRecord
+        from migrator.runtime.state import SnapshotRecord
 
         name = ContainerName(req["name"])
         pool = PoolName(req["pool"])
@@ -231,7 +231,7 @@ class Agent:
         or a live migration's last request before that): the filesystem of its volume is
         synced, then every record committed so far is made durable. Only this reply lets
         the source go."""
-        from runtime.durable import sync_filesystem
+        from migrator.runtime.durable import sync_filesystem
 
         rec = self.cts.get(ContainerName(req["name"]))
         sync_filesystem(self.host.backend(rec.pool).volume_path(
@@ -243,7 +243,7 @@ class Agent:
     # live migration (the target side) --------------------------------------------------
     def live_check(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """What the source checks before freezing: CPU flags, pool room, address free."""
-        from migrator.live import cpu_flags
+        from migrator.pipelines.live import cpu_flags
 
         pool = PoolName(req["pool"])
         u = self.host.backend(pool).usage()
@@ -320,9 +320,9 @@ class Agent:
     # p2c: a machine converted into a container here (logic in p2c/target.py) -------------
     def p2c_pull(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Run rsync's client into the new (or, resuming, partial) volume; its transport is
-        relayed by the client to the machine (``p2c.pull``). "started" goes out first."""
-        from p2c.pull import check_rules, serve_pull
-        from p2c.target import prepare_volume
+        relayed by the client to the machine (``migrator.p2c.pull``). "started" goes out first."""
+        from migrator.p2c.pull import check_rules, serve_pull
+        from migrator.p2c.target import prepare_volume
 
         rules = check_rules(req.get("rules", []))
         rootfs = prepare_volume(self.cts, req["name"], req["pool"], bool(req.get("resume")))
@@ -331,7 +331,7 @@ class Agent:
 
     def p2c_finish(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Fixups, report, uid shift, record and first boot of a received machine."""
-        from p2c.target import finish
+        from migrator.p2c.target import finish
 
         return finish(self.cts, req)
 
@@ -378,7 +378,7 @@ class Agent:
                 if req.get("command") == "live":
                     return self._delegated_live(req, t)
                 if req.get("command") == "copy":
-                    from migrator.remote import RemoteCopy
+                    from migrator.pipelines.remote_copy import RemoteCopy
 
                     r = RemoteCopy(self.cts, t, compress=str(req.get("compress", "auto"))
                                    ).copy(str(ContainerName(req["source"])),
@@ -391,19 +391,19 @@ class Agent:
     def repository(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """A backup repository on this host, for a client whose ``--repo`` is
         ``ssh://THIS-HOST/PATH`` (``backup/remote.py``)."""
-        from backup.remote import serve_repository
+        from migrator.backup.remote import serve_repository
 
         return serve_repository(self, req, read)
 
     def backup_restore(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Restore, on this host, a backup from one of this host's repositories."""
-        from backup.remote import serve_restore
+        from migrator.backup.remote import serve_restore
 
         return serve_restore(self, req, read)
 
     def _pull_source(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         """Push to the client that asked, through its own channel (``reverse.py``)."""
-        from migrator.remote import RemoteCopy
+        from migrator.pipelines.remote_copy import RemoteCopy
         from migrator.transport.reverse import ReverseTransport
 
         r = RemoteCopy(self.cts, ReverseTransport(read, self.write),
@@ -414,11 +414,11 @@ class Agent:
         return {"result": r.as_dict()}
 
     def _delegated_live(self, req: dict[str, Any], t: Any) -> dict[str, Any]:
-        from migrator.live import live_migrate
+        from migrator.pipelines.live import live_migrate
 
         names = [str(ContainerName(n)) for n in req.get("names") or []]
         if not names:
-            from migrator.live import running_containers
+            from migrator.pipelines.live import running_containers
 
             names = running_containers(self.cts)
         results, failures = [], []

@@ -1,6 +1,6 @@
 """``migrate recover``: finish or undo operations whose process died part-way.
 
-The journal says how far an operation got (``runtime.operations``). Before its switch-over
+The journal says how far an operation got (``migrator.runtime.operations``). Before its switch-over
 point (a local move's ``switch``, a remote move's ``start-remote``) the operation is rolled
 back: the target's partial copy is removed, temporary snapshots are dropped, and a
 container that was running is started again where it was. After that point it is
@@ -9,7 +9,7 @@ completed: the target is already the container, so only the old copy is removed.
 Either way one copy is removed, and only after the copy that stays has been checked to be
 whole (its volume there, with every recorded snapshot, and the record pointing at it):
 otherwise both are kept and the error says why. Backup repositories, local or ``ssh://``,
-are reached through the repository interface (``backup.remote.open_repository``).
+are reached through the repository interface (``migrator.backup.remote.open_repository``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.copy import clean_stale_temp_snapshots, remove_leftover, undo_partial_target
-from migrator.errors import InvalidState, MigratorError
-from runtime.operations import owner_alive
-from runtime.state import OperationRecord
+from migrator.core.errors import InvalidState, MigratorError
+from migrator.pipelines.copy import clean_stale_temp_snapshots, remove_leftover, undo_partial_target
+from migrator.runtime.operations import owner_alive
+from migrator.runtime.state import OperationRecord
 
 
 def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
@@ -209,7 +209,7 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     if _backup_committed(cts, op.detail["repo"], bid):
         return f"completed: backup {bid} is in the repository"
     if base and cts.state.has_container(name):
-        from migrator.names import SnapshotName
+        from migrator.core.names import SnapshotName
 
         backend = cts.host.backend(op.detail.get("pool") or cts.state.get_container(name).pool)
         with contextlib.suppress(MigratorError):
@@ -221,8 +221,8 @@ def _backup_committed(cts: Any, spec: str, bid: str) -> bool:
     """Whether backup ``bid`` has its index in the repository ``spec`` (a directory or
     ``ssh://HOST/PATH``), asked through the repository itself: an unreachable repository
     raises, so nothing is dropped on a guess."""
-    from backup.remote import open_repository  # backup sits above migrator
-    from migrator.errors import CorruptBackup, NotFound
+    from migrator.backup.remote import open_repository  # backup sits above migrator
+    from migrator.core.errors import CorruptBackup, NotFound
 
     repo = open_repository(cts.host, spec)
     try:
@@ -241,7 +241,7 @@ def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     volumes go; a container it was to replace was not touched). From ``replace`` on, once
     the replaced container is gone, the restored volume is the only copy: it is moved in
     and recorded from what the journal kept, never removed."""
-    from backup.restore import complete_record  # backup sits above migrator
+    from migrator.backup.restore import complete_record  # backup sits above migrator
 
     name, scratch = op.detail["container"], op.detail["scratch"]
     pools = [op.detail["pool"]] + [p for p in [op.detail.get("receive_pool")]
@@ -285,6 +285,6 @@ def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
 
 
 def _p2c(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
-    from p2c.convert import recover_p2c  # p2c sits above migrator; imported only here
+    from migrator.p2c.convert import recover_p2c  # p2c sits above migrator; imported only here
 
     return recover_p2c(cts, op, transport_for)

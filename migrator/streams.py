@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from migrator.errors import CommandFailed, MissingDependency, NoSpace
+from migrator.core.errors import CommandFailed, MissingDependency, NoSpace
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from migrator.errors import CorruptBackup, UnsafeArchive
+from migrator.core.errors import CorruptBackup, UnsafeArchive
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer

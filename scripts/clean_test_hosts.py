@@ -13,10 +13,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from migrator import proc
-from runtime import testhosts
-from runtime.host import Host
-from runtime.teardown import teardown
+from migrator.core import proc
+from migrator.runtime.host import Host
+from migrator.runtime.teardown import teardown
+from testrigs import testhosts
 
 BASES = (Path("/var/tmp/migrator-tests"), Path("/var/tmp/migrator-demo"))
 # (base, namespace prefix) of each test-host set; the second is test_testhosts.py's

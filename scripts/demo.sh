@@ -12,7 +12,7 @@ HOSTS=/var/tmp/migrator-demo/hosts
 cleanup() {
   # the two-host part first: its running containers hold copies of host-a's zfs-fuse
   # mounts, which would keep host-a's zpool from being exported
-  python -m runtime.testhosts down --base "$HOSTS" >/dev/null 2>&1 || true
+  python -m testrigs.testhosts down --base "$HOSTS" >/dev/null 2>&1 || true
   migrate --root "$ROOT" teardown --yes --purge >/dev/null 2>&1 || true
   # a zpool whose disk was under the demo root and is still imported (a killed run)
   for p in $(zpool list -H -o name 2>/dev/null); do
@@ -59,8 +59,8 @@ m pool list
 # own sshd): a running container is backed up, live-migrated with CRIU to host b and its
 # backup restored on host a; then host a pushes a container to host b over SSH, refreshes
 # it, and moves a running one (stateless: live copy, stop, final delta, start there).
-echo "+ python -m runtime.testhosts up --base $HOSTS --prefix md" >&2
-python -m runtime.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs >&2
+echo "+ python -m testrigs.testhosts up --base $HOSTS --prefix md" >&2
+python -m testrigs.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs >&2
 A="$HOSTS/a/root"; B="$HOSTS/b/root"
 a() { echo "+ [host a] migrate $*" >&2; migrate --root "$A" "$@"; }
 b() { echo "+ [host b] migrate $*" >&2; migrate --root "$B" "$@"; }

@@ -9,7 +9,7 @@ from migrator.backends.base import PoolUsage, Snapshot, StorageBackend, VolumeRe
 from migrator.backends.btrfs import BtrfsBackend
 from migrator.backends.dir import DirBackend
 from migrator.backends.zfs import ZfsBackend
-from migrator.errors import InvalidInput
+from migrator.core.errors import InvalidInput
 
 BACKENDS: dict[str, type] = {"dir": DirBackend, "btrfs": BtrfsBackend, "zfs": ZfsBackend}
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from migrator.errors import AlreadyExists
-from migrator.names import ContainerName, SnapshotName
+from migrator.core.errors import AlreadyExists
+from migrator.core.names import ContainerName, SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream
 
 VOLUME_TYPES = ("container", "custom", "image")

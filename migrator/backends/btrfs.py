@@ -17,11 +17,11 @@ from typing import ClassVar
 
 import btrfsutil  # type: ignore[import-not-found]
 
-from migrator import proc
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
-from migrator.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
-from migrator.names import SnapshotName
+from migrator.core import proc
+from migrator.core.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
+from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 
 
@@ -69,7 +69,7 @@ def receive_confined(dest: Path, stream: Stream, meter: ProgressMeter | None) ->
     changed). So it runs chrooted into ``dest`` (``-C``; ``-m`` names the real mount for
     finding parent subvolumes), on a ``nodev,nosuid`` bind of ``dest`` onto itself, where
     no device node can be opened. What the streams leave is inspected afterwards
-    (``runtime.treecheck``)."""
+    (``migrator.runtime.treecheck``)."""
     with _nodev_bind(dest):
         receive_with(["btrfs", "receive", "-q", "-C", "-m", str(_mount_root(dest)),
                       str(dest)], stream, meter, no_space_markers=("No space left", "ENOSPC"))

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from migrator import proc
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
-from migrator.errors import AlreadyExists, InvalidInput, NotFound, StorageError
-from migrator.names import SnapshotName
+from migrator.core import proc
+from migrator.core.errors import AlreadyExists, InvalidInput, NotFound, StorageError
+from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream
 
 

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from migrator import proc
 from migrator.backends.base import Snapshot, VolumeRef
-from migrator.errors import CommandFailed, NoSpace, StorageError
-from migrator.names import SnapshotName
+from migrator.core import proc
+from migrator.core.errors import CommandFailed, NoSpace, StorageError
+from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with, run_watched
 
 GENERIC_TYPES = ["rsync", "tar"]

@@ -52,10 +52,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from migrator import proc
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef
-from migrator.errors import (
+from migrator.core import proc
+from migrator.core.errors import (
     AlreadyExists,
     InvalidInput,
     InvalidState,
@@ -65,7 +65,7 @@ from migrator.errors import (
     StorageError,
     UnsafeArchive,
 )
-from migrator.names import SnapshotName
+from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 
 log = logging.getLogger(__name__)

@@ -63,7 +63,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from migrator import proc
 from migrator.checkpoint.base import (
     DumpStats,
     Features,
@@ -79,9 +78,10 @@ from migrator.checkpoint.base import (
     restore_options,
     tree_bytes,
 )
-from migrator.errors import CheckpointError, InvalidState, MigratorError
-from runtime import config as cfg
-from runtime.containers import Containers
+from migrator.core import proc
+from migrator.core.errors import CheckpointError, InvalidState, MigratorError
+from migrator.runtime import config as cfg
+from migrator.runtime.containers import Containers
 
 # criu's network lock (iptables-restore format): what criu itself runs on resume.
 NETWORK_UNLOCK = "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n"

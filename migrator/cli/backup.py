@@ -37,7 +37,7 @@ def say(msg: str) -> None:
 
 def _repo(path: str | None) -> Any:
     """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
-    from backup.remote import open_repository
+    from migrator.backup.remote import open_repository
 
     return open_repository(_ctx().host, path)
 
@@ -74,7 +74,7 @@ def create_cmd(
     Examples: `migrate backup create web-1`,
     `migrate backup create web-1 --optimized --incremental --compression zstd:6`
     """
-    from backup.create import create_backup
+    from migrator.backup.create import create_backup
 
     with Bars() as bars:
         r = create_backup(_ctx().containers, name, _repo(repo), optimized, incremental,
@@ -101,7 +101,7 @@ def list_cmd(
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """List the backups in the repository, oldest first."""
-    from backup.catalog import row
+    from migrator.backup.catalog import row
 
     r = _repo(repo)
     r.check()
@@ -125,7 +125,7 @@ def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REP
     if fmt == Format.json:
         _json(json.loads(idx.to_json()))
         return
-    from backup.catalog import row
+    from migrator.backup.catalog import row
 
     for k, v in row(idx).items():
         if k != "created_epoch":
@@ -160,8 +160,8 @@ def verify_cmd(
     malformed index, missing parent). Exits with CorruptBackup's code (21) if any backup is
     damaged.
     """
-    from backup.verify import check_backup
-    from migrator.errors import CorruptBackup, InvalidInput
+    from migrator.backup.verify import check_backup
+    from migrator.core.errors import CorruptBackup, InvalidInput
 
     if bool(backup_id) == all_:
         raise InvalidInput("give one backup ID or --all")
@@ -227,8 +227,8 @@ def restore_cmd(
     Examples: `migrate backup restore web-1-20261121T020000Z-1a2b3c --name web-1-old`,
     `migrate backup restore ID --host host-b --pool fast --repo ssh://host-b/srv/backups`
     """
-    from backup.restore import RestoreResult, restore_backup
-    from migrator.errors import InvalidInput
+    from migrator.backup.restore import RestoreResult, restore_backup
+    from migrator.core.errors import InvalidInput
 
     overrides: dict[str, str] = {}
     for item in config:
@@ -239,7 +239,7 @@ def restore_cmd(
     staged: list[str] = []
     with Bars() as bars:
         if host and host != "local":
-            from backup.remote import restore_on_host
+            from migrator.backup.remote import restore_on_host
             from migrator.cli.hosts import transport_for
 
             with transport_for(host) as t:
@@ -281,7 +281,7 @@ def copy_cmd(
 
     Example: `migrate backup copy web-1-20261121T020000Z-1a2b3c --to ssh://host-b/srv/backups`
     """
-    from backup.replicate import copy_chain
+    from migrator.backup.replicate import copy_chain
 
     with Bars() as bars:
         r = copy_chain(_repo(repo), _repo(to), backup_id, bars)
@@ -317,8 +317,8 @@ def prune_cmd(
     No --keep-* option keeps everything. Example: `migrate backup prune --keep-last 3
     --keep-daily 7 --keep-weekly 4 --dry-run --list`
     """
-    from backup.catalog import prune_repository
-    from backup.prune import RetentionPolicy
+    from migrator.backup.catalog import prune_repository
+    from migrator.backup.prune import RetentionPolicy
 
     policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
                              keep_yearly)

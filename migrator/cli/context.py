@@ -18,7 +18,7 @@ class Ctx:
     @property
     def host(self) -> Any:
         if self._host is None:
-            from runtime.host import Host, root_from_env
+            from migrator.runtime.host import Host, root_from_env
 
             self._host = Host(root_from_env(self.root))
         return self._host
@@ -26,7 +26,7 @@ class Ctx:
     @property
     def containers(self) -> Any:
         if self._cts is None:
-            from runtime.containers import Containers
+            from migrator.runtime.containers import Containers
 
             self._cts = Containers(self.host)
         return self._cts

@@ -15,7 +15,7 @@ import typer
 from migrator.cli.context import _ctx
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
-from migrator.errors import InvalidInput
+from migrator.core.errors import InvalidInput
 
 FORMAT_OPT = typer.Option(Format.table, "--format", "-f",
                           help="table or json (a summary on stdout; when the archive itself "
@@ -85,7 +85,7 @@ def export_cmd(
     """Export a container (and its snapshots) as one tarball in the layout of `lxc export`
     and `incus export`, which LXD and Incus import. The archive is streamed: exporting never
     needs room for a copy of the container, and `-` pipes it into another tool."""
-    from backup.lxdformat import export_container
+    from migrator.exchange.lxdformat import export_container
 
     with Bars() as bars, _output(file) as out:
         r = export_container(_ctx().containers, name, out, optimized, instance_only,
@@ -110,7 +110,7 @@ def import_cmd(
     """Import a container from an `lxc export`, `incus export` or `migrate export` tarball
     (gzip, zstd, xz or plain; read once, from a file or stdin). Every member is checked
     before it is written; an unsafe or damaged archive changes nothing on this host."""
-    from backup.lxdformat import import_container
+    from migrator.exchange.lxdformat import import_container
 
     with Bars() as bars, contextlib.ExitStack() as stack:
         if file == "-":

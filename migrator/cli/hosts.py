@@ -33,7 +33,7 @@ def operations_cmd(
     fmt: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """Journaled copies and moves: kind, status, last stage; interrupted ones need recover."""
-    from runtime.operations import owner_alive
+    from migrator.runtime.operations import owner_alive
 
     state = _ctx().host.state
     rows = []
@@ -61,7 +61,7 @@ def recover_cmd(
 ) -> None:
     """Roll back, or complete, operations whose process died part-way (on both hosts)."""
     from migrator.recover import recover
-    from runtime.operations import interrupted
+    from migrator.runtime.operations import interrupted
 
     state = _ctx().host.state
     ops = [state.get_operation(op_id)] if op_id else interrupted(state)
@@ -92,8 +92,8 @@ def delegation_target(name: str) -> dict[str, Any]:
     this host verified (so the pushing host trusts exactly that key)."""
     import paramiko
 
-    from migrator.errors import HostKeyError
-    from migrator.names import ContainerName
+    from migrator.core.errors import HostKeyError
+    from migrator.core.names import ContainerName
 
     h = _ctx().host
     rec = h.state.get_host(ContainerName(name))
@@ -121,7 +121,7 @@ FINGERPRINT_HELP = ("Accept only the SSH host key with this fingerprint (SHA256:
 
 
 def _data_link(value: str) -> str:
-    from migrator.errors import InvalidInput
+    from migrator.core.errors import InvalidInput
 
     if value not in DATA_LINKS:
         raise InvalidInput(f"invalid data link {value!r}", "one of: auto, tcp, ssh")
@@ -148,9 +148,9 @@ def host_add(
 
     Then `migrate host check NAME` measures the link, which decides whether transfers are
     compressed (zstd only helps on links slower than it compresses)."""
-    from migrator.errors import InvalidInput
-    from migrator.names import ContainerName, host_address
-    from runtime.state import HostRecord
+    from migrator.core.errors import InvalidInput
+    from migrator.core.names import ContainerName, host_address
+    from migrator.runtime.state import HostRecord
 
     hname = ContainerName(name)
     if hname == "local":
@@ -178,7 +178,7 @@ def host_set(
     command: str = typer.Option(None, help="Path of migrate there"),
 ) -> None:
     """Change a host's settings in the inventory."""
-    from migrator.errors import InvalidInput
+    from migrator.core.errors import InvalidInput
 
     values: dict[str, Any] = {k: v for k, v in (("port", port), ("user", user),
                                                 ("command", command)) if v is not None}
@@ -196,7 +196,7 @@ def _fingerprint(value: str) -> str:
     """A SHA-256 key fingerprint as OpenSSH prints it: ``SHA256:`` and 43 base64 chars."""
     import re
 
-    from migrator.errors import InvalidInput
+    from migrator.core.errors import InvalidInput
 
     if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", value.strip()):
         raise InvalidInput(f"not a SHA-256 key fingerprint: {value!r}",
@@ -259,7 +259,7 @@ def host_check(
     The measured rate is kept in the inventory: with `--compress auto`, transfers to this
     host are compressed only if the link is slower than zstd."""
     from migrator.agent import Agent
-    from migrator.remote import negotiate_session
+    from migrator.pipelines.remote_copy import negotiate_session
 
     local = Agent(_ctx().containers).hello({"criu_features": True}, lambda n: b"")
     with transport_for(name) as t:

@@ -11,10 +11,10 @@ import typer
 from migrator.cli.context import _ctx
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
-from migrator.errors import ImportsFailed, InvalidInput
+from migrator.core.errors import ImportsFailed, InvalidInput
 
 if TYPE_CHECKING:
-    from p2c.lxcimport import ImportResult
+    from migrator.adopt.from_lxc import ImportResult
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +75,7 @@ def import_lxc_cmd(
     lxc-to-lxd does: the rootfs is copied into a volume (ids shifted to this host's map if it
     is unprivileged), its network, limits and idmap converted, and every key that cannot be
     converted listed. The original is only read, unless --delete destroys it after success."""
-    from p2c.lxcimport import import_all, import_lxc, plan_import
+    from migrator.adopt.from_lxc import import_all, import_lxc, plan_import
 
     if bool(name) == all_:
         raise InvalidInput("name one LXC container, or give --all",

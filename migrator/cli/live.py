@@ -58,8 +58,8 @@ def live_cmd(
       migrate live local host-b --dry-run      # the plan: storage method, mode, sizes
     """
     from migrator.cli.hosts import transport_for
-    from migrator.errors import InvalidInput, NotFound
-    from migrator.live import live_migrate, plan_live
+    from migrator.core.errors import InvalidInput, NotFound
+    from migrator.pipelines.live import live_migrate, plan_live
 
     host, from_src = _split_source(src)
     cts = _ctx().containers
@@ -75,7 +75,7 @@ def live_cmd(
                        "add it with `migrate host add NAME ADDRESS`")
     wanted = list(dict.fromkeys(from_src + list(names or [])))
     if not wanted:
-        from migrator.live import running_containers
+        from migrator.pipelines.live import running_containers
 
         wanted = running_containers(cts)
         if not wanted:
@@ -105,8 +105,8 @@ def live_cmd(
     transports = {n: transport_for(dst) for n in wanted}
 
     def one(n: str) -> dict[str, Any]:
-        from runtime.containers import Containers
-        from runtime.host import Host
+        from migrator.runtime.containers import Containers
+        from migrator.runtime.host import Host
 
         own = cts if parallel == 1 else Containers(Host(cts.host.root))
         try:
@@ -119,7 +119,7 @@ def live_cmd(
 
     results: list[dict[str, Any]] = []
     failures: list[tuple[str, Exception]] = []
-    from migrator.errors import MigratorError
+    from migrator.core.errors import MigratorError
 
     def collect(n: str, run: Any) -> None:
         try:
@@ -154,7 +154,7 @@ def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
     """SRC is another host: it runs the migration itself (its agent pushes to DST with the
     DST host key this host verified); each container's result is reported as it lands."""
     from migrator.cli.hosts import delegation_target, transport_for
-    from migrator.errors import InvalidInput
+    from migrator.core.errors import InvalidInput
 
     if src == dst:
         raise InvalidInput("source and target are the same host")

@@ -17,8 +17,8 @@ from pathlib import Path
 import typer
 
 from migrator.cli.render import Format, human_size, render
-from migrator.errors import ALL_ERRORS, InvalidInput, MigratorError
-from migrator.names import split_snapshot_ref
+from migrator.core.errors import ALL_ERRORS, InvalidInput, MigratorError
+from migrator.core.names import split_snapshot_ref
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 2 usage, "
@@ -100,7 +100,7 @@ def teardown_cmd(
     """Stop every container, unmount pools, remove the host's network namespace."""
     if not yes:
         raise InvalidInput("teardown stops every container of this host", "add --yes to confirm")
-    from runtime.teardown import teardown
+    from migrator.runtime.teardown import teardown
 
     teardown(_ctx().host, purge=purge)
     say("host torn down")
@@ -133,7 +133,7 @@ def image_import(
     if file == "-":
         import tempfile
 
-        from runtime.images import read_stream_to_file
+        from migrator.runtime.images import read_stream_to_file
 
         with tempfile.NamedTemporaryFile(dir=c.host.images_dir, prefix=".stdin-") as tmp:
             read_stream_to_file(sys.stdin.buffer, Path(tmp.name))
@@ -251,7 +251,7 @@ def pool_delete(name: str) -> None:
 # containers ------------------------------------------------------------------------------------
 def _create(image: str, name: str, pool: str | None, config: list[str], start: bool,
             wait: bool = False) -> None:
-    from runtime.config import parse_assignments
+    from migrator.runtime.config import parse_assignments
 
     c = _ctx().containers
     t = time.monotonic()
@@ -399,7 +399,7 @@ def config_set(
     commas), snapshots.schedule.stopped, snapshots.pattern (snap%d, auto-{date:%Y%m%d}),
     snapshots.expiry (1H 2d 3w 4m 1y), backups.schedule, backups.repo, backups.retention
     (keep-last=3,keep-daily=7), backups.incremental. Host defaults: `migrate config host`."""
-    from runtime.config import parse_assignments
+    from migrator.runtime.config import parse_assignments
 
     _ctx().containers.config_set(name, parse_assignments(assignments))
 

@@ -1,5 +1,5 @@
 """``migrate p2c SOURCE --to HOST NAME``: parse, wire the source, the target and the bars,
-render the inventory and the report. The pipeline is ``p2c.convert``."""
+render the inventory and the report. The pipeline is ``migrator.p2c.convert``."""
 
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def p2c_cmd(
 ) -> None:
     """Convert a running machine reached over SSH into a system container (inventory,
     transfer with a delta pass, fixups, first boot)."""
-    from p2c.convert import P2cOptions, convert
-    from p2c.pull import LocalAgent
-    from p2c.source import SourceMachine, SourceSpec
+    from migrator.p2c.convert import P2cOptions, convert
+    from migrator.p2c.pull import LocalAgent
+    from migrator.p2c.source import SourceMachine, SourceSpec
 
     h = _ctx().host
     spec = SourceSpec.parse(source)

@@ -13,7 +13,7 @@ import typer
 
 from migrator.cli.context import _ctx
 from migrator.cli.render import Format, render
-from migrator.errors import InvalidInput, JobsFailed
+from migrator.core.errors import InvalidInput, JobsFailed
 
 schedule_app = typer.Typer(
     help="Automatic snapshots and backups from the snapshots.* and backups.* keys "
@@ -56,7 +56,7 @@ def _parse_now(text: str | None) -> float | None:
 
 
 def _scheduler() -> Any:
-    from backup.scheduler import Scheduler
+    from migrator.backup.scheduler import Scheduler
 
     return Scheduler(_ctx().containers)
 
@@ -147,8 +147,8 @@ def install_cmd(
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Run `schedule tick` nightly: a systemd timer where systemd runs, else a cron entry."""
-    from backup.schedule_install import install
-    from runtime.host import root_from_env
+    from migrator.backup.schedule_install import install
+    from migrator.runtime.host import root_from_env
 
     r = install(root_from_env(_ctx().root), kind, on_calendar, cron, jitter, unit_dir,
                 cron_dir, dry_run)
@@ -172,8 +172,8 @@ def _check_schedule_key(key: str) -> None:
 @host_config_app.command("set")
 def host_set(assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")) -> None:
     """Set host defaults, e.g. `snapshots.schedule=@daily snapshots.expiry=2w`."""
-    from backup.scheduler import DEFAULTS_PREFIX
-    from runtime.config import parse_assignments
+    from migrator.backup.scheduler import DEFAULTS_PREFIX
+    from migrator.runtime.config import parse_assignments
 
     values = parse_assignments(assignments)
     for k in values:
@@ -187,7 +187,7 @@ def host_set(assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")) 
 @host_config_app.command("unset")
 def host_unset(keys: list[str]) -> None:
     """Remove host defaults."""
-    from backup.scheduler import DEFAULTS_PREFIX
+    from migrator.backup.scheduler import DEFAULTS_PREFIX
 
     state = _ctx().host.state
     with state.transaction():
@@ -199,7 +199,7 @@ def host_unset(keys: list[str]) -> None:
 @host_config_app.command("show")
 def host_show(fmt: Format = FORMAT_OPT) -> None:
     """Show the host defaults."""
-    from backup.scheduler import host_defaults
+    from migrator.backup.scheduler import host_defaults
 
     d = host_defaults(_ctx().host.state)
     if fmt == Format.json:

@@ -85,8 +85,8 @@ def copy_cmd(
     between pools of the same driver, rsync otherwise. A running container is copied from
     a snapshot taken while it is briefly frozen.
     """
-    from migrator.copy import copy_container
-    from migrator.remote import RemoteCopy, split_ref
+    from migrator.pipelines.copy import copy_container
+    from migrator.pipelines.remote_copy import RemoteCopy, split_ref
 
     src_host, src_name = split_ref(source)
     dst_host, dst_name = split_ref(target)
@@ -96,7 +96,7 @@ def copy_cmd(
                   allow_privileged)
             return
         if dst_host == src_host:
-            from migrator.errors import InvalidInput
+            from migrator.core.errors import InvalidInput
 
             raise InvalidInput("a copy within another host runs on that host",
                                f"run `migrate copy {src_name} {dst_name}` on {src_host}")
@@ -144,7 +144,7 @@ def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bo
     from types import SimpleNamespace
 
     from migrator.cli.hosts import transport_for
-    from migrator.remote import pull_copy
+    from migrator.pipelines.remote_copy import pull_copy
 
     with Bars() as bars, transport_for(src_host) as t:
         r = pull_copy(_ctx().containers, t, src, dst, pool, instance_only, refresh, compress,
@@ -174,16 +174,16 @@ def move_cmd(
     point leaves the container whole on its source pool. A running container is copied
     live, then stopped for a final sync and started on the new pool (downtime reported).
     """
-    from migrator.copy import move_container, rename_container
-    from migrator.errors import InvalidInput
-    from migrator.remote import move_to_host, split_ref
+    from migrator.core.errors import InvalidInput
+    from migrator.pipelines.copy import move_container, rename_container
+    from migrator.pipelines.remote_copy import move_to_host, split_ref
 
     if not pool and not new_name:
         raise InvalidInput("nothing to do", "give --pool P to move, or a NEW_NAME to rename")
     cts = _ctx().containers
     src_host, name = split_ref(name)
     if src_host is not None:
-        from migrator.errors import InvalidInput
+        from migrator.core.errors import InvalidInput
 
         raise InvalidInput(f"a move from {src_host} runs on {src_host}",
                            f"run `migrate move {name} ...` there, or pull a copy with "
@@ -211,7 +211,7 @@ def move_cmd(
 
 # volumes ---------------------------------------------------------------------------------
 def _volumes() -> Any:
-    from runtime.volumes import Volumes
+    from migrator.runtime.volumes import Volumes
 
     return Volumes(_ctx().containers)
 

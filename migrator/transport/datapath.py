@@ -33,7 +33,7 @@ from typing import Any
 
 import zstandard
 
-from migrator.errors import CallRefused, MigratorError
+from migrator.core.errors import CallRefused, MigratorError
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.frames import (
     DATA,

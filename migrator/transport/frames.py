@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from migrator.errors import NetworkError
+from migrator.core.errors import NetworkError
 
 JSON, DATA, END, LINK = b"J", b"D", b"E", b"L"
 MAX_JSON = 1 << 20

@@ -172,7 +172,7 @@ class LinkOffer:
             return s
 
         if netns:
-            from migrator.netns import call_in_netns
+            from migrator.core.netns import call_in_netns
 
             self.listener: socket.socket | None = call_in_netns(netns, listen)
         else:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from migrator import errors
+from migrator.core import errors
 from migrator.transport.frames import ProtocolError
 
 MAX_TEXT = 2000  # characters of a message or hint from the far side that are shown

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrator import errors
 from migrator.backends import VolumeRef
-from migrator.names import SnapshotName
+from migrator.core import errors
+from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import DataWriter, Reader, read_json, write_json
@@ -290,7 +290,7 @@ class PullScope:
             return {"removed": []}
         self.phase = "aborted"
         if not self.refresh:
-            from migrator.copy import undo_partial_target
+            from migrator.pipelines.copy import undo_partial_target
 
             undo_partial_target(cts, self.name, self.pool)  # unrecorded: the volume goes
             return {"removed": "volume"}

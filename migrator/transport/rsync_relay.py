@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migrator import errors
 from migrator.backends.generic import rsync_tree
+from migrator.core import errors
 from migrator.streams import ProgressMeter
 
 CHUNK = 1 << 20
@@ -172,7 +172,7 @@ def release_shim(conn: socket.socket, status: int) -> None:
     conn.close()
 
 
-# shared with p2c's pull (``p2c.pull``: the rsync client on the target, the sender on a
+# shared with p2c's pull (``migrator.p2c.pull``: the rsync client on the target, the sender on a
 # machine reached over SSH) ----------------------------------------------------------------
 @contextlib.contextmanager
 def shim_socket() -> Iterator[tuple[socket.socket, str]]:
@@ -215,7 +215,7 @@ def receive_pipes(conn: socket.socket) -> tuple[int, int, list[str]]:
 
 
 # What a sender run on another machine for our own pulling client may be asked: the
-# letters and options ``p2c.pull`` makes its client send, nothing that writes there
+# letters and options ``migrator.p2c.pull`` makes its client send, nothing that writes there
 # (--remove-source-files, --log-file...), and the source root only.
 _SENDER_LETTERS = set("lHogDtprAXSx")
 _SENDER_OPTIONS = {"--server", "--sender", "--numeric-ids", "-@-1"}

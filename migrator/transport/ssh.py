@@ -32,7 +32,7 @@ from typing import Any
 
 import paramiko
 
-from migrator import errors
+from migrator.core import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
@@ -103,7 +103,7 @@ class SshTransport:
     def _socket(self) -> socket.socket:
         try:
             if self.netns:
-                from migrator.netns import socket_in_netns
+                from migrator.core.netns import socket_in_netns
 
                 return socket_in_netns(self.netns, (self.address, self.port), self.timeout)
             return socket.create_connection((self.address, self.port), self.timeout)
@@ -365,7 +365,7 @@ def inventory_transport(host: Any, name: str, accept_host_key: bool = False,
     """An (unconnected) transport to inventory host ``name`` of ``host`` (a runtime Host):
     its address, login and agent command from the inventory, its key checked against the
     host's known_hosts, connecting from the host's network namespace."""
-    from migrator.names import ContainerName
+    from migrator.core.names import ContainerName
 
     rec = host.state.get_host(ContainerName(name))
     t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,

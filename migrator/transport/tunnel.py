@@ -34,7 +34,7 @@ from typing import Any
 
 import paramiko
 
-from migrator import errors
+from migrator.core import errors
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.containers import Containers
-from runtime.host import Host
-from runtime.images import ImageStore
-from runtime.teardown import teardown
+from migrator.runtime.containers import Containers
+from migrator.runtime.host import Host
+from migrator.runtime.images import ImageStore
+from migrator.runtime.teardown import teardown
 from tests.conftest import IN_CI
 
 TEST_BASE = Path("/var/tmp/migrator-tests")
@@ -97,7 +97,7 @@ def image_cache() -> Path:
     finally:
         h.close()
         shutil.rmtree(root, ignore_errors=True)
-    from runtime.images import cache_dir
+    from migrator.runtime.images import cache_dir
 
     return cache_dir()
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from backup.create import create_backup
-from backup.repository import Repository
-from backup.restore import restore_backup
-from backup.verify import verify_backup
 from migrator.backends import VolumeRef
-from migrator.errors import AlreadyExists, BackupError, CorruptBackup, UnsafeArchive
+from migrator.backup.create import create_backup
+from migrator.backup.repository import Repository
+from migrator.backup.restore import restore_backup
+from migrator.backup.verify import verify_backup
+from migrator.core.errors import AlreadyExists, BackupError, CorruptBackup, UnsafeArchive
 from tests.integration.treecmp import populate, signature
 
 
@@ -287,7 +287,7 @@ def test_second_writer_waits_then_is_refused_naming_the_holder(host, monkeypatch
          str(repo.path / "lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        monkeypatch.setattr("backup.repository.LOCK_WAIT", 1.0)
+        monkeypatch.setattr("migrator.backup.repository.LOCK_WAIT", 1.0)
         t0 = time.monotonic()
         with pytest.raises(BackupError, match=f"locked by another writer \\(pid {holder.pid}\\)"):
             create_backup(host.cts, "bk1-lock", repo)
@@ -308,7 +308,7 @@ def test_failed_backup_leaves_nothing_and_next_writer_clears_debris(host, monkey
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise BackupError("disk went away")
 
-    monkeypatch.setattr("backup.create._write_native", boom)
+    monkeypatch.setattr("migrator.backup.create._write_native", boom)
     with pytest.raises(BackupError, match="disk went away"):
         create_backup(host.cts, "bk1-fail", repo, optimized=True)
     assert os.listdir(repo.path / "backups") == []  # debris and the partial backup gone
@@ -472,8 +472,8 @@ def test_unprivileged_debian_round_trip_leaves_dev_to_lxc(make_host) -> None:  #
 
 _DIE_AT = """
 import os, signal, sys
-from runtime.containers import Containers
-from runtime.lxc import LxcDriver
+from migrator.runtime.containers import Containers
+from migrator.runtime.lxc import LxcDriver
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.testhosts import TestHostSpec
+from testrigs.testhosts import TestHostSpec
 from tests.integration.test_remote import MIGRATE, b_in_inventory, host_pair, m, rootfs
 from tests.integration.treecmp import signature
 

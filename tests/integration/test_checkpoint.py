@@ -24,8 +24,8 @@ import pytest
 
 from migrator.checkpoint import LxcCheckpointer, images_dir, remove_images_dir
 from migrator.checkpoint.lxc import container_tasks
-from migrator.errors import CheckpointError
-from migrator.netns import call_in_netns, socket_in_netns
+from migrator.core.errors import CheckpointError
+from migrator.core.netns import call_in_netns, socket_in_netns
 from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from migrator.copy import copy_container, move_container, rename_container
-from migrator.errors import InvalidState, MigratorError, NoSpace
+from migrator.core.errors import InvalidState, MigratorError, NoSpace
+from migrator.pipelines.copy import copy_container, move_container, rename_container
 from tests.integration.treecmp import signature
 
 

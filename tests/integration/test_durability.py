@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from migrator.backends import VolumeRef
-from runtime.testhosts import TestHostSpec
+from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
 from tests.integration.test_live import WORKLOAD, assert_kept_memory, launch_counting
 from tests.integration.test_remote import host_pair
@@ -412,7 +412,7 @@ def test_recover_keeps_both_when_the_source_is_not_whole(host) -> None:  # type:
     """An interrupted move (journaled ``copy``, a dead owner) whose source lost a snapshot
     on disk: recover must not remove the partial target, the only other copy; once the
     source is whole again it rolls back as before."""
-    from runtime.state import OperationRecord
+    from migrator.runtime.state import OperationRecord
 
     th = host
     th.cli("create", "busybox", "r1", "-p", "dir", check=True)

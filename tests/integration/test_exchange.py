@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runtime.idmap import default_idmap
+from migrator.runtime.idmap import default_idmap
 from tests.integration.conftest import MIGRATE
 from tests.integration.treecmp import populate, signature
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from migrator import errors, proc
+from migrator.core import errors, proc
 from migrator.streams import SendStream
 from migrator.transport import link, ssh, tunnel
 from migrator.transport.ssh import SshTransport
-from runtime import testhosts
-from runtime.testhosts import TestHostSpec
+from testrigs import testhosts
+from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
 
 BASE = Path("/var/tmp/migrator-tests/fast-link")

@@ -19,9 +19,9 @@ import pytest
 
 from migrator.agent import Agent, serve
 from migrator.backends import VolumeRef
-from migrator.errors import CorruptBackup, InvalidInput
+from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.runtime.config import ConfigRefused
 from migrator.transport.frames import read_json, write_json
-from runtime.config import ConfigRefused
 
 
 def lxc_configs(th) -> dict[str, bytes]:  # type: ignore[no-untyped-def]

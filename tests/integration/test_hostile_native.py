@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import yaml
 
-from backup.create import create_backup
-from backup.repository import Repository
-from backup.restore import restore_backup
 from migrator.backends import VolumeRef
-from migrator.errors import MigratorError, UnsafeArchive
+from migrator.backup.create import create_backup
+from migrator.backup.repository import Repository
+from migrator.backup.restore import restore_backup
+from migrator.core.errors import MigratorError, UnsafeArchive
+from migrator.runtime.idmap import default_idmap
 from migrator.streams import SendStream
-from runtime.idmap import default_idmap
 from tests.integration.conftest import TEST_BASE
 from tests.integration.test_exchange import host_state
 from tests.integration.treecmp import signature

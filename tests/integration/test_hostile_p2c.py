@@ -1,6 +1,6 @@
 """A hostile p2c machine: a link planted at every path the fixups write, through p2c_finish.
 
-The received tree is made by hand in the volume ``p2c.target.prepare_volume`` gives (what
+The received tree is made by hand in the volume ``migrator.p2c.target.prepare_volume`` gives (what
 rsync would have filled), then the agent's ``finish`` runs on a real test host: fixups,
 report, uid shift and record. Links aimed at a canary directory standing for the host's
 /etc must change nothing there; with the links at the leaves the conversion completes with
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from migrator.errors import InvalidInput
-from p2c.target import finish, prepare_volume
+from migrator.core.errors import InvalidInput
+from migrator.p2c.target import finish, prepare_volume
 from tests.integration.conftest import TEST_BASE
 
 LEAVES = ["etc/fstab.p2c-orig", "etc/network/interfaces.p2c-orig",

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from runtime.testhosts import TestHostSpec
+from testrigs.testhosts import TestHostSpec
 from tests.integration.test_remote import host_pair, m
 from tests.integration.treecmp import signature
 

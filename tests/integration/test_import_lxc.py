@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from migrator.backends import VolumeRef
-from migrator.copy import move_container
-from runtime.images import recipe_key
+from migrator.pipelines.copy import move_container
+from migrator.runtime.images import recipe_key
 from tests.integration.conftest import TEST_BASE
 from tests.integration.treecmp import signature
 
@@ -288,7 +288,7 @@ def test_debian_from_lxc_local_unprivileged_boots_snapshots_and_moves(host, lxcp
 
 KILLED_IN_VERIFY = """
 import os, sys
-import p2c.lxcimport as li
+import migrator.adopt.from_lxc as li
 li.verify_trees = lambda *a, **k: os._exit(9)  # the process dies between copy and record
 sys.argv = ["migrate", *sys.argv[1:]]
 from migrator.cli.main import main

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from migrator import errors
-from runtime.testhosts import TestHostSpec
+from migrator.core import errors
+from testrigs.testhosts import TestHostSpec
 from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
 
 BASE = Path("/var/tmp/migrator-tests/live")
@@ -175,10 +175,10 @@ def test_evacuation_and_dry_run(hosts, counter_bin) -> None:  # type: ignore[no-
 # faults ----------------------------------------------------------------------------------
 def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
     """Run the pipeline in this process (so a test can break it at a chosen point)."""
-    from migrator.live import live_migrate
+    from migrator.pipelines.live import live_migrate
+    from migrator.runtime.containers import Containers
+    from migrator.runtime.host import Host
     from migrator.transport.ssh import SshTransport
-    from runtime.containers import Containers
-    from runtime.host import Host
 
     host = Host(a.root)
     cts = Containers(host)
@@ -249,7 +249,7 @@ def test_agent_killed_during_image_transfer(hosts, counter_bin, monkeypatch) -> 
 
 
 def test_link_cut_during_final_sync(hosts, counter_bin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from migrator.remote import RemoteCopy
+    from migrator.pipelines.remote_copy import RemoteCopy
 
     a, b = hosts
     before = launch_counting(a, counter_bin, "f2")
@@ -330,7 +330,7 @@ def test_target_pool_full_is_refused_before_freezing(hosts, counter_bin) -> None
 def test_client_killed_after_the_dump_is_recovered(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
     """The migrating process dies with the source stopped by CRIU: `migrate operations`
     shows the interrupted migration and `migrate recover` resumes the source from memory."""
-    from runtime.state import StateStore
+    from migrator.runtime.state import StateStore
 
     a, b = hosts
     before = launch_counting(a, counter_bin, "f6", mb=256)

@@ -1,7 +1,7 @@
 """``migrate p2c`` against a real machine the runtime did not make.
 
 Two test hosts (``mt9-a``, ``mt9-b``) and a debootstrapped Debian "physical machine" on the
-same switch (``p2c.testmachine``: its own network, mount and PID namespaces, an ext4 root
+same switch (``testrigs.testmachine``: its own network, mount and PID namespaces, an ext4 root
 disk, a btrfs disk at /srv/archive holding one file on a bad sector, sshd and a web page).
 Host a's CLI converts the machine into a container on host b.
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from p2c import testmachine
-from p2c.testmachine import BAD_FILE, WEB_PAGE, TestMachine, http_get
-from runtime.testhosts import TestHostSpec
+from testrigs import testmachine
+from testrigs.testhosts import TestHostSpec
+from testrigs.testmachine import BAD_FILE, WEB_PAGE, TestMachine, http_get
 from tests.integration.test_remote import host_pair
 
 BASE = Path("/var/tmp/migrator-tests/p2c")

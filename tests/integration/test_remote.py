@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import testhosts
-from runtime.testhosts import TestHostSpec
+from testrigs import testhosts
+from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
 from tests.integration.treecmp import signature
 
@@ -271,8 +271,8 @@ def test_negotiation_uses_the_measured_link(hosts) -> None:  # type: ignore[no-u
     """host check measures the direct link and stores the rate; copies then pick their
     compression from it, say so with -v and keep it with the operation; --data-link ssh
     keeps the data on the SSH channel."""
-    from migrator.remote import ZSTD_RATE
-    from runtime.state import StateStore
+    from migrator.pipelines.remote_copy import ZSTD_RATE
+    from migrator.runtime.state import StateStore
 
     a, b = hosts
     _rc, out, _e = m(a, "host", "check", "b", "--probe-mib", "64", "--format", "json")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.testhosts import TestHostSpec
+from testrigs.testhosts import TestHostSpec
 from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
 
 BASE = Path("/var/tmp/migrator-tests/remote-faults")

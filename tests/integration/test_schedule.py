@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from backup.repository import Repository
-from backup.scheduler import Scheduler
+from migrator.backup.repository import Repository
+from migrator.backup.scheduler import Scheduler
 
 MONTH_START = datetime(2026, 3, 1, 0, 30)
 
@@ -132,7 +132,7 @@ def test_a_simulated_month(host, utc, tiny_repo) -> None:  # type: ignore[no-unt
 
 
 def test_ticks_do_not_overlap(host) -> None:  # type: ignore[no-untyped-def]
-    from backup.scheduler import tick_lock
+    from migrator.backup.scheduler import tick_lock
 
     with tick_lock(host.root):
         r = host.cli("schedule", "tick")

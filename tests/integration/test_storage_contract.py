@@ -12,10 +12,10 @@ import itertools
 import pytest
 
 from migrator.backends import VolumeRef
-from migrator.errors import StorageError
-from migrator.names import SnapshotName
+from migrator.core.errors import StorageError
+from migrator.core.names import SnapshotName
+from migrator.pipelines.transfer import SnapInfo, execute, negotiate, plan_transfer
 from migrator.streams import ProgressMeter
-from migrator.transfer import SnapInfo, execute, negotiate, plan_transfer
 from tests.integration.treecmp import allocated, populate, signature
 
 DRIVERS = ["dir", "btrfs", "zfs"]

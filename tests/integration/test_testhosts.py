@@ -16,10 +16,10 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from migrator import proc
-from migrator.netns import socket_in_netns
-from runtime import testhosts
-from runtime.testhosts import TestHostSpec
+from migrator.core import proc
+from migrator.core.netns import socket_in_netns
+from testrigs import testhosts
+from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
 
 BASE = Path("/var/tmp/migrator-tests/testhosts")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from migrator.errors import InvalidInput, InvalidState
-from runtime.volumes import Volumes
+from migrator.core.errors import InvalidInput, InvalidState
+from migrator.runtime.volumes import Volumes
 from tests.integration.treecmp import signature
 
 

@@ -22,7 +22,7 @@ import pytest
 from migrator.backends import StorageBackend, VolumeRef
 from migrator.backends import zfs as zfs_driver
 from migrator.backends.zfs import ZfsBackend, daemon_running
-from migrator.errors import (
+from migrator.core.errors import (
     AlreadyExists,
     InvalidInput,
     InvalidState,
@@ -30,10 +30,10 @@ from migrator.errors import (
     NoSpace,
     StorageError,
 )
-from migrator.names import SnapshotName
+from migrator.core.names import SnapshotName
+from migrator.runtime.host import Host
+from migrator.runtime.teardown import teardown
 from migrator.streams import ProgressEvent, ProgressMeter, SendStream
-from runtime.host import Host
-from runtime.teardown import teardown
 from tests.conftest import IN_CI
 from tests.integration.conftest import TEST_BASE
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backup.delta import Manifest, decode_paths, diff, encode_paths, remove_paths, scan
-from migrator.errors import CorruptBackup, UnsafeArchive
+from migrator.backup.delta import Manifest, decode_paths, diff, encode_paths, remove_paths, scan
+from migrator.core.errors import CorruptBackup, UnsafeArchive
 
 
 def tree(root: Path) -> None:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from backup.model import BackupIndex, PartInfo, SnapshotInfo, parse_compression, valid_id
-from backup.repository import new_backup_id
-from migrator.errors import CorruptBackup, InvalidInput
+from migrator.backup.model import BackupIndex, PartInfo, SnapshotInfo, parse_compression, valid_id
+from migrator.backup.repository import new_backup_id
+from migrator.core.errors import CorruptBackup, InvalidInput
 
 BID = "web-1-20260101T120000Z-abc123"
 PARENT = "web-1-20251231T120000Z-0a0b0c"

@@ -1,4 +1,4 @@
-"""backup.parts: a part never decompresses past the raw size its index declares.
+"""migrator.backup.parts: a part never decompresses past the raw size its index declares.
 
 The repository is a stand-in that hands out the part's bytes (pure logic: no backend runs).
 """
@@ -12,9 +12,9 @@ import os
 import pytest
 import zstandard
 
-from backup.model import PartInfo
-from backup.parts import PartStream, open_decompressed, read_small
-from migrator.errors import CorruptBackup
+from migrator.backup.model import PartInfo
+from migrator.backup.parts import PartStream, open_decompressed, read_small
+from migrator.core.errors import CorruptBackup
 
 BOMB = zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20))  # 64 MiB of zeros
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backup.remote import check_path, parse_url
-from backup.repository import valid_part_path
-from migrator.errors import InvalidInput
+from migrator.backup.remote import check_path, parse_url
+from migrator.backup.repository import valid_part_path
+from migrator.core.errors import InvalidInput
 
 
 def test_urls() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from backup.model import BackupIndex, PartInfo
-from backup.parts import PartStream, read_small, store, store_bytes
-from backup.repository import Repository, new_backup_id
-from backup.verify import check_backup
-from migrator.errors import BackupError, CorruptBackup, NotFound
+from migrator.backup.model import BackupIndex, PartInfo
+from migrator.backup.parts import PartStream, read_small, store, store_bytes
+from migrator.backup.repository import Repository, new_backup_id
+from migrator.backup.verify import check_backup
+from migrator.core.errors import BackupError, CorruptBackup, NotFound
 
 
 def make_backup(repo: Repository, data: bytes = b"x" * 100_000,

@@ -1,4 +1,4 @@
-"""runtime.config (LXD-style keys) and runtime.host.parse_size."""
+"""migrator.runtime.config (LXD-style keys) and migrator.runtime.host.parse_size."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from migrator.errors import InvalidInput
-from runtime import config as cfg
-from runtime.host import parse_size
+from migrator.core.errors import InvalidInput
+from migrator.runtime import config as cfg
+from migrator.runtime.host import parse_size
 
 
 # booleans -------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_privilege_of_agrees_with_its_source() -> None:
 
 
 def test_an_lxd_exports_config_keeps_only_what_passes_the_gate() -> None:
-    from backup.lxdformat import convert_config
+    from migrator.exchange.lxdformat import convert_config
 
     conf, dropped = convert_config({
         "user.user-data": "#cloud-config\npackages: [x]", "user.ok": "fine",

@@ -1,11 +1,11 @@
-"""migrator.errors: one distinct exit code per error class, readable CommandFailed messages."""
+"""migrator.core.errors: one distinct exit code per error class, readable CommandFailed messages."""
 
 from __future__ import annotations
 
 import pytest
 
-from migrator import errors
-from migrator.errors import ALL_ERRORS, CommandFailed, MigratorError
+from migrator.core import errors
+from migrator.core.errors import ALL_ERRORS, CommandFailed, MigratorError
 
 
 def test_base_error_exit_code_is_one() -> None:

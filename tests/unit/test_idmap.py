@@ -1,4 +1,5 @@
-"""runtime.idmap: subordinate id ranges and on-disk uid shifting (plain files in tmp_path)."""
+"""migrator.runtime.idmap: subordinate id ranges and on-disk uid shifting (plain files in
+tmp_path)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import InvalidInput, MissingDependency
-from runtime import idmap
-from runtime.idmap import IdMap, default_idmap, parse_subid, shift_tree
+from migrator.core.errors import InvalidInput, MissingDependency
+from migrator.runtime import idmap
+from migrator.runtime.idmap import IdMap, default_idmap, parse_subid, shift_tree
 
 DELTA = 100000
 UNDEF = 0xFFFFFFFF

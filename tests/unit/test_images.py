@@ -1,4 +1,5 @@
-"""runtime.images: archive validation on tarballs built in tmp_path, and import end to end."""
+"""migrator.runtime.images: archive validation on tarballs built in tmp_path, and import end to
+end."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 import yaml
 import zstandard
 
-from migrator.errors import ImageError, InvalidInput, NotFound
-from runtime.images import ImageStore, validate_archive
-from runtime.state import StateStore
+from migrator.core.errors import ImageError, InvalidInput, NotFound
+from migrator.runtime.images import ImageStore, validate_archive
+from migrator.runtime.state import StateStore
 
 METADATA = {
     "architecture": "x86_64",
@@ -448,7 +449,7 @@ def test_import_reads_the_file_once_so_a_swap_changes_nothing(
             os.replace(evil, good)
         return fd
 
-    monkeypatch.setattr("runtime.images.os.open", open_then_swap)
+    monkeypatch.setattr("migrator.runtime.images.os.open", open_then_swap)
     rec = store.import_file(good, "x")
     assert opened == [str(good)]
     assert rec.fingerprint == fp
@@ -479,7 +480,7 @@ def test_only_the_standard_devices_pass(tmp_path: Path, entries: list[Entry],
 
 def test_unpack_itself_goes_through_the_guard(tmp_path: Path) -> None:
     # not only the check before it: the unpack refuses on its own, and tar never sees it
-    from runtime.images import unpack
+    from migrator.runtime.images import unpack
 
     out = tmp_path / "outside"
     out.mkdir()

@@ -1,4 +1,5 @@
-"""runtime.inroot: paths resolve inside the root, links are replaced, never written through.
+"""migrator.runtime.inroot: paths resolve inside the root, links are replaced, never written
+through.
 
 Every test runs twice: through openat2(RESOLVE_IN_ROOT) and through the O_NOFOLLOW walk used
 on kernels without it.
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import InvalidInput
-from runtime import inroot
-from runtime.inroot import RootDir
+from migrator.core.errors import InvalidInput
+from migrator.runtime import inroot
+from migrator.runtime.inroot import RootDir
 
 
 @pytest.fixture(params=["openat2", "walk"], autouse=True)

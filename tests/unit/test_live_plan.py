@@ -1,12 +1,12 @@
-"""Checkpoint mode choice for live migration (pure logic of migrator.live)."""
+"""Checkpoint mode choice for live migration (pure logic of migrator.pipelines.live)."""
 
 from __future__ import annotations
 
 import pytest
 
 from migrator.checkpoint.base import Features
-from migrator.errors import CheckpointError, InvalidInput
-from migrator.live import choose_mode
+from migrator.core.errors import CheckpointError, InvalidInput
+from migrator.pipelines.live import choose_mode
 
 LAZY = Features("4.1.1", lazy_pages=True, pre_dump=False,
                 pre_dump_reason="kernel has no soft-dirty tracking")

@@ -1,4 +1,4 @@
-"""runtime.lxc.render_config: the LXC config text (pure; no lxc-* command runs)."""
+"""migrator.runtime.lxc.render_config: the LXC config text (pure; no lxc-* command runs)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import InvalidInput
-from runtime.idmap import IdMap
-from runtime.lxc import (
+from migrator.core.errors import InvalidInput
+from migrator.runtime.idmap import IdMap
+from migrator.runtime.lxc import (
     PRIVILEGED_DEVICES,
     ContainerSpec,
     LxcDriver,
@@ -18,7 +18,7 @@ from runtime.lxc import (
     hwaddr,
     render_config,
 )
-from runtime.network import NetworkConfig, parse_subnet
+from migrator.runtime.network import NetworkConfig, parse_subnet
 
 NET = NetworkConfig(netns="h1", bridge="migbr0", address=parse_subnet("192.0.2.1/24"))
 

@@ -1,4 +1,5 @@
-"""p2c.lxcimport: the pure parts (LXC config parsing, legacy keys, includes, conversion)."""
+"""migrator.adopt.from_lxc: the pure parts (LXC config parsing, legacy keys, includes,
+conversion)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import InvalidInput
-from p2c.lxcimport import (
+from migrator.adopt.from_lxc import (
     DIST_CONFIG_DIR,
     convert_config,
     detect_image,
@@ -17,6 +17,7 @@ from p2c.lxcimport import (
     parse_cpuset,
     read_config,
 )
+from migrator.core.errors import InvalidInput
 
 BUSYBOX = """\
 # Template used to create this container: /usr/share/lxc/templates/lxc-busybox

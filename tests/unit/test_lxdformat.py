@@ -1,4 +1,5 @@
-"""backup.lxdformat: the pure parts (index parsing, config conversion, compression sniffing)."""
+"""migrator.exchange.lxdformat: the pure parts (index parsing, config conversion, compression
+sniffing)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import yaml
 import zstandard
 
-from backup.lxdformat import BackupFormatError, convert_config, open_archive, parse_index
-from migrator.errors import CorruptBackup, InvalidInput, UnsafeArchive
+from migrator.core.errors import CorruptBackup, InvalidInput, UnsafeArchive
+from migrator.exchange.lxdformat import BackupFormatError, convert_config, open_archive, parse_index
 from migrator.streams import ProgressMeter
 
 
@@ -100,7 +101,7 @@ def test_a_cut_compressed_stream_is_corrupt(compress) -> None:  # type: ignore[n
 
 
 def test_disk_idmap_round_trips_through_lxds_key() -> None:
-    from backup.lxdformat import disk_shift, lxd_idmap
+    from migrator.exchange.lxdformat import disk_shift, lxd_idmap
 
     assert disk_shift({"volatile.last_state.idmap": lxd_idmap(100000)}) == 100000
     assert lxd_idmap(0) == "[]"
@@ -131,7 +132,7 @@ def test_disk_idmap_round_trips_through_lxds_key() -> None:
      '{"Isuid":true,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "one range"),
 ])
 def test_an_archives_idmap_must_be_one_sane_range(claimed: str, why: str) -> None:
-    from backup.lxdformat import disk_shift
+    from migrator.exchange.lxdformat import disk_shift
 
     with pytest.raises(UnsafeArchive, match=why):
         disk_shift({"volatile.last_state.idmap": claimed})

@@ -1,11 +1,11 @@
-"""migrator.names: names validated once, at the edge."""
+"""migrator.core.names: names validated once, at the edge."""
 
 from __future__ import annotations
 
 import pytest
 
-from migrator.errors import InvalidInput
-from migrator.names import (
+from migrator.core.errors import InvalidInput
+from migrator.core.names import (
     ContainerName,
     ImageAlias,
     PoolName,

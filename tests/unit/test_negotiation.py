@@ -1,11 +1,16 @@
-"""Link and compression choice between two hosts (pure logic of migrator.remote)."""
+"""Link and compression choice between two hosts (pure logic of migrator.pipelines.remote_copy)."""
 
 from __future__ import annotations
 
 import pytest
 
-from migrator.errors import InvalidInput
-from migrator.remote import ZSTD_RATE, choose_compression, choose_link, negotiate_session
+from migrator.core.errors import InvalidInput
+from migrator.pipelines.remote_copy import (
+    ZSTD_RATE,
+    choose_compression,
+    choose_link,
+    negotiate_session,
+)
 
 NEW = {"compressors": ["none", "zstd"], "links": ["ssh", "tcp"]}
 OLD = {"compressors": ["none", "zstd"]}  # an agent from before the direct link

@@ -1,4 +1,4 @@
-"""runtime.network: subnet parsing, address allocation, interface names (no namespaces)."""
+"""migrator.runtime.network: subnet parsing, address allocation, interface names (no namespaces)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from migrator.errors import InvalidInput, NetworkError
-from runtime import network
-from runtime.network import NetworkConfig, allocate_ipv4, parse_subnet, validate_ifname
+from migrator.core.errors import InvalidInput, NetworkError
+from migrator.runtime import network
+from migrator.runtime.network import NetworkConfig, allocate_ipv4, parse_subnet, validate_ifname
 
 
 def net(subnet: str) -> NetworkConfig:

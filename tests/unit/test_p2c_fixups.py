@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import InvalidInput
-from migrator.transport.rsync_relay import sender_args
-from p2c.fixups import (
+from migrator.core.errors import InvalidInput
+from migrator.p2c.fixups import (
     NetworkPlan,
     append_report,
     apply_all,
@@ -19,8 +18,9 @@ from p2c.fixups import (
     mask_units,
     write_report,
 )
-from p2c.pull import check_rules, drop_unreadable, parse_rsync_errors, parse_stats
-from runtime import inroot
+from migrator.p2c.pull import check_rules, drop_unreadable, parse_rsync_errors, parse_stats
+from migrator.runtime import inroot
+from migrator.transport.rsync_relay import sender_args
 
 FSTAB = """\
 # /etc/fstab: static file system information.
@@ -111,7 +111,7 @@ def test_network_dhcp_and_no_networkd_file_when_unused(tmp_path: Path) -> None:
 
 @pytest.fixture(params=["openat2", "walk"])
 def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways runtime.inroot resolves paths: openat2 and the O_NOFOLLOW walk."""
+    """Both ways migrator.runtime.inroot resolves paths: openat2 and the O_NOFOLLOW walk."""
     monkeypatch.setattr(inroot, "_use_openat2", request.param == "openat2")
     return str(request.param)
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from migrator.errors import InvalidInput
-from p2c.inventory import (
+from migrator.core.errors import InvalidInput
+from migrator.p2c.inventory import (
     check_excludes,
     exclude_rules,
     init_name,
@@ -20,7 +20,7 @@ from p2c.inventory import (
     parse_wants_links,
     rsync_pattern,
 )
-from p2c.source import SourceSpec
+from migrator.p2c.source import SourceSpec
 
 OS_RELEASE = '''PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"
 NAME="Debian GNU/Linux"

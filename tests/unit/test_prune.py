@@ -1,4 +1,5 @@
-"""backup.prune: retention on a synthetic calendar (PBS semantics, see the module docstring).
+"""migrator.backup.prune: retention on a synthetic calendar (PBS semantics, see the module
+docstring).
 
 The calendar: one backup a day at 03:00 UTC from 2025-01-01 for 400 days (the last one on
 Wednesday 2026-02-04), plus six more on that last day at 04:00..09:00. Expected sets are
@@ -11,8 +12,8 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
-from backup.prune import PruneItem, RetentionPolicy, plan_prune
-from migrator.errors import InvalidInput
+from migrator.backup.prune import PruneItem, RetentionPolicy, plan_prune
+from migrator.core.errors import InvalidInput
 
 FIRST_DAY = date(2025, 1, 1)
 LAST_DAY = date(2026, 2, 4)

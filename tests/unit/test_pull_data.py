@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from migrator import errors
 from migrator.agent import _tar_checker
+from migrator.core import errors
 from migrator.transport.datapath import FrameStream
 from migrator.transport.frames import DATA, pack, write_end, write_link
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from migrator import errors
+from migrator.core import errors
 from migrator.transport.frames import read_json
 from migrator.transport.reverse import PullScope, answer_call
 
@@ -245,10 +245,10 @@ def test_undo_before_any_data_touches_nothing() -> None:
 
 
 def test_undo_of_a_new_copy_removes_its_volume(monkeypatch: pytest.MonkeyPatch) -> None:
-    import migrator.copy
+    import migrator.pipelines.copy
 
     undone: list[tuple[str, str]] = []
-    monkeypatch.setattr(migrator.copy, "undo_partial_target",
+    monkeypatch.setattr(migrator.pipelines.copy, "undo_partial_target",
                         lambda cts, name, pool: undone.append((name, pool)))
     scope = new_scope()
     run(scope, [receive("s0", first=True)])

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from migrator import errors
+from migrator.core import errors
 from migrator.transport.frames import ProtocolError, write_json
 from migrator.transport.replies import clean_text, copy_result, parse_reply, remote_error
 from migrator.transport.ssh import SshTransport

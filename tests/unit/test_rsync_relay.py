@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.errors import InvalidInput
+from migrator.core.errors import InvalidInput
 from migrator.transport.rsync_relay import server_args
 
 REAL = ["rsync", "--server", "-lHogDtpAXrSe.LsfxCIvu", "--delete", "--stats", "-@-1",

@@ -1,4 +1,4 @@
-"""backup.safety: every rule refuses its own crafted archive, with its own message.
+"""migrator.targuard: every rule refuses its own crafted archive, with its own message.
 
 Archives are built in memory with tarfile; a few come from GNU tar itself (sparse files,
 long names, hard links), because that is what backups and imports really contain.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from backup.safety import TarGuard, TarRules, check_tar
-from migrator.errors import CorruptBackup, UnsafeArchive
+from migrator.core.errors import CorruptBackup, UnsafeArchive
+from migrator.targuard import TarGuard, TarRules, check_tar
 
 Entry = tuple[str, bytes, dict[str, object]]  # name, type, TarInfo attributes
 
@@ -346,7 +346,7 @@ def test_gnu_tar_info_reads_names_as_gnu_tar_does() -> None:
     hidden = _with_header(data, 0, {345: b"innocent\0"})
     with tarfile.open(fileobj=io.BytesIO(hidden)) as t:
         assert t.getnames() == ["innocent/etc/passwd"]  # Python's reading
-    from backup.safety import GnuTarInfo
+    from migrator.targuard import GnuTarInfo
 
     with tarfile.open(fileobj=io.BytesIO(hidden), tarinfo=GnuTarInfo) as t:
         assert t.getnames() == ["etc/passwd"]  # GNU tar's, and the checker's

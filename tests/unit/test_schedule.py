@@ -6,10 +6,10 @@ from datetime import datetime
 
 import pytest
 
-from backup.scheduler import SchedulerState, due_jobs, effective, jitter_offset, next_after
-from migrator.errors import InvalidInput
-from runtime.config import validate
-from runtime.schedule_keys import expiry_after, parse_schedule, render_pattern
+from migrator.backup.scheduler import SchedulerState, due_jobs, effective, jitter_offset, next_after
+from migrator.core.errors import InvalidInput
+from migrator.runtime.config import validate
+from migrator.runtime.schedule_keys import expiry_after, parse_schedule, render_pattern
 
 
 def ts(text: str) -> float:

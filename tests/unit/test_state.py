@@ -1,4 +1,4 @@
-"""runtime.state.StateStore on a real SQLite file in tmp_path."""
+"""migrator.runtime.state.StateStore on a real SQLite file in tmp_path."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import AlreadyExists, NotFound, StateStoreError
-from runtime.state import (
+from migrator.core.errors import AlreadyExists, NotFound, StateStoreError
+from migrator.runtime.state import (
     SCHEMA_VERSION,
     ContainerRecord,
     ImageRecord,
@@ -358,7 +358,7 @@ def test_writes_visible_to_a_second_connection(tmp_path: Path, db: StateStore) -
 
 # schema 2: snapshot identity, custom volumes, attachments ------------------------------------
 def test_snapshot_uuid_assigned_and_kept(pooled: StateStore) -> None:
-    from runtime.state import ContainerRecord, SnapshotRecord
+    from migrator.runtime.state import ContainerRecord, SnapshotRecord
 
     pooled.add_container(ContainerRecord("c", "default", None, "10.0.0.2", {}))
     pooled.add_snapshot(SnapshotRecord("c", "s0", 1.0))
@@ -368,7 +368,12 @@ def test_snapshot_uuid_assigned_and_kept(pooled: StateStore) -> None:
 
 
 def test_rename_container_moves_snapshots_and_attachments(pooled: StateStore) -> None:
-    from runtime.state import AttachmentRecord, ContainerRecord, SnapshotRecord, VolumeRecord
+    from migrator.runtime.state import (
+        AttachmentRecord,
+        ContainerRecord,
+        SnapshotRecord,
+        VolumeRecord,
+    )
 
     pooled.add_container(ContainerRecord("old", "default", None, "10.0.0.2", {}))
     pooled.add_container(ContainerRecord("other", "default", None, "10.0.0.3", {}))
@@ -385,7 +390,7 @@ def test_rename_container_moves_snapshots_and_attachments(pooled: StateStore) ->
 
 
 def test_volume_move_cascades_to_snapshots_and_attachments(pooled: StateStore) -> None:
-    from runtime.state import (
+    from migrator.runtime.state import (
         AttachmentRecord,
         ContainerRecord,
         PoolRecord,
@@ -410,8 +415,8 @@ def test_volume_move_cascades_to_snapshots_and_attachments(pooled: StateStore) -
 
 
 def test_snapshot_wire_form_round_trips_and_is_checked() -> None:
-    from migrator.errors import InvalidInput
-    from runtime.state import SnapshotRecord
+    from migrator.core.errors import InvalidInput
+    from migrator.runtime.state import SnapshotRecord
 
     s = SnapshotRecord("c1", "auto-1", 100.5, {"limits.cpu": "1"}, 700.0, "u-1")
     assert SnapshotRecord.from_wire("c2", s.to_wire()) == \

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.errors import InvalidState
+from migrator.core.errors import InvalidState
+from migrator.pipelines.target_check import sample
+from migrator.pipelines.transfer import SnapInfo, negotiate, plan_transfer
 from migrator.streams import ProgressEvent, ProgressMeter
-from migrator.transfer import SnapInfo, negotiate, plan_transfer
-from migrator.verify import sample
 
 
 def snaps(*names: str) -> list[SnapInfo]:

@@ -1,4 +1,4 @@
-"""runtime.treecheck on real trees (device nodes need root, as every test here runs)."""
+"""migrator.runtime.treecheck on real trees (device nodes need root, as every test here runs)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from migrator.errors import UnsafeArchive
-from runtime.treecheck import TreePolicy, TreeReport, inspect_tree
+from migrator.core.errors import UnsafeArchive
+from migrator.runtime.treecheck import TreePolicy, TreeReport, inspect_tree
 
 BASE = 100000
 UNPRIV = TreePolicy(privileged=False, base=BASE)

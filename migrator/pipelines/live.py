@@ -1,0 +1,388 @@
+"""Live migration of running containers to another host with CRIU (``migrate live``).
+
+The pipeline, for one container, pushed from this host (the source) to a transport's host:
+
+1. check: CRIU and its features on both hosts pick the checkpoint mode (post-copy where both
+   have userfaultfd, else stop-and-copy; pre-copy needs soft-dirty tracking, which this
+   kernel lacks, so it is skipped with the reason); the target's CPU must have every flag
+   the source's has, its pool room for the rootfs and the memory, the container's address
+   must be free there, and nothing in the container may be something CRIU cannot dump.
+   All of this happens before anything is frozen, so a refusal costs nothing.
+2. sync: the rootfs and snapshots are copied while the container runs (the host-to-host
+   copy of ``remote.py``, which records the container on the target, stopped).
+3. dump: the container is frozen and CRIU dumps it into memory-backed space. From here on
+   its tasks stay frozen on this host (never killed) until the target runs it.
+4. final-sync: the rootfs delta since step 2 (CRIU checks open files' sizes on restore).
+5. images: the checkpoint images cross (a tar stream, compressed when negotiated). In
+   post-copy they hold no memory pages.
+6. restore: the target restores from them. In post-copy the memory follows on demand: the
+   target's lazy-pages daemon reads pages from the source's page server through an SSH
+   remote forward (``transport/tunnel.py``); the downtime ends when the restore returns,
+   and the migration ends when the daemon has every page.
+7. verify: the container runs on the target with its snapshots.
+8. release: only now the frozen source tasks are killed and the source deleted (or kept
+   stopped with ``--keep-source``).
+
+Any failure before the end of 7 deletes the target's copy and resumes the source from its
+frozen state (or restores it from the same images), so the workload keeps its memory. The
+downtime is measured from the freeze to the restore's return.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrator.backends import VolumeRef
+from migrator.checkpoint.base import remove_images_dir, tree_bytes
+from migrator.core.errors import (
+    AlreadyExists,
+    CheckpointError,
+    InvalidInput,
+    InvalidState,
+    MigratorError,
+    MissingDependency,
+    NoSpace,
+)
+from migrator.core.names import SnapshotName
+from migrator.pipelines.copy import consistent_snapshot
+from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, negotiate_session
+from migrator.pipelines.transfer import NATIVE_TYPES
+from migrator.runtime.operations import Operation, journaled
+from migrator.streams import Progress, SendStream, no_progress
+
+MODES = ("auto", "post-copy", "stop-and-copy")
+SERVE_WAIT = 120.0  # seconds for the dump to write the non-memory images (post-copy)
+PAGES_WAIT = 900.0  # seconds for every page to reach the target (post-copy)
+
+
+@dataclass
+class LivePlan:
+    """What a live migration will do: ``--dry-run`` prints it, the operation records it."""
+
+    container: str
+    source: str
+    target: str
+    pool: str
+    storage: str  # migration type of the rootfs: btrfs, zfs, tar
+    link: str
+    compress: str
+    mode: str  # post-copy | stop-and-copy
+    reasons: list[str] = field(default_factory=list)
+    rootfs_bytes: int = 0
+    memory_bytes: int = 0
+    ipv4: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LiveResult:
+    """What one live migration did, with the time of every stage."""
+
+    container: str
+    source: str
+    target: str
+    pool: str
+    mode: str
+    storage: str
+    compress: str
+    stages: dict[str, float] = field(default_factory=dict)
+    downtime: float | None = None
+    seconds: float = 0.0
+    storage_bytes: int = 0
+    image_bytes: int = 0
+    page_bytes: int = 0
+    ipv4: str | None = None
+    kept_source: bool = False
+    notes: list[str] = field(default_factory=list)
+    operation: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_flags() -> list[str]:
+    """This machine's CPU flags (the first processor's, from /proc/cpuinfo)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(line.partition(":")[2].split())
+    return []
+
+
+def running_containers(cts: Any) -> list[str]:
+    """What an evacuation moves: every running container of the host."""
+    return [c.name for c in cts.list_all() if c.state == "RUNNING"]
+
+
+def memory_bytes(cts: Any, name: str) -> int:
+    with contextlib.suppress(MigratorError, ValueError):
+        return int(cts.lxc.get_cgroup(name, "memory.usage_in_bytes"))
+    return 0
+
+
+def choose_mode(requested: str, local: Any, remote: dict[str, Any]) -> tuple[str, list[str]]:
+    """Post-copy where both ends can serve and fault pages (userfaultfd), else stop-and-copy.
+
+    ``local`` is this host's ``checkpoint.Features``; ``remote`` the target's hello.
+    """
+    if requested not in MODES:
+        raise InvalidInput(f"unknown checkpoint mode {requested!r}", f"one of {', '.join(MODES)}")
+    feats = remote.get("criu_features") or {}
+    remote_lazy = bool(feats.get("uffd")) and bool(feats.get("uffd-noncoop", True))
+    reasons = []
+    if not local.pre_dump:
+        reasons.append(f"pre-copy skipped: {local.pre_dump_reason}")
+    lazy = local.lazy_pages and remote_lazy
+    if requested == "stop-and-copy":
+        return "stop-and-copy", [*reasons, "stop-and-copy asked for"]
+    if lazy:
+        return "post-copy", [*reasons, "post-copy: both hosts have userfaultfd (lazy pages)"]
+    why = "this host" if not local.lazy_pages else "the target"
+    if requested == "post-copy":
+        raise CheckpointError(f"post-copy is not possible: {why} has no userfaultfd support",
+                              "use --mode stop-and-copy")
+    return "stop-and-copy", [*reasons, f"stop-and-copy: {why} has no userfaultfd (lazy pages)"]
+
+
+def plan_live(cts: Any, transport: Any, name: str, pool: str | None = None,
+              mode: str = "auto", compress: str = "auto") -> LivePlan:
+    """Negotiate and check everything that can be checked without freezing the container."""
+    from migrator.checkpoint.lxc import LxcCheckpointer
+    from migrator.pipelines.transfer import negotiate
+
+    rec = cts.get(name)
+    status = cts.lxc.state(rec.name)
+    if status != "RUNNING":
+        raise InvalidState(f"{rec.name!r} is {status.lower()}, not running",
+                           f"a stopped container moves with `migrate move {rec.name} "
+                           f"{transport.name}`")
+    remote = transport.request("hello", {"criu_features": True})
+    if not remote.get("criu"):
+        raise MissingDependency(f"CRIU is not installed on {transport.name}",
+                                "run `make setup` there (CRIU 4.x)")
+    ckpt = LxcCheckpointer(cts)
+    local = ckpt.check()
+    if not local.criu_version:
+        raise MissingDependency("CRIU is not installed on this host", "run `make setup`")
+    chosen, reasons = choose_mode(mode, local, remote)
+    session = negotiate_session(transport, remote, compress)
+    state = transport.request("container_state", {"name": rec.name})
+    if state["exists"]:
+        raise AlreadyExists(f"{rec.name!r} already exists on {transport.name}",
+                            "delete it there first, or `migrate move` under another name")
+    rpool = choose_pool(remote, pool)
+    storage = negotiate(cts.host.backend(rec.pool).migration_types(), rpool["types"],
+                        local=False)
+    plan = LivePlan(rec.name, "local", transport.name, rpool["name"],
+                    "tar" if storage == "rsync" else storage, session.link, session.compress,
+                    chosen, reasons + session.reasons, tree_bytes(cts.rootfs(rec)),
+                    memory_bytes(cts, rec.name), rec.ipv4)
+    check = transport.request("live_check", {"ipv4": rec.ipv4, "pool": rpool["name"]})
+    missing = sorted(set(cpu_flags()) - set(check.get("cpu_flags", [])))
+    if missing:
+        raise CheckpointError(
+            f"{transport.name}'s CPU lacks flags this one has: {' '.join(missing[:12])}",
+            "a restored process may use those instructions; migrate to a host with the same "
+            "or a newer CPU")
+    if rec.ipv4 and not check.get("ipv4_free", True):
+        raise InvalidState(f"address {rec.ipv4} is taken on {transport.name}",
+                           "a live container keeps its address; free it there first")
+    need = plan.rootfs_bytes + plan.memory_bytes
+    if check.get("free", need + 1) < need:
+        raise NoSpace(f"pool {rpool['name']} on {transport.name} has {check['free']} bytes "
+                      f"free, {need} needed (rootfs and memory)", "free space there first")
+    problems = ckpt.preflight(rec.name)
+    if problems:
+        raise CheckpointError(
+            f"{rec.name} holds what CRIU cannot dump: "
+            + "; ".join(f"pid {p.pid}: {p.what}" for p in problems),
+            "; ".join(dict.fromkeys(p.hint for p in problems)))
+    return plan
+
+
+def _images_stream(images: Path) -> SendStream:
+    return SendStream(["tar", "--create", "--file=-", "--numeric-owner", "-C", str(images),
+                       "."], "checkpoint images", "images")
+
+
+class _Clock:
+    """Times named stages into a result."""
+
+    def __init__(self, result: LiveResult) -> None:
+        self.result = result
+        self.t0 = time.monotonic()
+
+    @contextlib.contextmanager
+    def stage(self, op: Operation, name: str, **detail: Any) -> Any:
+        op.stage(name, **detail)
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.result.stages[name] = round(time.monotonic() - t, 3)
+
+
+def live_migrate(cts: Any, transport: Any, name: str, pool: str | None = None,
+                 mode: str = "auto", keep_source: bool = False, compress: str = "auto",
+                 progress: Progress = no_progress) -> LiveResult:
+    """Move a running container to the transport's host with its memory state (see above)."""
+    with journaled(cts.state, "live", container=name, host=transport.name,
+                   keep_source=keep_source) as op:
+        return _live(cts, transport, name, pool, mode, keep_source, compress, progress, op)
+
+
+def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
+          keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
+    from migrator.checkpoint.base import images_dir
+    from migrator.checkpoint.lxc import LxcCheckpointer
+
+    t_start = time.monotonic()
+    plan = plan_live(cts, transport, name, pool, mode, compress)
+    op.stage("check", plan=plan.as_dict(), pool=plan.pool, mode=plan.mode,
+             method=f"{plan.storage}+{plan.compress}")
+    result = LiveResult(plan.container, "local", transport.name, plan.pool, plan.mode,
+                        plan.storage, plan.compress, ipv4=plan.ipv4, notes=list(plan.reasons),
+                        operation=op.id)
+    clock = _Clock(result)
+    ckpt = LxcCheckpointer(cts)
+    rec = cts.get(name)
+    src_b = cts.host.backend(rec.pool)
+    vol = VolumeRef("container", rec.name)
+    rc = RemoteCopy(cts, transport, progress, plan.compress)
+    with clock.stage(op, "sync"):
+        first = rc.copy(rec.name, rec.name, plan.pool, keep_base=True, op=op)
+    result.storage_bytes = first.bytes
+    base = SnapshotName(rc.base)
+    images: Path | None = None
+    dumped = False
+    lazy: Any = None
+    tunnel: Any = None
+    pages: Any = None  # this end of the page server's socket pair (post-copy)
+    try:
+        images = images_dir(cts.host.root, op.id)
+        op.note(images=str(images))
+        transport.warm(3)  # final sync, images, restore: agents started before the freeze
+        freeze = time.monotonic()
+        with clock.stage(op, "dump", mode=plan.mode):
+            if plan.mode == "post-copy":
+                # the page server is handed one end of a connected pair (nothing listens:
+                # the container's memory is out of other local users' reach); the tunnel
+                # relays the other end to the target (``transport/tunnel.py``)
+                from migrator.transport.tunnel import socket_pair
+
+                pages, criu_end = socket_pair()
+                try:
+                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
+                finally:
+                    criu_end.close()
+                dumped = True  # from here the source's tasks are frozen: resume on failure
+                lazy.wait_serving(SERVE_WAIT)
+            else:
+                dumped = True
+                ckpt.dump(rec.name, images)
+        with clock.stage(op, "final-sync"):
+            how = first.method.split("+")[0]
+            with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
+                result.storage_bytes += rc.send_snapshot(
+                    src_b, vol, plan.pool, vol, last, base if how in NATIVE_TYPES else None,
+                    how, plan.compress, True)
+        with clock.stage(op, "images"):
+            reply = transport.request("receive_images", {"tag": op.id, "compress": plan.compress},
+                                      stream=_images_stream(images), compress=plan.compress)
+            result.image_bytes = int(reply.get("raw", 0))
+        restored: list[float] = []
+        with clock.stage(op, "restore"):
+            args: dict[str, Any] = {"name": rec.name, "tag": op.id}
+            if plan.mode == "post-copy":
+                from migrator.transport.tunnel import PageTunnel
+
+                transport.connect()
+                tunnel = PageTunnel(transport.client.get_transport(), lambda: pages)
+                args |= {"lazy": True, "port": tunnel.open(), "timeout": PAGES_WAIT,
+                         "token": base64.b64encode(tunnel.token).decode()}
+
+            def on_event(ev: dict[str, Any]) -> None:
+                if ev.get("event") == "restored":
+                    restored.append(time.monotonic())
+
+            transport.request("checkpoint_restore", args, on_event=on_event)
+            end = restored[0] if restored else time.monotonic()
+            result.downtime = round(end - freeze, 3)
+            if lazy is not None:
+                lazy.finish(60)
+                result.page_bytes = tunnel.to_target
+                if tunnel.error:
+                    raise CheckpointError(f"the page stream failed: {tunnel.error}")
+        with clock.stage(op, "verify"):
+            there = transport.request("container_state", {"name": rec.name})
+            want = {s.name: s.uuid for s in cts.state.list_snapshots(rec.name)}
+            got = {s["name"]: s["uuid"] for s in there.get("snapshots", [])}
+            if there.get("status") != "RUNNING" or any(got.get(n) != u
+                                                       for n, u in want.items()):
+                raise InvalidState(f"{rec.name} on {transport.name} is not as expected after "
+                                   f"the restore (status {there.get('status')})")
+            # durable before the release: the target's volume and record on its disk
+            transport.request("sync_container", {"name": rec.name})
+    except BaseException as e:
+        result.notes.append(f"rolled back: {e}")
+        _roll_back(cts, transport, ckpt, rec.name, images, dumped, lazy, tunnel, op)
+        raise
+    finally:
+        if tunnel is not None:
+            tunnel.close()
+        if pages is not None:
+            pages.close()
+    # the point of no return: the target runs the container
+    with clock.stage(op, "release"):
+        try:
+            ckpt.release_source(rec.name)
+            with contextlib.suppress(MigratorError):
+                src_b.delete_snapshot(vol, base)
+            with contextlib.suppress(MigratorError):
+                transport.request("delete_snapshot", {"pool": plan.pool, "volume": {
+                    "type": "container", "name": rec.name}, "snapshot": base})
+            if keep_source:
+                result.kept_source = True
+                result.notes.append(f"a stopped copy stays here (`migrate delete {rec.name}`)")
+            else:
+                cts.delete(rec.name, force=True)
+        except MigratorError as e:  # only warnings after the point of no return
+            result.notes.append(f"warning: cleaning up the source: {e}")
+        finally:
+            if images is not None:
+                remove_images_dir(images)
+    result.seconds = round(time.monotonic() - t_start, 3)
+    return result
+
+
+def _roll_back(cts: Any, transport: Any, ckpt: Any, name: str, images: Path | None,
+               dumped: bool, lazy: Any, tunnel: Any, op: Operation) -> None:
+    """Target copy removed, source running again with its memory (if it was dumped)."""
+    op.stage("rolling-back")
+    if tunnel is not None:
+        tunnel.close()
+    try:
+        transport.request("delete_container", {"name": name, "force": True})
+    except MigratorError:
+        op.note(undo_incomplete=True)  # `migrate recover` finishes it once reachable
+    with contextlib.suppress(MigratorError):
+        transport.request("drop_images", {"tag": op.id})
+    if lazy is not None:
+        with contextlib.suppress(MigratorError):
+            lazy.abort()
+    if dumped and images is not None:
+        ckpt.resume_source(name, images)
+    if images is not None:
+        remove_images_dir(images)
+    rec = cts.get(name)
+    vol = VolumeRef("container", rec.name)
+    from migrator.pipelines.copy import clean_stale_temp_snapshots
+
+    with contextlib.suppress(MigratorError):
+        clean_stale_temp_snapshots(cts.host.backend(rec.pool), vol)
