@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from migrator.core import errors
-from migrator.streams import ProgressMeter, run_watched
+from migrator.streams import ProgressMeter, Stream, run_watched
+from migrator.transport.base import CallHandler, EventHandler
 from migrator.transport.frames import (
     DATA,
     END,
@@ -355,7 +356,22 @@ class LocalAgent:
     def close(self) -> None:
         self.__exit__()
 
-    def request(self, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    # the Transport contract (``transport/base.py``): no data link to negotiate in process
+    fast_link = False
+    data_link = "ssh"
+    link_rate: float | None = None
+    link_failed = ""
+
+    def warm(self, n: int) -> None:
+        """Nothing to start: requests are answered in this process."""
+
+    def request(self, op: str, args: dict[str, Any] | None = None,
+                stream: Stream | None = None, compress: str = "none",
+                meter: ProgressMeter | None = None, on_event: EventHandler | None = None,
+                on_call: CallHandler | None = None) -> dict[str, Any]:
+        """Answered here by the agent's own handler (no data streams: none is needed)."""
+        if stream is not None:
+            raise errors.InvalidInput(f"{op!r} with a data stream cannot be served in process")
         from migrator.agent import OPS, Agent
 
         return OPS[op](Agent(self.cts), dict(args or {}), lambda n: b"")

@@ -30,6 +30,7 @@ from migrator.backends import VolumeRef
 from migrator.core import errors
 from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, Stream
+from migrator.transport.base import CallHandler, EventHandler
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import DataWriter, Reader, read_json, write_json
 from migrator.transport.replies import MAX_NAME, clean_text, parse_reply
@@ -51,9 +52,21 @@ class ReverseTransport:
     def warm(self, n: int) -> None:
         """Nothing to start: the client answers on the open channel."""
 
+    def close(self) -> None:
+        """Nothing to close: the channel belongs to the agent's own request."""
+
+    def __enter__(self) -> ReverseTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
                 compress: str = "none", meter: ProgressMeter | None = None,
-                on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_event: EventHandler | None = None, on_call: CallHandler | None = None
+                ) -> dict[str, Any]:
+        """The client's answer to one call (events and calls back never come this way:
+        the client sends its reply only)."""
         write_json(self.write, {"call": op, **(args or {})})
         if stream is not None:
             send_frames(stream, self.write, compress, meter)

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import shlex
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import paramiko
 
 from migrator.core import errors
 from migrator.streams import ProgressMeter, Stream
+from migrator.transport.base import CallHandler, EventHandler
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
 from migrator.transport.replies import clean_event, clean_text, parse_reply
@@ -286,8 +286,7 @@ class SshTransport:
 
     def request(self, op: str, args: dict[str, Any] | None = None, stream: Stream | None = None,
                 compress: str = "none", meter: ProgressMeter | None = None,
-                on_event: Callable[[dict[str, Any]], None] | None = None,
-                on_call: Callable[[dict[str, Any], Any, Any], None] | None = None
+                on_event: EventHandler | None = None, on_call: CallHandler | None = None
                 ) -> dict[str, Any]:
         """Run one agent request (with a volume stream to upload, if given); its reply.
 
