@@ -33,8 +33,10 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
+from types import TracebackType
+from typing import BinaryIO, Protocol
 
 from migrator.backup.model import FORMAT, MAX_INDEX_BYTES, VERSION, BackupIndex, PartInfo, valid_id
 from migrator.core.errors import BackupError, CorruptBackup, NotFound
@@ -78,6 +80,84 @@ def write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+# the interface ------------------------------------------------------------------------------
+# The backup pipelines (create, restore, verify, prune, copy) run unchanged against a local
+# ``Repository`` and a ``backup.remote.RemoteRepository`` on another host; these Protocols are
+# what they may use of either, so a call that only one of them offers is a type error.
+class PartSink(Protocol):
+    """One part being stored: counted and hashed on the way; ``finish`` seals it and says
+    what was stored, ``abort`` drops it."""
+
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def finish(self) -> tuple[int, str]:
+        """(size, sha256) of what was stored."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class BackupSink(Protocol):
+    """One backup being written: its parts, then ``commit`` (it exists) or ``abort``
+    (nothing of it is left)."""
+
+    def part(self, rel: str) -> PartSink: ...
+
+    def commit(self, index: BackupIndex) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class PartSource(Protocol):
+    """A stored part read like a file (a local file or a download); the caller checks it
+    against the index."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> PartSource: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None, /) -> None: ...
+
+
+class BackupRepository(Protocol):
+    """What the backup pipelines use of a repository, local (``Repository``) or on another
+    host (``backup.remote.RemoteRepository``): set-up, the writer's lock, reading indexes
+    and parts, writing, protecting and deleting backups. ``str()`` names it for messages."""
+
+    def init(self) -> BackupRepository:
+        """Create it if missing, then ``check``."""
+        ...
+
+    def check(self) -> BackupRepository:
+        """Refuse what is not a repository of this format and version."""
+        ...
+
+    def lock(self, wait: float | None = None) -> AbstractContextManager[None]:
+        """The one-writer lock, held for the ``with`` block."""
+        ...
+
+    def ids(self) -> list[str]: ...
+
+    def get(self, backup_id: str) -> BackupIndex: ...
+
+    def list(self) -> list[BackupIndex]: ...
+
+    def part_size(self, backup_id: str, rel: str) -> int | None: ...
+
+    def open_part(self, backup_id: str, rel: str) -> PartSource: ...
+
+    def writer(self, backup_id: str) -> BackupSink: ...
+
+    def set_protected(self, backup_id: str, protected: bool) -> BackupIndex: ...
+
+    def delete(self, backup_id: str) -> None: ...
 
 
 class PartWriter:
