@@ -14,7 +14,7 @@ from typing import Any
 
 from migrator.backup.model import BackupIndex
 from migrator.backup.prune import PruneItem, RetentionPolicy, plan_prune
-from migrator.backup.repository import Repository
+from migrator.backup.repository import BackupRepository
 
 
 def row(b: BackupIndex) -> dict[str, Any]:
@@ -42,7 +42,7 @@ class PruneResult:
         return asdict(self)
 
 
-def prune_repository(repo: Repository, policy: RetentionPolicy, dry_run: bool = False,
+def prune_repository(repo: BackupRepository, policy: RetentionPolicy, dry_run: bool = False,
                      container: str | None = None) -> PruneResult:
     """Apply ``policy`` to the backups (of ``container`` only, if given)."""
     repo.check()

@@ -37,7 +37,7 @@ from migrator.backends.generic import tree_size
 from migrator.backup import delta
 from migrator.backup.model import BackupIndex, PartInfo, SnapshotInfo, parse_compression
 from migrator.backup.parts import read_small, store, store_bytes, widen_pipe
-from migrator.backup.repository import BackupWriter, Repository, new_backup_id
+from migrator.backup.repository import BackupRepository, BackupSink, new_backup_id
 from migrator.core.errors import InvalidInput, MigratorError
 from migrator.core.names import SnapshotName
 from migrator.pipelines.copy import consistent_snapshot
@@ -78,7 +78,7 @@ def base_snapshot_name(backup_id: str) -> SnapshotName:
                         + backup_id.rsplit("-", 1)[-1])
 
 
-def latest_backup(repo: Repository, container: str, kind: str) -> BackupIndex | None:
+def latest_backup(repo: BackupRepository, container: str, kind: str) -> BackupIndex | None:
     same = [b for b in repo.list() if b.container == container and b.kind == kind]
     return same[-1] if same else None
 
@@ -87,7 +87,7 @@ def _copyable(config: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in config.items() if not k.startswith("volatile.")}
 
 
-def _pick_parent(repo: Repository, rec: ContainerRecord, kind: str, driver: str,
+def _pick_parent(repo: BackupRepository, rec: ContainerRecord, kind: str, driver: str,
                  backend: StorageBackend, vol: VolumeRef, notes: list[str],
                  snaps: list[SnapshotRecord]) -> tuple[BackupIndex | None, Snapshot | None]:
     """The backup to build on and (optimized) its base snapshot on the pool, or a note
@@ -125,7 +125,7 @@ def _pick_parent(repo: Repository, rec: ContainerRecord, kind: str, driver: str,
 def create_backup(
     cts: Containers,
     name: str,
-    repo: Repository,
+    repo: BackupRepository,
     optimized: bool = False,
     incremental: bool = False,
     compression: str = "zstd:3",
@@ -211,7 +211,7 @@ def create_backup(
     return result
 
 
-def _drop_older_bases(repo: Repository, idx: BackupIndex, backend: StorageBackend,
+def _drop_older_bases(repo: BackupRepository, idx: BackupIndex, backend: StorageBackend,
                       vol: VolumeRef, notes: list[str]) -> None:
     keep = idx.base_snapshot
     for b in repo.list():
@@ -238,7 +238,7 @@ def _rel(idx: BackupIndex, snap: Snapshot, ext: str, level: int | None) -> str:
     return f"{stem}.{ext}{_suffix(level)}"
 
 
-def _store_stream(writer: BackupWriter, rel: str, stream: SendStream, level: int | None,
+def _store_stream(writer: BackupSink, rel: str, stream: SendStream, level: int | None,
                   meter: ProgressMeter) -> tuple[int, str, int]:
     try:
         widen_pipe(stream.fileno())
@@ -285,7 +285,7 @@ def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...]) ->
     return SendStream(argv, "tar", name, size_hint=tree_size(path))
 
 
-def _write_full(writer: BackupWriter, idx: BackupIndex, backend: StorageBackend,
+def _write_full(writer: BackupSink, idx: BackupIndex, backend: StorageBackend,
                 points: list[Snapshot], level: int | None, progress: Progress) -> None:
     hidden = hidden_dirs(idx)
     for snap in points:
@@ -302,7 +302,7 @@ def _write_full(writer: BackupWriter, idx: BackupIndex, backend: StorageBackend,
           store_bytes(writer, f"manifest.json{_suffix(level)}", manifest.to_bytes(), level))
 
 
-def _write_deltas(repo: Repository, writer: BackupWriter, idx: BackupIndex,
+def _write_deltas(repo: BackupRepository, writer: BackupSink, idx: BackupIndex,
                   parent: BackupIndex, backend: StorageBackend, points: list[Snapshot],
                   level: int | None, progress: Progress) -> None:
     mpart = parent.manifest()
@@ -333,7 +333,7 @@ def _write_deltas(repo: Repository, writer: BackupWriter, idx: BackupIndex,
           store_bytes(writer, f"manifest.json{_suffix(level)}", previous.to_bytes(), level))
 
 
-def _write_native(writer: BackupWriter, idx: BackupIndex, backend: StorageBackend,
+def _write_native(writer: BackupSink, idx: BackupIndex, backend: StorageBackend,
                   driver: str, points: list[Snapshot], base: Snapshot | None,
                   level: int | None, progress: Progress) -> None:
     parent = base

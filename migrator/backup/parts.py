@@ -23,12 +23,12 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 import zstandard
 
 from migrator.backup.model import PartInfo
-from migrator.backup.repository import BackupWriter, Repository
+from migrator.backup.repository import BackupRepository, BackupSink, PartSource
 from migrator.core.errors import CorruptBackup
 from migrator.streams import FedStream, ProgressMeter
 
@@ -42,7 +42,7 @@ def widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
-def store(writer: BackupWriter, rel: str, src: int | IO[bytes], level: int | None,
+def store(writer: BackupSink, rel: str, src: int | IO[bytes], level: int | None,
           meter: ProgressMeter | None = None) -> tuple[int, str, int]:
     """Write everything readable from ``src`` (a fd or file) into part ``rel``, compressed
     at zstd ``level`` (None: stored as is). Returns (stored size, sha256, raw size)."""
@@ -73,7 +73,7 @@ def store(writer: BackupWriter, rel: str, src: int | IO[bytes], level: int | Non
     return size, digest, raw
 
 
-def store_bytes(writer: BackupWriter, rel: str, data: bytes,
+def store_bytes(writer: BackupSink, rel: str, data: bytes,
                 level: int | None) -> tuple[int, str, int]:
     """A small part held in memory (a manifest, a list of deleted paths)."""
     part = writer.part(rel)
@@ -90,7 +90,7 @@ def store_bytes(writer: BackupWriter, rel: str, data: bytes,
 class _HashingReader:
     """A file reader that hashes and counts what passes through it."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: PartSource) -> None:
         self.f = f
         self.hash = hashlib.sha256()
         self.size = 0
@@ -153,7 +153,7 @@ class _Capped:
                                 f"{self.count} bytes, its index says {self._part.raw_size}")
 
 
-def open_decompressed(repo: Repository, backup_id: str, part: PartInfo,
+def open_decompressed(repo: BackupRepository, backup_id: str, part: PartInfo,
                       compression: str) -> tuple[IO[bytes], _HashingReader]:
     """The part's raw content as a reader (capped at its declared raw size), and the
     hashing layer under it."""
@@ -166,7 +166,7 @@ def open_decompressed(repo: Repository, backup_id: str, part: PartInfo,
     return _Capped(reader, backup_id, part), hashing  # type: ignore[return-value]
 
 
-def read_small(repo: Repository, backup_id: str, part: PartInfo, compression: str,
+def read_small(repo: BackupRepository, backup_id: str, part: PartInfo, compression: str,
                limit: int = 1 << 30) -> bytes:
     """A whole small part (manifest, deleted list), checked against its index entry."""
     reader, hashing = open_decompressed(repo, backup_id, part, compression)
@@ -190,7 +190,7 @@ def read_small(repo: Repository, backup_id: str, part: PartInfo, compression: st
 class PartStream(FedStream):
     """A backup part as a volume stream: checked, decompressed and (tar) guarded."""
 
-    def __init__(self, repo: Repository, backup_id: str, part: PartInfo, compression: str,
+    def __init__(self, repo: BackupRepository, backup_id: str, part: PartInfo, compression: str,
                  how: str, name: str, parent: str | None,
                  guard: Callable[[IO[bytes]], IO[bytes]] | None = None) -> None:
         self.how, self.name, self.parent = how, name, parent

@@ -27,15 +27,17 @@ import contextlib
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 from migrator.backup.model import BackupIndex, valid_id
-from migrator.backup.repository import CHUNK, Repository, valid_part_path
+from migrator.backup.repository import CHUNK, BackupRepository, Repository, valid_part_path
 from migrator.core import errors
 from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.runtime.host import Host
+from migrator.streams import Progress
 from migrator.transport.frames import (
     DATA,
     END,
@@ -78,13 +80,13 @@ def check_path(path: str) -> str:
     return str(p)
 
 
-def _check_id(backup_id: Any) -> str:
+def _check_id(backup_id: object) -> str:
     if not isinstance(backup_id, str) or not valid_id(backup_id):
         raise InvalidInput(f"invalid backup id {backup_id!r}")
     return backup_id
 
 
-def _check_rel(rel: Any) -> str:
+def _check_rel(rel: object) -> str:
     if not isinstance(rel, str) or not valid_part_path(rel):
         raise InvalidInput(f"invalid part path {rel!r}")
     return rel
@@ -301,7 +303,7 @@ class RemoteRepository:
         self.call("delete", id=backup_id)
 
 
-def open_repository(host: Any, spec: str | None) -> Repository | RemoteRepository:
+def open_repository(host: Host, spec: str | None) -> Repository | RemoteRepository:
     """``spec`` as given to ``--repo`` or ``backups.repo``: a directory, ``ssh://HOST/PATH``
     on one of ``host``'s inventory hosts, or None for ``<state root>/backups``."""
     if spec and spec.startswith("ssh:"):
@@ -436,7 +438,7 @@ def serve_restore(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
     return {"result": r.as_dict()}
 
 
-def progress_relay(progress: Any) -> Any:
+def progress_relay(progress: Progress) -> Callable[[dict[str, Any]], None]:
     """An ``on_event`` callback that turns the agent's progress events back into
     ``ProgressEvent``s for this side's bars."""
     from migrator.streams import ProgressEvent
@@ -449,9 +451,9 @@ def progress_relay(progress: Any) -> Any:
     return on_event
 
 
-def restore_on_host(transport: Any, repo: Any, backup_id: str, name: str | None,
+def restore_on_host(transport: Any, repo: BackupRepository, backup_id: str, name: str | None,
                     pool: str | None, config: dict[str, str], force: bool,
-                    progress: Any, verify_first: bool = True, allow_privileged: bool = False
+                    progress: Progress, verify_first: bool = True, allow_privileged: bool = False
                     ) -> tuple[dict[str, Any], list[str]]:
     """``backup restore --host H``: the restore runs on H, by H's agent, from a repository
     on H. A backup held elsewhere (this host, or a third one) is first copied with its chain

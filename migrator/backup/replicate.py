@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
 
-from migrator.backup.repository import CHUNK
+from migrator.backup.repository import CHUNK, BackupRepository
 from migrator.backup.verify import chain_of
 from migrator.core.errors import BackupError, CorruptBackup
 from migrator.streams import Progress, ProgressMeter, no_progress
@@ -27,7 +26,7 @@ class CopyResult:
     bytes: int = 0
 
 
-def copy_backup(src: Any, dst: Any, backup_id: str,
+def copy_backup(src: BackupRepository, dst: BackupRepository, backup_id: str,
                 progress: Progress = no_progress) -> int:
     """Copy one backup (its parents must be in ``dst`` already); the bytes copied. Call it
     under ``dst.lock()``. ``src``/``dst``: a ``Repository`` or a ``RemoteRepository``."""
@@ -63,7 +62,7 @@ def copy_backup(src: Any, dst: Any, backup_id: str,
     return total
 
 
-def copy_chain(src: Any, dst: Any, backup_id: str,
+def copy_chain(src: BackupRepository, dst: BackupRepository, backup_id: str,
                progress: Progress = no_progress) -> CopyResult:
     """Copy ``backup_id`` and the parents it needs into ``dst`` (created if missing)."""
     chain = chain_of(src, src.get(backup_id))

@@ -35,7 +35,7 @@ from migrator.backends.generic import tar_extract
 from migrator.backup.delta import decode_paths, remove_paths
 from migrator.backup.model import BackupIndex, PartInfo, SnapshotInfo
 from migrator.backup.parts import PartStream, read_small, real_error
-from migrator.backup.repository import Repository
+from migrator.backup.repository import BackupRepository
 from migrator.backup.verify import tar_rules, verify_chain
 from migrator.core.errors import AlreadyExists, BackupError, InvalidInput, Protected
 from migrator.core.names import ContainerName, PoolName, SnapshotName
@@ -102,7 +102,7 @@ def admitted_config(idx: BackupIndex, overrides: dict[str, str], allow_privilege
 
 def restore_backup(
     cts: Containers,
-    repo: Repository,
+    repo: BackupRepository,
     backup_id: str,
     name: str | None = None,
     pool: str | None = None,
@@ -246,7 +246,7 @@ def _guard(idx: BackupIndex, existing: Path | None = None) -> Any:
     return wrap
 
 
-def _replay(repo: Repository, chain: list[BackupIndex], idx: BackupIndex,
+def _replay(repo: BackupRepository, chain: list[BackupIndex], idx: BackupIndex,
             backend: StorageBackend, vol: VolumeRef, progress: Progress) -> int:
     """Rebuild ``idx``'s container in ``vol``: every point of the chain in order, keeping the
     snapshots ``idx`` lists (and, for native streams, the final one). Returns raw bytes."""
@@ -301,7 +301,7 @@ def _consume(stream: PartStream, receive: Any, *args: Any) -> None:
         stream.kill()
 
 
-def _apply_delta(repo: Repository, b: BackupIndex, point: str, parts: list[PartInfo],
+def _apply_delta(repo: BackupRepository, b: BackupIndex, point: str, parts: list[PartInfo],
                  backend: StorageBackend, vol: VolumeRef, meter: ProgressMeter) -> None:
     listed = next(p for p in parts if p.kind == "deleted")
     tar = next(p for p in parts if p.kind == "delta")

@@ -34,13 +34,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from migrator.backup.repository import BackupRepository
 from migrator.core.errors import InvalidState, MigratorError
+from migrator.runtime.containers import Containers
 from migrator.runtime.schedule_keys import (
     cron_expression,
     expiry_after,
     parse_schedule,
     render_pattern,
 )
+from migrator.runtime.state import StateStore
 
 JOBS = ("snapshot", "backup")
 DEFAULTS_PREFIX = "default."  # host defaults in the settings table
@@ -52,7 +55,7 @@ def schedule_dir(root: Path) -> Path:
 
 
 # settings ------------------------------------------------------------------------------------
-def host_defaults(state: Any) -> dict[str, str]:
+def host_defaults(state: StateStore) -> dict[str, str]:
     """The host-wide schedule keys (``migrate config host set``)."""
     return dict(state.settings_with_prefix(DEFAULTS_PREFIX))
 
@@ -212,16 +215,15 @@ def tick_lock(root: Path) -> Iterator[None]:
 
 
 class Scheduler:
-    """Runs the due jobs of one host's containers (``cts``:
-    migrator.runtime.containers.Containers)."""
+    """Runs the due jobs of one host's containers."""
 
-    def __init__(self, cts: Any, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, cts: Containers, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cts = cts
         self.root: Path = cts.host.root
         self.state_path = schedule_dir(self.root) / "state.json"
         self.sleep = sleep
         self._live: dict[str, tuple[str, str]] | None = None
-        self._repos: dict[str | None, Any] = {}
+        self._repos: dict[str | None, BackupRepository] = {}
 
     def settings(self) -> dict[str, dict[str, str]]:
         defaults = host_defaults(self.cts.state)
@@ -316,7 +318,7 @@ class Scheduler:
                 detail += f", pruned {len(pruned.removed)}"
         return detail
 
-    def _repository(self, spec: str | None) -> Any:
+    def _repository(self, spec: str | None) -> BackupRepository:
         """One repository object per ``backups.repo`` value and tick: a remote one keeps its
         SSH connection for every container that backs up there."""
         from migrator.backup.remote import open_repository

@@ -21,7 +21,7 @@ import zstandard
 
 from migrator.backup.model import BackupIndex, PartInfo
 from migrator.backup.parts import CHUNK, check_digest, open_decompressed, read_small
-from migrator.backup.repository import Repository
+from migrator.backup.repository import BackupRepository
 from migrator.core.errors import CorruptBackup, MigratorError
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.targuard import TarRules, check_tar
@@ -46,7 +46,7 @@ def tar_rules(idx: BackupIndex) -> TarRules:
     return TarRules(allow_devices=idx.privileged, root="rootfs")
 
 
-def chain_of(repo: Repository, idx: BackupIndex) -> list[BackupIndex]:
+def chain_of(repo: BackupRepository, idx: BackupIndex) -> list[BackupIndex]:
     """``idx`` and the backups it is incremental from, oldest first; CorruptBackup when a
     link is missing or does not fit."""
     chain = [idx]
@@ -79,7 +79,7 @@ def chain_of(repo: Repository, idx: BackupIndex) -> list[BackupIndex]:
     return chain
 
 
-def check_part(repo: Repository, backup_id: str, part: PartInfo,
+def check_part(repo: BackupRepository, backup_id: str, part: PartInfo,
                meter: ProgressMeter | None = None, read: bool = True) -> str | None:
     """The first thing wrong with one part's bytes, or None (``read=False``: its presence
     and size only)."""
@@ -104,7 +104,7 @@ def check_part(repo: Repository, backup_id: str, part: PartInfo,
     return None
 
 
-def _deep(repo: Repository, idx: BackupIndex, part: PartInfo) -> str | None:
+def _deep(repo: BackupRepository, idx: BackupIndex, part: PartInfo) -> str | None:
     """Decompress ``part`` and check what it holds."""
     try:
         if part.kind in ("manifest", "deleted"):
@@ -129,7 +129,7 @@ def _deep(repo: Repository, idx: BackupIndex, part: PartInfo) -> str | None:
     return None
 
 
-def check_backup(repo: Repository, backup_id: str, deep: bool = False,
+def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
                  progress: Progress = no_progress) -> VerifyReport:
     """Every problem of one backup (its chain's structure, its own parts)."""
     report = VerifyReport(backup_id, deep=deep)
@@ -157,7 +157,7 @@ def check_backup(repo: Repository, backup_id: str, deep: bool = False,
     return report
 
 
-def verify_backup(repo: Repository, backup_id: str, deep: bool = False,
+def verify_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
                   progress: Progress = no_progress) -> VerifyReport:
     """``check_backup``, raising ``CorruptBackup`` (every problem in its message) if any."""
     report = check_backup(repo, backup_id, deep, progress)
@@ -166,7 +166,7 @@ def verify_backup(repo: Repository, backup_id: str, deep: bool = False,
     return report
 
 
-def verify_chain(repo: Repository, idx: BackupIndex, progress: Progress = no_progress,
+def verify_chain(repo: BackupRepository, idx: BackupIndex, progress: Progress = no_progress,
                  read: bool = True) -> list[BackupIndex]:
     """The chain of ``idx`` with every part of every backup in it checked (restore's
     precondition); CorruptBackup naming every damaged part. ``read=False`` checks the
