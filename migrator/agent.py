@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.core import errors
+from migrator.core import errors, proc
 from migrator.core.names import ContainerName, PoolName, SnapshotName, host_address
-from migrator.pipelines.copy import undo_partial_target
+from migrator.runtime.leftovers import undo_partial_target
 from migrator.transport.datapath import COMPRESSORS, FrameStream
 from migrator.transport.frames import ProtocolError, Reader, Writer, read_json, write_json
 
@@ -514,9 +514,7 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         result = op(agent, req, read)
         write_json(write, {"ok": True, **result})
         if agent.exec_after_reply:
-            import os
-
-            os.execvp(agent.exec_after_reply[0], agent.exec_after_reply)
+            proc.exec_replace(agent.exec_after_reply)
         return 0
     except (KeyError, TypeError, ValueError) as e:
         write_json(write, error_reply(errors.InvalidInput(f"malformed request: {e!r}")))

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -25,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
-from migrator.core.errors import CommandFailed, MissingDependency, NoSpace
+from migrator.core import proc
+from migrator.core.errors import CommandFailed, NoSpace
 
 log = logging.getLogger(__name__)
 
@@ -209,19 +209,12 @@ class SendStream(Stream):
         self.size_hint = size_hint
         self.cleanups: list[Callable[[], object]] = []
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the stream
-        log.debug("send: %s", self.argv)
         try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                cwd=cwd,
-                close_fds=True,
-            )
-        except FileNotFoundError as e:
+            self.proc = proc.start_process(self.argv, stdout=proc.PIPE, stderr=self._stderr,
+                                           cwd=cwd)
+        except BaseException:  # not started: release what it was given, then report
             self._stderr.close()
-            raise MissingDependency(f"required tool {self.argv[0]!r} is not installed") from e
+            raise
 
     def fileno(self) -> int:
         assert self.proc.stdout is not None
@@ -321,16 +314,12 @@ def receive_with(
     that failed first: a receiver that exits early is the cause of the sender's EPIPE.
     """
     full = [str(a) for a in argv]
-    log.debug("receive: %s", full)
     with tempfile.TemporaryFile() as err:
         try:
-            rproc = subprocess.Popen(
-                full, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd,
-                close_fds=True,
-            )
-        except FileNotFoundError as e:
+            rproc = proc.start_process(full, stdin=proc.PIPE, stderr=err, cwd=cwd)
+        except BaseException:  # not started: release what it was given, then report
             stream.kill()
-            raise MissingDependency(f"required tool {full[0]!r} is not installed") from e
+            raise
         assert rproc.stdin is not None
         moved = 0
         pump_error: BaseException | None = None
@@ -348,7 +337,7 @@ def receive_with(
             rproc.wait()
             stream.kill()
             raise pump_error
-        rc = _wait(rproc)
+        rc = proc.wait_or_kill(rproc)
         if pump_error is not None and rc == 0 and _only_zeros_left(stream):
             pump_error = None  # tar stops at its end marker; what it left is record padding
         if pump_error is not None:
@@ -381,28 +370,14 @@ def _only_zeros_left(stream: Stream | IO[bytes]) -> bool:
             return False
 
 
-def _wait(p: subprocess.Popen[bytes], timeout: float | None = None) -> int:
-    try:
-        return p.wait(timeout=timeout)
-    except BaseException:
-        p.kill()
-        p.wait()
-        raise
-
-
 def run_watched(argv: Sequence[str], on_line: Callable[[str], None]) -> tuple[int, str, str]:
     """Run a command, feeding each stdout line (split on CR or LF) to ``on_line``.
 
     Used for rsync, whose ``--info=progress2`` lines end in carriage returns.
     """
     full = [str(a) for a in argv]
-    log.debug("run (watched): %s", full)
     with tempfile.TemporaryFile() as err:
-        try:
-            p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=err, close_fds=True)
-        except FileNotFoundError as e:
-            raise MissingDependency(f"required tool {full[0]!r} is not installed") from e
+        p = proc.start_process(full, stdout=proc.PIPE, stderr=err)
         assert p.stdout is not None
         out: list[str] = []
         buf = b""
@@ -428,7 +403,7 @@ def run_watched(argv: Sequence[str], on_line: Callable[[str], None]) -> tuple[in
 
         t = threading.Thread(target=reader, daemon=True)
         t.start()
-        rc = _wait(p)
+        rc = proc.wait_or_kill(p)
         t.join()
         if buf.strip():
             out.append(buf.decode(errors="replace"))

@@ -140,7 +140,7 @@ class LazyDump:
     """A post-copy dump running in the background: captures the tasks, then serves pages."""
 
     def __init__(self, ck: LxcCheckpointer, name: str, images: Path, port: int,
-                 popen: subprocess.Popen[bytes], output: Path, status_fd: int | None = None
+                 popen: proc.Child, output: Path, status_fd: int | None = None
                  ) -> None:
         self.ck, self.name, self.images, self.port = ck, name, images, port
         self.status_fd = status_fd  # read end of criu's --status-fd (with --ps-socket)
@@ -226,7 +226,7 @@ class LazyDump:
 class LazyPages:
     """The target side's ``criu lazy-pages`` daemon: fetches pages for a lazy restore."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], images: Path, log: Path) -> None:
+    def __init__(self, popen: proc.Child, images: Path, log: Path) -> None:
         self.popen, self.images, self.log = popen, images, log
 
     @property
@@ -253,7 +253,7 @@ class LazyPages:
         _kill_group(self.popen)
 
 
-def _kill_group(p: subprocess.Popen[bytes]) -> None:
+def _kill_group(p: proc.Child) -> None:
     if p.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import socket
-import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +192,7 @@ class PipeChannel:
 
     PIPE_SIZE = 1 << 20
 
-    def __init__(self, p: subprocess.Popen[bytes]) -> None:
+    def __init__(self, p: proc.Child) -> None:
         assert p.stdin is not None and p.stdout is not None and p.stderr is not None
         self.p = p
         self.stdin, self.stdout = p.stdin.fileno(), p.stdout.fileno()

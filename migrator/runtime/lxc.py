@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,18 +310,13 @@ class LxcDriver:
         Output goes to a file: after ``-r`` the restored container inherits lxc-checkpoint's
         stdout, so a pipe would stay open as long as the container runs.
         """
-        p = self.spawn_checkpoint(name, images, env, output, restore)
-        try:
-            return p.wait(timeout=timeout)
-        except BaseException:
-            p.kill()
-            p.wait()
-            raise
+        return proc.wait_or_kill(self.spawn_checkpoint(name, images, env, output, restore),
+                                 timeout)
 
     def spawn_checkpoint(
         self, name: str, images: Path, env: dict[str, str], output: Path, restore: bool = False,
         pass_fds: tuple[int, ...] = (),
-    ) -> subprocess.Popen[bytes]:
+    ) -> proc.Child:
         """lxc-checkpoint in the background (a post-copy dump serves pages until done);
         ``pass_fds`` reach the criu it runs (the page server's socket)."""
         return proc.spawn(
