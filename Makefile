@@ -11,7 +11,9 @@ setup:
 demo: setup
 	bash scripts/demo.sh
 
+# The layers contract first (seconds): CI runs this target, so it keeps the floors.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests -v -rfEs --durations=15
 
 unit: setup
@@ -23,6 +25,7 @@ integration: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/bench_runtime.py
@@ -34,7 +37,7 @@ bench: setup
 
 # Two test hosts on this machine (network namespaces mh-a, mh-b joined by a private
 # 198.51.100.0/24 link, each with its own sshd, state root, pools and busybox image):
-# see runtime/testhosts.py. Idempotent; `make hosts-down` removes everything.
+# see testrigs/testhosts.py. Idempotent; `make hosts-down` removes everything.
 # SHAPE=100mbit limits what host a sends on the link (tc tbf); SHAPE=off lifts it.
 hosts: setup
 	$(PY) -m testrigs.testhosts up --hosts a,b
