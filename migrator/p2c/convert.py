@@ -25,7 +25,10 @@ from migrator.core import errors
 from migrator.core.names import ContainerName
 from migrator.p2c.inventory import Inventory, exclude_rules, gather
 from migrator.p2c.pull import relay
+from migrator.p2c.source import SourceMachine
+from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled, owner_alive
+from migrator.runtime.state import OperationRecord, StateStore
 from migrator.streams import Progress, ProgressMeter, no_progress
 
 KIND = "p2c"
@@ -70,7 +73,7 @@ class P2cResult:
         return d
 
 
-def interrupted_conversion(state: Any, name: str, host: str) -> Any:
+def interrupted_conversion(state: StateStore, name: str, host: str) -> OperationRecord | None:
     """The p2c operation for ``name`` onto ``host`` that was cut and not yet recovered."""
     for op in state.list_operations():
         if op.kind == KIND and op.detail.get("container") == name and \
@@ -80,7 +83,7 @@ def interrupted_conversion(state: Any, name: str, host: str) -> Any:
     return None
 
 
-def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
+def convert(state: StateStore, source: SourceMachine, target: Any, opts: P2cOptions,
             progress: Progress = no_progress,
             on_inventory: Callable[[Inventory], None] | None = None) -> P2cResult:
     """Inventory (handed to ``on_inventory`` before anything moves), then (unless
@@ -161,7 +164,7 @@ def convert(state: Any, source: Any, target: Any, opts: P2cOptions,
 
 
 def _finish(target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
-            result: P2cResult, source: Any, op: Operation) -> dict[str, Any]:
+            result: P2cResult, source: SourceMachine, op: Operation) -> dict[str, Any]:
     reply: dict[str, Any] = target.request("p2c_finish", {
         "name": str(name), "pool": pool, "privileged": opts.privileged,
         "dhcp": opts.dhcp, "start": opts.start, "unreadable": result.unreadable,
@@ -183,8 +186,8 @@ def _link_from(target: Any, remote: dict[str, Any]) -> tuple[str, str | None] | 
     return str(transport.sock.getsockname()[0]), getattr(target, "netns", None)
 
 
-def _pull(source: Any, target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
-          result: P2cResult, progress: Progress, resume: bool,
+def _pull(source: SourceMachine, target: Any, name: str, pool: str, inv: Inventory,
+          opts: P2cOptions, result: P2cResult, progress: Progress, resume: bool,
           link_from: tuple[str, str | None] | None = None) -> None:
     rules = exclude_rules(inv.mounts, inv.excludes)
     for n in (1, 2):
@@ -218,7 +221,7 @@ def _abort(target: Any, name: str, pool: str, op: Operation) -> None:
         op.note(undo_incomplete=True)
 
 
-def recover_p2c(cts: Any, op: Any, transport_for: Any) -> str:
+def recover_p2c(cts: Containers, op: OperationRecord, transport_for: Any) -> str:
     """``migrate recover`` of a p2c: remove the partial volume; a recorded container stays."""
     from migrator.p2c.pull import LocalAgent
 

@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from migrator.p2c.source import SourceMachine
+
 MEMORY_FS = {"tmpfs", "ramfs"}
 VIRTUAL_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2",
               "securityfs", "debugfs", "tracefs", "pstore", "bpf", "mqueue", "hugetlbfs",
@@ -271,7 +273,7 @@ def check_excludes(excludes: list[str]) -> list[str]:
 
 
 # gathering ------------------------------------------------------------------------------------
-def gather(src: Any, excludes: list[str]) -> Inventory:
+def gather(src: SourceMachine, excludes: list[str]) -> Inventory:
     """Ask the source everything the conversion needs to know (a few small commands)."""
     excludes = check_excludes(excludes)
     osr = parse_os_release(src.read("/etc/os-release") or src.read("/usr/lib/os-release") or "")
@@ -316,7 +318,7 @@ def gather(src: Any, excludes: list[str]) -> Inventory:
         total_size=max(total, 0), tools=tools)
 
 
-def _du(src: Any, path: str) -> int | None:
+def _du(src: SourceMachine, path: str) -> int | None:
     r = src.run(["du", "-sx", "--block-size=1", "--", path], timeout=600)
     try:
         return int(r.stdout.split()[0])
