@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +21,14 @@ import btrfsutil  # type: ignore[import-not-found]
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
 from migrator.core import proc
-from migrator.core.errors import AlreadyExists, InvalidInput, NoSpace, NotFound, StorageError
+from migrator.core.errors import (
+    AlreadyExists,
+    CorruptBackup,
+    InvalidInput,
+    NoSpace,
+    NotFound,
+    StorageError,
+)
 from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with
 
@@ -278,6 +286,63 @@ class BtrfsBackend(TreeLayout):
                 sd.rmdir()  # only when this receive left it empty
             raise
         return Snapshot(vol, name, dst)
+
+    def receive_renamed(self, vol: VolumeRef, stream: Stream, meter: ProgressMeter | None,
+                        snap: SnapshotName | None) -> None:
+        """Receive a btrfs stream, possibly hostile, whose subvolume its sender named as it
+        liked (an LXD export's ``.bin`` members): confined (``receive_confined``) into an
+        empty directory, then kept as snapshot ``snap`` (read-only, its received UUID kept
+        for the next incremental stream to name as its parent) or, with no ``snap``, as the
+        volume itself. The caller inspects what the streams made before trusting it."""
+        sd = self._snap_dir(vol)
+        sd.mkdir(parents=True, exist_ok=True)
+        self.volume_path(vol).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._receive_renamed(sd, vol, stream, meter, snap)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sd.rmdir()  # when nothing was kept there (the caller removes the rest)
+            raise
+
+    def _receive_renamed(self, sd: Path, vol: VolumeRef, stream: Stream,
+                         meter: ProgressMeter | None, snap: SnapshotName | None) -> None:
+        def drop(sub: Path) -> None:
+            with contextlib.suppress(Exception):
+                btrfsutil.set_subvolume_read_only(str(sub), False)
+            btrfsutil.delete_subvolume(str(sub))
+
+        recv = sd / f".recv-{secrets.token_hex(3)}"
+        recv.mkdir()
+        try:
+            receive_confined(recv, stream, meter)
+            got = list(recv.iterdir())
+            if len(got) != 1:
+                raise CorruptBackup(f"the btrfs stream of {snap or 'container'} made "
+                                    f"{len(got)} subvolumes, not 1")
+            if snap is None:
+                btrfsutil.create_snapshot(str(got[0]), str(self.volume_path(vol)))
+                drop(got[0])
+            else:
+                # a read-only subvolume cannot be renamed; the flags ioctl keeps its received
+                # UUID (which the next incremental stream names as its parent)
+                btrfsutil.set_subvolume_read_only(str(got[0]), False)
+                got[0].rename(sd / snap)
+                btrfsutil.set_subvolume_read_only(str(sd / snap), True)
+        finally:
+            for left in recv.iterdir():
+                drop(left)
+            recv.rmdir()
+
+    @contextlib.contextmanager
+    def writable_snapshot(self, snap: Snapshot) -> Iterator[Path]:
+        """Snapshot ``snap`` writable for the block, read-only again after; the flags ioctl
+        keeps a received snapshot's UUID (an import shifts the ids of what it received)."""
+        assert snap.path is not None
+        btrfsutil.set_subvolume_read_only(str(snap.path), False)
+        try:
+            yield snap.path
+        finally:
+            btrfsutil.set_subvolume_read_only(str(snap.path), True)
 
     def usage(self) -> PoolUsage:
         return statvfs_usage(self.path)

@@ -296,7 +296,7 @@ def test_privilege_of_agrees_with_its_source() -> None:
 
 
 def test_an_lxd_exports_config_keeps_only_what_passes_the_gate() -> None:
-    from migrator.exchange.lxdformat import convert_config
+    from migrator.exchange.lxd_config import convert_config
 
     conf, dropped = convert_config({
         "user.user-data": "#cloud-config\npackages: [x]", "user.ok": "fine",

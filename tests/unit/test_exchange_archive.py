@@ -1,4 +1,4 @@
-"""migrator.exchange.lxdformat: the pure parts (index parsing, config conversion, compression
+"""migrator.exchange: the pure parts (index parsing, config conversion, compression
 sniffing)."""
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import yaml
 import zstandard
 
 from migrator.core.errors import CorruptBackup, InvalidInput, UnsafeArchive
-from migrator.exchange.lxdformat import BackupFormatError, convert_config, open_archive, parse_index
+from migrator.exchange.compression import open_archive
+from migrator.exchange.layout import BackupFormatError, parse_index
+from migrator.exchange.lxd_config import convert_config
+from migrator.exchange.lxd_idmap import disk_shift, lxd_idmap
 from migrator.streams import ProgressMeter
 
 
@@ -101,8 +104,6 @@ def test_a_cut_compressed_stream_is_corrupt(compress) -> None:  # type: ignore[n
 
 
 def test_disk_idmap_round_trips_through_lxds_key() -> None:
-    from migrator.exchange.lxdformat import disk_shift, lxd_idmap
-
     assert disk_shift({"volatile.last_state.idmap": lxd_idmap(100000)}) == 100000
     assert lxd_idmap(0) == "[]"
     assert disk_shift({"volatile.last_state.idmap": "[]"}) == 0
@@ -132,8 +133,6 @@ def test_disk_idmap_round_trips_through_lxds_key() -> None:
      '{"Isuid":true,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "one range"),
 ])
 def test_an_archives_idmap_must_be_one_sane_range(claimed: str, why: str) -> None:
-    from migrator.exchange.lxdformat import disk_shift
-
     with pytest.raises(UnsafeArchive, match=why):
         disk_shift({"volatile.last_state.idmap": claimed})
 
