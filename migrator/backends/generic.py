@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
-from migrator.backends.base import Snapshot, VolumeRef
+from migrator.backends.base import Snapshot, StorageBackend, VolumeRef
 from migrator.core import proc
 from migrator.core.errors import CommandFailed, NoSpace, StorageError
 from migrator.core.names import SnapshotName
@@ -80,7 +79,7 @@ def _not_storable(dest: Path | str, detail: str) -> StorageError:
 
 
 def tar_receive(
-    backend: Any, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
+    backend: StorageBackend, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
 ) -> Snapshot:
     """Receive a tar stream as the volume's new content plus snapshot ``name``.
 
