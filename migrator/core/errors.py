@@ -4,6 +4,12 @@ Every error a user can meet is a ``MigratorError`` subclass carrying a distinct 
 a hint. Only ``migrator.cli.main`` turns them into exit codes; library code just raises.
 ``retryable`` separates what may succeed on a second try (a lost connection) from what will
 not (bad input, no space): pipelines decide retry and rollback on it.
+
+``ALL_ERRORS`` is the table of exit codes, one class per code. A refinement that belongs to
+one subject is defined beside it and keeps its parent's code (``ConfigRefused`` in
+``runtime/config.py`` exits as ``InvalidInput``); :func:`error_classes` finds every class,
+refinements too, by walking the subclasses, so this floor imports nothing above it. The wire
+(``transport/replies.py``) turns a far side's error back into its class through it.
 """
 
 from __future__ import annotations
@@ -196,6 +202,7 @@ class CallRefused(MigratorError):
             "host does not behave like a migrate agent: do not trust it")
 
 
+#: one class per exit code (``migrate --help`` lists them); refinements are not here
 ALL_ERRORS: tuple[type[MigratorError], ...] = (
     MigratorError,
     InvalidInput,
@@ -223,3 +230,17 @@ ALL_ERRORS: tuple[type[MigratorError], ...] = (
     ImportsFailed,
     CallRefused,
 )
+
+
+def error_classes() -> dict[str, type[MigratorError]]:
+    """Every error class this process has loaded, by name: ``ALL_ERRORS`` and the refinements
+    defined beside their subject (which share their parent's exit code). Names are unique in
+    the tree (``tests/unit/test_errors.py`` checks it), so a name from the far side means one
+    class."""
+    found: dict[str, type[MigratorError]] = {}
+    todo: list[type[MigratorError]] = [MigratorError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.__name__, cls)
+        todo.extend(cls.__subclasses__())
+    return found
