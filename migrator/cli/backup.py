@@ -7,9 +7,12 @@ from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current, transport_for
+from migrator.cli.options import config_option, format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
+from migrator.core.errors import CorruptBackup, InvalidInput
 
 backup_app = typer.Typer(
     help="Compressed, verifiable, incremental backups in a repository.\n\n"
@@ -24,26 +27,14 @@ REPO_OPT = typer.Option(None, "--repo", "-r",
                         help="Repository: a directory, or ssh://HOST/PATH on an inventory "
                         "host (ssh://HOST alone: that host's <state root>/backups) "
                         "[default: <state root>/backups]")
-FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(backup_app, name="backup")
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
+FORMAT_OPT = format_option("table or json")
 
 
 def _repo(path: str | None) -> Any:
     """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
     from migrator.backup.remote import open_repository
 
-    return open_repository(_ctx().host, path)
-
-
-def _json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    return open_repository(current().host, path)
 
 
 @backup_app.command("create")
@@ -77,10 +68,10 @@ def create_cmd(
     from migrator.backup.create import create_backup
 
     with Bars() as bars:
-        r = create_backup(_ctx().containers, name, _repo(repo), optimized, incremental,
+        r = create_backup(current().containers, name, _repo(repo), optimized, incremental,
                           compression, instance_only, bars)
     if fmt == Format.json:
-        _json(r.as_dict())
+        print_json(r.as_dict())
         return
     ratio = f", {r.raw_bytes / r.stored_bytes:.1f}x" if r.stored_bytes else ""
     say(f"backup {r.id} of {r.container} ({r.kind}"
@@ -123,7 +114,7 @@ def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REP
     r.check()
     idx = r.get(backup_id)
     if fmt == Format.json:
-        _json(json.loads(idx.to_json()))
+        print_json(json.loads(idx.to_json()))
         return
     from migrator.backup.catalog import row
 
@@ -161,7 +152,6 @@ def verify_cmd(
     damaged.
     """
     from migrator.backup.verify import check_backup
-    from migrator.core.errors import CorruptBackup, InvalidInput
 
     if bool(backup_id) == all_:
         raise InvalidInput("give one backup ID or --all")
@@ -176,7 +166,7 @@ def verify_cmd(
             reports.append(check_backup(r, i, deep, bars))
     bad = [x for x in reports if not x.ok]
     if fmt == Format.json:
-        _json([x.as_dict() for x in reports])
+        print_json([x.as_dict() for x in reports])
     else:
         for x in reports:
             say(f"{x.id}: " + ("ok" if x.ok else "DAMAGED") +
@@ -194,11 +184,9 @@ def restore_cmd(
     backup_id: str = typer.Argument(..., metavar="ID"),
     name: str = typer.Option(None, "--name", "-n",
                              help="Restore as this container [default: the backed-up name]"),
-    pool: str = typer.Option(None, "--pool", "-p",
-                             help="Pool to restore onto (any driver) [default: default pool]"),
-    config: list[str] = typer.Option([], "--config", "-c",
-                                     help="KEY=VALUE overriding the backed-up config "
-                                     "(repeatable), e.g. -c limits.memory=512MiB"),
+    pool: str = pool_option("Pool to restore onto (any driver) [default: default pool]"),
+    config: list[str] = config_option("KEY=VALUE overriding the backed-up config "
+                                      "(repeatable), e.g. -c limits.memory=512MiB", []),
     force: bool = typer.Option(False, "--force",
                                help="Replace an existing container of that name"),
     host: str = typer.Option(None, "--host", "-H",
@@ -228,7 +216,6 @@ def restore_cmd(
     `migrate backup restore ID --host host-b --pool fast --repo ssh://host-b/srv/backups`
     """
     from migrator.backup.restore import RestoreResult, restore_backup
-    from migrator.core.errors import InvalidInput
 
     overrides: dict[str, str] = {}
     for item in config:
@@ -240,7 +227,6 @@ def restore_cmd(
     with Bars() as bars:
         if host and host != "local":
             from migrator.backup.remote import restore_on_host
-            from migrator.cli.hosts import transport_for
 
             with transport_for(host) as t:
                 done, staged = restore_on_host(t, _repo(repo), backup_id, name, pool,
@@ -248,10 +234,10 @@ def restore_cmd(
                                                allow_privileged)
             r = RestoreResult(**done)
         else:
-            r = restore_backup(_ctx().containers, _repo(repo), backup_id, name, pool,
+            r = restore_backup(current().containers, _repo(repo), backup_id, name, pool,
                                overrides, force, bars, verify_first, allow_privileged)
     if fmt == Format.json:
-        _json({**r.as_dict(), "host": host or "local", "staged": staged})
+        print_json({**r.as_dict(), "host": host or "local", "staged": staged})
         return
     where = f" on {host}" if host and host != "local" else ""
     say(f"restored {r.id} as {r.container}{where} on pool {r.pool} via {r.method}: "
@@ -286,7 +272,7 @@ def copy_cmd(
     with Bars() as bars:
         r = copy_chain(_repo(repo), _repo(to), backup_id, bars)
     if fmt == Format.json:
-        _json({"copied": r.copied, "present": r.present, "bytes": r.bytes})
+        print_json({"copied": r.copied, "present": r.present, "bytes": r.bytes})
         return
     say(f"copied {len(r.copied)} backup(s), {human_size(r.bytes)}"
         + (f"; already there: {', '.join(r.present)}" if r.present else ""))
@@ -324,7 +310,7 @@ def prune_cmd(
                              keep_yearly)
     r = prune_repository(_repo(repo), policy, dry_run, container)
     if fmt == Format.json:
-        _json(r.as_dict())
+        print_json(r.as_dict())
         return
     if list_:
         for bid, why in sorted(r.keep.items()):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -12,24 +11,21 @@ from typing import Any, BinaryIO
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current
+from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
 from migrator.core.errors import InvalidInput
 
-FORMAT_OPT = typer.Option(Format.table, "--format", "-f",
-                          help="table or json (a summary on stdout; when the archive itself "
-                          "goes to stdout, the summary stays on stderr)")
+FORMAT_OPT = format_option("table or json (a summary on stdout; when the archive itself "
+                           "goes to stdout, the summary stays on stderr)")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``export`` and ``import`` to ``app``."""
     app.command("export")(export_cmd)
     app.command("import")(import_cmd)
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
 
 
 @contextlib.contextmanager
@@ -62,7 +58,7 @@ def _output(file: str) -> Iterator[BinaryIO]:
 
 def _report(result: Any, fmt: Format, lines: list[str], to_stdout: bool = True) -> None:
     if fmt == Format.json and to_stdout:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+        print_json(result.as_dict())
         return
     for line in lines:
         say(line)
@@ -85,10 +81,10 @@ def export_cmd(
     """Export a container (and its snapshots) as one tarball in the layout of `lxc export`
     and `incus export`, which LXD and Incus import. The archive is streamed: exporting never
     needs room for a copy of the container, and `-` pipes it into another tool."""
-    from migrator.exchange.lxdformat import export_container
+    from migrator.exchange.export import export_container
 
     with Bars() as bars, _output(file) as out:
-        r = export_container(_ctx().containers, name, out, optimized, instance_only,
+        r = export_container(current().containers, name, out, optimized, instance_only,
                              compression, bars)
     kind = "optimized (btrfs streams)" if r.optimized else "generic"
     snaps = f" with snapshots {', '.join(r.snapshots)}" if r.snapshots else ""
@@ -101,7 +97,7 @@ def import_cmd(
     file: str = typer.Argument(..., help="Archive to read (lxc/incus/migrate export), or -"),
     name: str = typer.Argument(None, help="Name of the new container [default: the "
                                           "archive's]"),
-    pool: str = typer.Option(None, "--pool", "-p", help="Pool [default: the default pool]"),
+    pool: str = pool_option("Pool [default: the default pool]"),
     allow_privileged: bool = typer.Option(
         False, "--allow-privileged",
         help="Accept a privileged container (its root is root on this host)"),
@@ -110,7 +106,7 @@ def import_cmd(
     """Import a container from an `lxc export`, `incus export` or `migrate export` tarball
     (gzip, zstd, xz or plain; read once, from a file or stdin). Every member is checked
     before it is written; an unsafe or damaged archive changes nothing on this host."""
-    from migrator.exchange.lxdformat import import_container
+    from migrator.exchange.import_archive import import_container
 
     with Bars() as bars, contextlib.ExitStack() as stack:
         if file == "-":
@@ -119,7 +115,7 @@ def import_cmd(
         else:
             src = stack.enter_context(open(file, "rb"))
             total = os.fstat(src.fileno()).st_size
-        r = import_container(_ctx().containers, src, name, pool, total, bars,
+        r = import_container(current().containers, src, name, pool, total, bars,
                              allow_privileged)
     lines = [f"imported {r.container} (archive of {r.source_name}) on pool {r.pool}: "
              f"{'optimized' if r.optimized else 'generic'}, {r.compression}, "

@@ -2,113 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import time
 from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current, transport_for
+from migrator.cli.options import format_option
 from migrator.cli.render import Format, human_size, render
+from migrator.core.errors import InvalidInput
+from migrator.core.names import ContainerName, host_address
 
 host_app = typer.Typer(help="Other hosts: inventory, host keys, connection checks.",
                        no_args_is_help=True)
 
 
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
 def register(app: typer.Typer) -> None:
-    app.add_typer(host_app, name="host")
+    """Add the hidden ``agent`` command to ``app`` (the ``host`` group is added by main)."""
     app.command("agent", hidden=True)(agent_cmd)
-    app.command("operations")(operations_cmd)
-    app.command("recover")(recover_cmd)
-
-
-def operations_cmd(
-    all_: bool = typer.Option(False, "--all", help="Also finished ones [default: running and "
-                              "interrupted]"),
-    fmt: Format = typer.Option(Format.table, "--format", "-f"),
-) -> None:
-    """Journaled copies and moves: kind, status, last stage; interrupted ones need recover."""
-    from migrator.runtime.operations import owner_alive
-
-    state = _ctx().host.state
-    rows = []
-    for op in state.list_operations():
-        status = op.status
-        if status == "running" and not owner_alive(op):
-            status = "interrupted"
-        if not all_ and status not in ("running", "interrupted", "failed"):
-            continue
-        what = op.detail.get("container", "")
-        where = op.detail.get("host") or op.detail.get("to_pool") or op.detail.get("pool", "")
-        rows.append({"id": op.id, "kind": op.kind, "status": status, "container": what,
-                     "to": where, "stage": (op.stages or ["-"])[-1],
-                     "method": op.detail.get("method", ""),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S",
-                                              time.localtime(op.created)),
-                     "error": op.error or ""})
-    typer.echo(render(rows, ["id", "kind", "status", "container", "to", "stage", "method",
-                             "started", "error"], fmt))
-
-
-def recover_cmd(
-    op_id: str = typer.Argument(None, help="Operation id (prefix) [default: every "
-                                "interrupted one]"),
-) -> None:
-    """Roll back, or complete, operations whose process died part-way (on both hosts)."""
-    from migrator.recover import recover
-    from migrator.runtime.operations import interrupted
-
-    state = _ctx().host.state
-    ops = [state.get_operation(op_id)] if op_id else interrupted(state)
-    if not ops:
-        say("nothing to recover")
-        return
-    for op in ops:
-        say(f"{op.id} ({op.kind}): {recover(_ctx().containers, op, transport_for)}")
 
 
 def agent_cmd() -> None:
     """The far side of host-to-host operations (run over SSH by the client; not by hand)."""
     from migrator.agent import main_stdio
 
-    raise typer.Exit(main_stdio(lambda: _ctx().containers))
-
-
-def transport_for(name: str, accept_host_key: bool = False,
-                  expect_fingerprint: str | None = None) -> Any:
-    """An (unconnected) SSH transport to an inventory host, from this host's namespace."""
-    from migrator.transport.ssh import inventory_transport
-
-    return inventory_transport(_ctx().host, name, accept_host_key, expect_fingerprint)
-
-
-def delegation_target(name: str) -> dict[str, Any]:
-    """An inventory host as another host needs it to push there for us, with the host key
-    this host verified (so the pushing host trusts exactly that key)."""
-    import paramiko
-
-    from migrator.core.errors import HostKeyError
-    from migrator.core.names import ContainerName
-
-    h = _ctx().host
-    rec = h.state.get_host(ContainerName(name))
-    hostname = rec.address if rec.port == 22 else f"[{rec.address}]:{rec.port}"
-    known = h.root / "ssh" / "known_hosts"
-    keys = paramiko.HostKeys(str(known)) if known.exists() else paramiko.HostKeys()
-    entry = keys.lookup(hostname)
-    if not entry:
-        raise HostKeyError(f"no verified SSH key for {name}",
-                           f"check its fingerprint, then `migrate host trust {name}`")
-    ktype, key = next(iter(entry.items()))
-    return {"name": rec.name, "address": rec.address, "port": rec.port, "user": rec.user,
-            "key": rec.key, "root": rec.root, "command": rec.command,
-            "data_link": rec.data_link, "link_rate": rec.link_rate,
-            "host_key": [ktype, key.get_base64()]}
+    raise typer.Exit(main_stdio(lambda: current().containers))
 
 
 DATA_LINK_HELP = ("How bulk data travels: auto (a direct TCP connection from that host back "
@@ -121,8 +42,6 @@ FINGERPRINT_HELP = ("Accept only the SSH host key with this fingerprint (SHA256:
 
 
 def _data_link(value: str) -> str:
-    from migrator.core.errors import InvalidInput
-
     if value not in DATA_LINKS:
         raise InvalidInput(f"invalid data link {value!r}", "one of: auto, tcp, ssh")
     return value
@@ -148,8 +67,6 @@ def host_add(
 
     Then `migrate host check NAME` measures the link, which decides whether transfers are
     compressed (zstd only helps on links slower than it compresses)."""
-    from migrator.core.errors import InvalidInput
-    from migrator.core.names import ContainerName, host_address
     from migrator.runtime.state import HostRecord
 
     hname = ContainerName(name)
@@ -159,7 +76,7 @@ def host_add(
     expected = _fingerprint(fingerprint) if fingerprint else None
     if key and not os.path.isfile(key):
         raise InvalidInput(f"key file {key} does not exist")
-    h = _ctx().host
+    h = current().host
     with h.state.transaction():
         h.state.add_host(HostRecord(hname, address, port, user,
                                     os.path.abspath(key) if key else None, root, command,
@@ -178,15 +95,13 @@ def host_set(
     command: str = typer.Option(None, help="Path of migrate there"),
 ) -> None:
     """Change a host's settings in the inventory."""
-    from migrator.core.errors import InvalidInput
-
     values: dict[str, Any] = {k: v for k, v in (("port", port), ("user", user),
                                                 ("command", command)) if v is not None}
     if data_link is not None:
         values["data_link"] = _data_link(data_link)
     if not values:
         raise InvalidInput("nothing to set", "e.g. `migrate host set host-b --data-link ssh`")
-    h = _ctx().host
+    h = current().host
     with h.state.transaction():
         h.state.update_host(name, **values)
     say(f"host {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
@@ -194,10 +109,6 @@ def host_set(
 
 def _fingerprint(value: str) -> str:
     """A SHA-256 key fingerprint as OpenSSH prints it: ``SHA256:`` and 43 base64 chars."""
-    import re
-
-    from migrator.core.errors import InvalidInput
-
     if not re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", value.strip()):
         raise InvalidInput(f"not a SHA-256 key fingerprint: {value!r}",
                            "copy it from `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` "
@@ -224,9 +135,9 @@ def host_trust(
 
 
 @host_app.command("list")
-def host_list(fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+def host_list(fmt: Format = format_option()) -> None:
     """List the inventory (``local`` is always this host)."""
-    h = _ctx().host
+    h = current().host
     rows: list[dict[str, Any]] = [{"name": "local", "address": "-", "user": "-",
                                    "root": str(h.root)}]
     rows += [{"name": r.name, "address": f"{r.address}:{r.port}", "user": r.user,
@@ -240,7 +151,7 @@ def host_list(fmt: Format = typer.Option(Format.table, "--format", "-f")) -> Non
 @host_app.command("remove")
 def host_remove(name: str) -> None:
     """Remove a host from the inventory (nothing on the host itself changes)."""
-    h = _ctx().host
+    h = current().host
     h.state.get_host(name)
     with h.state.transaction():
         h.state.delete_host(name)
@@ -251,17 +162,17 @@ def host_remove(name: str) -> None:
 def host_check(
     name: str,
     probe_mib: int = typer.Option(64, help="MiB sent to measure the link (0: skip)"),
-    fmt: Format = typer.Option(Format.table, "--format", "-f"),
+    fmt: Format = format_option(),
 ) -> None:
     """Connect, negotiate, and show both sides: versions, pools and their migration types,
     compressors, CRIU, and the link's throughput through the agent.
 
     The measured rate is kept in the inventory: with `--compress auto`, transfers to this
     host are compressed only if the link is slower than zstd."""
-    from migrator.agent import Agent
     from migrator.pipelines.remote_copy import negotiate_session
+    from migrator.pipelines.remote_target import RemoteTarget, no_data
 
-    local = Agent(_ctx().containers).hello({"criu_features": True}, lambda n: b"")
+    local = RemoteTarget(current().containers).hello({"criu_features": True}, no_data)
     with transport_for(name) as t:
         t0 = time.monotonic()
         remote = t.request("hello", {"criu_features": True})
@@ -273,7 +184,7 @@ def host_check(
 
             rate = measure_upload(t, probe_mib << 20)
             link_used = "tcp" if t.last_link == "tcp" else "ssh"
-            h = _ctx().host
+            h = current().host
             with h.state.transaction():
                 h.state.update_host(name, link_rate=rate, link_checked=time.time())
             t.link_rate = rate
@@ -285,7 +196,7 @@ def host_check(
             "data_link_problem": t.link_failed or None, "compression": comp.compress,
             "compression_reason": comp.reasons[1], "local": local, "remote": remote}
     if fmt == Format.json:
-        typer.echo(json.dumps(info, indent=2))
+        print_json(info)
         return
     for side, d in (("local", local), (name, remote)):
         typer.echo(f"{side}: migrator {d['version']} (protocol {d['protocol']}), "

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current, delegation_target, transport_for
+from migrator.cli.options import format_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
+from migrator.core.errors import InvalidInput, MigratorError, NotFound
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``live`` to ``app``."""
     app.command("live")(live_cmd)
 
 
@@ -43,7 +42,7 @@ def live_cmd(
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Negotiate and check, print the plan, change nothing"),
     compress: str = typer.Option("auto", "--compress", help="zstd, none, or auto"),
-    fmt: Format = typer.Option(Format.table, "--format", "-f"),
+    fmt: Format = format_option(),
 ) -> None:
     """Live-migrate running containers to another host with their memory (CRIU).
 
@@ -57,12 +56,10 @@ def live_cmd(
       migrate live local host-b                # evacuate: every running container
       migrate live local host-b --dry-run      # the plan: storage method, mode, sizes
     """
-    from migrator.cli.hosts import transport_for
-    from migrator.core.errors import InvalidInput, NotFound
     from migrator.pipelines.live import live_migrate, plan_live
 
     host, from_src = _split_source(src)
-    cts = _ctx().containers
+    cts = current().containers
     if host != "local":
         if dry_run:
             raise InvalidInput("--dry-run needs the source to be this host",
@@ -91,7 +88,7 @@ def live_cmd(
             for n in wanted:
                 plans.append(plan_live(cts, t, n, target_pool, mode, compress).as_dict())
         if fmt == Format.json:
-            typer.echo(json.dumps(plans, indent=2))
+            print_json(plans)
             return
         for p in plans:
             say(f"{p['container']}: -> {dst} pool {p['pool']}, storage {p['storage']}, "
@@ -119,8 +116,6 @@ def live_cmd(
 
     results: list[dict[str, Any]] = []
     failures: list[tuple[str, Exception]] = []
-    from migrator.core.errors import MigratorError
-
     def collect(n: str, run: Any) -> None:
         try:
             r = run()
@@ -141,8 +136,7 @@ def live_cmd(
             for n, fut in futures.items():
                 collect(n, fut.result)
     if fmt == Format.json:
-        typer.echo(json.dumps(results if len(wanted) > 1 or not results else results[0],
-                              indent=2))
+        print_json(results if len(wanted) > 1 or not results else results[0])
     if failures:
         if len(failures) == 1 and len(wanted) == 1:
             raise failures[0][1]
@@ -153,9 +147,6 @@ def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
               keep_source: bool, compress: str, fmt: Format) -> None:
     """SRC is another host: it runs the migration itself (its agent pushes to DST with the
     DST host key this host verified); each container's result is reported as it lands."""
-    from migrator.cli.hosts import delegation_target, transport_for
-    from migrator.core.errors import InvalidInput
-
     if src == dst:
         raise InvalidInput("source and target are the same host")
     target = delegation_target(dst)
@@ -174,7 +165,7 @@ def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
     results = [r | {"source": src} for r in reply.get("results", [])]
     failures = reply.get("failures", [])
     if fmt == Format.json:
-        typer.echo(json.dumps(results if len(results) != 1 else results[0], indent=2))
+        print_json(results if len(results) != 1 else results[0])
     if failures:
         from migrator.transport.ssh import remote_error
 

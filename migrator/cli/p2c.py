@@ -3,21 +3,19 @@ render the inventory and the report. The pipeline is ``migrator.p2c.convert``.""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current, transport_for
+from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
 
 
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
 def register(app: typer.Typer) -> None:
+    """Add ``p2c`` to ``app``."""
     app.command("p2c")(p2c_cmd)
 
 
@@ -25,7 +23,7 @@ def p2c_cmd(
     source: str = typer.Argument(..., help="The machine: user@machine[:port] (SSH)"),
     name: str = typer.Argument(..., help="Name of the new container"),
     to: str = typer.Option("local", "--to", help="Target host from the inventory, or local"),
-    pool: str = typer.Option(None, "--pool", "-p", help="Target pool [default: default]"),
+    pool: str = pool_option("Target pool [default: default]"),
     exclude: list[str] = typer.Option([], "--exclude", help="Leave this path out "
                                       "(repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the inventory only"),
@@ -41,31 +39,29 @@ def p2c_cmd(
                             "[default: ssh-agent and ~/.ssh keys]"),
     accept_host_key: bool = typer.Option(False, "--accept-host-key", help="Trust and record "
                                          "the machine's unknown SSH host key"),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table or json"),
+    fmt: Format = format_option("table or json"),
 ) -> None:
     """Convert a running machine reached over SSH into a system container (inventory,
     transfer with a delta pass, fixups, first boot)."""
+    from migrator.agent import local_transport
     from migrator.p2c.convert import P2cOptions, convert
-    from migrator.p2c.pull import LocalAgent
     from migrator.p2c.source import SourceMachine, SourceSpec
 
-    h = _ctx().host
+    h = current().host
     spec = SourceSpec.parse(source)
     opts = P2cOptions(name, pool, list(exclude), dry_run, resume, strict, privileged, dhcp,
                       not no_start)
     machine = SourceMachine(spec, key, h.root / "ssh" / "known_hosts", accept_host_key,
                             netns=h.netns)
     if to == "local":
-        target: Any = LocalAgent(_ctx().containers)
+        target: Any = local_transport(current().containers)
     else:
-        from migrator.cli.hosts import transport_for
-
         target = transport_for(to)
     with machine, target, Bars(enabled=None if fmt != Format.json else False) as bars:
         result = convert(h.state, machine, target, opts, bars,
                          show_inventory if fmt != Format.json else None)
     if fmt == Format.json:
-        typer.echo(json.dumps(result.as_dict(), indent=2, default=str))
+        print_json(result.as_dict())
         return
     if dry_run:
         say("dry run: nothing was changed on the target")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from datetime import datetime
@@ -11,7 +10,9 @@ from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_fields, print_json, say
+from migrator.cli.context import current
+from migrator.cli.options import format_option
 from migrator.cli.render import Format, render
 from migrator.core.errors import InvalidInput, JobsFailed
 
@@ -25,19 +26,10 @@ host_config_app = typer.Typer(
     "its own (they stay on this host when a container moves; its own keys go with it).",
     no_args_is_help=True,
 )
-FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json")
+FORMAT_OPT = format_option("table or json")
 JITTER_OPT = typer.Option(
     0, "--jitter", min=0,
     help="Spread the due jobs over this many seconds (a fixed place per container)")
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
-def register(app: typer.Typer, config_app: typer.Typer) -> None:
-    app.add_typer(schedule_app, name="schedule")
-    config_app.add_typer(host_config_app, name="host")
 
 
 def _when(ts: float | None) -> str:
@@ -58,7 +50,7 @@ def _parse_now(text: str | None) -> float | None:
 def _scheduler() -> Any:
     from migrator.backup.scheduler import Scheduler
 
-    return Scheduler(_ctx().containers)
+    return Scheduler(current().containers)
 
 
 @schedule_app.command("tick")
@@ -75,7 +67,7 @@ def tick_cmd(
     """
     r = _scheduler().tick(_parse_now(now), float(jitter))
     if fmt == Format.json:
-        typer.echo(json.dumps(r.as_dict(), indent=2))
+        print_json(r.as_dict())
     else:
         for j in r.results:
             say(f"{j.container}: {j.job} {j.result}" + (f" ({j.detail})" if j.detail else ""))
@@ -123,7 +115,7 @@ def status_cmd(fmt: Format = FORMAT_OPT) -> None:
     """Each container's scheduled jobs: schedule, next run, last run and result, failures."""
     st = _scheduler().status()
     if fmt == Format.json:
-        typer.echo(json.dumps(st, indent=2))
+        print_json(st)
         return
     rows = [{**r, "next": _when(r["next"]), "last": _when(r["last"])} for r in st["jobs"]]
     typer.echo(render(rows, ["container", "job", "schedule", "next", "last", "result",
@@ -150,10 +142,10 @@ def install_cmd(
     from migrator.backup.schedule_install import install
     from migrator.runtime.host import root_from_env
 
-    r = install(root_from_env(_ctx().root), kind, on_calendar, cron, jitter, unit_dir,
+    r = install(root_from_env(current().root), kind, on_calendar, cron, jitter, unit_dir,
                 cron_dir, dry_run)
     if fmt == Format.json:
-        typer.echo(json.dumps({**r.as_dict(), "dry_run": dry_run}, indent=2))
+        print_json({**r.as_dict(), "dry_run": dry_run})
         return
     for path, text in r.files.items():
         say(f"{'would write' if dry_run else 'wrote'} {path}:")
@@ -178,7 +170,7 @@ def host_set(assignments: list[str] = typer.Argument(..., help="KEY=VALUE...")) 
     values = parse_assignments(assignments)
     for k in values:
         _check_schedule_key(k)
-    state = _ctx().host.state
+    state = current().host.state
     with state.transaction():
         for k, v in values.items():
             state.set_setting(DEFAULTS_PREFIX + k, v)
@@ -189,7 +181,7 @@ def host_unset(keys: list[str]) -> None:
     """Remove host defaults."""
     from migrator.backup.scheduler import DEFAULTS_PREFIX
 
-    state = _ctx().host.state
+    state = current().host.state
     with state.transaction():
         for k in keys:
             _check_schedule_key(k)
@@ -201,9 +193,8 @@ def host_show(fmt: Format = FORMAT_OPT) -> None:
     """Show the host defaults."""
     from migrator.backup.scheduler import host_defaults
 
-    d = host_defaults(_ctx().host.state)
+    d = host_defaults(current().host.state)
     if fmt == Format.json:
-        typer.echo(json.dumps(d, indent=2))
+        print_json(d)
     else:
-        for k in sorted(d):
-            typer.echo(f"{k}: {d[k]}")
+        print_fields(d, sort=True)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current, delegation_target, transport_for
+from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
+from migrator.core.errors import InvalidInput
 
 volume_app = typer.Typer(
     help="Custom storage volumes: directories on a pool, mounted into containers.",
@@ -18,24 +22,20 @@ volume_app = typer.Typer(
 volume_snapshot_app = typer.Typer(help="Snapshots of custom volumes.", no_args_is_help=True)
 volume_app.add_typer(volume_snapshot_app, name="snapshot")
 
-FORMAT_OPT = typer.Option(Format.table, "--format", "-f", help="table or json (a summary)")
-POOL_OPT = typer.Option(None, "--pool", "-p", help="Pool the volume is on "
-                        "[default: the only pool with a volume of that name]")
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
+FORMAT_OPT = format_option("table or json (a summary)")
+POOL_OPT = pool_option("Pool the volume is on [default: the only pool with a volume of that "
+                       "name]")
 
 
 def report(result: Any, fmt: Format, verb: str) -> None:
     """Human summary on stderr, or the whole result as JSON on stdout."""
     if fmt == Format.json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
+        print_json(result.as_dict())
         return
     line = (f"{verb} {result.source} -> {result.target} on pool {result.pool} via "
             f"{result.method}: {human_size(result.bytes)} in {result.seconds:.1f}s")
     say(line)
-    if result.negotiated and _ctx().verbose:
+    if result.negotiated and current().verbose:
         say(f"  negotiated: {result.negotiated}")
     if result.snapshots_added:
         say(f"  snapshots added: {', '.join(result.snapshots_added)}")
@@ -50,7 +50,7 @@ def report(result: Any, fmt: Format, verb: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(volume_app, name="volume")
+    """Add ``copy`` and ``move`` to ``app`` (the ``volume`` group is added by main)."""
     app.command("copy")(copy_cmd)
     app.command("move")(move_cmd)
 
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
 def copy_cmd(
     source: str = typer.Argument(..., help="Container to copy"),
     target: str = typer.Argument(..., help="Name of the copy"),
-    pool: str = typer.Option(None, "--pool", "-p", help="Pool of the copy [default: source's]"),
+    pool: str = pool_option("Pool of the copy [default: source's]"),
     instance_only: bool = typer.Option(False, "--instance-only",
                                        help="Copy the container without its snapshots"),
     refresh: bool = typer.Option(
@@ -96,8 +96,6 @@ def copy_cmd(
                   allow_privileged)
             return
         if dst_host == src_host:
-            from migrator.core.errors import InvalidInput
-
             raise InvalidInput("a copy within another host runs on that host",
                                f"run `migrate copy {src_name} {dst_name}` on {src_host}")
         _delegate_copy(src_host, src_name, dst_host, dst_name, pool, instance_only, refresh,
@@ -105,13 +103,11 @@ def copy_cmd(
         return
     with Bars() as bars:
         if dst_host is None:
-            r = copy_container(_ctx().containers, src_name, dst_name, pool, instance_only,
+            r = copy_container(current().containers, src_name, dst_name, pool, instance_only,
                                refresh, allow_inconsistent, bars)
         else:
-            from migrator.cli.hosts import transport_for
-
             with transport_for(dst_host) as t:
-                r = RemoteCopy(_ctx().containers, t, bars, compress).copy(
+                r = RemoteCopy(current().containers, t, bars, compress).copy(
                     src_name, dst_name, pool, instance_only, refresh, allow_inconsistent)
     report(r, fmt, "refreshed" if refresh else "copied")
 
@@ -120,10 +116,6 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
                    instance_only: bool, refresh: bool, compress: str, fmt: Format) -> None:
     """HOST-A:C1 HOST-B:C1: host a pushes to host b (with the host key this host verified
     for b); this host only drives it."""
-    from types import SimpleNamespace
-
-    from migrator.cli.hosts import delegation_target, transport_for
-
     target = delegation_target(dst_host)
     with transport_for(src_host) as t:
         reply = t.request("delegate", {
@@ -141,18 +133,13 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
 def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bool,
           refresh: bool, compress: str, fmt: Format, allow_privileged: bool = False) -> None:
     """HOST:C1 C1: the other host pushes to this one through the same SSH channel."""
-    from types import SimpleNamespace
-
-    from migrator.cli.hosts import transport_for
     from migrator.pipelines.remote_copy import pull_copy
 
     with Bars() as bars, transport_for(src_host) as t:
-        r = pull_copy(_ctx().containers, t, src, dst, pool, instance_only, refresh, compress,
+        r = pull_copy(current().containers, t, src, dst, pool, instance_only, refresh, compress,
                       bars, allow_privileged)
     result = SimpleNamespace(**r, as_dict=lambda: r)
     report(result, fmt, "refreshed" if refresh else "copied")
-
-
 
 
 
@@ -160,7 +147,7 @@ def move_cmd(
     name: str = typer.Argument(..., help="Container to move or rename"),
     new_name: str = typer.Argument(None, help="New name (rename; the container must be "
                                    "stopped), or an inventory host to move it to"),
-    pool: str = typer.Option(None, "--pool", "-p", help="Move to this pool"),
+    pool: str = pool_option("Move to this pool"),
     verify: bool = typer.Option(False, "--verify",
                                 help="Checksum every file before removing the source "
                                 "[default: file list, metadata and a checksum sample]"),
@@ -174,35 +161,30 @@ def move_cmd(
     point leaves the container whole on its source pool. A running container is copied
     live, then stopped for a final sync and started on the new pool (downtime reported).
     """
-    from migrator.core.errors import InvalidInput
     from migrator.pipelines.copy import move_container, rename_container
     from migrator.pipelines.remote_copy import move_to_host, split_ref
 
     if not pool and not new_name:
         raise InvalidInput("nothing to do", "give --pool P to move, or a NEW_NAME to rename")
-    cts = _ctx().containers
+    cts = current().containers
     src_host, name = split_ref(name)
     if src_host is not None:
-        from migrator.core.errors import InvalidInput
-
         raise InvalidInput(f"a move from {src_host} runs on {src_host}",
                            f"run `migrate move {name} ...` there, or pull a copy with "
                            f"`migrate copy {src_host}:{name} {name}`")
     target_host = new_name.rstrip(":") if new_name else None
     if target_host and any(h.name == target_host for h in cts.state.list_hosts()):
-        from migrator.cli.hosts import transport_for
-
         with Bars() as bars, transport_for(target_host) as t:
             r = move_to_host(cts, t, name, pool, bars, compress)
         report(r, fmt, "moved")
         return
-    current = name
+    old_name = name
     if pool:
         with Bars() as bars:
             r = move_container(cts, name, pool, verify, bars)
         report(r, fmt, "moved")
     if new_name:
-        rename_container(cts, current, new_name)
+        rename_container(cts, old_name, new_name)
         if fmt == Format.json and not pool:
             typer.echo(json.dumps({"source": name, "target": new_name, "method": "rename"}))
         else:
@@ -213,21 +195,20 @@ def move_cmd(
 def _volumes() -> Any:
     from migrator.runtime.volumes import Volumes
 
-    return Volumes(_ctx().containers)
+    return Volumes(current().containers)
 
 
 @volume_app.command("create")
 def volume_create(name: str,
-                  pool: str = typer.Option(None, "--pool", "-p",
-                                           help="Pool [default: default]")) -> None:
+                  pool: str = pool_option("Pool [default: default]")) -> None:
     """Create an empty custom volume."""
     rec = _volumes().create(name, pool)
     say(f"volume {rec.name} created on pool {rec.pool}")
 
 
 @volume_app.command("list")
-def volume_list(pool: str = typer.Option(None, "--pool", "-p", help="Only this pool"),
-                fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+def volume_list(pool: str = pool_option("Only this pool"),
+                fmt: Format = format_option()) -> None:
     """List custom volumes with their users."""
     rows = [v.as_dict() | {"used_by": ",".join(v.used_by)} for v in _volumes().list_all(pool)]
     typer.echo(render(rows, ["pool", "name", "used_by", "snapshots", "path"], fmt))
@@ -268,7 +249,7 @@ def volume_snapshot_create(name: str, snap: str = typer.Argument(None),
 
 @volume_snapshot_app.command("list")
 def volume_snapshot_list(name: str, pool: str = POOL_OPT,
-                         fmt: Format = typer.Option(Format.table, "--format", "-f")) -> None:
+                         fmt: Format = format_option()) -> None:
     """List a volume's snapshots."""
     rows = [{"name": s.name, "created": s.created, "uuid": s.uuid}
             for s in _volumes().snapshot_list(name, pool)]
@@ -291,8 +272,11 @@ def volume_copy(
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Copy a volume with its snapshots (to another pool with --target-pool)."""
+    from migrator.pipelines.volume_copy import copy_volume
+
     with Bars() as bars:
-        r = _volumes().copy(name, target, pool, target_pool, refresh, volume_only, bars)
+        r = copy_volume(current().containers, name, target, pool, target_pool, refresh,
+                        volume_only, bars)
     report(r, fmt, "refreshed" if refresh else "copied")
 
 
@@ -304,6 +288,8 @@ def volume_move(
     fmt: Format = FORMAT_OPT,
 ) -> None:
     """Move a volume to another pool and/or rename it (its containers must be stopped)."""
+    from migrator.pipelines.volume_copy import move_volume
+
     with Bars() as bars:
-        r = _volumes().move(name, target_pool, new_name, pool, verify, bars)
+        r = move_volume(current().containers, name, target_pool, new_name, pool, verify, bars)
     report(r, fmt, "moved")

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from migrator.cli.context import _ctx
+from migrator.cli.console import print_json, say
+from migrator.cli.context import current
+from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
 from migrator.core.errors import ImportsFailed, InvalidInput
 
 if TYPE_CHECKING:
-    from migrator.adopt.from_lxc import ImportResult
+    from migrator.adopt.plan import ImportResult
 
 
 def register(app: typer.Typer) -> None:
     """Add ``import-lxc`` to ``app``."""
     app.command("import-lxc")(import_lxc_cmd)
-
-
-def say(msg: str) -> None:
-    typer.echo(msg, err=True)
 
 
 def _lines(r: ImportResult, replaced: bool) -> list[str]:
@@ -57,7 +54,7 @@ def import_lxc_cmd(
                                           "--lxcpath); omit with --all"),
     lxcpath: Path = typer.Option(Path("/var/lib/lxc"), "--lxcpath", "-P",
                                  help="LXC path holding the container"),
-    pool: str = typer.Option(None, "--pool", "-p", help="Pool [default: the default pool]"),
+    pool: str = pool_option("Pool [default: the default pool]"),
     all_: bool = typer.Option(False, "--all", help="Adopt every container of --lxcpath, each "
                               "on its own (one failure does not stop the others)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan and the keys that "
@@ -69,18 +66,19 @@ def import_lxc_cmd(
     allow_privileged: bool = typer.Option(
         False, "--allow-privileged", help="Adopt a privileged container (no lxc.idmap: its "
         "root is root on this host); refused without this"),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table or json"),
+    fmt: Format = format_option("table or json"),
 ) -> None:
     """Adopt a stopped LXC container (its config and dir rootfs) into this host, as LXD's
     lxc-to-lxd does: the rootfs is copied into a volume (ids shifted to this host's map if it
     is unprivileged), its network, limits and idmap converted, and every key that cannot be
     converted listed. The original is only read, unless --delete destroys it after success."""
-    from migrator.adopt.from_lxc import import_all, import_lxc, plan_import
+    from migrator.adopt.adoption import import_all, import_lxc
+    from migrator.adopt.plan import plan_import
 
     if bool(name) == all_:
         raise InvalidInput("name one LXC container, or give --all",
                            "e.g. migrate import-lxc web --lxcpath /var/lib/lxc")
-    cts = _ctx().containers
+    cts = current().containers
 
     def show(r: ImportResult) -> None:
         if fmt != Format.json:
@@ -93,14 +91,14 @@ def import_lxc_cmd(
             r = plan.result(True) if dry_run else import_lxc(cts, plan, delete, bars,
                                                              allow_privileged)
         if fmt == Format.json:
-            typer.echo(json.dumps(r.as_dict(), indent=2))
+            print_json(r.as_dict())
         show(r)
         return
     with Bars() as bars:
         entries = import_all(cts, lxcpath, pool, delete, dry_run, bars,
                              allow_privileged=allow_privileged)
     if fmt == Format.json:
-        typer.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+        print_json([e.as_dict() for e in entries])
     for e in entries:
         if e.result is not None:
             show(e.result)
