@@ -288,7 +288,7 @@ def test_debian_from_lxc_local_unprivileged_boots_snapshots_and_moves(host, lxcp
 
 KILLED_IN_VERIFY = """
 import os, sys
-import migrator.adopt.from_lxc as li
+import migrator.adopt.adoption as li
 li.verify_trees = lambda *a, **k: os._exit(9)  # the process dies between copy and record
 sys.argv = ["migrate", *sys.argv[1:]]
 from migrator.cli.main import main

@@ -1,4 +1,4 @@
-"""migrator.adopt.from_lxc: the pure parts (LXC config parsing, legacy keys, includes,
+"""migrator.adopt: the pure parts (LXC config parsing, legacy keys, includes,
 conversion)."""
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from migrator.adopt.from_lxc import (
+from migrator.adopt.lxc_config import (
     DIST_CONFIG_DIR,
     convert_config,
-    detect_image,
-    ids_outside,
     parse_config_text,
     parse_cpuset,
     read_config,
 )
+from migrator.adopt.plan import detect_image, ids_outside
 from migrator.core.errors import InvalidInput
 
 BUSYBOX = """\

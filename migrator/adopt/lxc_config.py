@@ -1,64 +1,30 @@
-"""Adopting plain LXC containers (made with ``lxc-create``) into the runtime: ``import-lxc``.
+"""An LXC container's config (``lxc-create``'s ``config``): read, and mapped onto the
+runtime's keys. Both are pure: nothing here looks at the machine beyond the config files.
 
-What LXD's ``lxc-to-lxd`` does for LXD: read the container's ``config`` (and the files it
-``lxc.include``s), check that it can be adopted, copy its rootfs into a volume of a pool,
-convert what the runtime can express and record it as one of the runtime's containers.
+``read_config`` follows the files the config ``lxc.include``s (the distribution's shared
+configs only noted: the runtime's rendered config provides their settings). Legacy LXC 2.x
+names (``lxc.network.*``, ``lxc.rootfs``, ``lxc.utsname``, ``lxc.id_map``...) are read as
+their LXC 3+ names, the way ``lxc-update-config`` rewrites them, and the rewrite is noted.
 
-The one design decision: the original is only ever *read* until the adopted container is
-recorded and its copy verified, and every LXC key lands in exactly one of three lists —
-``converted`` (it became a runtime key), ``replaced`` (the runtime sets the same thing its own
-way: ttys, console, AppArmor, the distribution's ``common.conf``...) or ``unconvertible``
-(something the container had that the runtime cannot give it: a host bind mount, an
-environment variable, autostart). Nothing is dropped silently; ``--dry-run`` shows the three
-lists and changes nothing. Only then, with ``--delete``, is the original destroyed.
-
-Parsing and conversion are pure (``parse_config_text``, ``convert_config``); ``plan_import``
-adds the checks that look at this machine (is it stopped, is the name free, are all file
-owners inside its id map) and ``import_lxc`` does the staged work. Legacy LXC 2.x names
-(``lxc.network.*``, ``lxc.rootfs``, ``lxc.utsname``, ``lxc.id_map``...) are read as their
-LXC 3+ names, the way ``lxc-update-config`` rewrites them, and the rewrite is noted.
-
-The original's state is asked of LXC in this process's own network namespace: LXC's command
-sockets are per namespace, and an LXC container started from a shell lives in the host's.
+The one design decision: every LXC key lands in exactly one of three lists of the
+``Conversion`` - ``converted`` (it became a runtime key), ``replaced`` (the runtime sets the
+same thing its own way: ttys, console, AppArmor, the distribution's ``common.conf``...) or
+``unconvertible`` (something the container had that the runtime cannot give it: a host bind
+mount, an environment variable, autostart). Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
 import re
-import stat
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from migrator.backends import VolumeRef
-from migrator.backends.generic import rsync_tree, tree_size
-from migrator.core import proc
-from migrator.core.errors import (
-    AlreadyExists,
-    ContainerError,
-    InvalidInput,
-    InvalidState,
-    MigratorError,
-    NotFound,
-)
-from migrator.core.names import ContainerName, PoolName
-from migrator.pipelines.copy import remove_leftover
-from migrator.pipelines.target_check import verify_trees
+from migrator.core.errors import InvalidInput, NotFound
 from migrator.runtime import config as cfg
-from migrator.runtime import idmap
-from migrator.runtime.containers import Containers, Stages
-from migrator.runtime.durable import sync_filesystem
-from migrator.runtime.inroot import RootDir
 from migrator.runtime.lxc import PRIVILEGED_DEVICES
-from migrator.runtime.operations import journaled
-from migrator.streams import Progress, ProgressMeter, no_progress
 
-DEFAULT_LXCPATH = Path("/var/lib/lxc")
 # The distribution's shared configs (common.conf, userns.conf, nesting.conf...): their
 # settings are what the runtime's own rendered config provides, so they are not expanded.
 DIST_CONFIG_DIR = Path("/usr/share/lxc/config")
@@ -172,7 +138,7 @@ class _Parser:
                 continue
             where = f"{origin}:{number}"
             key, sep, value = line.partition("=")
-            key, value = key.strip(), _unquote(value.strip())
+            key, value = key.strip(), unquote(value.strip())
             if not sep or not key or " " in key:
                 self.out.bad.append(f"{where}: {line!r} is not KEY = VALUE")
                 continue
@@ -205,7 +171,8 @@ def _net_subkey(sub: str) -> str:
     return {"ipv4": "ipv4.address", "ipv6": "ipv6.address"}.get(sub, sub)
 
 
-def _unquote(value: str) -> str:
+def unquote(value: str) -> str:
+    """A value without the one pair of quotes around it, as LXC reads it."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
@@ -577,351 +544,3 @@ def _convert_nic_line(cl: ConfigLine, sub: str, kind: str, conv: Conversion) -> 
         conv.replaced.append(f"{cl} (the runtime's bridge is the gateway)")
     else:
         conv.unconvertible.append(f"{cl} (no equivalent in the runtime)")
-
-
-# planning ----------------------------------------------------------------------------------
-@dataclass
-class ImportResult:
-    """What ``import-lxc`` did or, with ``dry_run``, would do (``--format json`` dumps it)."""
-
-    container: str
-    source: str
-    pool: str
-    privileged: bool
-    dry_run: bool
-    config: dict[str, str]
-    ipv4: str | None
-    hwaddr: str | None
-    shift: int
-    size: int | None
-    converted: list[str]
-    replaced: list[str]
-    unconvertible: list[str]
-    notes: list[str]
-    bytes: int = 0
-    seconds: float = 0.0
-    verified: str | None = None
-    deleted: bool = False
-    operation: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class ImportPlan:
-    name: ContainerName
-    lxcpath: Path
-    rootfs: Path
-    pool: PoolName
-    conversion: Conversion
-    ipv4: str | None  # the address to ask the runtime for (None: allocate one)
-    shift: int
-    size: int | None
-    lxc_snapshots: list[str]
-
-    def result(self, dry_run: bool) -> ImportResult:
-        c = self.conversion
-        return ImportResult(self.name, str(self.lxcpath / self.name), self.pool, c.privileged,
-                            dry_run, dict(self.config), self.ipv4, c.hwaddr, self.shift,
-                            self.size, list(c.converted), list(c.replaced),
-                            list(c.unconvertible), list(c.notes))
-
-    @property
-    def config(self) -> dict[str, str]:
-        return self.conversion.config
-
-
-def lxc_state(lxcpath: Path, name: str) -> str:
-    """The original's state (RUNNING, STOPPED...) as LXC in this namespace reports it."""
-    r = proc.run(["lxc-info", "-P", str(lxcpath), "-n", name, "-sH"], check=False)
-    state = r.stdout.strip()
-    if r.returncode != 0 or not state:
-        raise ContainerError(f"cannot tell whether LXC container {name!r} is running: "
-                             f"{r.stderr.strip() or 'lxc-info said nothing'}",
-                             f"check it by hand: lxc-info -P {lxcpath} -n {name}")
-    return state
-
-
-def list_lxc_containers(lxcpath: Path) -> list[str]:
-    """Names of the containers under ``lxcpath`` (directories holding a ``config``)."""
-    if not lxcpath.is_dir():
-        raise NotFound(f"LXC path {lxcpath} does not exist", "give it with --lxcpath")
-    return sorted(p.name for p in lxcpath.iterdir()
-                  if not p.name.startswith(".") and (p / "config").is_file())
-
-
-def plan_import(cts: Containers, name: str, lxcpath: Path = DEFAULT_LXCPATH,
-                pool: str | None = None) -> ImportPlan:
-    """Every check, nothing changed: the plan ``import_lxc`` follows (and ``--dry-run``
-    shows). Raises the first blocking problem as a typed error with a hint."""
-    host = cts.host
-    lxcpath = Path(os.path.abspath(lxcpath))
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidInput(f"invalid LXC container name {name!r}")
-    if lxcpath.resolve() == host.lxcpath.resolve():
-        raise InvalidInput(f"{lxcpath} is this runtime's own LXC path",
-                           "its containers are already the runtime's")
-    src = lxcpath / name
-    if not (src / "config").is_file():
-        raise NotFound(f"no LXC container {name!r} in {lxcpath}",
-                       f"list them: lxc-ls -P {lxcpath}")
-    cname = ContainerName(name)
-    conv = convert_config(read_config(src / "config"), cname)
-    if conv.problems:
-        raise InvalidInput(f"LXC container {name!r} cannot be adopted: "
-                           + "; ".join(conv.problems),
-                           "fix its config (lxc-update-config rewrites legacy keys), then "
-                           "import again")
-    state = lxc_state(lxcpath, name)
-    if state != "STOPPED":
-        raise InvalidState(f"LXC container {name!r} is {state.lower()}",
-                           f"stop it first: lxc-stop -P {lxcpath} -n {name}")
-    if cts.state.has_container(cname) or (host.lxcpath / cname).exists():
-        raise AlreadyExists(f"the runtime already has a container named {cname!r}",
-                            "delete or rename that one first (`migrate rename`), or rename "
-                            f"the LXC container (lxc-copy -P {lxcpath} -R -n {name} -N NEW)")
-    pool_name = PoolName(pool) if pool else PoolName(host.default_pool())
-    backend = host.backend(pool_name)  # NotFound for an unknown pool
-    assert conv.rootfs is not None
-    rootfs = Path(conv.rootfs)
-    if not rootfs.is_dir() or rootfs.is_symlink():
-        raise NotFound(f"the rootfs of {name!r}, {rootfs}, is not a directory",
-                       "was it moved or deleted?")
-    shift = 0
-    if conv.idmap is not None:
-        target = idmap.default_idmap()
-        size = min(conv.idmap.size, target.size)
-        outside = ids_outside(rootfs, conv.idmap.base, size)
-        if outside:
-            first = ", ".join(outside[:3])
-            raise InvalidInput(
-                f"{len(outside)} file(s) in {rootfs} are owned by ids outside the container's "
-                f"map ({conv.idmap.base}..{conv.idmap.base + size - 1}): {first}",
-                "inside the container they show as nobody; chown them into the map (or "
-                "remove them), then import again")
-        shift = target.base - conv.idmap.base
-    init, image = detect_image(rootfs)
-    conv.config.update(image)
-    conv.config["image.init"] = init
-    ipv4 = _wanted_address(cts, conv)
-    snaps_dir = src / "snaps"
-    lxc_snaps = sorted(p.name for p in snaps_dir.iterdir()) if snaps_dir.is_dir() else []
-    if lxc_snaps:
-        conv.unconvertible.append(f"LXC snapshots {', '.join(lxc_snaps)} (only the "
-                                  "container's current state is imported)")
-    if not backend.supports_xattrs:
-        conv.notes.append(f"pool {pool_name} keeps no xattrs or ACLs: a rootfs holding any "
-                          "is refused during the copy")
-    return ImportPlan(cname, lxcpath, rootfs, pool_name, conv, ipv4, shift,
-                      tree_size(rootfs), lxc_snaps)
-
-
-def _wanted_address(cts: Containers, conv: Conversion) -> str | None:
-    if conv.ipv4 is None:
-        return None
-    net = cts.host.network_config()
-    ip = ipaddress.ip_address(conv.ipv4)
-    if ip not in net.address.network or str(net.address.ip) == conv.ipv4:
-        conv.notes.append(f"address {conv.ipv4} is outside this host's network "
-                          f"{net.address.network}: a free one is allocated")
-        return None
-    if conv.ipv4 in cts.state.used_ipv4():
-        conv.notes.append(f"address {conv.ipv4} is taken on this host: a free one is "
-                          "allocated")
-        return None
-    return conv.ipv4
-
-
-def ids_outside(root: Path, base: int, size: int, limit: int = 10) -> list[str]:
-    """Up to ``limit`` paths under ``root`` whose owner or group is not in
-    ``base..base+size-1`` (they would not shift into the runtime's map)."""
-    found: list[str] = []
-
-    def check(path: str, st: os.stat_result) -> None:
-        if not (base <= st.st_uid < base + size and base <= st.st_gid < base + size):
-            found.append(f"{os.path.relpath(path, root)} ({st.st_uid}:{st.st_gid})")
-
-    st = os.lstat(root)
-    check(str(root), st)
-    dev = st.st_dev
-    for dirpath, dirnames, filenames in os.walk(root):
-        for entry in dirnames + filenames:
-            p = os.path.join(dirpath, entry)
-            s = os.lstat(p)
-            if s.st_dev != dev:
-                continue
-            check(p, s)
-            if len(found) >= limit:
-                return found
-    return found
-
-
-def _read_inside(root: Path, rel: str, limit: int = 65536) -> str | None:
-    """A small regular file of the rootfs, read as the container sees it: links resolve
-    inside the rootfs only (``migrator.runtime.inroot``), never out to this host's files."""
-    try:
-        with RootDir(root) as tree:
-            data = tree.read_bytes(rel)
-    except (InvalidInput, OSError):
-        return None
-    return None if data is None else data[:limit].decode(errors="replace")
-
-
-def detect_image(rootfs: Path) -> tuple[str, dict[str, str]]:
-    """The container's init (``busybox``, ``systemd`` or ``unknown``) and ``image.os`` /
-    ``image.release`` from its os-release, as the runtime records them for its images."""
-    init = "unknown"
-    sbin_init = rootfs / "sbin" / "init"
-    with contextlib.suppress(OSError):
-        st = os.lstat(sbin_init)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(sbin_init)
-            init = "busybox" if "busybox" in target else \
-                "systemd" if "systemd" in target else "unknown"
-        else:
-            busybox = os.lstat(rootfs / "bin" / "busybox")
-            if (busybox.st_ino, busybox.st_dev) == (st.st_ino, st.st_dev):
-                init = "busybox"  # lxc-busybox hard-links init to busybox
-    image: dict[str, str] = {}
-    text = _read_inside(rootfs, "etc/os-release") or _read_inside(rootfs, "usr/lib/os-release")
-    if text:
-        fields = {}
-        for line in text.splitlines():
-            k, sep, v = line.partition("=")
-            if sep:
-                fields[k.strip()] = _unquote(v.strip())
-        if fields.get("ID"):
-            image["image.os"] = fields["ID"][:64]
-        release = fields.get("VERSION_CODENAME") or fields.get("VERSION_ID")
-        if release:
-            image["image.release"] = release[:64]
-    elif init == "busybox":
-        image["image.os"] = "busybox"
-    return init, image
-
-
-# the import --------------------------------------------------------------------------------
-def import_lxc(cts: Containers, plan: ImportPlan, delete: bool = False,
-               progress: Progress = no_progress, allow_privileged: bool = False
-               ) -> ImportResult:
-    """Adopt the planned container: copy, verify, shift, record; then, with ``delete``,
-    destroy the original. Any failure before the record undoes everything this did.
-    A privileged container only with ``allow_privileged`` (the operator's flag)."""
-    origin = f"LXC container {plan.lxcpath / plan.name}"
-    cfg.admit_config(plan.config, origin, allow_privileged=allow_privileged)  # before a copy
-    t0 = time.monotonic()
-    result = plan.result(dry_run=False)
-    backend = cts.host.backend(plan.pool)
-    vol = VolumeRef("container", plan.name)
-    exact = bool(backend.subsecond_mtimes)
-    with journaled(cts.state, "import-lxc", container=plan.name, pool=plan.pool,
-                   source=str(plan.lxcpath / plan.name)) as op:
-        result.operation = op.id
-        with Stages() as st:
-            if remove_leftover(backend, vol):  # no record owns it (plan checked): debris
-                result.notes.append(f"removed an unfinished import left on {plan.pool}")
-            op.stage("copy")
-            st.add_undo("delete the new volume", lambda: remove_leftover(backend, vol))
-            path = backend.create_volume(vol)
-            meter = ProgressMeter(progress, f"copy {plan.name}", plan.size)
-            result.bytes = rsync_tree(plan.rootfs, path / "rootfs", meter,
-                                      checksum=not exact, exact_times=exact)
-            op.stage("verify")
-            result.verified = verify_trees(plan.rootfs, path / "rootfs",
-                                           bool(backend.supports_xattrs), exact_times=exact)
-            state = lxc_state(plan.lxcpath, plan.name)
-            if state != "STOPPED":
-                raise InvalidState(f"LXC container {plan.name!r} was started during the copy",
-                                   f"stop it (lxc-stop -P {plan.lxcpath} -n {plan.name}) and "
-                                   "import again")
-            if plan.shift:
-                op.stage("shift")
-                idmap.shift_tree(path / "rootfs", plan.shift)
-                result.notes.append(f"rootfs ids shifted by {plan.shift:+d} to the runtime's "
-                                    "map")
-            op.stage("record")
-            st.add_undo("forget the record", lambda: _forget(cts, plan.name))
-            if delete:  # the original goes next: the copy and its record on disk first
-                sync_filesystem(backend.volume_path(vol))
-            with cts.state.durable() if delete else contextlib.nullcontext():
-                rec = cts.record_received(plan.name, plan.pool, None, plan.config, [],
-                                          plan.ipv4, origin=origin,
-                                          allow_privileged=allow_privileged)
-        result.ipv4 = rec.ipv4
-        if plan.ipv4 and rec.ipv4 != plan.ipv4:
-            result.notes.append(f"address {plan.ipv4} was taken meanwhile; got {rec.ipv4}")
-        if delete:
-            op.stage("delete-source")
-            result.deleted = _destroy_original(plan, result.notes)
-    result.seconds = time.monotonic() - t0
-    return result
-
-
-def _forget(cts: Containers, name: str) -> None:
-    if cts.state.has_container(name):
-        with cts.state.transaction():
-            cts.state.delete_container(name)
-    cts.lxc.remove_config(name)
-
-
-def _destroy_original(plan: ImportPlan, notes: list[str]) -> bool:
-    """lxc-destroy the original, after the import is complete: a failure here is a note,
-    never an undo (the adopted container is already whole)."""
-    if plan.lxc_snapshots:
-        notes.append(f"the original was kept: it has LXC snapshots that were not imported; "
-                     f"`lxc-destroy -P {plan.lxcpath} -s -n {plan.name}` removes them with it")
-        return False
-    try:
-        proc.run(["lxc-destroy", "-P", str(plan.lxcpath), "-n", plan.name], timeout=600)
-    except MigratorError as e:
-        notes.append(f"could not destroy the original: {e.message}; remove it by hand "
-                     f"(lxc-destroy -P {plan.lxcpath} -n {plan.name})")
-        return False
-    return True
-
-
-@dataclass
-class BatchEntry:
-    """One container of ``--all``: its result, or the error that stopped it."""
-
-    name: str
-    result: ImportResult | None = None
-    error: str | None = None
-    error_type: str | None = None
-    hint: str | None = None
-    exit_code: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name,
-                               "status": "failed" if self.error else
-                               "planned" if self.result and self.result.dry_run else "imported"}
-        if self.result is not None:
-            out.update(self.result.as_dict())
-        if self.error:
-            out.update(error=self.error, error_type=self.error_type, hint=self.hint,
-                       exit_code=self.exit_code)
-        return out
-
-
-def import_all(cts: Containers, lxcpath: Path = DEFAULT_LXCPATH, pool: str | None = None,
-               delete: bool = False, dry_run: bool = False,
-               progress: Progress = no_progress,
-               on_done: Callable[[BatchEntry], None] | None = None,
-               allow_privileged: bool = False) -> list[BatchEntry]:
-    """Plan and import every container of ``lxcpath``, each on its own: a failure is
-    recorded in its entry and the next one goes on."""
-    entries = []
-    for name in list_lxc_containers(lxcpath):
-        entry = BatchEntry(name)
-        try:
-            plan = plan_import(cts, name, lxcpath, pool)
-            entry.result = plan.result(True) if dry_run else \
-                import_lxc(cts, plan, delete, progress, allow_privileged)
-        except MigratorError as e:
-            entry.error, entry.error_type = e.message, type(e).__name__
-            entry.hint, entry.exit_code = e.hint or None, e.exit_code
-        entries.append(entry)
-        if on_done is not None:
-            on_done(entry)
-    return entries
