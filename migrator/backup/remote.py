@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,12 +38,14 @@ from migrator.core import errors
 from migrator.core.errors import CorruptBackup, InvalidInput
 from migrator.runtime.host import Host
 from migrator.streams import Progress
+from migrator.transport.base import EventHandler, Transport
 from migrator.transport.frames import (
     DATA,
     END,
     JSON,
     MAX_DATA,
     ProtocolError,
+    Reader,
     pack,
     read_frame,
     read_json,
@@ -235,7 +237,7 @@ class RemoteBackupWriter:
 class RemoteRepository:
     """A repository on an inventory host, reached through ``transport`` (its agent)."""
 
-    def __init__(self, transport: Any, path: str | None) -> None:
+    def __init__(self, transport: Transport, path: str | None) -> None:
         self.t = transport
         self.host = transport.name
         self.path = path  # None: the far host's default, <its root>/backups
@@ -327,7 +329,7 @@ def _ready(agent: Any) -> None:
     write_json(agent.write, {"ok": True, "ready": True})
 
 
-def serve_repository(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
+def serve_repository(agent: Any, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     """One repository call from a client (see ``RemoteRepository``)."""
     repo = _local_repo(agent, req)
     action = str(req.get("action"))
@@ -371,7 +373,7 @@ def serve_repository(agent: Any, req: dict[str, Any], read: Any) -> dict[str, An
     raise InvalidInput(f"unknown repository request {action!r}")
 
 
-def _hold_lock(agent: Any, repo: Repository, req: dict[str, Any], read: Any) -> dict[str, Any]:
+def _hold_lock(agent: Any, repo: Repository, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     wait = req.get("wait")
     with repo.lock(None if wait is None else float(wait)):
         _ready(agent)
@@ -382,7 +384,7 @@ def _hold_lock(agent: Any, repo: Repository, req: dict[str, Any], read: Any) -> 
 
 
 def _receive_part(agent: Any, repo: Repository, req: dict[str, Any],
-                  read: Any) -> dict[str, Any]:
+                  read: Reader) -> dict[str, Any]:
     part = repo.writer(_check_id(req["id"]), fresh=False).part(_check_rel(req["rel"]))
     try:
         _ready(agent)
@@ -417,7 +419,7 @@ def _send_part(agent: Any, repo: Repository, req: dict[str, Any]) -> dict[str, A
     return {"bytes": count}
 
 
-def serve_restore(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
+def serve_restore(agent: Any, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     """``backup restore --host THIS-HOST`` from a repository on this host; progress goes to
     the client as events."""
     from migrator.backup.restore import restore_backup
@@ -438,7 +440,7 @@ def serve_restore(agent: Any, req: dict[str, Any], read: Any) -> dict[str, Any]:
     return {"result": r.as_dict()}
 
 
-def progress_relay(progress: Progress) -> Callable[[dict[str, Any]], None]:
+def progress_relay(progress: Progress) -> EventHandler:
     """An ``on_event`` callback that turns the agent's progress events back into
     ``ProgressEvent``s for this side's bars."""
     from migrator.streams import ProgressEvent
@@ -451,7 +453,7 @@ def progress_relay(progress: Progress) -> Callable[[dict[str, Any]], None]:
     return on_event
 
 
-def restore_on_host(transport: Any, repo: BackupRepository, backup_id: str, name: str | None,
+def restore_on_host(transport: Transport, repo: BackupRepository, backup_id: str, name: str | None,
                     pool: str | None, config: dict[str, str], force: bool,
                     progress: Progress, verify_first: bool = True, allow_privileged: bool = False
                     ) -> tuple[dict[str, Any], list[str]]:
