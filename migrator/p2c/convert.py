@@ -15,7 +15,6 @@ Any other failure before the record removes the partial volume.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from migrator.core.names import ContainerName
 from migrator.p2c.inventory import Inventory, exclude_rules, gather
 from migrator.p2c.pull import relay
 from migrator.p2c.source import SourceMachine
+from migrator.pipelines.remote_target import RemoteTarget, no_data
 from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled, owner_alive
 from migrator.runtime.state import OperationRecord, StateStore
@@ -223,14 +223,12 @@ def _abort(target: Any, name: str, pool: str, op: Operation) -> None:
 
 def recover_p2c(cts: Containers, op: OperationRecord, transport_for: Any) -> str:
     """``migrate recover`` of a p2c: remove the partial volume; a recorded container stays."""
-    from migrator.p2c.pull import LocalAgent
-
     name, pool, host = op.detail["container"], op.detail["pool"], op.detail["host"]
-    target = LocalAgent(cts) if host == "local" else transport_for(host)
-    with contextlib.ExitStack() as stack:
-        if host != "local":
-            stack.enter_context(target)
-        reply = target.request("abort_container", {"name": name, "pool": pool})
+    if host == "local":  # this host's own target half, in process
+        reply = RemoteTarget(cts).abort_container({"name": name, "pool": pool}, no_data)
+    else:
+        with transport_for(host) as target:
+            reply = target.request("abort_container", {"name": name, "pool": pool})
     if reply.get("removed") == "volume":
         return f"rolled back: the partial conversion {name} on {host} ({pool}) was removed"
     return f"completed: {name} on {host} was already recorded; nothing removed"

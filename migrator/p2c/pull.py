@@ -28,7 +28,6 @@ import json
 import os
 import queue
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.core import errors
-from migrator.streams import ProgressMeter, Stream, run_watched
-from migrator.transport.base import CallHandler, EventHandler
+from migrator.streams import ProgressMeter, run_watched
 from migrator.transport.frames import (
     DATA,
     END,
@@ -48,7 +46,6 @@ from migrator.transport.frames import (
     Writer,
     pack,
     read_frame,
-    write_json,
     write_link,
 )
 from migrator.transport.rsync_relay import (
@@ -334,74 +331,3 @@ def relay(chan: Any, source: Any, meter: ProgressMeter | None,
             src_chan.close()
         if pump is not None:
             pump.join(10)
-
-
-class LocalAgent:
-    """The target is this host: an in-process ``Agent`` serves the same requests, over a
-    socket pair for the streaming one (``p2c_pull``) so both cases share one client."""
-
-    name = "local"
-
-    def __init__(self, cts: Any) -> None:
-        self.cts = cts
-        self._threads: list[threading.Thread] = []
-
-    def __enter__(self) -> LocalAgent:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for t in self._threads:
-            t.join(30)
-
-    def close(self) -> None:
-        self.__exit__()
-
-    # the Transport contract (``transport/base.py``): no data link to negotiate in process
-    fast_link = False
-    data_link = "ssh"
-    link_rate: float | None = None
-    link_failed = ""
-
-    def warm(self, n: int) -> None:
-        """Nothing to start: requests are answered in this process."""
-
-    def request(self, op: str, args: dict[str, Any] | None = None,
-                stream: Stream | None = None, compress: str = "none",
-                meter: ProgressMeter | None = None, on_event: EventHandler | None = None,
-                on_call: CallHandler | None = None) -> dict[str, Any]:
-        """Answered here by the agent's own handler (no data streams: none is needed)."""
-        if stream is not None:
-            raise errors.InvalidInput(f"{op!r} with a data stream cannot be served in process")
-        from migrator.agent import OPS, Agent
-
-        return OPS[op](Agent(self.cts), dict(args or {}), lambda n: b"")
-
-    def open_raw(self, op: str, args: dict[str, Any]) -> Any:
-        from migrator.agent import PROTOCOL, serve
-        from migrator.transport.frames import read_json
-        from migrator.transport.ssh import remote_error
-
-        mine, theirs = socket.socketpair()
-        root = self.cts.host.root
-
-        def run() -> None:
-            # its own state connection: SQLite connections stay in the thread that made them
-            from migrator.runtime.containers import Containers
-            from migrator.runtime.host import Host
-
-            host = Host(root)
-            try:
-                serve(lambda: Containers(host), theirs.recv, theirs.sendall)
-            finally:
-                host.close()
-                theirs.close()
-
-        t = threading.Thread(target=run, daemon=True)
-        self._threads.append(t)
-        t.start()
-        write_json(mine.sendall, {"op": op, "protocol": PROTOCOL, **args})
-        reply = read_json(mine.recv)
-        if not reply.get("ok"):
-            mine.close()
-            raise remote_error(self.name, reply.get("error") or {})
-        return mine

@@ -1,4 +1,5 @@
-"""The target host's half of a conversion (served by the agent's ``p2c_*`` requests).
+"""The target host's half of a conversion: the agent's ``p2c_pull`` and ``p2c_finish``
+requests (``convert.py`` is the client's half).
 
 ``prepare_volume`` makes (or, resuming, reuses) the container's volume that rsync fills;
 ``finish`` turns the received tree into a container: fixups, the report, the uid shift
@@ -18,8 +19,12 @@ from migrator.backends import VolumeRef
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName
 from migrator.p2c.fixups import NetworkPlan, append_report, apply_all, write_report
+from migrator.p2c.pull import check_rules, serve_pull
+from migrator.pipelines.remote_target import Handler, RemoteTarget
 from migrator.runtime import idmap
+from migrator.runtime.config import admit_config, validate
 from migrator.runtime.network import allocate_ipv4
+from migrator.transport.frames import Reader, write_json
 
 BOOT_WAIT = 180.0  # seconds for systemd to finish booting the new container
 
@@ -47,8 +52,6 @@ def prepare_volume(cts: Any, name: str, pool: str, resume: bool) -> Path:
 
 def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
     """Fixups, report, shift, record and (``start``) boot; what was changed and how it booted."""
-    from migrator.runtime.config import admit_config, validate
-
     cname, pname = ContainerName(req["name"]), PoolName(req["pool"])
     backend = cts.host.backend(pname)
     vol = VolumeRef("container", cname)
@@ -104,3 +107,20 @@ def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
         except errors.InvalidInput as e:
             result["report"] = f"first-boot lines not added to the report: {e}"
     return result
+
+
+def p2c_pull(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+    """Run rsync's client into the new (or, resuming, partial) volume; its transport is
+    relayed by the client to the machine (``migrator.p2c.pull``). "started" goes out first."""
+    rules = check_rules(req.get("rules", []))
+    rootfs = prepare_volume(end.cts, req["name"], req["pool"], bool(req.get("resume")))
+    write_json(end.write, {"ok": True, "started": True})
+    return serve_pull(rootfs, rules, read, end.write)
+
+
+def p2c_finish(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+    """Fixups, report, uid shift, record and first boot of a received machine."""
+    return finish(end.cts, req)
+
+
+P2C_OPS: dict[str, Handler] = {"p2c_pull": p2c_pull, "p2c_finish": p2c_finish}

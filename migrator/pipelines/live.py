@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.checkpoint.base import remove_images_dir, tree_bytes
+from migrator.checkpoint.base import images_dir, remove_images_dir, tree_bytes
+from migrator.checkpoint.lxc import LxcCheckpointer
 from migrator.core.errors import (
     AlreadyExists,
     CheckpointError,
@@ -49,11 +50,14 @@ from migrator.core.errors import (
     NoSpace,
 )
 from migrator.core.names import SnapshotName
-from migrator.pipelines.copy import consistent_snapshot
 from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, negotiate_session
-from migrator.pipelines.transfer import NATIVE_TYPES
+from migrator.pipelines.transfer import NATIVE_TYPES, negotiate
 from migrator.runtime.operations import Operation, journaled
+from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
 from migrator.streams import Progress, SendStream, no_progress
+from migrator.transport.base import Transport
+from migrator.transport.ssh import SshTransport
+from migrator.transport.tunnel import PageTunnel, socket_pair
 
 MODES = ("auto", "post-copy", "stop-and-copy")
 SERVE_WAIT = 120.0  # seconds for the dump to write the non-memory images (post-copy)
@@ -122,7 +126,7 @@ def running_containers(cts: Any) -> list[str]:
 
 def memory_bytes(cts: Any, name: str) -> int:
     with contextlib.suppress(MigratorError, ValueError):
-        return int(cts.lxc.get_cgroup(name, "memory.usage_in_bytes"))
+        return cts.memory_usage(name)
     return 0
 
 
@@ -150,14 +154,11 @@ def choose_mode(requested: str, local: Any, remote: dict[str, Any]) -> tuple[str
     return "stop-and-copy", [*reasons, f"stop-and-copy: {why} has no userfaultfd (lazy pages)"]
 
 
-def plan_live(cts: Any, transport: Any, name: str, pool: str | None = None,
+def plan_live(cts: Any, transport: Transport, name: str, pool: str | None = None,
               mode: str = "auto", compress: str = "auto") -> LivePlan:
     """Negotiate and check everything that can be checked without freezing the container."""
-    from migrator.checkpoint.lxc import LxcCheckpointer
-    from migrator.pipelines.transfer import negotiate
-
     rec = cts.get(name)
-    status = cts.lxc.state(rec.name)
+    status = cts.run_state(rec.name)
     if status != "RUNNING":
         raise InvalidState(f"{rec.name!r} is {status.lower()}, not running",
                            f"a stopped container moves with `migrate move {rec.name} "
@@ -228,7 +229,7 @@ class _Clock:
             self.result.stages[name] = round(time.monotonic() - t, 3)
 
 
-def live_migrate(cts: Any, transport: Any, name: str, pool: str | None = None,
+def live_migrate(cts: Any, transport: Transport, name: str, pool: str | None = None,
                  mode: str = "auto", keep_source: bool = False, compress: str = "auto",
                  progress: Progress = no_progress) -> LiveResult:
     """Move a running container to the transport's host with its memory state (see above)."""
@@ -237,11 +238,8 @@ def live_migrate(cts: Any, transport: Any, name: str, pool: str | None = None,
         return _live(cts, transport, name, pool, mode, keep_source, compress, progress, op)
 
 
-def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
+def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str,
           keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
-    from migrator.checkpoint.base import images_dir
-    from migrator.checkpoint.lxc import LxcCheckpointer
-
     t_start = time.monotonic()
     plan = plan_live(cts, transport, name, pool, mode, compress)
     op.stage("check", plan=plan.as_dict(), pool=plan.pool, mode=plan.mode,
@@ -274,8 +272,6 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
                 # the page server is handed one end of a connected pair (nothing listens:
                 # the container's memory is out of other local users' reach); the tunnel
                 # relays the other end to the target (``transport/tunnel.py``)
-                from migrator.transport.tunnel import socket_pair
-
                 pages, criu_end = socket_pair()
                 try:
                     lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
@@ -300,10 +296,9 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
         with clock.stage(op, "restore"):
             args: dict[str, Any] = {"name": rec.name, "tag": op.id}
             if plan.mode == "post-copy":
-                from migrator.transport.tunnel import PageTunnel
-
-                transport.connect()
-                tunnel = PageTunnel(transport.client.get_transport(), lambda: pages)
+                # the page stream rides a remote forward of the SSH connection
+                assert isinstance(transport, SshTransport), "post-copy needs SSH"
+                tunnel = PageTunnel(transport.connection(), lambda: pages)
                 args |= {"lazy": True, "port": tunnel.open(), "timeout": PAGES_WAIT,
                          "token": base64.b64encode(tunnel.token).decode()}
 
@@ -361,7 +356,7 @@ def _live(cts: Any, transport: Any, name: str, pool: str | None, mode: str,
     return result
 
 
-def _roll_back(cts: Any, transport: Any, ckpt: Any, name: str, images: Path | None,
+def _roll_back(cts: Any, transport: Transport, ckpt: Any, name: str, images: Path | None,
                dumped: bool, lazy: Any, tunnel: Any, op: Operation) -> None:
     """Target copy removed, source running again with its memory (if it was dumped)."""
     op.stage("rolling-back")
@@ -382,7 +377,5 @@ def _roll_back(cts: Any, transport: Any, ckpt: Any, name: str, images: Path | No
         remove_images_dir(images)
     rec = cts.get(name)
     vol = VolumeRef("container", rec.name)
-    from migrator.pipelines.copy import clean_stale_temp_snapshots
-
     with contextlib.suppress(MigratorError):
         clean_stale_temp_snapshots(cts.host.backend(rec.pool), vol)

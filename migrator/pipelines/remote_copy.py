@@ -27,10 +27,17 @@ from migrator.core.errors import (
     Protected,
 )
 from migrator.core.names import ContainerName, SnapshotName
-from migrator.pipelines.copy import CopyResult, clean_stale_temp_snapshots, consistent_snapshot
+from migrator.pipelines.copy import CopyResult
+from migrator.pipelines.pull_scope import PullScope, answer_call
+from migrator.pipelines.remote_target import RemoteTarget
 from migrator.pipelines.transfer import NATIVE_TYPES, SnapInfo, negotiate, plan_transfer
 from migrator.runtime.operations import Operation, journaled
+from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
+from migrator.runtime.treecheck import container_policy, inspect_volume
 from migrator.streams import Progress, ProgressMeter, no_progress
+from migrator.transport.base import Transport
+from migrator.transport.frames import Reader, Writer
+from migrator.transport.replies import copy_result
 from migrator.transport.rsync_relay import rsync_push
 
 
@@ -105,18 +112,18 @@ def choose_compression(remote: dict[str, Any], requested: str,
     return "zstd", f"{mbs} is slower than zstd (~{ZSTD_RATE / 1e6:.0f} MB/s)"
 
 
-def negotiate_session(transport: Any, remote: dict[str, Any], compress: str) -> Negotiated:
+def negotiate_session(transport: Transport, remote: dict[str, Any], compress: str) -> Negotiated:
     """Link and compression for this transport's transfers; turns the link on or off."""
-    link, why_link = choose_link(remote, getattr(transport, "data_link", "ssh"))
+    link, why_link = choose_link(remote, transport.data_link)
     transport.fast_link = link == "tcp"
-    comp, why_comp = choose_compression(remote, compress, getattr(transport, "link_rate", None))
+    comp, why_comp = choose_compression(remote, compress, transport.link_rate)
     return Negotiated(link, comp, [why_link, why_comp])
 
 
 class RemoteCopy:
     """One push of a container to another host through an agent transport."""
 
-    def __init__(self, cts: Any, transport: Any, progress: Progress = no_progress,
+    def __init__(self, cts: Any, transport: Transport, progress: Progress = no_progress,
                  compress: str = "auto") -> None:
         self.cts, self.t, self.progress, self.compress = cts, transport, progress, compress
         self.rsync_ok = False  # the target can run rsync's receiver (``rsync_receive``)
@@ -252,7 +259,7 @@ class RemoteCopy:
         return result
 
 
-def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | None = None,
+def pull_copy(cts: Any, transport: Transport, source: str, target: str, pool: str | None = None,
               instance_only: bool = False, refresh: bool = False, compress: str = "auto",
               progress: Progress = no_progress, allow_privileged: bool = False
               ) -> dict[str, Any]:
@@ -260,40 +267,35 @@ def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | No
     channel (``transport/reverse.py``), so host a never has to reach this host.
 
     The push (plan, negotiation, undo) runs in host a's agent and is journaled there; this
-    side serves its calls with a local ``Agent``, each checked first against the pull's
-    ``PullScope``: this one container, new or refreshed as asked, tar data through the
-    restore's guard, no LINK offer followed. If the pull breaks or a call is refused before
-    the copy was committed here, this side removes what the pull wrote itself: the far side
-    cannot ask it to any more, and may be the cause. The source host sends the config: a
-    privileged container is refused unless ``allow_privileged`` (the operator's
-    ``--allow-privileged``), before any of its data is written.
+    side serves its calls with its own target half (``remote_target.py``), each checked
+    first against the pull's ``PullScope`` (``pull_scope.py``): this one container, new or
+    refreshed as asked, tar data through the restore's guard, no LINK offer followed. If
+    the pull breaks or a call is refused before the copy was committed here, this side
+    removes what the pull wrote itself: the far side cannot ask it to any more, and may be
+    the cause. The source host sends the config: a privileged container is refused unless
+    ``allow_privileged`` (the operator's ``--allow-privileged``), before any of its data is
+    written.
     """
-    from migrator.agent import Agent
-    from migrator.transport.replies import copy_result
-    from migrator.transport.reverse import PullScope, answer_call
-
     dst = ContainerName(target)
     scope = PullScope.begin(cts, transport.name, dst, pool, refresh, allow_privileged)
-    agent = Agent(cts)
-    agent.progress = progress
-    agent.peer, agent.allow_privileged = f"host {transport.name}", allow_privileged
-    agent.pulling = True
+    end = RemoteTarget(cts)
+    end.progress = progress
+    end.peer, end.allow_privileged = f"host {transport.name}", allow_privileged
+    end.pulling = True
 
     def inspect(scope: PullScope) -> None:
         """A native stream's content passed no member check: walk what arrived (the
         volume, the snapshots the pull added) as a restore does, before it is recorded."""
         if not scope.native or scope.pool is None:
             return
-        from migrator.runtime.treecheck import container_policy, inspect_volume
-
         inspect_volume(cts.host.backend(scope.pool), VolumeRef("container", dst),
                        container_policy(bool(scope.privileged)),
                        f"{dst!r} pulled from {transport.name}", skip=tuple(scope.known))
 
     scope.inspect = inspect
 
-    def on_call(call: dict[str, Any], read: Any, write: Any) -> None:
-        answer_call(agent, call, read, write, scope)
+    def on_call(call: dict[str, Any], read: Reader, write: Writer) -> None:
+        answer_call(end, call, read, write, scope)
 
     try:
         reply = transport.request("delegate", {
@@ -313,7 +315,7 @@ def pull_copy(cts: Any, transport: Any, source: str, target: str, pool: str | No
     return result
 
 
-def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
+def move_to_host(cts: Any, transport: Transport, name: str, pool: str | None = None,
                  progress: Progress = no_progress, compress: str = "auto") -> CopyResult:
     """Stateless move: copy while running, stop, send the delta, start there, delete here.
 
@@ -321,7 +323,7 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
     it had been stopped) and the target's partial copy removed.
     """
     rec = cts.get(name)
-    status = cts.lxc.state(rec.name)
+    status = cts.run_state(rec.name)
     if status == "FROZEN":
         raise InvalidState(f"{rec.name!r} is frozen", f"`migrate unfreeze {rec.name}` first")
     if rec.config.get("security.protection.delete") == "true":
@@ -333,7 +335,7 @@ def move_to_host(cts: Any, transport: Any, name: str, pool: str | None = None,
                              compress, op)
 
 
-def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str | None,
+def _move_to_host(cts: Any, transport: Transport, rec: Any, running: bool, pool: str | None,
                   progress: Progress, compress: str, op: Operation) -> CopyResult:
     t0 = time.monotonic()
     rc = RemoteCopy(cts, transport, progress, compress)
@@ -345,7 +347,7 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
             op.stage("final-sync")
             transport.warm(3)  # final sync, start, check: agents started before the stop
             stopped_at = time.monotonic()
-            cts.lxc.stop(rec.name)
+            cts.stop_now(rec.name)
             src_b = cts.host.backend(rec.pool)
             vol = VolumeRef("container", rec.name)
             # the first pass kept its temporary snapshot on both sides: the base of the delta
@@ -382,7 +384,7 @@ def _move_to_host(cts: Any, transport: Any, rec: Any, running: bool, pool: str |
             transport.request("delete_container", {"name": rec.name, "force": True})
         except MigratorError:
             op.note(undo_incomplete=True)
-        if running and cts.lxc.state(rec.name) == "STOPPED":
+        if running and cts.run_state(rec.name) == "STOPPED":
             cts.start(rec.name)
         raise
     if stopped_at is not None:

@@ -22,6 +22,10 @@ from typing import Any
 
 from migrator.core.errors import NetworkError
 
+# the version of the agent protocol: the first frame of every request names it, and an agent
+# refuses one it does not speak (both hosts must run the same migrator version)
+PROTOCOL = 1
+
 JSON, DATA, END, LINK = b"J", b"D", b"E", b"L"
 MAX_JSON = 1 << 20
 MAX_DATA = 4 << 20

@@ -44,18 +44,28 @@ def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def error_reply(e: BaseException) -> dict[str, Any]:
+    """The reply that carries ``e`` to the far side (``{"ok": false, "error": ...}``), which
+    :func:`remote_error` turns back into the same class there."""
+    if isinstance(e, errors.MigratorError):
+        return {"ok": False, "error": {"type": type(e).__name__, "message": e.message,
+                                       "hint": e.hint}}
+    return {"ok": False, "error": {"type": type(e).__name__, "message": str(e), "hint": None}}
+
+
 def remote_error(host: str, err: Any) -> errors.MigratorError:
     """The far side's error, as the same (known) class with its exit code; every other
     ``type`` becomes ``RemoteError``."""
     if not isinstance(err, dict):
         return errors.RemoteError(f"on {clean_text(host, MAX_NAME)}: the agent failed "
                                   "without saying why (malformed error reply)")
-    by_name = {c.__name__: c for c in errors.ALL_ERRORS}
     kind = err.get("type")
-    cls = by_name.get(kind) if isinstance(kind, str) else None
+    cls = errors.error_classes().get(kind) if isinstance(kind, str) else None
     # every class but CommandFailed takes (message, hint); a far command's failure is the
-    # far side's own error here, with no argv or exit code of this host's
-    if cls is None or cls is errors.CommandFailed:
+    # far side's own error here, with no argv or exit code of this host's. A ProtocolError
+    # says a frame this side read was malformed (callers take it for their own channel or
+    # link failing): the far side's report of its own is its failure too
+    if cls is None or cls in (errors.CommandFailed, ProtocolError):
         cls = errors.RemoteError
     msg = f"on {clean_text(host, MAX_NAME)}: {clean_text(err.get('message'))}"
     hint = err.get("hint")

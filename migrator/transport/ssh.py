@@ -35,12 +35,17 @@ from migrator.core import errors
 from migrator.streams import ProgressMeter, Stream
 from migrator.transport.base import CallHandler, EventHandler
 from migrator.transport.datapath import send_frames
-from migrator.transport.frames import ProtocolError, read_json, write_json, write_link
+from migrator.transport.frames import (
+    PROTOCOL,
+    ProtocolError,
+    read_json,
+    write_json,
+    write_link,
+)
 from migrator.transport.replies import clean_event, clean_text, parse_reply
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
 # hosts whose direct data link failed in this process (see ``SshTransport.link_failed``)
 _LINK_FAILED: dict[tuple[str, str, str, int], str] = {}
 WINDOW = 64 << 20
@@ -120,6 +125,16 @@ class SshTransport:
                                   self._socket(), self.known_hosts, self.accept_host_key,
                                   self.timeout, expect_fingerprint=self.expect_fingerprint)
         return self
+
+    def connection(self) -> paramiko.Transport:
+        """The open SSH connection (connecting first if need be), whose channels carry the
+        requests and, in a post-copy live migration, the page stream's forward."""
+        self.connect()
+        assert self.client is not None
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        return transport
 
     def host_key(self) -> str:
         self.connect()
@@ -249,11 +264,7 @@ class SshTransport:
         """Start ``n`` agents now for requests to come: each agent process costs ~0.4 s to
         start (Python and its imports), which a live migration must not spend while the
         container is down. A warm agent just waits for its request on stdin."""
-        self.connect()
-        assert self.client is not None
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        transport = self.connection()
         while len(self._warm) < n:
             self._warm.append(self._open_agent(transport))
 
@@ -266,11 +277,7 @@ class SshTransport:
     def open_raw(self, op: str, args: dict[str, Any]) -> Any:
         """Start a request whose channel then carries another protocol (``rsync_receive``):
         the agent's "ready" reply is read here, the open channel is returned."""
-        self.connect()
-        assert self.client is not None
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        transport = self.connection()
         chan = self._open_agent(transport)
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **args})
@@ -294,11 +301,7 @@ class SshTransport:
         e.g. "restored" while post-copy pages still flow): each goes to ``on_event``. A
         pull sends requests back (``{"call": ...}``, see ``reverse.py``): ``on_call`` serves
         each with the channel's reader and writer."""
-        self.connect()
-        assert self.client is not None
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise errors.NetworkError(f"the connection to {self.name} is closed")
+        transport = self.connection()
         chan = self._warm.pop(0) if self._warm else self._open_agent(transport)
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from migrator.agent import Agent, serve
+from migrator.agent import serve
 from migrator.backends import VolumeRef
 from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.pipelines.remote_target import RemoteTarget as Agent
 from migrator.runtime.config import ConfigRefused
 from migrator.transport.frames import read_json, write_json
 

@@ -11,8 +11,8 @@ import tarfile
 
 import pytest
 
-from migrator.agent import _tar_checker
 from migrator.core import errors
+from migrator.pipelines.remote_target import volume_tar_checker as _tar_checker
 from migrator.transport.datapath import FrameStream
 from migrator.transport.frames import DATA, pack, write_end, write_link
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from migrator.core import errors
+from migrator.pipelines.pull_scope import PullScope, answer_call
 from migrator.transport.frames import read_json
-from migrator.transport.reverse import PullScope, answer_call
 
 CT = "pulled"
 
@@ -245,10 +245,10 @@ def test_undo_before_any_data_touches_nothing() -> None:
 
 
 def test_undo_of_a_new_copy_removes_its_volume(monkeypatch: pytest.MonkeyPatch) -> None:
-    import migrator.pipelines.copy
+    import migrator.pipelines.pull_scope
 
     undone: list[tuple[str, str]] = []
-    monkeypatch.setattr(migrator.pipelines.copy, "undo_partial_target",
+    monkeypatch.setattr(migrator.pipelines.pull_scope, "undo_partial_target",
                         lambda cts, name, pool: undone.append((name, pool)))
     scope = new_scope()
     run(scope, [receive("s0", first=True)])
@@ -261,14 +261,14 @@ def test_undo_of_a_new_copy_removes_its_volume(monkeypatch: pytest.MonkeyPatch) 
 
 # answer_call: the refusal is answered, raised, and nothing runs ---------------------------
 def test_answer_call_refuses_before_the_agent_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    import migrator.agent
+    import migrator.pipelines.remote_target
 
     ran: list[str] = []
     def delete(agent: Any, call: Any, read: Any) -> dict[str, Any]:
         ran.append("delete")
         return {}
 
-    monkeypatch.setitem(migrator.agent.OPS, "delete_snapshot", delete)
+    monkeypatch.setitem(migrator.pipelines.remote_target.TARGET_OPS, "delete_snapshot", delete)
     scope = new_scope()
     out = io.BytesIO()
     call = {"call": "delete_snapshot", "pool": "fast", "volume": vol("victim"),
@@ -284,9 +284,9 @@ def test_answer_call_refuses_before_the_agent_runs(monkeypatch: pytest.MonkeyPat
 
 def test_answer_call_serves_an_abort_with_the_scoped_undo(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import migrator.agent
+    import migrator.pipelines.remote_target
 
-    monkeypatch.setitem(migrator.agent.OPS, "abort_container",
+    monkeypatch.setitem(migrator.pipelines.remote_target.TARGET_OPS, "abort_container",
                         lambda *a: pytest.fail("the agent's own abort must not run"))
     cts = host(refresh_target=True)
     scope = started(PullScope.begin(cts, "host-a", CT, None, True))
@@ -301,9 +301,9 @@ def test_answer_call_serves_an_abort_with_the_scoped_undo(
 
 def test_a_native_stream_is_inspected_before_the_commit(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import migrator.agent
+    import migrator.pipelines.remote_target
 
-    monkeypatch.setitem(migrator.agent.OPS, "commit_container",
+    monkeypatch.setitem(migrator.pipelines.remote_target.TARGET_OPS, "commit_container",
                         lambda *a: pytest.fail("committed an uninspected volume"))
     scope = new_scope()
     run(scope, [{**receive("s0", first=True), "how": "btrfs"}])
