@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from migrator.core.errors import AlreadyExists
 from migrator.core.names import ContainerName, SnapshotName
@@ -70,6 +70,10 @@ class StorageBackend(Protocol):
     cheap_snapshots: ClassVar[bool]
     #: whether file mtimes keep sub-second precision (zfs-fuse truncates to seconds)
     subsecond_mtimes: ClassVar[bool]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> StorageBackend:
+        """The driver of one pool, from the config its record keeps (paths, dataset)."""
 
     def activate(self) -> None:
         """Make the pool usable (mount its loop file...). Idempotent."""

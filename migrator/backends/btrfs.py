@@ -12,9 +12,9 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import btrfsutil  # type: ignore[import-not-found]
 
@@ -92,6 +92,11 @@ class BtrfsBackend(TreeLayout):
     def __init__(self, path: Path, loop_file: Path | None = None) -> None:
         self.path = path
         self.loop_file = loop_file
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> BtrfsBackend:
+        loop = config.get("loop_file")
+        return cls(Path(config["path"]), Path(loop) if loop else None)
 
     # pool lifecycle ----------------------------------------------------------------------
     def activate(self) -> None:

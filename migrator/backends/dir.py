@@ -8,8 +8,9 @@ a failure mid-copy leaves the volume as it was.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
@@ -38,6 +39,10 @@ class DirBackend(TreeLayout):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DirBackend:
+        return cls(Path(config["path"]))
 
     def activate(self) -> None:
         if not self.path.is_dir():

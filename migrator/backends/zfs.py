@@ -48,9 +48,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, VolumeRef
@@ -204,6 +204,12 @@ class ZfsBackend:
         self.dataset = dataset
         self.zpool = zpool
         self.loop_file = loop_file
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ZfsBackend:
+        loop = config.get("loop_file")
+        return cls(Path(config["path"]), config["dataset"], config["zpool"],
+                   Path(loop) if loop else None)
 
     # pool lifecycle ----------------------------------------------------------------------
     def _imported(self) -> bool:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from migrator.backends import BACKENDS, StorageBackend, open_backend, zfs
+from migrator.backends import StorageBackend, driver_class, open_backend, zfs
 from migrator.backends.btrfs import make_loop_filesystem
 from migrator.core.errors import InvalidInput, InvalidState, MigratorError, StorageError
 from migrator.core.names import PoolName
@@ -101,10 +101,7 @@ class Host:
         self, name: str, driver: str, source: str | None = None, size: str | None = None
     ) -> PoolRecord:
         pname = PoolName(name)
-        if driver not in BACKENDS:
-            raise InvalidInput(
-                f"unknown storage driver {driver!r}", f"use one of: {', '.join(BACKENDS)}"
-            )
+        backend_class = driver_class(driver)  # InvalidInput naming the drivers there are
         if any(p.name == pname for p in self.state.list_pools()):
             raise InvalidInput(f"storage pool {pname!r} already exists", "pick another name")
         prepare = {"dir": self._prepare_dir, "btrfs": self._prepare_btrfs,
@@ -113,7 +110,7 @@ class Host:
         try:
             config = prepare(pname, source, size, undo)
             rec = PoolRecord(pname, driver, source or "", config)
-            open_backend(driver, config).activate()
+            backend_class.from_config(config).activate()
             self.state.add_pool(rec)
         except BaseException:
             # best-effort undo, newest first: the original error is the one to report
