@@ -61,7 +61,9 @@ class RestoreStats:
 
 
 class Checkpointer(Protocol):
-    """Checkpoint/restore of the containers of one host (see ``LxcCheckpointer``)."""
+    """Checkpoint/restore of the containers of one host (``LxcCheckpointer`` drives CRIU
+    through LXC). The live pipeline's rollback takes one of these: it only needs to put a
+    dumped source back, whatever did the dump."""
 
     def check(self) -> Features: ...
     def preflight(self, name: str) -> list[Problem]: ...

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.checkpoint.base import images_dir, remove_images_dir, tree_bytes
+from migrator.checkpoint.base import Checkpointer, images_dir, remove_images_dir, tree_bytes
 from migrator.checkpoint.lxc import LxcCheckpointer
 from migrator.core.errors import (
     AlreadyExists,
@@ -356,7 +356,7 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
     return result
 
 
-def _roll_back(cts: Any, transport: Transport, ckpt: Any, name: str, images: Path | None,
+def _roll_back(cts: Any, transport: Transport, ckpt: Checkpointer, name: str, images: Path | None,
                dumped: bool, lazy: Any, tunnel: Any, op: Operation) -> None:
     """Target copy removed, source running again with its memory (if it was dumped)."""
     op.stage("rolling-back")
