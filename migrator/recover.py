@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.core.errors import InvalidState, MigratorError
-from migrator.pipelines.copy import clean_stale_temp_snapshots, remove_leftover, undo_partial_target
+from migrator.backup.remote import open_repository
+from migrator.backup.restore import complete_record
+from migrator.checkpoint.base import remove_images_dir
+from migrator.checkpoint.lxc import LxcCheckpointer
+from migrator.core.errors import CorruptBackup, InvalidState, MigratorError, NotFound
+from migrator.core.names import SnapshotName
+from migrator.p2c.convert import recover_p2c
+from migrator.runtime.leftovers import remove_leftover, undo_partial_target, undo_partial_volume
 from migrator.runtime.operations import owner_alive
 from migrator.runtime.state import OperationRecord
+from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots
+from migrator.runtime.volumes import volume_ref
 
 
 def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
@@ -35,7 +44,8 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
     handler = {"move": _move, "copy": _copy, "refresh": _copy, "copy-remote": _copy_remote,
                "move-remote": _move_remote, "live": _live, "backup": _backup,
                "restore": _restore, "import-lxc": _import_lxc,
-               "p2c": _p2c}.get(op.kind)
+               "p2c": _p2c, "volume-copy": _volume_copy, "volume-refresh": _volume_copy,
+               "volume-move": _volume_move}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
     outcome = handler(cts, op, transport_for)
@@ -47,7 +57,7 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
 
 
 def _restart(cts: Any, name: str, was_running: bool) -> str:
-    if was_running and cts.state.has_container(name) and cts.lxc.state(name) == "STOPPED":
+    if was_running and cts.state.has_container(name) and cts.run_state(name) == "STOPPED":
         cts.start(name)
         return f"; {name} started again"
     return ""
@@ -159,11 +169,6 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
     """A live migration: completed once the target was verified (``release`` reached),
     else the target's copy is removed and the source resumed from its frozen state, or
     restored from the checkpoint images still in memory-backed space."""
-    from pathlib import Path
-
-    from migrator.checkpoint.base import remove_images_dir
-    from migrator.checkpoint.lxc import LxcCheckpointer
-
     host, name = op.detail["host"], op.detail["container"]
     ckpt = LxcCheckpointer(cts)
     images = Path(op.detail["images"]) if op.detail.get("images") else None
@@ -209,8 +214,6 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     if _backup_committed(cts, op.detail["repo"], bid):
         return f"completed: backup {bid} is in the repository"
     if base and cts.state.has_container(name):
-        from migrator.core.names import SnapshotName
-
         backend = cts.host.backend(op.detail.get("pool") or cts.state.get_container(name).pool)
         with contextlib.suppress(MigratorError):
             backend.delete_snapshot(VolumeRef("container", name), SnapshotName(base))
@@ -221,9 +224,6 @@ def _backup_committed(cts: Any, spec: str, bid: str) -> bool:
     """Whether backup ``bid`` has its index in the repository ``spec`` (a directory or
     ``ssh://HOST/PATH``), asked through the repository itself: an unreachable repository
     raises, so nothing is dropped on a guess."""
-    from migrator.backup.remote import open_repository  # backup sits above migrator
-    from migrator.core.errors import CorruptBackup, NotFound
-
     repo = open_repository(cts.host, spec)
     try:
         repo.get(bid)
@@ -241,8 +241,6 @@ def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     volumes go; a container it was to replace was not touched). From ``replace`` on, once
     the replaced container is gone, the restored volume is the only copy: it is moved in
     and recorded from what the journal kept, never removed."""
-    from migrator.backup.restore import complete_record  # backup sits above migrator
-
     name, scratch = op.detail["container"], op.detail["scratch"]
     pools = [op.detail["pool"]] + [p for p in [op.detail.get("receive_pool")]
                                    if p and p != op.detail["pool"]]
@@ -285,6 +283,56 @@ def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
 
 
 def _p2c(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
-    from migrator.p2c.convert import recover_p2c  # p2c sits above migrator; imported only here
-
     return recover_p2c(cts, op, transport_for)
+
+
+def _volume_copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    """A killed ``volume copy`` (or refresh): rolled back, as a container copy is; the
+    source volume was only read."""
+    target, pool = op.detail["target"], op.detail["target_pool"]
+    clean_stale_temp_snapshots(cts.host.backend(op.detail["pool"]),
+                               volume_ref(op.detail["volume"]))
+    dropped = undo_partial_volume(cts, pool, target)
+    if dropped is None:
+        return f"rolled back: the partial copy of volume {target} on {pool} was removed"
+    return (f"rolled back: volume {target} kept as it was before the refresh "
+            f"({len(dropped)} unrecorded snapshot(s) removed)")
+
+
+def whole_volume_problem(cts: Any, pool: str, name: str) -> str | None:
+    """Why custom volume ``name`` on ``pool`` is not whole (no record there, no volume on
+    disk, a recorded snapshot missing), or None when it is whole."""
+    if not any(v.name == name for v in cts.state.list_volumes(pool)):
+        return f"volume {name} has no record on pool {pool}"
+    backend = cts.host.backend(pool)
+    if not backend.volume_exists(volume_ref(name)):
+        return f"volume {name} is missing from pool {pool}"
+    have = {s.name for s in backend.list_snapshots(volume_ref(name))}
+    missing = [s.name for s in cts.state.list_volume_snapshots(pool, name)
+               if s.name not in have]
+    if missing:
+        return f"volume {name} on pool {pool} lacks its snapshot(s) {', '.join(missing)}"
+    return None
+
+
+def _volume_move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+    """A killed ``volume move``: before the record was switched it is rolled back (the
+    partial copy goes), after it is completed (the old copy goes); as for a container
+    move, only once the copy that stays is whole."""
+    name, src = op.detail["volume"], op.detail["from_pool"]
+    target, dst = op.detail["target"], op.detail["to_pool"]
+    src_b, dst_b = cts.host.backend(src), cts.host.backend(dst)
+    if any(v.name == name for v in cts.state.list_volumes(src)):  # not switched
+        problem = whole_volume_problem(cts, src, name)
+        if problem and dst_b.volume_exists(volume_ref(target)):
+            raise _keep_both(problem, f"the copy on {dst}")
+        remove_leftover(dst_b, volume_ref(target))
+        clean_stale_temp_snapshots(src_b, volume_ref(name))
+        return (f"rolled back: volume {name} stays on {src}, the partial copy on {dst} "
+                "was removed")
+    problem = whole_volume_problem(cts, dst, target)
+    if problem and src_b.volume_exists(volume_ref(name)):
+        raise _keep_both(problem, f"the old copy on {src}")
+    remove_leftover(src_b, volume_ref(name))  # switched: finish by removing the old copy
+    clean_stale_temp_snapshots(dst_b, volume_ref(target))
+    return f"completed: volume {target} is on {dst}, the old copy on {src} was removed"

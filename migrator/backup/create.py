@@ -1,9 +1,9 @@
 """``backup create``: a consistent, compressed, checksummed backup of one container.
 
 The container is read through a snapshot taken while it is frozen for an instant
-(``migrator.pipelines.copy.consistent_snapshot``), so a running container keeps running and the
-backup
-is one point in time. Its snapshots come first, oldest first, then that final state:
+(``migrator.runtime.temp_snapshots.consistent_snapshot``), so a running container keeps
+running and the backup is one point in time. Its snapshots come first, oldest first,
+then that final state:
 
 - *generic* (any pool, restorable onto any pool): one GNU tar per point (the driver's
   ``tar`` send: numeric owners, xattrs, ACLs, hard links, sparse files), zstd-compressed,
@@ -40,12 +40,12 @@ from migrator.backup.parts import read_small, store, store_bytes, widen_pipe
 from migrator.backup.repository import BackupRepository, BackupSink, new_backup_id
 from migrator.core.errors import InvalidInput, MigratorError
 from migrator.core.names import SnapshotName
-from migrator.pipelines.copy import consistent_snapshot
 from migrator.pipelines.transfer import NATIVE_TYPES
 from migrator.runtime import config as cfg
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.operations import journaled
 from migrator.runtime.state import ContainerRecord, SnapshotRecord
+from migrator.runtime.temp_snapshots import consistent_snapshot
 from migrator.streams import Progress, ProgressMeter, SendStream, no_progress
 
 BASE_PREFIX = "migrate.backup-"

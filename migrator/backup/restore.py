@@ -39,11 +39,11 @@ from migrator.backup.repository import BackupRepository
 from migrator.backup.verify import tar_rules, verify_chain
 from migrator.core.errors import AlreadyExists, BackupError, InvalidInput, Protected
 from migrator.core.names import ContainerName, PoolName, SnapshotName
-from migrator.pipelines.copy import remove_leftover
 from migrator.pipelines.transfer import Plan, execute, negotiate
 from migrator.runtime import config as cfg
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.durable import sync_filesystem
+from migrator.runtime.leftovers import remove_leftover
 from migrator.runtime.operations import journaled
 from migrator.runtime.state import SnapshotRecord
 from migrator.runtime.treecheck import container_policy, inspect_volume

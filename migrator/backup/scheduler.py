@@ -299,7 +299,7 @@ class Scheduler:
     def _state_of(self, name: str) -> str:
         """A container's state, from one ``lxc-ls`` per tick (not one ``lxc-info`` each)."""
         if self._live is None:
-            self._live = self.cts.lxc.states()
+            self._live = self.cts.run_states()
         return self._live.get(name, ("STOPPED", ""))[0]
 
     def _backup(self, name: str, conf: dict[str, str], at: float) -> str:

@@ -268,7 +268,7 @@ class LxcCheckpointer:
 
     def __init__(self, containers: Containers) -> None:
         self.cts = containers
-        self.lxc = containers.lxc
+        self.lxc = containers.lxc  # lxc-checkpoint and init pids: the checkpointer's own job
         self.netns = containers.host.netns
         self.work = containers.host.root / "checkpoint"
 
@@ -359,7 +359,7 @@ class LxcCheckpointer:
     # dump / rollback / release -----------------------------------------------------------
     def _require_running(self, name: str) -> int:
         pid = self.lxc.init_pid(name)
-        st = self.lxc.state(name)
+        st = self.cts.run_state(name)
         if pid is None or st != "RUNNING":
             raise InvalidState(f"container {name!r} is {st.lower()}, not running",
                                f"start it: `migrate start {name}`")
@@ -410,8 +410,7 @@ class LxcCheckpointer:
         for t in container_tasks(init):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(t.pid, signal.SIGCONT)
-        if self.lxc.state(rec.name) == "FROZEN":
-            self.lxc.unfreeze(rec.name)
+        self.cts.thaw_if_frozen(rec.name)
         # the SIGCONTs are processed at once; make sure nothing stayed stopped
         deadline = time.monotonic() + 5
         while True:
@@ -437,13 +436,12 @@ class LxcCheckpointer:
         for t in tasks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(t.pid, signal.SIGKILL)
-        if self.lxc.state(rec.name) == "FROZEN":
+        with contextlib.suppress(MigratorError):
+            self.cts.thaw_if_frozen(rec.name)
+        if not self.cts.wait_state(rec.name, "STOPPED", 30):
             with contextlib.suppress(MigratorError):
-                self.lxc.unfreeze(rec.name)
-        if not self.lxc.wait_state(rec.name, "STOPPED", 30):
-            with contextlib.suppress(MigratorError):
-                self.lxc.stop(rec.name, force=True)
-        if self.lxc.state(rec.name) != "STOPPED":
+                self.cts.stop_now(rec.name, force=True)
+        if self.cts.run_state(rec.name) != "STOPPED":
             raise CheckpointError(f"container {rec.name!r} did not stop after its tasks were "
                                   "killed", f"`migrate stop --force {rec.name}`")
 
@@ -454,12 +452,11 @@ class LxcCheckpointer:
         ``lazy``: memory comes from a running ``start_lazy_pages`` daemon on ``images``.
         """
         rec = self.cts.get(name)
-        st = self.lxc.state(rec.name)
+        st = self.cts.run_state(rec.name)
         if st != "STOPPED":
             raise InvalidState(f"cannot restore {rec.name!r}: it is {st.lower()}",
                                "stop it first (or release_source() after a dump)")
-        spec = self.cts.spec(rec)
-        self.lxc.write_config(spec)
+        spec = self.cts.render_lxc_config(rec.name)
         if spec.idmap is not None:
             # criu opens some images from inside the container's user namespace
             os.chown(images, spec.idmap.base, spec.idmap.base)
@@ -472,9 +469,9 @@ class LxcCheckpointer:
         seconds = time.monotonic() - t0
         if rc != 0:
             err = _failure(f"restore of {rec.name!r}", images, out, f"exit code {rc}")
-            if self.lxc.state(rec.name) != "STOPPED":
+            if self.cts.run_state(rec.name) != "STOPPED":
                 with contextlib.suppress(MigratorError):
-                    self.lxc.stop(rec.name, force=True)
+                    self.cts.stop_now(rec.name, force=True)
             raise err
         return RestoreStats(seconds)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,19 @@ from migrator.pipelines.transfer import (
     execute,
     negotiate,
     plan_transfer,
-    temp_snapshot_name,
 )
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.durable import sync_filesystem
+from migrator.runtime.leftovers import remove_leftover
 from migrator.runtime.network import allocate_ipv4
-from migrator.runtime.operations import journaled
+from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.state import ContainerRecord, SnapshotRecord
+from migrator.runtime.temp_snapshots import (
+    clean_stale_temp_snapshots,
+    consistent_snapshot,
+    temp_snapshot_name,
+)
 from migrator.streams import Progress, TransferStats, no_progress
-
-TEMP_PREFIX = "migrate.xfer-"
 
 
 @dataclass
@@ -60,78 +63,12 @@ class CopyResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def clean_stale_temp_snapshots(backend: StorageBackend, vol: VolumeRef) -> list[str]:
-    """Remove ``migrate.xfer-*`` snapshots an interrupted transfer left on a volume."""
-    stale = [s.name for s in backend.list_snapshots(vol) if s.name.startswith(TEMP_PREFIX)]
-    for name in stale:
-        backend.delete_snapshot(vol, SnapshotName(name))
-    return stale
-
-
-def remove_leftover(backend: StorageBackend, vol: VolumeRef) -> bool:
-    """Delete whatever of ``vol`` is on disk, volume and/or snapshots (an interrupted
-    receive can leave snapshots without the volume); True if there was anything."""
-    if backend.volume_exists(vol) or backend.list_snapshots(vol):
-        backend.delete_volume(vol)
-        return True
-    return False
-
-
-def undo_partial_target(cts: Containers, name: str, pool: str) -> list[str] | None:
-    """Undo an unfinished transfer into container ``name`` on ``pool`` of this host.
-
-    No record owns it there: the partial volume goes (returns None). A recorded container
-    (a refresh target) keeps its recorded snapshots and loses the others, temporary ones
-    included (returned).
-    """
-    backend = cts.host.backend(pool)
-    vol = VolumeRef("container", name)
-    if not (cts.state.has_container(name) and cts.state.get_container(name).pool == pool):
-        remove_leftover(backend, vol)
-        return None
-    known = {s.name for s in cts.state.list_snapshots(name)}
-    dropped = [s.name for s in backend.list_snapshots(vol) if s.name not in known]
-    for snap in dropped:
-        backend.delete_snapshot(vol, SnapshotName(snap))
-    return dropped
-
-
-@contextlib.contextmanager
-def consistent_snapshot(
-    cts: Containers, rec: ContainerRecord, backend: StorageBackend, vol: VolumeRef,
-    notes: list[str], keep: bool = False, name: SnapshotName | None = None,
-) -> Iterator[SnapshotName]:
-    """A temporary snapshot of the container's volume, taken while it is frozen if running.
-
-    Freezing makes the snapshot one instant of the whole filesystem (crash-consistent);
-    it lasts as long as the driver's snapshot (instant on btrfs/zfs, a copy on dir).
-    ``name`` replaces the ``migrate.xfer-*`` default for a snapshot that must survive
-    ``clean_stale_temp_snapshots`` (a backup's incremental base).
-    """
-    name = name or temp_snapshot_name()
-    state = cts.lxc.state(rec.name)
-    if state == "RUNNING":
-        t0 = time.monotonic()
-        cts.lxc.freeze(rec.name)
-        try:
-            backend.snapshot(vol, name)
-        finally:
-            cts.lxc.unfreeze(rec.name)
-        frozen = time.monotonic() - t0
-        if frozen > 1:
-            notes.append(f"source was frozen {frozen:.1f}s for a consistent snapshot")
-    else:
-        backend.snapshot(vol, name)
-    try:
-        yield name
-    except BaseException:
-        with contextlib.suppress(MigratorError):
-            backend.delete_snapshot(vol, name)
-        raise
-    if not keep:  # kept: the caller sends an increment from it later, then deletes it
-        with contextlib.suppress(MigratorError):
-            backend.delete_snapshot(vol, name)
+    def merge(self, stats: TransferStats) -> None:
+        """Add what one transfer moved (a move's passes add up; a note is said once)."""
+        self.bytes += stats.bytes
+        self.snapshots_added.extend(stats.snapshots)
+        self.snapshots_skipped.extend(stats.skipped)
+        self.notes.extend(n for n in stats.notes if n not in self.notes)
 
 
 def _copyable_config(config: dict[str, str]) -> dict[str, str]:
@@ -180,7 +117,7 @@ def copy_container(
         if pool and PoolName(pool) != dst_rec.pool:
             raise InvalidInput(f"{dst_name!r} is on pool {dst_rec.pool!r}, not {pool!r}",
                                "a refresh keeps the target's pool; move it afterwards")
-        if cts.lxc.state(dst_name) != "STOPPED":
+        if cts.run_state(dst_name) != "STOPPED":
             raise InvalidState(f"target {dst_name!r} is running",
                                f"stop it first: `migrate stop {dst_name}`")
     elif (host.lxcpath / dst_name).exists():
@@ -205,82 +142,107 @@ def copy_container(
         plan.send, plan.skipped = [], []
         plan.notes = [n for n in plan.notes if not n.startswith("skipped")]
     result.method = plan.how
-    running = cts.lxc.state(src.name) != "STOPPED"
+    running = cts.run_state(src.name) != "STOPPED"
     by_name = {s.name: s for s in src_snaps}
-    added: list[str] = []
-    keep: SnapshotName | None = None
-    if dst_rec is not None and plan.how == "rsync" and dst_b.cheap_snapshots:
-        keep = temp_snapshot_name()
+    live = plan.how == "rsync" and (not running or allow_inconsistent)
+
+    def read_source() -> contextlib.AbstractContextManager[str | Path]:
+        if live:
+            return contextlib.nullcontext(src_b.volume_path(src_vol))
+        return consistent_snapshot(cts, src, src_b, src_vol, result.notes)
 
     with journaled(state, "refresh" if dst_rec else "copy", container=src.name,
                    target=dst_name, pool=dst_pool, method=plan.how) as op, Stages() as st:
         result.operation = op.id
-        op.stage("copy")
-        if dst_rec is None:
-            st.add_undo("delete target volume", lambda: dst_b.delete_volume(dst_vol))
-        else:
-            def drop_added() -> None:
-                for n in added:
-                    dst_b.delete_snapshot(dst_vol, SnapshotName(n))
-
-            st.add_undo("delete added snapshots", drop_added)
-            if keep is not None:
-                # rsync rewrites the target in place: keep its content to put back on failure
-                # (only where a snapshot is free; a dir target is completed by a re-run)
-                saved: SnapshotName = keep
-                dst_b.snapshot(dst_vol, saved)
-
-                def put_back() -> None:
-                    dst_b.restore_snapshot(dst_vol, saved)
-                    dst_b.delete_snapshot(dst_vol, saved)
-
-                st.add_undo("restore target", put_back)
-        live = plan.how == "rsync" and (not running or allow_inconsistent)
         if live and running:
             result.notes.append("copied from the running container without a snapshot "
                                 "(--allow-inconsistent)")
-        with contextlib.ExitStack() as stack:
-            final: str | Path
-            if live:
-                final = src_b.volume_path(src_vol)
-            else:
-                final = stack.enter_context(
-                    consistent_snapshot(cts, src, src_b, src_vol, result.notes))
-            stats = execute(plan, src_b, src_vol, dst_b, dst_vol, final, progress,
-                            done=added.append)
-        _merge(result, stats)
-        op.stage("commit", added=added)
-        with state.transaction():
-            conf = _copyable_config(src.config)
-            if dst_rec is None:
-                ipv4 = allocate_ipv4(host.network_config(), state.used_ipv4())
-                new = ContainerRecord(dst_name, dst_pool, src.image, ipv4, conf)
-                state.add_container(new)
-            else:
-                state.update_container_config(dst_name, conf)
-            for name in added:
-                s = by_name[name]
-                state.add_snapshot(SnapshotRecord(dst_name, name, s.created, dict(s.config),
-                                                  s.expires, s.uuid))
-        st.add_undo("remove record", lambda: _forget(cts, dst_name) if dst_rec is None else None)
-        cts.lxc.write_config(cts.spec(cts.get(dst_name)))
-        if keep is not None:
-            dst_b.delete_snapshot(dst_vol, keep)
+        with transfer_stage(op, st, plan, src_b, src_vol, dst_b, dst_vol,
+                            target_existed=dst_rec is not None, read_source=read_source,
+                            progress=progress) as staged:
+            result.merge(staged.stats)
+            added = staged.added
+            op.stage("commit", added=added)
+            with state.transaction():
+                conf = _copyable_config(src.config)
+                if dst_rec is None:
+                    ipv4 = allocate_ipv4(host.network_config(), state.used_ipv4())
+                    new = ContainerRecord(dst_name, dst_pool, src.image, ipv4, conf)
+                    state.add_container(new)
+                else:
+                    state.update_container_config(dst_name, conf)
+                for name in added:
+                    s = by_name[name]
+                    state.add_snapshot(SnapshotRecord(dst_name, name, s.created,
+                                                      dict(s.config), s.expires, s.uuid))
+            st.add_undo("remove record",
+                        lambda: _forget(cts, dst_name) if dst_rec is None else None)
+            cts.render_lxc_config(dst_name)
     result.seconds = time.monotonic() - t0
     return result
+
+
+@dataclass
+class StagedTransfer:
+    """What ``transfer_stage`` did: the snapshots it created on the target, oldest first
+    (the caller records them), and the transfer's ``stats``."""
+
+    added: list[str] = field(default_factory=list)
+    stats: TransferStats = field(default_factory=TransferStats)
+
+
+@contextlib.contextmanager
+def transfer_stage(
+    op: Operation, st: Stages, plan: Plan,
+    src_b: StorageBackend, src_vol: VolumeRef, dst_b: StorageBackend, dst_vol: VolumeRef,
+    *, target_existed: bool,
+    read_source: Callable[[], contextlib.AbstractContextManager[str | Path]],
+    progress: Progress = no_progress,
+) -> Iterator[StagedTransfer]:
+    """The journaled ``copy`` stage of one volume's copy, refresh or move on this host,
+    with its undo; the block records what was added.
+
+    Container and custom volumes go through the same stage, so both get the same undo:
+    a new target is deleted on failure; an existing one (a refresh) loses the snapshots
+    added, and where rsync rewrites it in place on a pool with free snapshots, its content
+    is saved first and put back (a dir target is completed by a re-run). The saved content
+    goes once the block has succeeded. ``read_source`` gives what the target must end up
+    with: a temporary snapshot, or a live directory for rsync.
+    """
+    op.stage("copy")
+    staged = StagedTransfer()
+    added = staged.added
+    keep: SnapshotName | None = None
+    if not target_existed:
+        st.add_undo("delete target volume", lambda: dst_b.delete_volume(dst_vol))
+    else:
+        def drop_added() -> None:
+            for n in added:
+                dst_b.delete_snapshot(dst_vol, SnapshotName(n))
+
+        st.add_undo("delete added snapshots", drop_added)
+        if plan.how == "rsync" and dst_b.cheap_snapshots:
+            # rsync rewrites the target in place: keep its content to put back on failure
+            saved = keep = temp_snapshot_name()
+            dst_b.snapshot(dst_vol, saved)
+
+            def put_back() -> None:
+                dst_b.restore_snapshot(dst_vol, saved)
+                dst_b.delete_snapshot(dst_vol, saved)
+
+            st.add_undo("restore target", put_back)
+    with read_source() as final:
+        staged.stats = execute(plan, src_b, src_vol, dst_b, dst_vol, final, progress,
+                               done=added.append)
+    yield staged
+    if keep is not None:
+        dst_b.delete_snapshot(dst_vol, keep)
 
 
 def _forget(cts: Containers, name: str) -> None:
     with cts.state.transaction():
         cts.state.delete_container(name)
-    cts.lxc.remove_config(name)
-
-
-def _merge(result: CopyResult, stats: TransferStats) -> None:
-    result.bytes += stats.bytes
-    result.snapshots_added.extend(stats.snapshots)
-    result.snapshots_skipped.extend(stats.skipped)
-    result.notes.extend(n for n in stats.notes if n not in result.notes)
+    cts.remove_lxc_config(name)
 
 
 def move_container(
@@ -303,7 +265,7 @@ def move_container(
     pool = PoolName(pool)
     if rec.pool == pool:
         raise InvalidInput(f"{rec.name!r} is already on pool {pool!r}")
-    status = cts.lxc.state(rec.name)
+    status = cts.run_state(rec.name)
     if status == "FROZEN":
         raise InvalidState(f"{rec.name!r} is frozen",
                            f"unfreeze it first: `migrate unfreeze {rec.name}`")
@@ -331,12 +293,12 @@ def move_container(
         with consistent_snapshot(cts, rec, src_b, vol, result.notes) as first:
             stats = execute(plan, src_b, vol, dst_b, vol, first, progress,
                             keep_final=running)
-            _merge(result, stats)
+            result.merge(stats)
             if running:
                 # pass 2: stop, send what changed since pass 1, start on the new pool
                 op.stage("final-sync")
                 stopped_at = time.monotonic()
-                cts.lxc.stop(rec.name)
+                cts.stop_now(rec.name)
                 with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
                     base = first if plan.how in NATIVE_TYPES else None
                     final_plan = Plan(plan.how, base, [])
@@ -356,7 +318,7 @@ def move_container(
             assert stopped_at is not None
             result.downtime = time.monotonic() - stopped_at
         else:
-            cts.lxc.write_config(cts.spec(cts.get(rec.name)))
+            cts.render_lxc_config(rec.name)
         op.stage("delete-source")
         try:
             src_b.delete_volume(vol)
@@ -370,11 +332,11 @@ def move_container(
 def _set_pool(cts: Containers, name: str, pool: str) -> None:
     with cts.state.transaction():
         cts.state.set_container_pool(name, pool)
-    cts.lxc.write_config(cts.spec(cts.get(name)))
+    cts.render_lxc_config(name)
 
 
 def _restart_if_stopped(cts: Containers, name: str) -> None:
-    if cts.lxc.state(name) == "STOPPED":
+    if cts.run_state(name) == "STOPPED":
         cts.start(name)
 
 
@@ -384,7 +346,7 @@ def rename_container(cts: Containers, old: str, new: str) -> None:
     new_name = ContainerName(new)
     if cts.state.has_container(new_name) or (cts.host.lxcpath / new_name).exists():
         raise AlreadyExists(f"container {new_name!r} already exists", "pick another name")
-    if cts.lxc.state(rec.name) != "STOPPED":
+    if cts.run_state(rec.name) != "STOPPED":
         raise InvalidState(f"{rec.name!r} is running", f"stop it first: `migrate stop {rec.name}`")
     backend = cts.host.backend(rec.pool)
     old_vol, new_vol = VolumeRef("container", rec.name), VolumeRef("container", new_name)
@@ -393,5 +355,5 @@ def rename_container(cts: Containers, old: str, new: str) -> None:
         st.add_undo("rename volume back", lambda: backend.rename_volume(new_vol, old_vol))
         cts.state.rename_container(rec.name, new_name)
         st.add_undo("rename record back", lambda: cts.state.rename_container(new_name, rec.name))
-        cts.lxc.write_config(cts.spec(cts.get(new_name)))
-        cts.lxc.remove_config(rec.name)
+        cts.render_lxc_config(new_name)
+        cts.remove_lxc_config(rec.name)

@@ -22,7 +22,6 @@ Refresh rules (documented in the README):
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +123,6 @@ def plan_transfer(
                 "them, so using rsync instead"
             )
     return plan
-
-
-def temp_snapshot_name() -> SnapshotName:
-    """Name of the short-lived snapshot a transfer reads the live volume through."""
-    return SnapshotName(f"migrate.xfer-{uuid.uuid4().hex[:12]}")
 
 
 def _snap(snaps: dict[str, Snapshot], vol: VolumeRef, name: str) -> Snapshot:

@@ -9,9 +9,11 @@ also applied live to a running container).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,8 +174,6 @@ class Containers:
         kept when it is free and inside this host's subnet (a moved container keeps its
         address); otherwise a free one is allocated.
         """
-        import ipaddress
-
         cname = ContainerName(name)
         config = cfg.admit_config(config, origin, allow_privileged=allow_privileged)
         snapshots = admit_snapshots(snapshots, origin, allow_privileged=allow_privileged)
@@ -290,6 +290,59 @@ class Containers:
 
     def unfreeze(self, name: str) -> None:
         self.lxc.unfreeze(self._in_state(name, "FROZEN", "unfreeze").name)
+
+    # what the pipelines ask of LXC ------------------------------------------------------
+    # The lifecycle methods above check the state first and refuse what a user should not
+    # do; a pipeline (or an undo) that already knows the state, or must not be refused,
+    # uses these, which go straight to LXC and need no record.
+    def run_state(self, name: str) -> str:
+        """What LXC says of ``name`` now: RUNNING, FROZEN, STOPPED (also for a container
+        LXC does not know); unlike ``status`` it needs no record."""
+        return self.lxc.state(name)
+
+    def run_states(self) -> dict[str, tuple[str, str]]:
+        """Every container LXC knows, ``{name: (state, ipv4)}``, from one ``lxc-ls`` (a
+        scheduler tick asks once, not once per container)."""
+        return self.lxc.states()
+
+    def wait_state(self, name: str, state: str, timeout: float = 30) -> bool:
+        """Wait until ``name`` is in ``state``; False on timeout."""
+        return self.lxc.wait_state(name, state, timeout)
+
+    def stop_now(self, name: str, force: bool = False) -> None:
+        """Stop ``name`` without the checks of ``stop``: a pipeline's final-sync stop of a
+        container it knows is running, or an undo's forced stop of a half-restored one."""
+        self.lxc.stop(name, force=force)
+
+    @contextlib.contextmanager
+    def frozen(self, name: str) -> Iterator[None]:
+        """Freeze the running container ``name`` for the block (a consistent snapshot is
+        taken in it), then thaw it, whatever the block's outcome."""
+        self.lxc.freeze(name)
+        try:
+            yield
+        finally:
+            self.lxc.unfreeze(name)
+
+    def thaw_if_frozen(self, name: str) -> None:
+        """Unfreeze ``name`` if it is frozen (a rollback or release does not know)."""
+        if self.lxc.state(name) == "FROZEN":
+            self.lxc.unfreeze(name)
+
+    def memory_usage(self, name: str) -> int:
+        """Bytes of memory the running container ``name`` uses now (its cgroup's count)."""
+        return int(self.lxc.get_cgroup(name, "memory.usage_in_bytes"))
+
+    def render_lxc_config(self, name: str) -> ContainerSpec:
+        """Write the LXC config of ``name`` from its record (the record is the truth) and
+        return the spec it was rendered from."""
+        spec = self.spec(self.get(name))
+        self.lxc.write_config(spec)
+        return spec
+
+    def remove_lxc_config(self, name: str) -> None:
+        """Remove the LXC directory of ``name`` (its config and log); its volume stays."""
+        self.lxc.remove_config(name)
 
     def _in_state(self, name: str, want: str, verb: str) -> ContainerRecord:
         rec = self.get(name)

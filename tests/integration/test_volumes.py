@@ -7,6 +7,7 @@ import json
 import pytest
 
 from migrator.core.errors import InvalidInput, InvalidState
+from migrator.pipelines.volume_copy import copy_volume, move_volume
 from migrator.runtime.volumes import Volumes
 from tests.integration.treecmp import signature
 
@@ -25,23 +26,23 @@ def test_volume_lifecycle_in_a_container(host) -> None:  # type: ignore[no-untyp
     assert vols.snapshot_create("data", None) == "snap0"
     host.exec("app", "sh", "-c", "echo changed > /srv/data/f")
     # copy (with the snapshot) to a dir pool, then refresh it
-    r = vols.copy("data", "data-copy", target_pool="dir")
+    r = copy_volume(host.cts, "data", "data-copy", target_pool="dir")
     assert r.snapshots_added == ["snap0"]
     assert (host.host.backend("dir").volume_path(vols._ref("data-copy")) / "f").read_text() \
         == "changed\n"
     host.exec("app", "sh", "-c", "echo third > /srv/data/f")
     vols.snapshot_create("data", "s1")
-    r = vols.copy("data", "data-copy", target_pool="dir", refresh=True)
+    r = copy_volume(host.cts, "data", "data-copy", target_pool="dir", refresh=True)
     assert r.snapshots_added == ["s1"]
     assert [s.name for s in vols.snapshot_list("data-copy", "dir")] == ["snap0", "s1"]
     # a volume in use by a running container is neither deleted nor moved
     with pytest.raises(InvalidState):
         vols.delete("data")
     with pytest.raises(InvalidState):
-        vols.move("data", "dir", "data-moved")
+        move_volume(host.cts, "data", "dir", "data-moved")
     host.cts.stop("app")
     before = signature(path)
-    r = vols.move("data", "dir", "data-moved", verify=True)
+    r = move_volume(host.cts, "data", "dir", "data-moved", verify=True)
     moved = host.host.backend("dir").volume_path(vols._ref("data-moved"))
     assert signature(moved) == before and not path.exists()
     assert [s.name for s in vols.snapshot_list("data-moved")] == ["snap0", "s1"]

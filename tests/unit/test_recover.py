@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-import migrator.backup.remote
 from migrator import recover
 from migrator.core.errors import NetworkError, NotFound
 
@@ -42,7 +41,7 @@ def test_ssh_repository_is_asked_through_the_interface(monkeypatch) -> None:  # 
         seen.append(spec)
         return repo
 
-    monkeypatch.setattr(migrator.backup.remote, "open_repository", fake_open)
+    monkeypatch.setattr(recover, "open_repository", fake_open)
     spec = "ssh://host-b/srv/backups"
     assert recover._backup_committed(Cts(), spec, "c1-20261206T000000Z-abcdef")
     assert not recover._backup_committed(Cts(), spec, "c1-20261206T000000Z-000000")
@@ -54,6 +53,6 @@ def test_unreachable_repository_decides_nothing(monkeypatch) -> None:  # type: i
         def get(self, bid: str) -> Any:
             raise NetworkError("cannot reach host-b")
 
-    monkeypatch.setattr(migrator.backup.remote, "open_repository", lambda h, s: Down(set()))
+    monkeypatch.setattr(recover, "open_repository", lambda h, s: Down(set()))
     with pytest.raises(NetworkError):
         recover._backup_committed(Cts(), "ssh://host-b", "c1-20261206T000000Z-abcdef")
