@@ -30,6 +30,7 @@ from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled, owner_alive
 from migrator.runtime.state import OperationRecord, StateStore
 from migrator.streams import Progress, ProgressMeter, no_progress
+from migrator.transport.base import Transport
 
 KIND = "p2c"
 RESUMABLE = (errors.NetworkError, errors.CommandFailed, errors.RemoteError,
@@ -83,7 +84,7 @@ def interrupted_conversion(state: StateStore, name: str, host: str) -> Operation
     return None
 
 
-def convert(state: StateStore, source: SourceMachine, target: Any, opts: P2cOptions,
+def convert(state: StateStore, source: SourceMachine, target: Transport, opts: P2cOptions,
             progress: Progress = no_progress,
             on_inventory: Callable[[Inventory], None] | None = None) -> P2cResult:
     """Inventory (handed to ``on_inventory`` before anything moves), then (unless
@@ -163,7 +164,7 @@ def convert(state: StateStore, source: SourceMachine, target: Any, opts: P2cOpti
     return result
 
 
-def _finish(target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
+def _finish(target: Transport, name: str, pool: str, inv: Inventory, opts: P2cOptions,
             result: P2cResult, source: SourceMachine, op: Operation) -> dict[str, Any]:
     reply: dict[str, Any] = target.request("p2c_finish", {
         "name": str(name), "pool": pool, "privileged": opts.privileged,
@@ -174,7 +175,7 @@ def _finish(target: Any, name: str, pool: str, inv: Inventory, opts: P2cOptions,
     return reply
 
 
-def _link_from(target: Any, remote: dict[str, Any]) -> tuple[str, str | None] | None:
+def _link_from(target: Transport, remote: dict[str, Any]) -> tuple[str, str | None] | None:
     """Where to offer the direct data link from (the address this host's SSH connection
     to the target leaves from, in its namespace), when the host's setting and agent allow."""
     if getattr(target, "data_link", "ssh") == "ssh" or "tcp" not in remote.get("links", []):
@@ -186,7 +187,7 @@ def _link_from(target: Any, remote: dict[str, Any]) -> tuple[str, str | None] | 
     return str(transport.sock.getsockname()[0]), getattr(target, "netns", None)
 
 
-def _pull(source: SourceMachine, target: Any, name: str, pool: str, inv: Inventory,
+def _pull(source: SourceMachine, target: Transport, name: str, pool: str, inv: Inventory,
           opts: P2cOptions, result: P2cResult, progress: Progress, resume: bool,
           link_from: tuple[str, str | None] | None = None) -> None:
     rules = exclude_rules(inv.mounts, inv.excludes)
@@ -213,7 +214,7 @@ def _pull(source: SourceMachine, target: Any, name: str, pool: str, inv: Invento
         result.unreadable = list(reply.get("unreadable", []))
 
 
-def _abort(target: Any, name: str, pool: str, op: Operation) -> None:
+def _abort(target: Transport, name: str, pool: str, op: Operation) -> None:
     """Remove the partial volume (best effort: recover finishes it otherwise)."""
     try:
         target.request("abort_container", {"name": name, "pool": pool})
@@ -221,7 +222,8 @@ def _abort(target: Any, name: str, pool: str, op: Operation) -> None:
         op.note(undo_incomplete=True)
 
 
-def recover_p2c(cts: Containers, op: OperationRecord, transport_for: Any) -> str:
+def recover_p2c(cts: Containers, op: OperationRecord,
+                transport_for: Callable[[str], Transport]) -> str:
     """``migrate recover`` of a p2c: remove the partial volume; a recorded container stays."""
     name, pool, host = op.detail["container"], op.detail["pool"], op.detail["host"]
     if host == "local":  # this host's own target half, in process
