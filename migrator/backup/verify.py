@@ -157,13 +157,13 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
     return report
 
 
-def verify_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
-                  progress: Progress = no_progress) -> VerifyReport:
-    """``check_backup``, raising ``CorruptBackup`` (every problem in its message) if any."""
-    report = check_backup(repo, backup_id, deep, progress)
-    if report.problems:
-        raise CorruptBackup("; ".join(report.problems))
-    return report
+def raise_if_damaged(reports: list[VerifyReport]) -> None:
+    """``CorruptBackup`` naming every problem of every damaged backup among ``reports``:
+    ``backup verify`` fails with it once each report was shown."""
+    bad = [x for x in reports if not x.ok]
+    if bad:
+        raise CorruptBackup(f"{len(bad)} of {len(reports)} backup(s) damaged: "
+                            + "; ".join(p for x in bad for p in x.problems))
 
 
 def verify_chain(repo: BackupRepository, idx: BackupIndex, progress: Progress = no_progress,

@@ -12,7 +12,7 @@ from migrator.cli.context import current, transport_for
 from migrator.cli.options import config_option, format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
-from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.core.errors import InvalidInput
 
 backup_app = typer.Typer(
     help="Compressed, verifiable, incremental backups in a repository.\n\n"
@@ -151,7 +151,7 @@ def verify_cmd(
     malformed index, missing parent). Exits with CorruptBackup's code (21) if any backup is
     damaged.
     """
-    from migrator.backup.verify import check_backup
+    from migrator.backup.verify import check_backup, raise_if_damaged
 
     if bool(backup_id) == all_:
         raise InvalidInput("give one backup ID or --all")
@@ -164,7 +164,6 @@ def verify_cmd(
     with Bars() as bars:
         for i in ids:
             reports.append(check_backup(r, i, deep, bars))
-    bad = [x for x in reports if not x.ok]
     if fmt == Format.json:
         print_json([x.as_dict() for x in reports])
     else:
@@ -174,9 +173,7 @@ def verify_cmd(
                  if x.ok else ""))
             for p in x.problems:
                 say(f"  {p}")
-    if bad:
-        raise CorruptBackup(f"{len(bad)} of {len(reports)} backup(s) damaged: "
-                            + "; ".join(p for x in bad for p in x.problems))
+    raise_if_damaged(reports)
 
 
 @backup_app.command("restore")

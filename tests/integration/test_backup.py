@@ -20,7 +20,7 @@ from migrator.backends import VolumeRef
 from migrator.backup.create import create_backup
 from migrator.backup.repository import Repository
 from migrator.backup.restore import restore_backup
-from migrator.backup.verify import verify_backup
+from migrator.backup.verify import check_backup, raise_if_damaged
 from migrator.core.errors import AlreadyExists, BackupError, CorruptBackup, UnsafeArchive
 from tests.integration.treecmp import populate, signature
 
@@ -56,7 +56,7 @@ def test_generic_round_trip_onto_other_driver_keeps_everything(host) -> None:  #
     repo = repo_of(host)
     r = create_backup(host.cts, "bk1-src", repo)
     assert r.kind == "generic" and r.parent is None and r.snapshots_stored == ["s0"]
-    verify_backup(repo, r.id, deep=True)
+    raise_if_damaged([check_backup(repo, r.id, deep=True)])
     # files 0600, directories 0700: a backup holds whole root filesystems
     for p in (repo.path / "backups" / r.id).rglob("*"):
         want = 0o700 if p.is_dir() else 0o600
@@ -179,7 +179,7 @@ def test_incremental_chain_of_five_restores_every_point(host, pool, optimized) -
         assert on_disk == {"s2", repo.get(results[-1].id).base_snapshot}
         assert [s.name for s in host.cts.snapshot_list(name)] == ["s2"]
     for i, r in enumerate(results):
-        verify_backup(repo, r.id, deep=True)
+        raise_if_damaged([check_backup(repo, r.id, deep=True)])
         target = f"bk1-r{i}"
         res = restore_backup(host.cts, repo, r.id, name=target, pool=pool,
                              allow_privileged=True)
@@ -217,7 +217,7 @@ def test_damage_is_reported_precisely_and_nothing_changes(host) -> None:  # type
         f.truncate(snap_part.size - 100)
     (bdir / manifest.path).unlink()
     with pytest.raises(CorruptBackup) as e:
-        verify_backup(repo, r.id)
+        raise_if_damaged([check_backup(repo, r.id)])
     msg = e.value.message
     assert f"part {main_part.path} checksum mismatch" in msg
     assert f"part {snap_part.path} truncated: {snap_part.size - 100} of {snap_part.size} " \
