@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+import io
+import pkgutil
+
 import pytest
 
+import migrator
 from migrator.core import errors
 from migrator.core.errors import ALL_ERRORS, CommandFailed, MigratorError
+from migrator.transport.frames import ProtocolError, read_json, write_json
+from migrator.transport.replies import error_reply, parse_reply
+
+
+def every_error_class() -> list[type[MigratorError]]:
+    """Every ``MigratorError`` subclass in the tree, wherever it is defined: all modules of
+    ``migrator`` imported, then the subclasses walked."""
+    for module in pkgutil.walk_packages(migrator.__path__, "migrator."):
+        importlib.import_module(module.name)
+    found, todo = [], [MigratorError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return sorted(set(found), key=lambda c: c.__name__)
+
+
+EVERY_ERROR = every_error_class()
+#: these describe this side's own failures and come back as RemoteError (transport/replies.py)
+LOCAL_ONLY = (CommandFailed, ProtocolError)
 
 
 def test_base_error_exit_code_is_one() -> None:
@@ -101,3 +126,50 @@ def test_command_failed_without_stderr() -> None:
 def test_command_failed_hint() -> None:
     e = CommandFailed(["zfs"], 1, "boom", hint="load the zfs module")
     assert e.hint == "load the zfs module"
+
+
+# every class, wherever it is defined ---------------------------------------------------------
+def test_the_walk_finds_classes_defined_outside_the_errors_module() -> None:
+    names = {c.__name__ for c in EVERY_ERROR}
+    assert {"ProtocolError", "ConfigRefused", "BackupFormatError"} <= names
+    assert set(ALL_ERRORS) <= set(EVERY_ERROR)
+
+
+def test_error_class_names_are_unique_in_the_tree() -> None:
+    names = [c.__name__ for c in EVERY_ERROR]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+@pytest.mark.parametrize("cls", EVERY_ERROR, ids=lambda c: c.__name__)
+def test_every_error_class_is_registered(cls: type[MigratorError]) -> None:
+    """In ALL_ERRORS with a code of its own, or a refinement that keeps the code of its
+    nearest registered parent; either way known by name to the wire."""
+    assert errors.error_classes()[cls.__name__] is cls
+    if cls not in ALL_ERRORS:
+        assert "exit_code" not in vars(cls), cls.__name__
+        parent = next(c for c in cls.__mro__[1:] if c in ALL_ERRORS)
+        assert cls.exit_code == parent.exit_code
+
+
+def _over_the_wire(e: MigratorError) -> MigratorError:
+    """``e`` as the agent sends it (``error_reply`` in a JSON frame), read back by the
+    client's reply gate."""
+    buf = io.BytesIO()
+    write_json(buf.write, error_reply(e))
+    reply = read_json(io.BytesIO(buf.getvalue()).read)
+    with pytest.raises(MigratorError) as got:
+        parse_reply("host-b", "hello", reply)
+    return got.value
+
+
+@pytest.mark.parametrize("cls", EVERY_ERROR, ids=lambda c: c.__name__)
+def test_every_error_crosses_the_wire_with_its_class_and_exit_code(
+        cls: type[MigratorError]) -> None:
+    e = cls(["lxc-start"], 1, "boom") if cls is CommandFailed else cls("boom", "try again")
+    back = _over_the_wire(e)
+    assert back.message == f"on host-b: {e.message}"
+    assert back.hint == e.hint
+    if cls in LOCAL_ONLY:
+        assert type(back) is errors.RemoteError and back.exit_code == 18
+    else:
+        assert type(back) is cls and back.exit_code == cls.exit_code
