@@ -9,8 +9,9 @@ this host exit with a code of its choosing, fill a terminal with escape sequence
   side reads fields from it (``hello``, ``container_state``, ``receive``,
   ``commit_container``, a delegated copy's result): wrong types are a ``ProtocolError``;
 - anything else is an error: :func:`remote_error` turns ``{"type", "message", "hint"}``
-  into one of the known ``MigratorError`` classes (an unknown name, or a class whose
-  constructor is not ``(message, hint)``, becomes ``RemoteError``), with the message and
+  into one of the known ``MigratorError`` classes (``errors.error_classes``: an unknown
+  name, a class whose constructor is not ``(message, hint)``, or ``ProtocolError``, which
+  names this side's own channel, becomes ``RemoteError``), with the message and
   hint cut to :data:`MAX_TEXT` characters and stripped of escape sequences and control
   characters (:func:`clean_text`), because the CLI prints them.
 
