@@ -29,7 +29,15 @@ from migrator.pipelines.live_target import LIVE_OPS
 from migrator.pipelines.remote_target import TARGET_OPS, Handler, RemoteTarget
 from migrator.runtime.containers import Containers
 from migrator.runtime.host import Host
-from migrator.transport.frames import PROTOCOL, ProtocolError, Reader, Writer, read_json, write_json
+from migrator.transport.base import Transport
+from migrator.transport.frames import (
+    PROTOCOL,
+    DataWriter,
+    ProtocolError,
+    Reader,
+    read_json,
+    write_json,
+)
 from migrator.transport.local import LocalTransport
 from migrator.transport.replies import error_reply
 
@@ -44,7 +52,7 @@ OPS: dict[str, Handler] = {
 }
 
 
-def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
+def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter) -> int:
     """Handle one request from ``read``; answer on ``write``. Returns the exit status."""
     try:
         req = read_json(read)
@@ -73,7 +81,7 @@ def serve(cts_factory: Callable[[], Any], read: Reader, write: Writer) -> int:
         return getattr(e, "exit_code", 1)
 
 
-def local_transport(cts: Containers) -> LocalTransport:
+def local_transport(cts: Containers) -> Transport:
     """This host as a transport, answered in process by the agent's handlers (a conversion
     into a local container). A raw request (``p2c_pull``) is served in a thread with its own
     state connection: SQLite connections stay in the thread that made them."""
@@ -82,7 +90,7 @@ def local_transport(cts: Containers) -> LocalTransport:
     def handle(op: str, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         return OPS[op](RemoteTarget(cts), req, read)
 
-    def serve_here(read: Reader, write: Writer) -> int:
+    def serve_here(read: Reader, write: DataWriter) -> int:
         host = Host(root)
         try:
             return serve(lambda: Containers(host), read, write)
@@ -96,13 +104,13 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main_stdio(cts_factory: Callable[[], Any]) -> int:
+def main_stdio(cts_factory: Callable[[], Containers]) -> int:
     # a dropped SSH connection sends SIGHUP: unwind normally so partial receives are removed
     for sig in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, _exit_on_signal)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
 
-    def write(b: bytes) -> None:
+    def write(b: bytes | memoryview) -> None:
         stdout.write(b)
         stdout.flush()
 

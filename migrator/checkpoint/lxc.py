@@ -82,6 +82,7 @@ from migrator.core import proc
 from migrator.core.errors import CheckpointError, InvalidState, MigratorError
 from migrator.runtime import config as cfg
 from migrator.runtime.containers import Containers
+from migrator.runtime.state import ContainerRecord
 
 # criu's network lock (iptables-restore format): what criu itself runs on resume.
 NETWORK_UNLOCK = "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n"
@@ -456,6 +457,12 @@ class LxcCheckpointer:
         if st != "STOPPED":
             raise InvalidState(f"cannot restore {rec.name!r}: it is {st.lower()}",
                                "stop it first (or release_source() after a dump)")
+        return self.restore_stopped(rec, images, lazy)
+
+    def restore_stopped(self, rec: ContainerRecord, images: Path,
+                        lazy: bool = False) -> RestoreStats:
+        """``restore`` of a container its caller has just found STOPPED (a live migration's
+        target checks before it starts anything): its LXC config written, then CRIU."""
         spec = self.cts.render_lxc_config(rec.name)
         if spec.idmap is not None:
             # criu opens some images from inside the container's user namespace

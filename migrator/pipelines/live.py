@@ -56,8 +56,6 @@ from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
 from migrator.streams import Progress, SendStream, no_progress
 from migrator.transport.base import Transport
-from migrator.transport.ssh import SshTransport
-from migrator.transport.tunnel import PageTunnel, socket_pair
 
 MODES = ("auto", "post-copy", "stop-and-copy")
 SERVE_WAIT = 120.0  # seconds for the dump to write the non-memory images (post-copy)
@@ -271,7 +269,11 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
             if plan.mode == "post-copy":
                 # the page server is handed one end of a connected pair (nothing listens:
                 # the container's memory is out of other local users' reach); the tunnel
-                # relays the other end to the target (``transport/tunnel.py``)
+                # relays the other end to the target (``transport/tunnel.py``). Imported
+                # here, as below: paramiko would add ~0.3 s to every agent's start-up,
+                # which imports this module for its target half
+                from migrator.transport.tunnel import socket_pair
+
                 pages, criu_end = socket_pair()
                 try:
                     lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
@@ -296,6 +298,9 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
         with clock.stage(op, "restore"):
             args: dict[str, Any] = {"name": rec.name, "tag": op.id}
             if plan.mode == "post-copy":
+                from migrator.transport.ssh import SshTransport
+                from migrator.transport.tunnel import PageTunnel
+
                 # the page stream rides a remote forward of the SSH connection
                 assert isinstance(transport, SshTransport), "post-copy needs SSH"
                 tunnel = PageTunnel(transport.connection(), lambda: pages)

@@ -64,8 +64,8 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
 
     The container must be found stopped here before anything starts (the lazy-pages
     daemon, the page stream), and outside the ``try``: a running container is refused, not
-    stopped. Its LXC config is written by the restore itself (``LxcCheckpointer.restore``),
-    once."""
+    stopped. That check is done once, here; the restore then writes its LXC config, once
+    (``LxcCheckpointer.restore_stopped``)."""
     cts = end.cts
     name = ContainerName(req["name"])
     rec = cts.get(name)
@@ -79,11 +79,11 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
         if req.get("lazy"):
             with page_stream(req) as sock:  # criu holds its own copy once started
                 pages = ckpt.start_lazy_pages(images, ps_socket=sock.fileno())
-            stats = ckpt.restore(rec.name, images, lazy=True)
+            stats = ckpt.restore_stopped(rec, images, lazy=True)
             end.notify({"event": "restored", "seconds": stats.seconds})
             pages.wait(float(req.get("timeout", 900)))
         else:
-            stats = ckpt.restore(rec.name, images)
+            stats = ckpt.restore_stopped(rec, images)
     except BaseException:
         if pages is not None:
             with contextlib.suppress(Exception):

@@ -29,13 +29,15 @@ from typing import Any
 from migrator.backends import VolumeRef
 from migrator.core import errors, proc
 from migrator.core.names import ContainerName, PoolName, SnapshotName
+from migrator.runtime.containers import Containers
 from migrator.runtime.durable import sync_filesystem
 from migrator.runtime.leftovers import undo_partial_target
 from migrator.runtime.state import SnapshotRecord
-from migrator.streams import ProgressMeter
+from migrator.streams import Progress, ProgressMeter
 from migrator.targuard import TarChecker, TarRules
+from migrator.transport.base import EventHandler
 from migrator.transport.datapath import COMPRESSORS, FrameStream
-from migrator.transport.frames import PROTOCOL, Reader
+from migrator.transport.frames import PROTOCOL, DataWriter, Reader
 from migrator.transport.rsync_relay import server_args
 
 VERSION = "0.1.0"
@@ -71,16 +73,16 @@ class RemoteTarget:
     """This host serving one request from another: its state root, who sends, the channel
     back. The methods are the requests of a push (and a pull's calls)."""
 
-    def __init__(self, cts: Any, notify: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, cts: Containers, notify: EventHandler | None = None) -> None:
         self.cts = cts
         self.host = cts.host
         self.state = cts.state
         # an event to the client before the reply (``{"event": name, ...}``)
-        self.notify = notify or (lambda event: None)
+        self.notify: EventHandler = notify or (lambda event: None)
         # the channel back to the client, for the data of a pull (``reverse.py``)
-        self.write: Callable[[Any], Any] = lambda data: None
+        self.write: DataWriter = lambda data: None
         # where a receive reports its progress (the client's bars, when serving a pull)
-        self.progress: Any = None
+        self.progress: Progress | None = None
         # a program this agent becomes once its reply is out (``rsync_receive``)
         self.exec_after_reply: list[str] | None = None
         # serving a pull's calls (``pull_scope.py``): the sender is the host pulled from, not

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, Self
 
 from migrator.streams import ProgressMeter, Stream
-from migrator.transport.frames import Reader, Writer
+from migrator.transport.frames import DataWriter, Reader, Writer
 
 # a message the far end sends before its reply (``{"event": ...}``), for the caller to show
 EventHandler = Callable[[dict[str, Any]], None]
@@ -97,4 +97,4 @@ class ChannelServer(Protocol):
     ``write``; returns the agent's exit status. ``LocalTransport.open_raw`` runs one in a
     thread of its own for a request whose channel carries another protocol."""
 
-    def __call__(self, read: Reader, write: Writer) -> int: ...
+    def __call__(self, read: Reader, write: DataWriter) -> int: ...
