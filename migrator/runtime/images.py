@@ -164,14 +164,6 @@ def validate_archive(path: Path) -> ImageContent:
         return _validate(f, path)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _GuardedFeed(FedStream):
     """An image's archive, through the tar guard, as a pipe GNU tar reads: what tar
     unpacks is what the guard approved and rewrote."""
