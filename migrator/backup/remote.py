@@ -36,6 +36,7 @@ from migrator.backup.model import BackupIndex, valid_id
 from migrator.backup.repository import CHUNK, BackupRepository, Repository, valid_part_path
 from migrator.core import errors
 from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.pipelines.remote_target import RemoteTarget
 from migrator.runtime.host import Host
 from migrator.streams import Progress
 from migrator.transport.base import EventHandler, Transport
@@ -317,19 +318,19 @@ def open_repository(host: Host, spec: str | None) -> Repository | RemoteReposito
 
 
 # the agent side ----------------------------------------------------------------------------
-def _local_repo(agent: Any, req: dict[str, Any]) -> Repository:
+def _local_repo(agent: RemoteTarget, req: dict[str, Any]) -> Repository:
     path = req.get("path")
     if path is None:
         return Repository(agent.host.root / "backups")
     return Repository(Path(check_path(str(path))))
 
 
-def _ready(agent: Any) -> None:
+def _ready(agent: RemoteTarget) -> None:
     """The first reply of a request whose channel then carries data (``open_raw``)."""
     write_json(agent.write, {"ok": True, "ready": True})
 
 
-def serve_repository(agent: Any, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+def serve_repository(agent: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     """One repository call from a client (see ``RemoteRepository``)."""
     repo = _local_repo(agent, req)
     action = str(req.get("action"))
@@ -373,7 +374,8 @@ def serve_repository(agent: Any, req: dict[str, Any], read: Reader) -> dict[str,
     raise InvalidInput(f"unknown repository request {action!r}")
 
 
-def _hold_lock(agent: Any, repo: Repository, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+def _hold_lock(agent: RemoteTarget, repo: Repository, req: dict[str, Any],
+               read: Reader) -> dict[str, Any]:
     wait = req.get("wait")
     with repo.lock(None if wait is None else float(wait)):
         _ready(agent)
@@ -383,7 +385,7 @@ def _hold_lock(agent: Any, repo: Repository, req: dict[str, Any], read: Reader) 
     return {}
 
 
-def _receive_part(agent: Any, repo: Repository, req: dict[str, Any],
+def _receive_part(agent: RemoteTarget, repo: Repository, req: dict[str, Any],
                   read: Reader) -> dict[str, Any]:
     part = repo.writer(_check_id(req["id"]), fresh=False).part(_check_rel(req["rel"]))
     try:
@@ -407,7 +409,7 @@ def _receive_part(agent: Any, repo: Repository, req: dict[str, Any],
     return {"size": size, "sha256": digest}
 
 
-def _send_part(agent: Any, repo: Repository, req: dict[str, Any]) -> dict[str, Any]:
+def _send_part(agent: RemoteTarget, repo: Repository, req: dict[str, Any]) -> dict[str, Any]:
     f = repo.open_part(_check_id(req["id"]), _check_rel(req["rel"]))
     with f:
         _ready(agent)
@@ -419,7 +421,7 @@ def _send_part(agent: Any, repo: Repository, req: dict[str, Any]) -> dict[str, A
     return {"bytes": count}
 
 
-def serve_restore(agent: Any, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+def serve_restore(agent: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     """``backup restore --host THIS-HOST`` from a repository on this host; progress goes to
     the client as events."""
     from migrator.backup.restore import restore_backup
