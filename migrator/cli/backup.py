@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,6 +13,10 @@ from migrator.cli.options import config_option, format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
 from migrator.core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from migrator.backup.remote import RemoteRepository
+    from migrator.backup.repository import Repository
 
 backup_app = typer.Typer(
     help="Compressed, verifiable, incremental backups in a repository.\n\n"
@@ -30,7 +34,7 @@ REPO_OPT = typer.Option(None, "--repo", "-r",
 FORMAT_OPT = format_option("table or json")
 
 
-def _repo(path: str | None) -> Any:
+def _repo(path: str | None) -> Repository | RemoteRepository:
     """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
     from migrator.backup.remote import open_repository
 

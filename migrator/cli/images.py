@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def image_import(
     """Import a unified image tarball (as made by `image export`, LXD or Incus)."""
     c = current().containers
     if file == "-":
-        import tempfile
-
         from migrator.runtime.images import read_stream_to_file
 
         with tempfile.NamedTemporaryFile(dir=c.host.images_dir, prefix=".stdin-") as tmp:

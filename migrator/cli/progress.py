@@ -6,8 +6,6 @@ import sys
 from types import TracebackType
 from typing import Any
 
-from tqdm import tqdm
-
 from migrator.streams import ProgressEvent
 
 
@@ -24,6 +22,8 @@ class Bars:
         if not self.enabled:
             return
         if event.phase != self.phase:
+            from tqdm import tqdm  # on the first event: `migrate --help` need not load it
+
             self.close()
             self.phase = event.phase
             self.bar = tqdm(total=event.total, desc=event.phase, unit="B", unit_scale=True,

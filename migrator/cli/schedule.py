@@ -6,7 +6,7 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -15,6 +15,9 @@ from migrator.cli.context import current
 from migrator.cli.options import format_option
 from migrator.cli.render import Format, render
 from migrator.core.errors import InvalidInput, JobsFailed
+
+if TYPE_CHECKING:
+    from migrator.backup.scheduler import Scheduler
 
 schedule_app = typer.Typer(
     help="Automatic snapshots and backups from the snapshots.* and backups.* keys "
@@ -47,7 +50,7 @@ def _parse_now(text: str | None) -> float | None:
     return (dt if dt.tzinfo else dt.astimezone()).timestamp()
 
 
-def _scheduler() -> Any:
+def _scheduler() -> Scheduler:
     from migrator.backup.scheduler import Scheduler
 
     return Scheduler(current().containers)

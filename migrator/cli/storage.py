@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -14,6 +14,9 @@ from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size, render
 from migrator.core.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from migrator.runtime.volumes import Volumes
 
 volume_app = typer.Typer(
     help="Custom storage volumes: directories on a pool, mounted into containers.",
@@ -47,6 +50,11 @@ def report(result: Any, fmt: Format, verb: str) -> None:
         say(f"  verified: {result.verified}")
     for n in result.notes:
         say(f"  note: {n}")
+
+
+def _reported(r: dict[str, Any]) -> Any:
+    """Another host's copy result (a dict from its reply) in the shape ``report`` reads."""
+    return SimpleNamespace(**r, as_dict=lambda: r)
 
 
 def register(app: typer.Typer) -> None:
@@ -126,8 +134,7 @@ def _delegate_copy(src_host: str, src: str, dst_host: str, dst: str, pool: str |
 
     r = copy_result(src_host, reply.get("result"))  # another host's report: checked, cleaned
     r["source"] = f"{src_host}:{r['source']}"
-    result = SimpleNamespace(**r, as_dict=lambda: r)
-    report(result, fmt, "refreshed" if refresh else "copied")
+    report(_reported(r), fmt, "refreshed" if refresh else "copied")
 
 
 def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bool,
@@ -138,8 +145,7 @@ def _pull(src_host: str, src: str, dst: str, pool: str | None, instance_only: bo
     with Bars() as bars, transport_for(src_host) as t:
         r = pull_copy(current().containers, t, src, dst, pool, instance_only, refresh, compress,
                       bars, allow_privileged)
-    result = SimpleNamespace(**r, as_dict=lambda: r)
-    report(result, fmt, "refreshed" if refresh else "copied")
+    report(_reported(r), fmt, "refreshed" if refresh else "copied")
 
 
 
@@ -192,7 +198,7 @@ def move_cmd(
 
 
 # volumes ---------------------------------------------------------------------------------
-def _volumes() -> Any:
+def _volumes() -> Volumes:
     from migrator.runtime.volumes import Volumes
 
     return Volumes(current().containers)
