@@ -83,10 +83,6 @@ def latest_backup(repo: BackupRepository, container: str, kind: str) -> BackupIn
     return same[-1] if same else None
 
 
-def _copyable(config: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in config.items() if not k.startswith("volatile.")}
-
-
 def _pick_parent(repo: BackupRepository, rec: ContainerRecord, kind: str, driver: str,
                  backend: StorageBackend, vol: VolumeRef, notes: list[str],
                  snaps: list[SnapshotRecord]) -> tuple[BackupIndex | None, Snapshot | None]:
@@ -163,7 +159,7 @@ def create_backup(
             created=time.time() if created is None else created,
             parent=result.parent, compression=comp, image=rec.image,
             privileged=cfg.is_true(rec.config, "security.privileged"), final=final,
-            config=_copyable(rec.config),
+            config=cfg.without_volatile(rec.config),
         )
         for s in snaps:
             stored_in = held.get((s.name, s.uuid), bid)

@@ -85,7 +85,19 @@ KEYS: dict[str, Callable[[str], str]] = {
 }
 KEYS.update(SCHEDULE_KEYS)  # snapshots.* and backups.*: runtime/schedule_keys.py
 KEYS.update({"snapshots.schedule.stopped": _bool, "backups.incremental": _bool})
-READ_ONLY_PREFIXES = ("image.", "volatile.")
+VOLATILE_PREFIX = "volatile."
+READ_ONLY_PREFIXES = ("image.", VOLATILE_PREFIX)
+
+
+def without_volatile(config: Mapping[str, str]) -> dict[str, str]:
+    """``config`` without its ``volatile.*`` keys.
+
+    They hold the state of one instance on one host (its MAC, how its files were last
+    shifted): a copy, a backup, an export or a report of the container must not carry them
+    over, and whoever records the container again writes its own.
+    """
+    return {k: v for k, v in config.items() if not k.startswith(VOLATILE_PREFIX)}
+
 
 # image.* : what the runtime records about the image a container came from --------------------
 #: the inits the runtime knows (the LXC config differs for systemd; the rest boot alike)
