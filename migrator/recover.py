@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from migrator.backends import VolumeRef
 from migrator.backup.remote import open_repository
@@ -27,14 +26,19 @@ from migrator.checkpoint.lxc import LxcCheckpointer
 from migrator.core.errors import CorruptBackup, InvalidState, MigratorError, NotFound
 from migrator.core.names import SnapshotName
 from migrator.p2c.convert import recover_p2c
+from migrator.runtime.containers import Containers
 from migrator.runtime.leftovers import remove_leftover, undo_partial_target, undo_partial_volume
 from migrator.runtime.operations import owner_alive
 from migrator.runtime.state import OperationRecord
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots
 from migrator.runtime.volumes import volume_ref
+from migrator.transport.base import Transport
+
+# a host's name -> a connected transport to its agent (the CLI passes its transport_for)
+TransportFor = Callable[[str], Transport]
 
 
-def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+def recover(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
     """Roll back or complete ``op``; returns a sentence saying which."""
     if op.status not in ("running", "failed"):
         raise InvalidState(f"operation {op.id} is {op.status}, nothing to recover")
@@ -56,21 +60,21 @@ def recover(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) 
     return outcome
 
 
-def _restart(cts: Any, name: str, was_running: bool) -> str:
+def _restart(cts: Containers, name: str, was_running: bool) -> str:
     if was_running and cts.state.has_container(name) and cts.run_state(name) == "STOPPED":
         cts.start(name)
         return f"; {name} started again"
     return ""
 
 
-def _clean_temps(cts: Any, name: str) -> None:
+def _clean_temps(cts: Containers, name: str) -> None:
     """Drop the temporary snapshots a killed transfer left on a container's volume."""
     if cts.state.has_container(name):
         clean_stale_temp_snapshots(cts.host.backend(cts.state.get_container(name).pool),
                                    VolumeRef("container", name))
 
 
-def whole_copy_problem(cts: Any, name: str, pool: str | None = None) -> str | None:
+def whole_copy_problem(cts: Containers, name: str, pool: str | None = None) -> str | None:
     """Why the copy of container ``name`` on this host (on ``pool``, if given) is not whole
     (no record, the record on another pool, no volume, a recorded snapshot missing), or
     None when it is whole."""
@@ -97,7 +101,7 @@ def _keep_both(problem: str, other: str) -> InvalidState:
                         "whole one, then delete the other by hand")
 
 
-def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _move(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     name, src, dst = op.detail["container"], op.detail["from_pool"], op.detail["to_pool"]
     vol = VolumeRef("container", name)
     rec = cts.state.get_container(name)
@@ -118,7 +122,7 @@ def _move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
         _restart(cts, name, op.detail.get("was_running", False))
 
 
-def _copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _copy(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     target, pool = op.detail["target"], op.detail["pool"]
     _clean_temps(cts, op.detail["container"])
     dropped = undo_partial_target(cts, target, pool)
@@ -128,7 +132,7 @@ def _copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
             f"({len(dropped)} unrecorded snapshot(s) removed)")
 
 
-def _copy_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+def _copy_remote(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
     host, target = op.detail["host"], op.detail["target"]
     _clean_temps(cts, op.detail["container"])
     if "commit" in op.stages and not op.detail.get("target_existed"):
@@ -140,7 +144,7 @@ def _copy_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], A
     return f"rolled back: the partial copy of {target} on {host} was removed"
 
 
-def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+def _move_remote(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
     host, name = op.detail["host"], op.detail["container"]
     was_running = bool(op.detail.get("was_running"))
     with transport_for(host) as t:
@@ -165,7 +169,7 @@ def _move_remote(cts: Any, op: OperationRecord, transport_for: Callable[[str], A
         _restart(cts, name, was_running)
 
 
-def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+def _live(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
     """A live migration: completed once the target was verified (``release`` reached),
     else the target's copy is removed and the source resumed from its frozen state, or
     restored from the checkpoint images still in memory-backed space."""
@@ -206,7 +210,7 @@ def _live(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) ->
     return outcome
 
 
-def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _backup(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     """A killed ``backup create``: its ``.partial-ID`` goes with the repository's next writer;
     here only the base snapshot an optimized backup kept on the pool is dropped, unless the
     backup was committed (its index exists), which makes the operation complete."""
@@ -220,7 +224,7 @@ def _backup(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     return f"rolled back: backup {bid} was not made; the next writer clears its partial files"
 
 
-def _backup_committed(cts: Any, spec: str, bid: str) -> bool:
+def _backup_committed(cts: Containers, spec: str, bid: str) -> bool:
     """Whether backup ``bid`` has its index in the repository ``spec`` (a directory or
     ``ssh://HOST/PATH``), asked through the repository itself: an unreachable repository
     raises, so nothing is dropped on a guess."""
@@ -236,7 +240,7 @@ def _backup_committed(cts: Any, spec: str, bid: str) -> bool:
     return True
 
 
-def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _restore(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     """A killed ``backup restore``. Before ``replace`` it is rolled back (the scratch
     volumes go; a container it was to replace was not touched). From ``replace`` on, once
     the replaced container is gone, the restored volume is the only copy: it is moved in
@@ -272,7 +276,7 @@ def _restore(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     return f"rolled back: the partial restore of {name} was removed"
 
 
-def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _import_lxc(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     """A killed ``import-lxc``: complete once recorded (the original is left in place),
     else the partial volume goes; the original LXC container was only read."""
     name, pool = op.detail["container"], op.detail["pool"]
@@ -282,11 +286,11 @@ def _import_lxc(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
     return f"rolled back: the partial import of {name} on {pool} was removed"
 
 
-def _p2c(cts: Any, op: OperationRecord, transport_for: Callable[[str], Any]) -> str:
+def _p2c(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
     return recover_p2c(cts, op, transport_for)
 
 
-def _volume_copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _volume_copy(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     """A killed ``volume copy`` (or refresh): rolled back, as a container copy is; the
     source volume was only read."""
     target, pool = op.detail["target"], op.detail["target_pool"]
@@ -299,7 +303,7 @@ def _volume_copy(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str
             f"({len(dropped)} unrecorded snapshot(s) removed)")
 
 
-def whole_volume_problem(cts: Any, pool: str, name: str) -> str | None:
+def whole_volume_problem(cts: Containers, pool: str, name: str) -> str | None:
     """Why custom volume ``name`` on ``pool`` is not whole (no record there, no volume on
     disk, a recorded snapshot missing), or None when it is whole."""
     if not any(v.name == name for v in cts.state.list_volumes(pool)):
@@ -315,7 +319,7 @@ def whole_volume_problem(cts: Any, pool: str, name: str) -> str | None:
     return None
 
 
-def _volume_move(cts: Any, op: OperationRecord, _t: Callable[[str], Any]) -> str:
+def _volume_move(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     """A killed ``volume move``: before the record was switched it is rolled back (the
     partial copy goes), after it is completed (the old copy goes); as for a container
     move, only once the copy that stays is whole."""
