@@ -13,6 +13,7 @@ from migrator.cli.options import format_option, pool_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
 from migrator.core.errors import ImportsFailed, InvalidInput
+from migrator.runtime.config import without_volatile
 
 if TYPE_CHECKING:
     from migrator.adopt.plan import ImportResult
@@ -37,7 +38,7 @@ def _lines(r: ImportResult, replaced: bool) -> list[str]:
     where = r.ipv4 or "allocated at record"
     head.append(f"  network: eth0 on the runtime's bridge, address {where}"
                 + (f", MAC {r.hwaddr} kept" if r.hwaddr else ""))
-    keys = {k: v for k, v in r.config.items() if not k.startswith("volatile.")}
+    keys = without_volatile(r.config)
     head.append("  config: " + ", ".join(f"{k}={v}" for k, v in sorted(keys.items())))
     head += [f"  converted: {c}" for c in r.converted]
     head += [f"  unconvertible: {u}" for u in r.unconvertible]

@@ -16,7 +16,7 @@ _KEEP_PREFIXES = ("user.", "image.")
 
 def lxd_config(config: dict[str, str]) -> dict[str, str]:
     """Our config as an export writes it: without our ``volatile.*`` bookkeeping."""
-    return {k: v for k, v in config.items() if not k.startswith("volatile.")}
+    return cfg.without_volatile(config)
 
 
 def convert_config(lxd: dict[str, str]) -> tuple[dict[str, str], list[str]]:
@@ -30,7 +30,7 @@ def convert_config(lxd: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     dropped: list[str] = []
     for key, value in sorted(lxd.items()):
         shown = repr(value) if cfg.control_char(value) else value
-        if key.startswith("volatile."):
+        if key.startswith(cfg.VOLATILE_PREFIX):
             continue  # LXD's own bookkeeping (MACs, idmaps, last state)
         if key.startswith("image.") and key not in cfg.IMAGE_KEYS:
             dropped.append(f"{key}={shown} (not kept here)")

@@ -28,6 +28,7 @@ from migrator.pipelines.transfer import (
     negotiate,
     plan_transfer,
 )
+from migrator.runtime import config as cfg
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.durable import sync_filesystem
 from migrator.runtime.leftovers import remove_leftover
@@ -69,10 +70,6 @@ class CopyResult:
         self.snapshots_added.extend(stats.snapshots)
         self.snapshots_skipped.extend(stats.skipped)
         self.notes.extend(n for n in stats.notes if n not in self.notes)
-
-
-def _copyable_config(config: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in config.items() if not k.startswith("volatile.")}
 
 
 def native_base_ok(src: StorageBackend, src_vol: VolumeRef, dst: StorageBackend,
@@ -164,7 +161,7 @@ def copy_container(
             added = staged.added
             op.stage("commit", added=added)
             with state.transaction():
-                conf = _copyable_config(src.config)
+                conf = cfg.without_volatile(src.config)
                 if dst_rec is None:
                     ipv4 = allocate_ipv4(host.network_config(), state.used_ipv4())
                     new = ContainerRecord(dst_name, dst_pool, src.image, ipv4, conf)

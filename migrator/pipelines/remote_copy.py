@@ -31,6 +31,7 @@ from migrator.pipelines.copy import CopyResult
 from migrator.pipelines.pull_scope import PullScope, answer_call
 from migrator.pipelines.remote_target import RemoteTarget
 from migrator.pipelines.transfer import NATIVE_TYPES, SnapInfo, negotiate, plan_transfer
+from migrator.runtime import config as cfg
 from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
 from migrator.runtime.treecheck import container_policy, inspect_volume
@@ -239,8 +240,7 @@ class RemoteCopy:
                 rec = self.t.request("commit_container", {
                     "name": dst_name, "pool": rpool["name"], "image": src.image,
                     "ipv4": src.ipv4,
-                    "config": {k: v for k, v in src.config.items()
-                               if not k.startswith("volatile.")},
+                    "config": cfg.without_volatile(src.config),
                     "snapshots": [by_name[n].to_wire() for n in result.snapshots_added],
                 })
         except BaseException:
