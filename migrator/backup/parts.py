@@ -126,7 +126,8 @@ class _Capped:
     that decompresses further (a lying index, a zstd bomb) is refused at that byte, before
     the disk it is written to fills."""
 
-    def __init__(self, src: Any, backup_id: str, part: PartInfo) -> None:
+    def __init__(self, src: _HashingReader | zstandard.ZstdDecompressionReader, backup_id: str,
+                 part: PartInfo) -> None:
         self.src = src
         self.count = 0
         self._id, self._part = backup_id, part
