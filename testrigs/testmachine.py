@@ -35,11 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from migrator.backends.generic import tar_exact_options
 from migrator.core import proc
 from migrator.core.errors import MigratorError, NetworkError
 from migrator.core.netns import netns_path, socket_in_netns
 from migrator.runtime import network
-from migrator.runtime.images import DEBIAN_MIRROR, TAR_EXACT
+from migrator.runtime.images import DEBIAN_MIRROR
 
 RECIPE_VERSION = 1  # bump when the machine's build changes
 PACKAGES = ["systemd-sysv", "openssh-server", "rsync", "iproute2", "ifupdown", "udev",
@@ -97,8 +98,8 @@ def build(log: object = None) -> Path:
                   "bookworm", str(rootfs), DEBIAN_MIRROR], timeout=1800)
         _customize(rootfs)
         partial = out.with_name(out.name + ".partial")
-        proc.run(["tar", *TAR_EXACT, "--sparse", "-I", "zstd -T0 -3 -q", "-C", str(rootfs),
-                  "-cf", str(partial), "."], timeout=None)
+        proc.run(["tar", *tar_exact_options(), "--sparse", "-I", "zstd -T0 -3 -q",
+                  "-C", str(rootfs), "-cf", str(partial), "."], timeout=None)
         partial.replace(out)
     return out
 
@@ -230,8 +231,8 @@ def prepare(home: Path, client_key: Path, data_mb: int = 0, bad_file: bool = Fal
         p.unlink(missing_ok=True)
     proc.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pm1", "-f", str(hostkey)])
     with _mounted(root_img, mnt) as root:
-        proc.run(["tar", *TAR_EXACT, "--same-permissions", "--same-owner", "-C", str(root),
-                  "-xf", str(tarball)], timeout=600)
+        proc.run(["tar", *tar_exact_options(), "--same-permissions", "--same-owner",
+                  "-C", str(root), "-xf", str(tarball)], timeout=600)
         shutil.copy2(hostkey, root / "etc/ssh/ssh_host_ed25519_key")
         shutil.copy2(hostkey.with_name(hostkey.name + ".pub"),
                      root / "etc/ssh/ssh_host_ed25519_key.pub")

@@ -11,6 +11,7 @@ Both keep ownership numerically: an unprivileged container's shifted uids stay a
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from migrator.backends.base import Snapshot, StorageBackend, VolumeRef
@@ -21,7 +22,32 @@ from migrator.streams import ProgressMeter, SendStream, Stream, receive_with, ru
 
 GENERIC_TYPES = ["rsync", "tar"]
 
-_TAR_META = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+#: GNU tar writing an archive to its stdout (the start of every tar stream the project sends)
+TAR_TO_STDOUT = ["tar", "--create", "--file=-"]
+
+
+def tar_exact_options(xattrs: bool = True, acls: bool | None = None) -> list[str]:
+    """The tar options that keep a tree exact, to create and to extract alike: numeric
+    owners (an unprivileged container's shifted ids stay as they are), every xattr
+    namespace (file capabilities, security labels) and POSIX ACLs.
+
+    ``xattrs=False`` for a side that can hold none (zfs-fuse): tar neither reads nor asks
+    for them. ``acls`` (by default as ``xattrs``) is apart for extracting onto such a side
+    (``tar_extract``).
+    """
+    with_acls = xattrs if acls is None else acls
+    return ["--numeric-owner",
+            *(["--xattrs", "--xattrs-include=*"] if xattrs else ["--no-xattrs"]),
+            "--acls" if with_acls else "--no-acls"]
+
+
+def tar_create_argv(root: Path, operands: Sequence[str], xattrs: bool = True,
+                    options: Sequence[str] = ()) -> list[str]:
+    """``tar`` writing an exact (``tar_exact_options``) POSIX archive of ``operands`` under
+    ``root`` to its stdout, holes kept: the members (``.``), or ``--files-from`` a list.
+    ``options`` go before the ``-C`` (exclusions, a transform, a blocking factor)."""
+    return [*TAR_TO_STDOUT, *tar_exact_options(xattrs), "--sparse", "--format=posix",
+            *options, "-C", str(root), *operands]
 
 
 def tree_size(path: Path) -> int | None:
@@ -33,15 +59,15 @@ def tree_size(path: Path) -> int | None:
         return None
 
 
-def tar_send(path: Path, name: str, xattrs: bool = True) -> SendStream:
-    """A tar stream of the directory ``path`` (a mounted snapshot), members relative to it.
+def tar_send(path: Path, name: str, xattrs: bool = True,
+             options: Sequence[str] = ()) -> SendStream:
+    """A tar stream of the directory ``path`` (a mounted snapshot), members ``./...``.
 
-    ``xattrs=False`` for a source that cannot hold any (zfs-fuse), so tar does not ask.
+    ``xattrs=False`` for a source that cannot hold any (zfs-fuse), so tar does not ask;
+    ``options`` add to ``tar_create_argv``'s (a backup leaves some directories out).
     """
-    flags = _TAR_META if xattrs else ["--numeric-owner", "--no-xattrs", "--no-acls"]
-    argv = ["tar", "--create", "--file=-", *flags, "--sparse", "--format=posix",
-            "-C", str(path), "."]
-    return SendStream(argv, "tar", name, size_hint=tree_size(path))
+    return SendStream(tar_create_argv(path, ["."], xattrs, options), "tar", name,
+                      size_hint=tree_size(path))
 
 
 NOT_STORABLE = ("Cannot set", "Operation not supported")
@@ -58,8 +84,7 @@ def tar_extract(stream: Stream, dest: Path, meter: ProgressMeter | None,
     False, because ``--acls`` warns for every member even without ACLs; extended ACLs still
     arrive as ``system.posix_acl_*`` xattrs and fail the receive as they should.
     """
-    argv = ["tar", "--extract", "--file=-", "--numeric-owner", "--xattrs",
-            "--xattrs-include=*", "--acls" if acls else "--no-acls", "--same-permissions",
+    argv = ["tar", "--extract", "--file=-", *tar_exact_options(acls=acls), "--same-permissions",
             "--same-owner", "--delay-directory-restore", "-C", str(dest)]
     try:
         return receive_with(argv, stream, meter, fatal_stderr=NOT_STORABLE)

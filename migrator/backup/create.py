@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import Snapshot, StorageBackend, VolumeRef
-from migrator.backends.generic import tree_size
+from migrator.backends.generic import tar_send
 from migrator.backup import delta
 from migrator.backup.model import BackupIndex, PartInfo, SnapshotInfo, parse_compression
 from migrator.backup.parts import read_small, store, store_bytes, widen_pipe
@@ -271,14 +271,10 @@ def _warn_devices(idx: BackupIndex, manifest: delta.Manifest) -> None:
 
 
 def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...]) -> SendStream:
-    """A full tar of a mounted snapshot (members ``./...``), as the drivers' ``tar`` send,
-    leaving out the contents of ``hidden`` directories."""
-    meta = (["--xattrs", "--xattrs-include=*", "--acls"] if xattrs
-            else ["--no-xattrs", "--no-acls"])
+    """A full tar of a mounted snapshot: the drivers' ``tar`` send, leaving out the
+    contents of ``hidden`` directories."""
     skip = [a for d in hidden for a in ("--anchored", f"--exclude=./{d}/*")]
-    argv = ["tar", "--create", "--file=-", "--numeric-owner", *meta, "--sparse",
-            "--format=posix", *skip, "-C", str(path), "."]
-    return SendStream(argv, "tar", name, size_hint=tree_size(path))
+    return tar_send(path, name, xattrs, skip)
 
 
 def _write_full(writer: BackupSink, idx: BackupIndex, backend: StorageBackend,

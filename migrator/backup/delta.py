@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from migrator.backends.generic import tar_create_argv
 from migrator.core.errors import CorruptBackup, InvalidInput, UnsafeArchive
 from migrator.runtime.inroot import RootDir
 
@@ -200,8 +201,5 @@ def remove_paths(root: Path, paths: Iterable[str]) -> int:
 
 def tar_members_argv(root: Path, list_file: Path, xattrs: bool = True) -> list[str]:
     """``tar`` creating an archive of exactly the listed members (no recursion)."""
-    meta = (["--xattrs", "--xattrs-include=*", "--acls"] if xattrs
-            else ["--no-xattrs", "--no-acls"])
-    return ["tar", "--create", "--file=-", "--numeric-owner", *meta, "--sparse",
-            "--format=posix", "--no-recursion", "--null", "--verbatim-files-from",
-            "--no-unquote", "-C", str(root), "--files-from", str(list_file)]
+    return tar_create_argv(root, ["--files-from", str(list_file)], xattrs,
+                           ["--no-recursion", "--null", "--verbatim-files-from", "--no-unquote"])

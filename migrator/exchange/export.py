@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from migrator.backends import StorageBackend, VolumeRef
 from migrator.backends.base import Snapshot
-from migrator.backends.generic import tree_size
+from migrator.backends.generic import tar_create_argv, tree_size
 from migrator.core.errors import CorruptBackup, InvalidInput
 from migrator.exchange import layout
 from migrator.exchange.compression import check_compression, compressing
@@ -170,12 +170,9 @@ def _gnu_tar_section(path: Path, prefix: str, owner_opts: list[str],
     there and fills it, so those entries are never seen by the container, and the device
     nodes debootstrap leaves there would (rightly) be refused by any import of an
     unprivileged container, ours included."""
-    meta = (["--xattrs", "--xattrs-include=*", "--acls"] if xattrs
-            else ["--no-xattrs", "--no-acls"])
     skip_dev = ["--anchored", "--exclude=rootfs/dev/*"] if owner_opts else []
-    argv = ["tar", "--create", "--file=-", "-b1", "--numeric-owner", *owner_opts, *meta,
-            *skip_dev, "--sparse", "--format=posix", f"--transform=s,^,{prefix}/,S",
-            "-C", str(path), "rootfs"]
+    argv = tar_create_argv(path, ["rootfs"], xattrs,
+                           ["-b1", *owner_opts, *skip_dev, f"--transform=s,^,{prefix}/,S"])
     return SendStream(argv, "tar", prefix)
 
 

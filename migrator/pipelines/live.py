@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
+from migrator.backends.generic import TAR_TO_STDOUT
 from migrator.checkpoint.base import Checkpointer, images_dir, remove_images_dir, tree_bytes
 from migrator.checkpoint.lxc import LxcCheckpointer
 from migrator.core.errors import (
@@ -206,8 +207,8 @@ def plan_live(cts: Any, transport: Transport, name: str, pool: str | None = None
 
 
 def _images_stream(images: Path) -> SendStream:
-    return SendStream(["tar", "--create", "--file=-", "--numeric-owner", "-C", str(images),
-                       "."], "checkpoint images", "images")
+    return SendStream([*TAR_TO_STDOUT, "--numeric-owner", "-C", str(images), "."],
+                      "checkpoint images", "images")
 
 
 class _Clock:

@@ -38,7 +38,7 @@ from typing import IO, Any
 import yaml
 import zstandard
 
-from migrator.backends.generic import tar_extract
+from migrator.backends.generic import tar_exact_options, tar_extract
 from migrator.core import proc, safeyaml
 from migrator.core.errors import ImageError, InvalidInput, MigratorError, NotFound
 from migrator.core.names import ImageAlias
@@ -182,15 +182,11 @@ class _GuardedFeed(FedStream):
             write(data)
 
 
-# Flags that keep a rootfs exact: numeric ids, xattrs (file capabilities), ACLs.
-TAR_EXACT = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
-
-
 def pack(src_dir: Path, out: Path) -> None:
     """Write the unified tarball of ``src_dir`` (metadata.yaml, rootfs/, templates/)."""
     members = [m for m in ("metadata.yaml", "rootfs", "templates") if (src_dir / m).exists()]
-    argv = ["tar", *TAR_EXACT, "--sparse", "-I", "zstd -T0 -3 -q", "-C", str(src_dir), "-cf",
-            str(out), *members]
+    argv = ["tar", *tar_exact_options(), "--sparse", "-I", "zstd -T0 -3 -q", "-C", str(src_dir),
+            "-cf", str(out), *members]
     proc.run(argv, timeout=None)
 
 
