@@ -89,9 +89,26 @@ NETWORK_UNLOCK = "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU
 
 
 def criu_binary() -> str | None:
+    """Where criu is (root's PATH may lack /usr/sbin under ``sudo`` or SSH), or None."""
     return shutil.which("criu") or (
         "/usr/sbin/criu" if os.access("/usr/sbin/criu", os.X_OK) else None
     )
+
+
+def criu_version() -> str | None:
+    """criu's version (the first line of ``criu --version``), None when it is not installed."""
+    criu = criu_binary()
+    if criu is None:
+        return None
+    first = proc.run([criu, "--version"], check=False, timeout=10).stdout.strip().splitlines()
+    return first[0].removeprefix("Version: ").strip() if first else None
+
+
+def criu_supports(feature: str) -> bool:
+    """Whether ``criu check --feature FEATURE`` passes on this kernel (False without criu)."""
+    criu = criu_binary()
+    return criu is not None and proc.run([criu, "check", "--feature", feature], check=False,
+                                         timeout=30).returncode == 0
 
 
 def _read(path: Path | str) -> str:
@@ -289,20 +306,12 @@ class LxcCheckpointer:
 
     # features ----------------------------------------------------------------------------
     def check(self) -> Features:
-        criu = criu_binary()
-        if criu is None:
+        if criu_binary() is None:
             return Features(None, False, False, "criu is not installed",
                             "criu is not installed", False, "criu is not installed")
-        r = proc.run([criu, "--version"], check=False, timeout=10)
-        first = r.stdout.strip().splitlines()[:1]
-        version = first[0].removeprefix("Version: ").strip() if first else None
-
-        def feature(f: str) -> bool:
-            return proc.run([criu, "check", "--feature", f], check=False,
-                            timeout=30).returncode == 0
-
-        lazy = feature("uffd") and feature("uffd-noncoop")
-        pre = feature("mem_dirty_track")
+        version = criu_version()
+        lazy = criu_supports("uffd") and criu_supports("uffd-noncoop")
+        pre = criu_supports("mem_dirty_track")
         unpriv, unpriv_reason = self._probe_unprivileged_veth()
         return Features(
             criu_version=version, lazy_pages=lazy, pre_dump=pre,

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.core import errors, proc
+from migrator.checkpoint.lxc import criu_binary, criu_supports, criu_version
+from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName, SnapshotName
 from migrator.runtime.containers import Containers
 from migrator.runtime.durable import sync_filesystem
@@ -46,22 +47,11 @@ CRIU_FEATURES = {"uffd": "lazy pages (post-copy)", "uffd-noncoop": "lazy pages, 
                  "mem_dirty_track": "pre-dump (iterative)"}
 
 
-def criu_version() -> str | None:
-    path = shutil.which("criu") or ("/usr/sbin/criu" if shutil.which("/usr/sbin/criu") else None)
-    if not path:
-        return None
-    r = proc.run([path, "--version"], check=False, timeout=10)
-    first = r.stdout.strip().splitlines()[:1]
-    return first[0].removeprefix("Version: ").strip() if first else None
-
-
 def criu_features() -> dict[str, bool]:
     """What ``criu check --feature`` says of the features live migration negotiates."""
-    path = shutil.which("criu") or "/usr/sbin/criu"
-    if not shutil.which(path):
+    if criu_binary() is None:
         return {}
-    return {f: proc.run([path, "check", "--feature", f], check=False, timeout=30).returncode
-            == 0 for f in CRIU_FEATURES}
+    return {f: criu_supports(f) for f in CRIU_FEATURES}
 
 
 def no_data(n: int) -> bytes:
