@@ -155,6 +155,15 @@ class TreeLayout:
     def _snap_dir(self, vol: VolumeRef) -> Path:
         return self.path / f"{vol.type}s-snapshots" / vol.name
 
+    @staticmethod
+    def _claim(dst: Path, what: str, where: str = "") -> Path:
+        """``dst`` for a new volume or snapshot (``what``): refused when anything is there
+        already (``where`` adds to the message), its parent directory made."""
+        if dst.exists():
+            raise AlreadyExists(f"{what} already exists{where}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return dst
+
     def list_snapshots(self, vol: VolumeRef) -> list[Snapshot]:
         d = self._snap_dir(vol)
         if not d.is_dir():

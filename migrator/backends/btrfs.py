@@ -146,10 +146,7 @@ class BtrfsBackend(TreeLayout):
         return p.is_dir() and btrfsutil.is_subvolume(str(p))
 
     def create_volume(self, vol: VolumeRef) -> Path:
-        p = self.volume_path(vol)
-        if p.exists():
-            raise AlreadyExists(f"volume {vol} already exists")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p = self._claim(self.volume_path(vol), f"volume {vol}")
         try:
             btrfsutil.create_subvolume(str(p))
         except btrfsutil.BtrfsUtilError as e:
@@ -158,10 +155,7 @@ class BtrfsBackend(TreeLayout):
         return p
 
     def create_volume_from(self, vol: VolumeRef, source: VolumeRef) -> Path:
-        dst = self.volume_path(vol)
-        if dst.exists():
-            raise AlreadyExists(f"volume {vol} already exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst = self._claim(self.volume_path(vol), f"volume {vol}")
         try:
             btrfsutil.create_snapshot(str(self.volume_path(source)), str(dst))
         except btrfsutil.BtrfsUtilError as e:
@@ -194,10 +188,7 @@ class BtrfsBackend(TreeLayout):
 
     # snapshots ---------------------------------------------------------------------------
     def snapshot(self, vol: VolumeRef, snap: SnapshotName) -> Snapshot:
-        dst = self._snap_dir(vol) / snap
-        if dst.exists():
-            raise AlreadyExists(f"snapshot {vol}/{snap} already exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst = self._claim(self._snap_dir(vol) / snap, f"snapshot {vol}/{snap}")
         try:
             btrfsutil.create_snapshot(str(self.volume_path(vol)), str(dst), read_only=True)
         except btrfsutil.BtrfsUtilError as e:
@@ -253,7 +244,7 @@ class BtrfsBackend(TreeLayout):
         if how == "tar":
             return generic.tar_send(snap.path, snap.name)
         if how != "btrfs":
-            raise InvalidInput(f"the btrfs driver cannot send a {how!r} stream")
+            raise generic.unhandled_stream("btrfs", how)
         argv = ["btrfs", "send", "-q"]
         if parent is not None:
             assert parent.path is not None
@@ -268,8 +259,7 @@ class BtrfsBackend(TreeLayout):
         if stream.how == "tar":
             return generic.tar_receive(self, vol, name, stream, meter)
         if stream.how != "btrfs":
-            stream.kill()
-            raise InvalidInput(f"the btrfs driver cannot receive a {stream.how!r} stream")
+            raise generic.unhandled_stream("btrfs", stream.how, stream)
         if stream.name != name:
             stream.kill()
             raise InvalidInput(f"btrfs stream carries {stream.name!r}, not {name!r}")

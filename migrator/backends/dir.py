@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from migrator.backends import generic
 from migrator.backends.base import PoolUsage, Snapshot, TreeLayout, VolumeRef, statvfs_usage
 from migrator.core import proc
-from migrator.core.errors import AlreadyExists, InvalidInput, NotFound, StorageError
+from migrator.core.errors import NotFound, StorageError
 from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream
 
@@ -23,6 +23,19 @@ from migrator.streams import ProgressMeter, SendStream, Stream
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a directory tree exactly (the one copy primitive of the dir driver)."""
     proc.run(["cp", "-a", "--reflink=auto", "--sparse=always", str(src), str(dst)], timeout=None)
+
+
+def copy_into_place(src: Path, dst: Path) -> None:
+    """Copy ``src`` to the new ``dst`` through a hidden temporary beside it, renamed into
+    place once complete: a failed copy leaves nothing at ``dst``."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    remove_tree(tmp)
+    try:
+        copy_tree(src, tmp)
+        tmp.rename(dst)
+    except BaseException:
+        remove_tree(tmp)
+        raise
 
 
 def remove_tree(path: Path) -> None:
@@ -61,26 +74,13 @@ class DirBackend(TreeLayout):
         return self.volume_path(vol).is_dir()
 
     def create_volume(self, vol: VolumeRef) -> Path:
-        p = self.volume_path(vol)
-        if p.exists():
-            raise AlreadyExists(f"volume {vol} already exists in pool {self.path}")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p = self._claim(self.volume_path(vol), f"volume {vol}", f" in pool {self.path}")
         p.mkdir(mode=0o711)
         return p
 
     def create_volume_from(self, vol: VolumeRef, source: VolumeRef) -> Path:
-        dst = self.volume_path(vol)
-        if dst.exists():
-            raise AlreadyExists(f"volume {vol} already exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        remove_tree(tmp)
-        try:
-            copy_tree(self.volume_path(source), tmp)
-            tmp.rename(dst)
-        except BaseException:
-            remove_tree(tmp)
-            raise
+        dst = self._claim(self.volume_path(vol), f"volume {vol}")
+        copy_into_place(self.volume_path(source), dst)
         return dst
 
     def delete_volume(self, vol: VolumeRef) -> None:
@@ -88,18 +88,8 @@ class DirBackend(TreeLayout):
         remove_tree(self._snap_dir(vol))
 
     def snapshot(self, vol: VolumeRef, snap: SnapshotName) -> Snapshot:
-        dst = self._snap_dir(vol) / snap
-        if dst.exists():
-            raise AlreadyExists(f"snapshot {vol}/{snap} already exists")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{snap}.tmp")
-        remove_tree(tmp)
-        try:
-            copy_tree(self.volume_path(vol), tmp)
-            tmp.rename(dst)
-        except BaseException:
-            remove_tree(tmp)
-            raise
+        dst = self._claim(self._snap_dir(vol) / snap, f"snapshot {vol}/{snap}")
+        copy_into_place(self.volume_path(vol), dst)
         return Snapshot(vol, snap, dst)
 
     def delete_snapshot(self, vol: VolumeRef, snap: SnapshotName) -> None:
@@ -130,13 +120,12 @@ class DirBackend(TreeLayout):
     def send(self, snap: Snapshot, parent: Snapshot | None, how: str) -> SendStream:
         assert snap.path is not None
         if how != "tar":
-            raise InvalidInput(f"the dir driver cannot send a {how!r} stream")
+            raise generic.unhandled_stream("dir", how)
         return generic.tar_send(snap.path, snap.name)
 
     def receive(
         self, vol: VolumeRef, name: str, stream: Stream, meter: ProgressMeter | None
     ) -> Snapshot:
         if stream.how != "tar":
-            stream.kill()
-            raise InvalidInput(f"the dir driver cannot receive a {stream.how!r} stream")
+            raise generic.unhandled_stream("dir", stream.how, stream)
         return generic.tar_receive(self, vol, name, stream, meter)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from migrator.backends.base import Snapshot, StorageBackend, VolumeRef
 from migrator.core import proc
-from migrator.core.errors import CommandFailed, NoSpace, StorageError
+from migrator.core.errors import CommandFailed, InvalidInput, NoSpace, StorageError
 from migrator.core.names import SnapshotName
 from migrator.streams import ProgressMeter, SendStream, Stream, receive_with, run_watched
 
@@ -68,6 +68,16 @@ def tar_send(path: Path, name: str, xattrs: bool = True,
     """
     return SendStream(tar_create_argv(path, ["."], xattrs, options), "tar", name,
                       size_hint=tree_size(path))
+
+
+def unhandled_stream(driver: str, how: str, offered: Stream | None = None) -> InvalidInput:
+    """The error for a stream type ``driver`` cannot send, or cannot receive when a stream
+    is ``offered``: that stream is killed first, so its producer stops rather than wait for
+    a reader that never comes."""
+    if offered is None:
+        return InvalidInput(f"the {driver} driver cannot send a {how!r} stream")
+    offered.kill()
+    return InvalidInput(f"the {driver} driver cannot receive a {how!r} stream")
 
 
 NOT_STORABLE = ("Cannot set", "Operation not supported")

@@ -512,7 +512,7 @@ class ZfsBackend:
             stream.cleanups.append(lambda: self._drop_clone(clone, path))
             return stream
         if how != "zfs":
-            raise InvalidInput(f"the zfs driver cannot send a {how!r} stream")
+            raise generic.unhandled_stream("zfs", how)
         snaps = self._snapshots(ds)
         for s in (snap, parent):
             if s is not None and s.name not in snaps:
@@ -534,8 +534,7 @@ class ZfsBackend:
         if stream.how == "tar":
             return generic.tar_receive(self, vol, name, stream, meter)
         if stream.how != "zfs":
-            stream.kill()
-            raise InvalidInput(f"the zfs driver cannot receive a {stream.how!r} stream")
+            raise generic.unhandled_stream("zfs", stream.how, stream)
         ds = self._ds(vol)
         try:
             SnapshotName(name)
