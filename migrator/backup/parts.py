@@ -23,12 +23,12 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
 import zstandard
 
 from migrator.backup.model import PartInfo
-from migrator.backup.repository import BackupRepository, BackupSink, PartSource
+from migrator.backup.repository import BackupRepository, BackupSink, PartSource, ReadsInto
 from migrator.core.errors import CorruptBackup
 from migrator.streams import FedStream, ProgressMeter
 
@@ -87,7 +87,7 @@ def store_bytes(writer: BackupSink, rel: str, data: bytes,
     return size, digest, len(data)
 
 
-class _HashingReader:
+class _HashingReader(ReadsInto):
     """A file reader that hashes and counts what passes through it."""
 
     def __init__(self, f: PartSource) -> None:
@@ -100,11 +100,6 @@ class _HashingReader:
         self.hash.update(data)
         self.size += len(data)
         return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def drain(self) -> None:
         while self.read(CHUNK):
@@ -121,7 +116,7 @@ def check_digest(reader: _HashingReader, backup_id: str, part: PartInfo) -> None
         raise CorruptBackup(f"backup {backup_id}: part {part.path} checksum mismatch")
 
 
-class _Capped:
+class _Capped(ReadsInto):
     """A part's raw content, never more than the ``raw_size`` its index declares: a part
     that decompresses further (a lying index, a zstd bomb) is refused at that byte, before
     the disk it is written to fills."""
@@ -142,11 +137,6 @@ class _Capped:
                 "the index lies about this part; nothing of it was kept")
         self.count += len(data)
         return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def check_complete(self) -> None:
         if self.count != self._part.raw_size:

@@ -33,7 +33,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from migrator.backup.model import BackupIndex, valid_id
-from migrator.backup.repository import CHUNK, BackupRepository, Repository, valid_part_path
+from migrator.backup.repository import (
+    CHUNK,
+    BackupRepository,
+    ReadsInto,
+    Repository,
+    valid_part_path,
+)
 from migrator.core import errors
 from migrator.core.errors import CorruptBackup, InvalidInput
 from migrator.pipelines.remote_target import RemoteTarget
@@ -143,7 +149,7 @@ class RemotePartWriter:
             self.chan.close()
 
 
-class RemotePartReader:
+class RemotePartReader(ReadsInto):
     """A part being downloaded, read like a file; the byte count is checked at the end."""
 
     def __init__(self, chan: Any, rel: str, where: str) -> None:
@@ -193,11 +199,6 @@ class RemotePartReader:
         out = self._buf[self._pos:self._pos + n]
         self._pos += len(out)
         return out
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from migrator.backup.model import FORMAT, MAX_INDEX_BYTES, VERSION, BackupIndex, PartInfo, valid_id
 from migrator.core.errors import BackupError, CorruptBackup, NotFound
@@ -124,6 +124,19 @@ class PartSource(Protocol):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None, /) -> None: ...
+
+
+class ReadsInto:
+    """``readinto`` for a reader that defines ``read``: file-like consumers may fill a
+    buffer instead of taking new bytes (the part readers and downloads share this)."""
+
+    def read(self, n: int = -1, /) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
 
 
 class BackupRepository(Protocol):
