@@ -25,7 +25,7 @@ with ``gcc -static -O2``, started with ``setsid /counter MB /root/state 50`` thr
   is killed after the dump), ``rsync -a`` of the images directory to host b, the same rootfs
   rsync again (CRIU checks open files' sizes), and ``lxc-checkpoint -r`` in host b's
   namespace with ``CRIU_CONFIG_FILE`` holding ``mntns-compat-mode`` and its output to a
-  file. Every lxc command runs through ``runtime/nsexec.py`` (the host's netns with a
+  file. Every lxc command runs through ``migrator/core/nsexec.py`` (the host's netns with a
   matching /sys and cgroups), as ``LxcDriver`` does. Host b gets the container's LXC config
   copied with ``lxc.rootfs.path`` rewritten (the bridge has the same name on both hosts).
   Images live in /dev/shm on both sides, like the project's. Total = pre-sync + downtime;
@@ -76,7 +76,7 @@ PREFIX = "mb"
 POOL = "btrfs"
 RESULTS_DIR = REPO / "bench" / "results"
 WORKLOAD = REPO / "tests" / "workloads" / "counter.c"
-NSEXEC = REPO / "runtime" / "nsexec.py"
+NSEXEC = REPO / "migrator" / "core" / "nsexec.py"
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
 AGENT = f"env PYTHONPATH={REPO} {sys.executable} -m migrator.cli.main"  # this checkout
 CMD_TIMEOUT = 900

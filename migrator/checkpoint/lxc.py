@@ -59,7 +59,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -213,7 +212,7 @@ class LazyDump:
         """
         try:
             rc = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except proc.TimeoutExpired:
             self.abort()
             raise CheckpointError(
                 f"post-copy dump of {self.name!r} still serving pages after {timeout:.0f}s",
@@ -255,7 +254,7 @@ class LazyPages:
         """Wait for the daemon to exit; it exits 0 only once every page has arrived."""
         try:
             rc = self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except proc.TimeoutExpired:
             self.abort()
             raise CheckpointError(f"lazy-pages daemon still running after {timeout:.0f}s",
                                   f"killed it; log: {self.log}") from None
@@ -277,7 +276,7 @@ def _kill_group(p: proc.Child) -> None:
             os.killpg(p.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             p.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
+    with contextlib.suppress(proc.TimeoutExpired):
         p.wait(timeout=10)
 
 

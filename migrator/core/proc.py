@@ -4,7 +4,7 @@ Every external command the project runs goes through here: ``run`` to completion
 ``start_process`` (and its shapes ``spawn`` and ``spawn_piped``) for a child that is
 streamed or runs beside the caller, ``exec_replace`` for a process that becomes another
 program. Commands for a host that lives in a network namespace are prefixed with the
-namespace entry helper (``runtime/nsexec.py``), so callers never build that prefix
+namespace entry helper (``core/nsexec.py``), so callers never build that prefix
 themselves and nothing ever goes through a shell. A program that is not installed is
 reported once, here, as ``MissingDependency`` naming it (``missing_tool``).
 """
@@ -25,7 +25,7 @@ from migrator.core.errors import CommandFailed, CommandTimeout, MissingDependenc
 
 log = logging.getLogger(__name__)
 
-NSEXEC = Path(__file__).resolve().parent.parent / "runtime" / "nsexec.py"
+NSEXEC = Path(__file__).resolve().parent / "nsexec.py"
 
 # Generous default: most commands finish in well under a second; debootstrap and big copies
 # pass their own timeout (or None).
@@ -39,6 +39,8 @@ Redirect: TypeAlias = "int | IO[bytes] | None"
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
+#: what ``Child.wait(timeout)`` raises when the child is still running
+TimeoutExpired = subprocess.TimeoutExpired
 
 
 @dataclass(frozen=True)
