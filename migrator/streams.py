@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import tempfile
@@ -131,8 +132,6 @@ class FedStream(Stream):
         self._r_open = True
         if pipe_size:  # a bigger pipe means fewer, larger reads; best effort
             with contextlib.suppress(OSError, AttributeError):
-                import fcntl
-
                 fcntl.fcntl(self._w, fcntl.F_SETPIPE_SZ, pipe_size)
         self._thread = threading.Thread(target=self._feed, daemon=True, name=thread_name)
         self._thread.start()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from migrator.core.errors import CorruptBackup, InvalidInput
+from migrator.core.names import ContainerName, SnapshotName
 
 FORMAT = "migrator-backup"
 VERSION = 1
@@ -185,8 +186,6 @@ def _strmap(v: Any, key: str) -> dict[str, str]:
 
 
 def _parse(doc: Any, where: str, expect_id: str | None) -> BackupIndex:
-    from migrator.core.names import ContainerName, SnapshotName
-
     if not isinstance(doc, dict):
         raise ValueError("the index is not an object")
     if doc.get("format") != FORMAT:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, tzinfo
 
 from migrator.core.errors import InvalidInput
+from migrator.runtime.schedule_keys import parse_retention
 
 POLICY_EXAMPLE = "keep-last=3,keep-daily=7,keep-weekly=4,keep-monthly=6"
 
@@ -87,8 +88,6 @@ class RetentionPolicy:
         Used by schedules, whose retention is one string in a config file. An empty string is
         the empty policy (keep everything).
         """
-        from migrator.runtime.schedule_keys import parse_retention
-
         values = {f"keep_{rule}": n for rule, n in parse_retention(text).items()}
         return cls(**values)
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import time
@@ -172,8 +173,6 @@ class LazyDump:
 
     def _listening(self) -> bool:
         if self.status_fd is not None:  # handed a socket: criu says when it serves on it
-            import select
-
             if not select.select([self.status_fd], [], [], 0)[0]:
                 return False
             return os.read(self.status_fd, 1) == b"\0"

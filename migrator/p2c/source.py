@@ -26,6 +26,7 @@ from typing import Any
 import paramiko
 
 from migrator.core import errors, proc
+from migrator.core.netns import socket_in_netns
 from migrator.transport.ssh import CONNECT_TIMEOUT, open_client
 
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -92,8 +93,6 @@ class SourceMachine:
         addr = (self.spec.host, self.spec.port)
         try:
             if self.netns:
-                from migrator.core.netns import socket_in_netns
-
                 return socket_in_netns(self.netns, addr, self.timeout)
             return socket.create_connection(addr, self.timeout)
         except OSError as e:
