@@ -308,3 +308,10 @@ def test_an_lxd_exports_config_keeps_only_what_passes_the_gate() -> None:
     assert set(reasons) == {"user.user-data", "image.serial", "image.init", "raw.lxc"}
     assert "control character" in reasons["user.user-data"]
     assert "\n" not in "".join(dropped)  # shown escaped: a report line stays one line
+
+
+def test_without_volatile_drops_only_volatile_keys() -> None:
+    conf = {"volatile.eth0.hwaddr": "02:00:00:00:00:01", "user.note": "volatile.x",
+            "limits.cpu": "1", "volatile.last_state.idmap": "[]"}
+    assert cfg.without_volatile(conf) == {"user.note": "volatile.x", "limits.cpu": "1"}
+    assert "volatile.eth0.hwaddr" in conf  # the caller's config is left as it was
