@@ -34,6 +34,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from migrator.backup.catalog import prune_repository
+from migrator.backup.create import create_backup
+from migrator.backup.prune import RetentionPolicy
+from migrator.backup.remote import open_repository
 from migrator.backup.repository import BackupRepository
 from migrator.core.errors import InvalidState, MigratorError
 from migrator.runtime.containers import Containers
@@ -303,10 +307,6 @@ class Scheduler:
         return self._live.get(name, ("STOPPED", ""))[0]
 
     def _backup(self, name: str, conf: dict[str, str], at: float) -> str:
-        from migrator.backup.catalog import prune_repository
-        from migrator.backup.create import create_backup
-        from migrator.backup.prune import RetentionPolicy
-
         repo = self._repository(conf.get("backups.repo") or None)
         r = create_backup(self.cts, name, repo,
                           incremental=conf.get("backups.incremental") == "true", created=at)
@@ -321,8 +321,6 @@ class Scheduler:
     def _repository(self, spec: str | None) -> BackupRepository:
         """One repository object per ``backups.repo`` value and tick: a remote one keeps its
         SSH connection for every container that backs up there."""
-        from migrator.backup.remote import open_repository
-
         if spec not in self._repos:
             self._repos[spec] = open_repository(self.cts.host, spec)
         return self._repos[spec]

@@ -59,7 +59,7 @@ def current() -> Ctx:
 def transport_for(name: str, accept_host_key: bool = False,
                   expect_fingerprint: str | None = None) -> SshTransport:
     """An (unconnected) SSH transport to an inventory host, from this host's namespace."""
-    from migrator.transport.ssh import inventory_transport
+    from migrator.runtime.peers import inventory_transport
 
     return inventory_transport(current().host, name, accept_host_key, expect_fingerprint)
 

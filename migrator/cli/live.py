@@ -167,7 +167,7 @@ def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
     if fmt == Format.json:
         print_json(results if len(results) != 1 else results[0])
     if failures:
-        from migrator.transport.ssh import remote_error
+        from migrator.transport.replies import remote_error
 
         if len(failures) == 1 and not results:
             raise remote_error(src, failures[0])

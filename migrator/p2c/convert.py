@@ -25,12 +25,14 @@ from migrator.core.names import ContainerName
 from migrator.p2c.inventory import Inventory, exclude_rules, gather
 from migrator.p2c.pull import relay
 from migrator.p2c.source import SourceMachine
+from migrator.pipelines.remote_copy import choose_pool
 from migrator.pipelines.remote_target import RemoteTarget, no_data
 from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled, owner_alive
 from migrator.runtime.state import OperationRecord, StateStore
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.transport.base import Transport
+from migrator.transport.replies import remote_error
 
 KIND = "p2c"
 RESUMABLE = (errors.NetworkError, errors.CommandFailed, errors.RemoteError,
@@ -115,8 +117,6 @@ def convert(state: StateStore, source: SourceMachine, target: Transport, opts: P
     if opts.resume and old is None:
         raise errors.NotFound(f"no interrupted conversion into {name!r} on {target.name}",
                               "run it without --resume")
-    from migrator.pipelines.remote_copy import choose_pool
-
     remote = target.request("hello")
     pool = old.detail["pool"] if old is not None else choose_pool(remote, opts.pool)["name"]
     result.pool = pool
@@ -203,8 +203,6 @@ def _pull(source: SourceMachine, target: Transport, name: str, pool: str, inv: I
             chan.close()
         meter.finish()
         if not reply.get("ok"):
-            from migrator.transport.ssh import remote_error
-
             raise remote_error(target.name, reply.get("error") or {})
         result.bytes += moved
         result.passes.append({"pass": n, "bytes": moved, "seconds": time.monotonic() - t,

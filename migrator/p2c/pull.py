@@ -224,6 +224,7 @@ def _download(read: Reader, fd: int, answer: Callable[[dict[str, Any]], None]) -
         while True:
             kind, payload = read_frame(read if link is None else link)
             if kind == LINK and link is None:
+                # cryptography (~70 ms) only when a link is made: agents import this module
                 from migrator.transport import link as tls
 
                 try:
@@ -271,6 +272,7 @@ def relay(chan: Any, source: Any, meter: ProgressMeter | None,
         link = None
         try:
             if link_from is not None:
+                # cryptography (~70 ms) only when a link is made: agents import this module
                 from migrator.transport import link as tls
 
                 offer = tls.LinkOffer(*link_from)

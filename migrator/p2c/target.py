@@ -23,13 +23,14 @@ from migrator.p2c.pull import check_rules, serve_pull
 from migrator.pipelines.remote_target import Handler, RemoteTarget
 from migrator.runtime import idmap
 from migrator.runtime.config import admit_config, validate
+from migrator.runtime.containers import Containers
 from migrator.runtime.network import allocate_ipv4
 from migrator.transport.frames import Reader, write_json
 
 BOOT_WAIT = 180.0  # seconds for systemd to finish booting the new container
 
 
-def prepare_volume(cts: Any, name: str, pool: str, resume: bool) -> Path:
+def prepare_volume(cts: Containers, name: str, pool: str, resume: bool) -> Path:
     """The rootfs directory rsync writes into, in a new or (``resume``) partial volume."""
     cname, pname = ContainerName(name), PoolName(pool)
     if cts.state.has_container(cname):
@@ -50,7 +51,7 @@ def prepare_volume(cts: Any, name: str, pool: str, resume: bool) -> Path:
     return rootfs
 
 
-def finish(cts: Any, req: dict[str, Any]) -> dict[str, Any]:
+def finish(cts: Containers, req: dict[str, Any]) -> dict[str, Any]:
     """Fixups, report, shift, record and (``start``) boot; what was changed and how it booted."""
     cname, pname = ContainerName(req["name"]), PoolName(req["pool"])
     backend = cts.host.backend(pname)

@@ -35,12 +35,18 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrator.backends import VolumeRef
 from migrator.backends.generic import TAR_TO_STDOUT
-from migrator.checkpoint.base import Checkpointer, images_dir, remove_images_dir, tree_bytes
-from migrator.checkpoint.lxc import LxcCheckpointer
+from migrator.checkpoint.base import (
+    Checkpointer,
+    Features,
+    images_dir,
+    remove_images_dir,
+    tree_bytes,
+)
+from migrator.checkpoint.lxc import LazyDump, LxcCheckpointer
 from migrator.core.errors import (
     AlreadyExists,
     CheckpointError,
@@ -53,10 +59,14 @@ from migrator.core.errors import (
 from migrator.core.names import SnapshotName
 from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, negotiate_session
 from migrator.pipelines.transfer import NATIVE_TYPES, negotiate
+from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
 from migrator.streams import Progress, SendStream, no_progress
 from migrator.transport.base import Transport
+
+if TYPE_CHECKING:  # paramiko: imported where post-copy runs, not on every agent's start-up
+    from migrator.transport.tunnel import PageTunnel
 
 MODES = ("auto", "post-copy", "stop-and-copy")
 SERVE_WAIT = 120.0  # seconds for the dump to write the non-memory images (post-copy)
@@ -118,18 +128,18 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def running_containers(cts: Any) -> list[str]:
+def running_containers(cts: Containers) -> list[str]:
     """What an evacuation moves: every running container of the host."""
     return [c.name for c in cts.list_all() if c.state == "RUNNING"]
 
 
-def memory_bytes(cts: Any, name: str) -> int:
+def memory_bytes(cts: Containers, name: str) -> int:
     with contextlib.suppress(MigratorError, ValueError):
         return cts.memory_usage(name)
     return 0
 
 
-def choose_mode(requested: str, local: Any, remote: dict[str, Any]) -> tuple[str, list[str]]:
+def choose_mode(requested: str, local: Features, remote: dict[str, Any]) -> tuple[str, list[str]]:
     """Post-copy where both ends can serve and fault pages (userfaultfd), else stop-and-copy.
 
     ``local`` is this host's ``checkpoint.Features``; ``remote`` the target's hello.
@@ -153,7 +163,7 @@ def choose_mode(requested: str, local: Any, remote: dict[str, Any]) -> tuple[str
     return "stop-and-copy", [*reasons, f"stop-and-copy: {why} has no userfaultfd (lazy pages)"]
 
 
-def plan_live(cts: Any, transport: Transport, name: str, pool: str | None = None,
+def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None = None,
               mode: str = "auto", compress: str = "auto") -> LivePlan:
     """Negotiate and check everything that can be checked without freezing the container."""
     rec = cts.get(name)
@@ -228,7 +238,7 @@ class _Clock:
             self.result.stages[name] = round(time.monotonic() - t, 3)
 
 
-def live_migrate(cts: Any, transport: Transport, name: str, pool: str | None = None,
+def live_migrate(cts: Containers, transport: Transport, name: str, pool: str | None = None,
                  mode: str = "auto", keep_source: bool = False, compress: str = "auto",
                  progress: Progress = no_progress) -> LiveResult:
     """Move a running container to the transport's host with its memory state (see above)."""
@@ -237,7 +247,7 @@ def live_migrate(cts: Any, transport: Transport, name: str, pool: str | None = N
         return _live(cts, transport, name, pool, mode, keep_source, compress, progress, op)
 
 
-def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str,
+def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mode: str,
           keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
     t_start = time.monotonic()
     plan = plan_live(cts, transport, name, pool, mode, compress)
@@ -258,8 +268,8 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
     base = SnapshotName(rc.base)
     images: Path | None = None
     dumped = False
-    lazy: Any = None
-    tunnel: Any = None
+    lazy: LazyDump | None = None
+    tunnel: PageTunnel | None = None
     pages: Any = None  # this end of the page server's socket pair (post-copy)
     try:
         images = images_dir(cts.host.root, op.id)
@@ -316,6 +326,7 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
             end = restored[0] if restored else time.monotonic()
             result.downtime = round(end - freeze, 3)
             if lazy is not None:
+                assert tunnel is not None  # post-copy opened both
                 lazy.finish(60)
                 result.page_bytes = tunnel.to_target
                 if tunnel.error:
@@ -362,8 +373,9 @@ def _live(cts: Any, transport: Transport, name: str, pool: str | None, mode: str
     return result
 
 
-def _roll_back(cts: Any, transport: Transport, ckpt: Checkpointer, name: str, images: Path | None,
-               dumped: bool, lazy: Any, tunnel: Any, op: Operation) -> None:
+def _roll_back(cts: Containers, transport: Transport, ckpt: Checkpointer, name: str,
+               images: Path | None, dumped: bool, lazy: LazyDump | None,
+               tunnel: PageTunnel | None, op: Operation) -> None:
     """Target copy removed, source running again with its memory (if it was dumped)."""
     op.stage("rolling-back")
     if tunnel is not None:

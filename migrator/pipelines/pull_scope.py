@@ -23,6 +23,7 @@ from migrator.backends import VolumeRef
 from migrator.core import errors
 from migrator.core.names import SnapshotName
 from migrator.pipelines.remote_target import TARGET_OPS, RemoteTarget
+from migrator.runtime.containers import Containers
 from migrator.runtime.leftovers import undo_partial_target
 from migrator.transport.frames import Reader, Writer, write_json
 from migrator.transport.replies import MAX_NAME, clean_text, error_reply
@@ -75,7 +76,7 @@ class PullScope:
     phase: str = "new"  # new -> hello -> state -> committed | aborted
 
     @classmethod
-    def begin(cls, cts: Any, source: str, name: str, pool: str | None, refresh: bool,
+    def begin(cls, cts: Containers, source: str, name: str, pool: str | None, refresh: bool,
               allow_privileged: bool = False) -> PullScope:
         """The scope of pulling ``name`` from ``source``, from this host's own records."""
         if not cts.state.has_container(name):
@@ -241,7 +242,7 @@ class PullScope:
         elif op == "commit_container":
             self.phase = "committed"
 
-    def undo(self, cts: Any) -> dict[str, Any]:
+    def undo(self, cts: Containers) -> dict[str, Any]:
         """Remove what this pull wrote and did not commit: a new copy's volume, or the
         snapshots a refresh added (what ``abort_container`` does, bound to this pull)."""
         if self.phase == "committed" or not self.touched or self.pool is None:

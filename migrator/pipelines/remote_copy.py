@@ -32,7 +32,9 @@ from migrator.pipelines.pull_scope import PullScope, answer_call
 from migrator.pipelines.remote_target import RemoteTarget
 from migrator.pipelines.transfer import NATIVE_TYPES, SnapInfo, negotiate, plan_transfer
 from migrator.runtime import config as cfg
+from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled
+from migrator.runtime.state import ContainerRecord
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
 from migrator.runtime.treecheck import container_policy, inspect_volume
 from migrator.streams import Progress, ProgressMeter, no_progress
@@ -124,7 +126,7 @@ def negotiate_session(transport: Transport, remote: dict[str, Any], compress: st
 class RemoteCopy:
     """One push of a container to another host through an agent transport."""
 
-    def __init__(self, cts: Any, transport: Transport, progress: Progress = no_progress,
+    def __init__(self, cts: Containers, transport: Transport, progress: Progress = no_progress,
                  compress: str = "auto") -> None:
         self.cts, self.t, self.progress, self.compress = cts, transport, progress, compress
         self.rsync_ok = False  # the target can run rsync's receiver (``rsync_receive``)
@@ -259,8 +261,9 @@ class RemoteCopy:
         return result
 
 
-def pull_copy(cts: Any, transport: Transport, source: str, target: str, pool: str | None = None,
-              instance_only: bool = False, refresh: bool = False, compress: str = "auto",
+def pull_copy(cts: Containers, transport: Transport, source: str, target: str,
+              pool: str | None = None, instance_only: bool = False, refresh: bool = False,
+              compress: str = "auto",
               progress: Progress = no_progress, allow_privileged: bool = False
               ) -> dict[str, Any]:
     """``migrate copy host-a:c1 c1``: host a pushes to this host through the request's own
@@ -315,7 +318,7 @@ def pull_copy(cts: Any, transport: Transport, source: str, target: str, pool: st
     return result
 
 
-def move_to_host(cts: Any, transport: Transport, name: str, pool: str | None = None,
+def move_to_host(cts: Containers, transport: Transport, name: str, pool: str | None = None,
                  progress: Progress = no_progress, compress: str = "auto") -> CopyResult:
     """Stateless move: copy while running, stop, send the delta, start there, delete here.
 
@@ -335,8 +338,8 @@ def move_to_host(cts: Any, transport: Transport, name: str, pool: str | None = N
                              compress, op)
 
 
-def _move_to_host(cts: Any, transport: Transport, rec: Any, running: bool, pool: str | None,
-                  progress: Progress, compress: str, op: Operation) -> CopyResult:
+def _move_to_host(cts: Containers, transport: Transport, rec: ContainerRecord, running: bool,
+                  pool: str | None, progress: Progress, compress: str, op: Operation) -> CopyResult:
     t0 = time.monotonic()
     rc = RemoteCopy(cts, transport, progress, compress)
     first = rc.copy(rec.name, rec.name, pool, keep_base=running, op=op)

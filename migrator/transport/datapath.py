@@ -291,6 +291,7 @@ class FrameStream(Stream):
         """The sender's fast link (``link.py``), or None: then the data stays on ``read``.
         This end's certificate goes back through ``answer`` before it connects, and so does
         the reason when the link cannot be made (the sender then stops waiting for it)."""
+        # cryptography (~70 ms) only when a link is made: agents import this module
         from migrator.transport import link as tls
 
         if self._answer is None:

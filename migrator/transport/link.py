@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from migrator.core.netns import call_in_netns
 from migrator.transport.frames import ProtocolError
 
 TLS = "1.3"
@@ -172,8 +173,6 @@ class LinkOffer:
             return s
 
         if netns:
-            from migrator.core.netns import call_in_netns
-
             self.listener: socket.socket | None = call_in_netns(netns, listen)
         else:
             self.listener = listen()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from migrator.streams import SendStream
+from migrator.transport.base import Transport
 
 
-def measure_upload(transport: Any, nbytes: int) -> float:
+def measure_upload(transport: Transport, nbytes: int) -> float:
     """Bytes per second of an uncompressed upload of ``nbytes`` through the transport, as
     the agent saw it arrive from its first byte on (the request's start-up, ~0.4 s of it
     spawning the agent, is not the link's speed); from the client's clock for an older

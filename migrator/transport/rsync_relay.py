@@ -35,6 +35,7 @@ from typing import Any
 from migrator.backends.generic import rsync_tree
 from migrator.core import errors
 from migrator.streams import ProgressMeter
+from migrator.transport.base import Transport
 
 CHUNK = 1 << 20
 SHIM_WAIT = 30.0
@@ -94,7 +95,7 @@ def start_client(listener: socket.socket, run: Callable[[], dict[str, Any]]
     return runner, outcome
 
 
-def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: bool,
+def rsync_push(transport: Transport, src: Path, request: dict[str, Any], exact_times: bool,
                compress: bool, meter: ProgressMeter | None = None) -> RsyncResult:
     """Make the agent-side volume named by ``request`` (pool, volume) a copy of ``src``."""
     with shim_socket() as (listener, path):
@@ -121,7 +122,7 @@ def rsync_push(transport: Any, src: Path, request: dict[str, Any], exact_times: 
         return RsyncResult(outcome["literal"], wire)
 
 
-def _serve_shim(transport: Any, conn: socket.socket, request: dict[str, Any]) -> int:
+def _serve_shim(transport: Transport, conn: socket.socket, request: dict[str, Any]) -> int:
     """Take the shim's pipes, open the agent's rsync and copy bytes both ways."""
     from_rsync, to_rsync, args = receive_pipes(conn)
     status = 255

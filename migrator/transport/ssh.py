@@ -32,7 +32,9 @@ from typing import Any
 import paramiko
 
 from migrator.core import errors
+from migrator.core.netns import socket_in_netns
 from migrator.streams import ProgressMeter, Stream
+from migrator.transport import link as tls
 from migrator.transport.base import CallHandler, EventHandler
 from migrator.transport.datapath import send_frames
 from migrator.transport.frames import (
@@ -42,7 +44,7 @@ from migrator.transport.frames import (
     write_json,
     write_link,
 )
-from migrator.transport.replies import clean_event, clean_text, parse_reply
+from migrator.transport.replies import clean_event, clean_text, parse_reply, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,6 @@ class SshTransport:
     def _socket(self) -> socket.socket:
         try:
             if self.netns:
-                from migrator.core.netns import socket_in_netns
-
                 return socket_in_netns(self.netns, (self.address, self.port), self.timeout)
             return socket.create_connection((self.address, self.port), self.timeout)
         except OSError as e:
@@ -158,7 +158,7 @@ class SshTransport:
 
     # requests -----------------------------------------------------------------------------
     @staticmethod
-    def _early_reply(chan: Any) -> dict[str, Any] | None:
+    def _early_reply(chan: paramiko.Channel) -> dict[str, Any] | None:
         try:
             reply = read_json(chan.recv)
         except (ProtocolError, OSError, EOFError):
@@ -181,14 +181,13 @@ class SshTransport:
     def _link_key(self) -> tuple[str, str, str, int]:
         return (self.netns or "", self.name, self.address, self.port)
 
-    def _offer_link(self, transport: paramiko.Transport, chan: Any
+    def _offer_link(self, transport: paramiko.Transport, chan: paramiko.Channel
                     ) -> tuple[Any, dict[str, Any] | None]:
         """Offer the agent a fast data link (``link.py``): (the link or None, the agent's
         error reply if it sent one instead of its answer). Without a link the frames go on
         the channel, and a host whose link failed is not offered one again."""
         if self.link_failed:
             return None, None
-        from migrator.transport import link as tls
 
         try:  # on the address the SSH connection leaves from: the host can reach it
             offer = tls.LinkOffer(transport.sock.getsockname()[0], self.netns)
@@ -231,7 +230,7 @@ class SshTransport:
             self._link_down(why)
         return link, None
 
-    def _link_answer(self, chan: Any, wait: float) -> dict[str, Any] | None:
+    def _link_answer(self, chan: paramiko.Channel, wait: float) -> dict[str, Any] | None:
         """The agent's next message about the link (an event), or its reply, or None
         when nothing came within ``wait`` seconds."""
         chan.settimeout(wait)
@@ -360,30 +359,6 @@ class SshTransport:
         finally:
             chan.close()
         return parse_reply(self.name, op, reply)  # checked before anything reads it
-
-
-def inventory_transport(host: Any, name: str, accept_host_key: bool = False,
-                        expect_fingerprint: str | None = None) -> SshTransport:
-    """An (unconnected) transport to inventory host ``name`` of ``host`` (a runtime Host):
-    its address, login and agent command from the inventory, its key checked against the
-    host's known_hosts, connecting from the host's network namespace."""
-    from migrator.core.names import ContainerName
-
-    rec = host.state.get_host(ContainerName(name))
-    t = SshTransport(rec.name, rec.address, rec.port, rec.user, rec.key, rec.root,
-                     rec.command, known_hosts=host.root / "ssh" / "known_hosts",
-                     netns=host.netns, accept_host_key=accept_host_key,
-                     expect_fingerprint=expect_fingerprint)
-    t.data_link, t.link_rate = rec.data_link, rec.link_rate  # negotiate_session reads them
-    return t
-
-
-def remote_error(host: str, err: Any) -> errors.MigratorError:
-    """The agent's typed error, re-raised here with the same (known) class and exit code,
-    its text cleaned: ``replies.remote_error``."""
-    from migrator.transport.replies import remote_error as parse_error
-
-    return parse_error(host, err)
 
 
 def open_client(label: str, address: str, port: int, user: str, key: str | None,
