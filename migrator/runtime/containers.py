@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrator.backends import VolumeRef
+from migrator.backends import StorageBackend, VolumeRef
 from migrator.backends.dir import copy_tree
 from migrator.core.errors import (
     AlreadyExists,
@@ -199,7 +199,8 @@ class Containers:
     def spec_for_new(self, rec: ContainerRecord, rootfs: Path) -> ContainerSpec:
         return dataclasses.replace(self.spec(rec), rootfs=rootfs)
 
-    def _populate_volume(self, backend: Any, vol: VolumeRef, fp: str, privileged: bool) -> None:
+    def _populate_volume(self, backend: StorageBackend, vol: VolumeRef, fp: str,
+                         privileged: bool) -> None:
         """Fill a new container volume with the image's rootfs, shifted when unprivileged.
 
         On CoW pools the (shifted) image is kept as an image volume once per pool and each
@@ -207,21 +208,23 @@ class Containers:
         """
         shift = 0 if privileged else idmap.default_idmap().base
         src_rootfs = self.images.rootfs(fp)
-        if getattr(backend, "name", "") == "btrfs":
+
+        def fill(p: Path) -> None:
+            _copy_rootfs(src_rootfs, p / "rootfs")
+            idmap.shift_tree(p / "rootfs", shift)
+
+        if backend.name == "btrfs":
             img_vol = VolumeRef("image", f"{fp}-{shift}")
             if not backend.volume_exists(img_vol):
                 tmp_vol = VolumeRef("image", f"{fp}-{shift}.tmp")
                 if backend.volume_exists(tmp_vol):
                     backend.delete_volume(tmp_vol)
                 p = backend.create_volume(tmp_vol)
-                _copy_rootfs(src_rootfs, p / "rootfs")
-                idmap.shift_tree(p / "rootfs", shift)
+                fill(p)
                 p.rename(backend.volume_path(img_vol))
             backend.create_volume_from(vol, img_vol)
         else:
-            p = backend.create_volume(vol)
-            _copy_rootfs(src_rootfs, p / "rootfs")
-            idmap.shift_tree(p / "rootfs", shift)
+            fill(backend.create_volume(vol))
 
     def launch(
         self,

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migrator.core.errors import AlreadyExists, NotFound, StateStoreError
+from migrator.core.errors import AlreadyExists, InvalidInput, NotFound, StateStoreError
+from migrator.core.names import SnapshotName
 
 MIGRATIONS: list[str] = [
     # 1: the foundation
@@ -128,9 +129,6 @@ class SnapshotRecord:
     def from_wire(cls, container: str, obj: Any) -> SnapshotRecord:
         """Read back ``to_wire``'s form, checking it: it may come from another host. An
         automatic snapshot keeps its expiry, so it still expires where it arrives."""
-        from migrator.core.errors import InvalidInput
-        from migrator.core.names import SnapshotName
-
         if not isinstance(obj, dict):
             raise InvalidInput("a snapshot must be an object")
         expires = obj.get("expires")
