@@ -43,7 +43,24 @@ def compressing(out: BinaryIO, compression: str) -> tuple[Any, list[Callable[[],
     return out, []
 
 
-class _Counting(io.RawIOBase):
+class _ChunkReader(io.RawIOBase):
+    """A raw reader over ``_read``: ``BufferedReader`` fills its buffer through
+    ``readinto``, so each wrapper below only says how it takes one chunk."""
+
+    def readable(self) -> bool:
+        return True
+
+    def _read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+
+class _Counting(_ChunkReader):
     """Counts the (compressed) bytes read from the input, for progress."""
 
     def __init__(self, src: IO[bytes], meter: ProgressMeter) -> None:
@@ -51,18 +68,13 @@ class _Counting(io.RawIOBase):
         self._src = src
         self._meter = meter
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._src.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self._meter.advance(n)
-        return n
+    def _read(self, n: int) -> bytes:
+        data = self._src.read(n)
+        self._meter.advance(len(data))
+        return data
 
 
-class _Decompressed(io.RawIOBase):
+class _Decompressed(_ChunkReader):
     """A decompressor's output, with its errors (cut or damaged input) as CorruptBackup."""
 
     def __init__(self, src: Any, kind: str) -> None:
@@ -70,18 +82,12 @@ class _Decompressed(io.RawIOBase):
         self._src = src
         self._kind = kind
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
+    def _read(self, n: int) -> bytes:
         try:
-            data = self._src.read(len(buffer))
+            return self._src.read(n)
         except (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as e:
             raise CorruptBackup(f"the {self._kind} stream is damaged or cut short ({e})",
                                 "nothing was imported; fetch the archive again") from None
-        n = len(data)
-        buffer[:n] = data
-        return n
 
 
 class _ZstdFrames(io.RawIOBase):

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from migrator.core.errors import InvalidInput
 from migrator.p2c.source import SourceMachine
 
 MEMORY_FS = {"tmpfs", "ramfs"}
@@ -177,14 +178,21 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def parse_ip_addr(text: str) -> list[dict[str, Any]]:
-    """``ip -j addr``: interfaces (not lo) with their addresses."""
+def _ip_json(text: str) -> list[Any]:
+    """The list ``ip -j`` printed, or an empty one when its output is empty or not a JSON
+    list (the command failed, or an ``ip`` without ``-j``): the inventory then shows no
+    interfaces or routes rather than failing."""
     try:
         data = json.loads(text or "[]")
     except ValueError:
         return []
+    return data if isinstance(data, list) else []
+
+
+def parse_ip_addr(text: str) -> list[dict[str, Any]]:
+    """``ip -j addr``: interfaces (not lo) with their addresses."""
     out = []
-    for link in data if isinstance(data, list) else []:
+    for link in _ip_json(text):
         name = link.get("ifname", "?")
         if name == "lo":
             continue
@@ -197,12 +205,8 @@ def parse_ip_addr(text: str) -> list[dict[str, Any]]:
 
 def parse_ip_route(text: str) -> list[str]:
     """``ip -j route``: one line per route (``default via G dev D``, ``NET dev D``)."""
-    try:
-        data = json.loads(text or "[]")
-    except ValueError:
-        return []
     out = []
-    for r in data if isinstance(data, list) else []:
+    for r in _ip_json(text):
         parts = [str(r.get("dst", "?"))]
         if r.get("gateway"):
             parts += ["via", str(r["gateway"])]
@@ -260,8 +264,6 @@ def exclude_rules(mounts: list[Mount], excludes: list[str]) -> list[str]:
 
 
 def check_excludes(excludes: list[str]) -> list[str]:
-    from migrator.core.errors import InvalidInput
-
     out = []
     for p in excludes:
         if not p.startswith("/") or "\n" in p or "\x00" in p or p.rstrip("/") == "":
