@@ -150,6 +150,29 @@ _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
 _STAT = re.compile(r"^(Literal data|Total transferred file size|Total file size): ([\d,]+)")
 
 
+def rsync_exact(*, xattrs: bool = True, exact_times: bool = True,
+                checksum: bool = False) -> list[str]:
+    """rsync's options for "``dst`` is exactly ``src``": what is kept and when a file
+    differs. The copy (``rsync_tree``) and the check after it
+    (``migrator.pipelines.target_check``) both use them, so the check compares files the
+    way the copy decided what to write.
+
+    ``-aHS --numeric-ids --delete``: hard links, sparse files, devices and numeric owners
+    survive, extras go; ``xattrs`` adds ``-AX`` (xattrs, ACLs) where the pools keep them.
+    Files are compared by size and mtime to the nanosecond (``exact_times``,
+    ``--modify-window=-1``): rsync's default whole-second check skipped a same-length
+    rewrite within one second and left old data on the target (a test caught it). Where one
+    end keeps whole seconds only (zfs-fuse), exact times would make every file differ:
+    callers pass ``exact_times=False, checksum=True``, which compares contents.
+    """
+    argv = ["-aHSAX" if xattrs else "-aHS", "--numeric-ids", "--delete"]
+    if exact_times:
+        argv += ["--modify-window=-1"]
+    if checksum:
+        argv += ["--checksum"]
+    return argv
+
+
 def rsync_tree(
     src: Path, dst: Path | str, meter: ProgressMeter | None = None, checksum: bool = False,
     dry_run: bool = False, exact_times: bool = True, rsh: str | None = None,
@@ -157,28 +180,19 @@ def rsync_tree(
 ) -> int:
     """Make ``dst`` an exact copy of ``src`` (deleting extras); return the bytes written.
 
-    ``-aHSAX --numeric-ids``: hard links, sparse files, devices, xattrs, ACLs and numeric
-    owners survive; a target that cannot store an xattr or ACL (zfs-fuse) makes rsync fail
-    (exit 23), which is reported, never ignored. Only changed files are written, which is
-    what makes a refresh between different drivers cheap. Files are compared by size and
-    mtime to the nanosecond (``exact_times``, ``--modify-window=-1``): rsync's default
-    whole-second check skipped a same-length rewrite within one second and left old data on
-    the target (a test caught it). Where one end keeps whole seconds only (zfs-fuse), exact
-    times would make every file differ: callers pass ``exact_times=False, checksum=True``,
-    which compares contents. ``dry_run`` changes nothing.
+    With ``rsync_exact``'s options, xattrs and ACLs included: a target that cannot store
+    an xattr or ACL (zfs-fuse) makes rsync fail (exit 23), which is reported, never
+    ignored. Only changed files are written, which is what makes a refresh between
+    different drivers cheap. ``dry_run`` changes nothing.
 
     ``rsh`` makes ``dst`` remote (``host:path``): rsync's own delta protocol then runs over
     that command (``migrator.transport.rsync_relay`` passes a shim that hands the pipes to
     the agent's channel); ``compress`` has rsync compress its data with zstd.
     """
-    argv = ["rsync", "-aHSAX", "--numeric-ids", "--delete", "--stats", "--info=progress2",
-            "--no-inc-recursive"]
-    if exact_times:
-        argv += ["--modify-window=-1"]
+    argv = ["rsync", *rsync_exact(exact_times=exact_times, checksum=checksum), "--stats",
+            "--info=progress2", "--no-inc-recursive"]
     if dry_run:
         argv += ["--dry-run"]
-    if checksum:
-        argv += ["--checksum"]
     if compress:
         argv += ["--compress", "--compress-choice=zstd"]
     if rsh:

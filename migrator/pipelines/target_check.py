@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from migrator.backends import StorageBackend, VolumeRef
+from migrator.backends.generic import rsync_exact
 from migrator.core import proc
 from migrator.core.errors import StorageError
 
@@ -20,14 +21,9 @@ SAMPLE = 32
 
 
 def _diff(src: Path, dst: Path, xattrs: bool, checksum: bool, exact_times: bool) -> list[str]:
-    argv = ["rsync", "-aHS", "--numeric-ids", "--delete", "--dry-run", "--itemize-changes"]
-    if exact_times:
-        argv += ["--modify-window=-1"]
-    if xattrs:
-        argv += ["-AX"]
-    if checksum:
-        argv += ["--checksum"]
-    r = proc.run([*argv, f"{src}/", f"{dst}/"], timeout=None)
+    argv = ["rsync", *rsync_exact(xattrs=xattrs, exact_times=exact_times, checksum=checksum),
+            "--dry-run", "--itemize-changes", f"{src}/", f"{dst}/"]
+    r = proc.run(argv, timeout=None)
     return [line for line in r.stdout.splitlines() if line.strip()]
 
 
