@@ -10,17 +10,25 @@ a running container is not refreshed over or moved.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
+from migrator.backends import StorageBackend, VolumeRef
 from migrator.core.errors import AlreadyExists, InvalidInput, InvalidState, MigratorError
 from migrator.core.names import PoolName, VolumeName
-from migrator.pipelines.copy import CopyResult, native_base_ok, transfer_stage
+from migrator.pipelines.copy import (
+    CopyResult,
+    StagedTransfer,
+    native_base_ok,
+    transfer_stage,
+)
 from migrator.pipelines.target_check import verify_volume
-from migrator.pipelines.transfer import SnapInfo, negotiate, plan_transfer
+from migrator.pipelines.transfer import Plan, SnapInfo, negotiate, plan_transfer
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.durable import sync_filesystem
 from migrator.runtime.leftovers import remove_leftover
-from migrator.runtime.operations import journaled
+from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.state import VolumeRecord, VolumeSnapshotRecord
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, temporary_snapshot
 from migrator.runtime.volumes import Volumes, volume_ref
@@ -29,6 +37,23 @@ from migrator.streams import Progress, no_progress
 
 def _exists(cts: Containers, pool: str, name: str) -> bool:
     return any(v.name == name for v in cts.state.list_volumes(pool))
+
+
+@contextlib.contextmanager
+def _transfer(
+    op: Operation, st: Stages, plan: Plan, result: CopyResult,
+    src_b: StorageBackend, src_ref: VolumeRef, dst_b: StorageBackend, dst_ref: VolumeRef,
+    *, target_existed: bool, progress: Progress,
+) -> Iterator[StagedTransfer]:
+    """``transfer_stage`` for a volume: the source is read through a plain temporary
+    snapshot (no container to freeze), and ``result`` counts what moved before the block
+    records it."""
+    with transfer_stage(op, st, plan, src_b, src_ref, dst_b, dst_ref,
+                        target_existed=target_existed,
+                        read_source=lambda: temporary_snapshot(src_b, src_ref),
+                        progress=progress) as staged:
+        result.merge(staged.stats)
+        yield staged
 
 
 def copy_volume(
@@ -74,11 +99,8 @@ def copy_volume(
                    pool=src_pool, target=tname, target_pool=dst_pool,
                    method=plan.how) as op, Stages() as st:
         result.operation = op.id
-        with transfer_stage(op, st, plan, src_b, src_ref, dst_b, dst_ref,
-                            target_existed=exists,
-                            read_source=lambda: temporary_snapshot(src_b, src_ref),
-                            progress=progress) as staged:
-            result.merge(staged.stats)
+        with _transfer(op, st, plan, result, src_b, src_ref, dst_b, dst_ref,
+                       target_existed=exists, progress=progress) as staged:
             op.stage("commit", added=staged.added)
             with state.transaction():
                 if not exists:
@@ -133,11 +155,9 @@ def move_volume(
     with journaled(state, "volume-move", volume=name, from_pool=src_pool, to_pool=dst_pool,
                    target=tname, method=plan.how) as op, Stages() as st:
         result.operation = op.id
-        with transfer_stage(op, st, plan, src_b, src_ref, dst_b, dst_ref,
-                            target_existed=False,
-                            read_source=lambda: temporary_snapshot(src_b, src_ref),
-                            progress=progress) as staged:
-            result.merge(staged.stats)
+        with _transfer(op, st, plan, result, src_b, src_ref, dst_b, dst_ref,
+                       target_existed=False, progress=progress):
+            pass  # a move records nothing here: the switch below repoints the record
         op.stage("verify")
         result.verified = verify_volume(src_b, dst_b, src_ref, full=verify, dst_vol=dst_ref)
         sync_filesystem(dst_b.volume_path(dst_ref))  # the new copy on disk before...

@@ -159,27 +159,34 @@ class PageTunnel:
 
     def _down(self, chan: paramiko.Channel, sock: socket.socket) -> None:
         """Page server -> target."""
-        try:
-            while data := sock.recv(CHUNK):
-                chan.sendall(data)
-                self.to_target += len(data)
-        except (OSError, EOFError, paramiko.SSHException) as e:
-            self._fail(f"page stream to the target broke: {e or type(e).__name__}")
-        finally:
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                chan.shutdown_write()
+        def count(n: int) -> None:
+            self.to_target += n
+
+        self._relay(sock.recv, chan.sendall, count, chan.shutdown_write,
+                    "page stream to the target")
 
     def _up(self, chan: paramiko.Channel, sock: socket.socket) -> None:
         """Target (page requests) -> page server."""
+        def count(n: int) -> None:
+            self.to_source += n
+
+        self._relay(chan.recv, sock.sendall, count, lambda: sock.shutdown(socket.SHUT_WR),
+                    "page requests from the target")
+
+    def _relay(self, recv: Callable[[int], bytes], send: Callable[[bytes], object],
+               count: Callable[[int], None], end: Callable[[], object], what: str) -> None:
+        """One direction until its sender ends: every byte counted as it passes (the
+        pipeline reads the counts), the first error kept (``_fail``), and the other side
+        told the stream ended (a half-close, so the opposite direction goes on)."""
         try:
-            while data := chan.recv(CHUNK):
-                sock.sendall(data)
-                self.to_source += len(data)
+            while data := recv(CHUNK):
+                send(data)
+                count(len(data))
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self._fail(f"page requests from the target broke: {e or type(e).__name__}")
+            self._fail(f"{what} broke: {e or type(e).__name__}")
         finally:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                end()
 
     def cut(self) -> None:
         """Close every relayed connection now (fault tests: the link dies mid-stream)."""
