@@ -1,6 +1,6 @@
 """Tear down test hosts left by an interrupted run (normally the fixtures do it).
 
-Also the networked test-host sets of runtime/testhosts.py: `make hosts` (mh-*) and the one
+Also the networked test-host sets of testrigs/testhosts.py: `make hosts` (mh-*) and the one
 tests/integration/test_testhosts.py brings up (mt2-*): sshds, namespaces, pools, files.
 
 Then destroy any zpool still imported whose disk file lives under the test or demo roots:

@@ -252,7 +252,7 @@ def _sshd_config(spec: TestHostSpec) -> str:
     # AcceptEnv (no client environment accepted), no SetEnv or ForceCommand. StrictModes
     # is off because the keys live under /var/tmp, whose sticky 1777 mode it would refuse.
     return "\n".join([
-        f"# test host {spec.name} ({spec.netns}); written by runtime/testhosts.py",
+        f"# test host {spec.name} ({spec.netns}); written by testrigs/testhosts.py",
         f"Port {spec.port}",
         "AddressFamily inet",
         f"ListenAddress {spec.link_ip}:{spec.port}",

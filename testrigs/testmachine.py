@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -285,12 +284,11 @@ def start(home: Path, prefix: str, client_key: Path, data_mb: int = 0,
                     data_mb=data_mb, bad_file=BAD_FILE if bad_file else None)
     log = open(home / "boot.log", "ab")  # noqa: SIM115 - handed to the child
     try:
-        p = subprocess.Popen(
+        p = proc.start_process(
             ["nsenter", f"--net={netns_path(netns)}", "unshare", "--mount", "--pid", "--fork",
              "--kill-child", "--propagation", "private", sys.executable, "-m",
              "testrigs.testmachine", "boot", str(home / "boot.json")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
-            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+            stdout=log, stderr=log, new_session=True, cwd=Path(__file__).resolve().parents[1])
     finally:
         log.close()
     m.pid = p.pid

@@ -152,7 +152,7 @@ def parse_mac(v: str) -> str:
 
 
 VOLATILE_KEYS: dict[str, Callable[[str], str]] = {
-    # an adopted LXC container keeps its MAC (p2c/lxcimport.py)
+    # an adopted LXC container keeps its MAC (adopt/adoption.py)
     "volatile.eth0.hwaddr": parse_mac,
 }
 
