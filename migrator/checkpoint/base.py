@@ -30,9 +30,6 @@ class Features:
     pre_dump: bool  # iterative pre-copy: soft-dirty tracking
     pre_dump_reason: str = ""  # why pre-copy is unavailable
     lazy_pages_reason: str = ""
-    # CRIU can re-create the veth of an unprivileged container (see lxc.py's docstring)
-    unprivileged_restore: bool = True
-    unprivileged_restore_reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,13 +33,21 @@ the source as RUNNING while its tasks are in state T.
 
 Found on these machines (CRIU 4.1.1, LXC 5.0.2, kernel 6.18):
 
-- Unprivileged containers with a veth cannot be restored: the kernel checks CAP_NET_ADMIN in
-  the peer's network namespace when a veth pair is created (commit 7b735ef81286,
-  "rtnetlink: add missing netlink_ns_capable() check for peer netns"), and criu 4.1.1 creates
-  the pair from inside the container's user namespace ("Can't restore link: -1", EPERM).
-  CRIU fixed it upstream by routing veth creation through usernsd (PR #3006). ``check``
-  probes for it (a veth created from a new user namespace with its peer outside) and
-  ``preflight`` reports such containers. Dump and rollback work for them.
+- An unprivileged container's veth cannot be re-created by criu 4.1.1: the kernel checks
+  CAP_NET_ADMIN in the peer's network namespace when a veth pair is created (commit
+  7b735ef81286, "rtnetlink: add missing netlink_ns_capable() check for peer netns"), and
+  criu creates the pair from inside the container's user namespace ("Can't restore link:
+  -1", EPERM; fixed upstream after 4.2 by routing it through usernsd, PR #3006). So the host
+  makes the pair itself (``network.restore_nic``) and the restore's LXC config names the
+  container's end as a ``phys`` NIC: LXC then passes ``--external netdev[eth0]:DEV`` and
+  criu's usernsd moves the device in, where the images give it back its MAC, addresses and
+  routes. The config is rendered normally again right after, so the next start makes its
+  own veth as usual.
+- Post-copy into an unprivileged container needs userfaultfd from inside its user
+  namespace, which the kernel allows only with ``vm.unprivileged_userfaultfd = 1`` ("uffd:
+  Unable to open an userfaultfd descriptor: Operation not permitted" otherwise). That
+  sysctl is the host operator's choice (it widens what unprivileged code may do), so the
+  target's hello reports it and a live migration falls back to stop-and-copy without it.
 - CRIU cannot dump tasks running as a non-root user ("Can't get rlimit 0": no
   CAP_SYS_RESOURCE here), nested UTS namespaces, or tasks whose session leader is outside
   the container's pid namespace (anything started by ``lxc-attach`` without ``setsid``):
@@ -61,6 +69,7 @@ import select
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from migrator.checkpoint.base import (
@@ -80,7 +89,7 @@ from migrator.checkpoint.base import (
 )
 from migrator.core import proc
 from migrator.core.errors import CheckpointError, InvalidState, MigratorError
-from migrator.runtime import config as cfg
+from migrator.runtime import network
 from migrator.runtime.containers import Containers
 from migrator.runtime.state import ContainerRecord
 
@@ -109,6 +118,14 @@ def criu_supports(feature: str) -> bool:
     criu = criu_binary()
     return criu is not None and proc.run([criu, "check", "--feature", feature], check=False,
                                          timeout=30).returncode == 0
+
+
+def unprivileged_uffd() -> bool:
+    """May a process without CAP_SYS_PTRACE over the host open a userfaultfd? Post-copy into
+    an unprivileged container needs it (see the module docstring)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/vm/unprivileged_userfaultfd").read_text()) == 1
+    return False
 
 
 def _read(path: Path | str) -> str:
@@ -306,63 +323,32 @@ class LxcCheckpointer:
     def check(self) -> Features:
         if criu_binary() is None:
             return Features(None, False, False, "criu is not installed",
-                            "criu is not installed", False, "criu is not installed")
+                            "criu is not installed")
         version = criu_version()
         lazy = criu_supports("uffd") and criu_supports("uffd-noncoop")
         pre = criu_supports("mem_dirty_track")
-        unpriv, unpriv_reason = self._probe_unprivileged_veth()
         return Features(
             criu_version=version, lazy_pages=lazy, pre_dump=pre,
             pre_dump_reason="" if pre else "kernel has no soft-dirty tracking (criu check "
             "--feature mem_dirty_track failed)",
             lazy_pages_reason="" if lazy else "no userfaultfd support (criu check --feature "
-            "uffd/uffd-noncoop failed)",
-            unprivileged_restore=unpriv, unprivileged_restore_reason=unpriv_reason)
-
-    def _probe_unprivileged_veth(self) -> tuple[bool, str]:
-        """Can a user namespace create a veth whose peer is in this host's namespace? That
-        is what criu 4.1 does to restore an unprivileged container's network."""
-        if shutil.which("unshare") is None:
-            return False, "unshare is not installed (cannot probe)"
-        tag = f"{os.getpid() % 100000:05d}"
-        inner, peer = f"mgcki{tag}", f"mgckp{tag}"
-        target = f"/run/netns/{self.netns}" if self.netns else "/proc/1/ns/net"
-        r = proc.run(["unshare", "-Urn", "ip", "link", "add", inner, "type", "veth", "peer",
-                      "name", peer, "netns", target], check=False, timeout=30)
-        if r.returncode == 0:
-            proc.run(["ip", "link", "del", peer], netns=self.netns, check=False, timeout=30)
-            return True, ""
-        return False, (
-            "the kernel refuses a veth created from a user namespace with its peer outside "
-            f"({r.stderr.strip() or 'EPERM'}): CRIU 4.1 cannot restore an unprivileged "
-            "container's network (fixed upstream in CRIU PR #3006)")
+            "uffd/uffd-noncoop failed)")
 
     # before the freeze -------------------------------------------------------------------
-    def preflight(self, name: str, features: Features | None = None) -> list[Problem]:
+    def preflight(self, name: str) -> list[Problem]:
         """What would make a dump or restore of the running container ``name`` fail."""
         rec = self.cts.get(name)
         init = self.lxc.init_pid(rec.name)
         if init is None:
             return [Problem(0, f"container {rec.name!r} is not running",
                             f"start it: `migrate start {rec.name}`")]
-        privileged = cfg.is_true(rec.config, "security.privileged")
         spec = self.cts.spec(rec)
         root_uid = 0 if spec.idmap is None else spec.idmap.base
         tasks = container_tasks(init)
         init_task = next((t for t in tasks if t.pid == init), None)
         if init_task is None:
             return [Problem(init, f"container {rec.name!r} init vanished", "retry")]
-        problems = find_problems(tasks, init_task, root_uid)
-        if not privileged and spec.ipv4:
-            feats = features or self.check()
-            if not feats.unprivileged_restore:
-                problems.append(Problem(
-                    init, f"container {rec.name!r} is unprivileged and has a veth network "
-                    "device: " + feats.unprivileged_restore_reason,
-                    "migrate it stopped instead, or make it privileged "
-                    f"(`migrate config set {rec.name} security.privileged=true` while "
-                    "stopped)"))
-        return problems
+        return find_problems(tasks, init_task, root_uid)
 
     # dump / rollback / release -----------------------------------------------------------
     def _require_running(self, name: str) -> int:
@@ -471,17 +457,27 @@ class LxcCheckpointer:
         """``restore`` of a container its caller has just found STOPPED (a live migration's
         target checks before it starts anything): its LXC config written, then CRIU."""
         spec = self.cts.render_lxc_config(rec.name)
+        host_end = None
         if spec.idmap is not None:
             # criu opens some images from inside the container's user namespace
             os.chown(images, spec.idmap.base, spec.idmap.base)
+            if spec.ipv4:  # the NIC is moved in, not re-created (see the module docstring)
+                nic, host_end = network.restore_nic(spec.network)
+                self.lxc.write_config(replace(spec, nic_device=nic))
         conf = self._config(rec.name, "restore", restore_options(lazy))
         out = self._workdir() / f"{rec.name}.restore.out"
         out.unlink(missing_ok=True)
         t0 = time.monotonic()
-        rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
-                                 restore=True)
+        try:
+            rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
+                                     restore=True)
+        finally:
+            if host_end is not None:
+                self.lxc.write_config(spec)  # what the next start reads: its own veth
         seconds = time.monotonic() - t0
         if rc != 0:
+            if host_end is not None:
+                network.delete_link(spec.network, host_end)
             err = _failure(f"restore of {rec.name!r}", images, out, f"exit code {rc}")
             if self.cts.run_state(rec.name) != "STOPPED":
                 with contextlib.suppress(MigratorError):

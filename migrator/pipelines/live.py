@@ -139,10 +139,13 @@ def memory_bytes(cts: Containers, name: str) -> int:
     return 0
 
 
-def choose_mode(requested: str, local: Features, remote: dict[str, Any]) -> tuple[str, list[str]]:
+def choose_mode(requested: str, local: Features, remote: dict[str, Any],
+                unprivileged: bool = False) -> tuple[str, list[str]]:
     """Post-copy where both ends can serve and fault pages (userfaultfd), else stop-and-copy.
 
-    ``local`` is this host's ``checkpoint.Features``; ``remote`` the target's hello.
+    ``local`` is this host's ``checkpoint.Features``; ``remote`` the target's hello. An
+    ``unprivileged`` container faults its pages from inside its user namespace, which the
+    target allows only with ``vm.unprivileged_userfaultfd = 1`` (its "unprivileged-uffd").
     """
     if requested not in MODES:
         raise InvalidInput(f"unknown checkpoint mode {requested!r}", f"one of {', '.join(MODES)}")
@@ -154,6 +157,14 @@ def choose_mode(requested: str, local: Features, remote: dict[str, Any]) -> tupl
     lazy = local.lazy_pages and remote_lazy
     if requested == "stop-and-copy":
         return "stop-and-copy", [*reasons, "stop-and-copy asked for"]
+    if lazy and unprivileged and not feats.get("unprivileged-uffd"):
+        why = ("the container is unprivileged and the target keeps userfaultfd to privileged "
+               "processes (vm.unprivileged_userfaultfd = 0)")
+        if requested == "post-copy":
+            raise CheckpointError(f"post-copy is not possible: {why}",
+                                  "use --mode stop-and-copy, or allow it on the target: "
+                                  "`sysctl -w vm.unprivileged_userfaultfd=1`")
+        return "stop-and-copy", [*reasons, f"stop-and-copy: {why}"]
     if lazy:
         return "post-copy", [*reasons, "post-copy: both hosts have userfaultfd (lazy pages)"]
     why = "this host" if not local.lazy_pages else "the target"
@@ -180,7 +191,8 @@ def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None
     local = ckpt.check()
     if not local.criu_version:
         raise MissingDependency("CRIU is not installed on this host", "run `make setup`")
-    chosen, reasons = choose_mode(mode, local, remote)
+    chosen, reasons = choose_mode(mode, local, remote,
+                                  unprivileged=cts.spec(rec).idmap is not None)
     session = negotiate_session(transport, remote, compress)
     state = transport.request("container_state", {"name": rec.name})
     if state["exists"]:

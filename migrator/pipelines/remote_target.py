@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.checkpoint.lxc import criu_binary, criu_supports, criu_version
+from migrator.checkpoint.lxc import criu_binary, criu_supports, criu_version, unprivileged_uffd
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName, SnapshotName
 from migrator.runtime.containers import Containers
@@ -51,7 +51,9 @@ def criu_features() -> dict[str, bool]:
     """What ``criu check --feature`` says of the features live migration negotiates."""
     if criu_binary() is None:
         return {}
-    return {f: criu_supports(f) for f in CRIU_FEATURES}
+    # not criu's: whether an unprivileged container may fault its pages in (post-copy)
+    return {**{f: criu_supports(f) for f in CRIU_FEATURES},
+            "unprivileged-uffd": unprivileged_uffd()}
 
 
 def no_data(n: int) -> bytes:

@@ -66,6 +66,8 @@ class ContainerSpec:
     mounts: tuple[tuple[Path, str], ...] = ()
     # a MAC kept from elsewhere (an adopted LXC container's); None: derived from name/address
     hwaddr: str | None = None
+    # restore only: the NIC is this host-made device, moved in by CRIU (network.restore_nic)
+    nic_device: str | None = None
 
 
 def hwaddr(name: str, ipv4: str | None) -> str:
@@ -138,8 +140,8 @@ def render_config(spec: ContainerSpec) -> str:
     net = spec.network
     if spec.ipv4:
         lines += [
-            "lxc.net.0.type = veth",
-            f"lxc.net.0.link = {net.bridge}",
+            f"lxc.net.0.type = {'phys' if spec.nic_device else 'veth'}",
+            f"lxc.net.0.link = {spec.nic_device or net.bridge}",
             "lxc.net.0.name = eth0",
             "lxc.net.0.flags = up",
             f"lxc.net.0.hwaddr = {mac}",

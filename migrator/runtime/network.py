@@ -102,6 +102,37 @@ def ensure_bridge(net: NetworkConfig) -> None:
     proc.run(["ip", *ns, "link", "set", net.bridge, "up"])
 
 
+def restore_nic(net: NetworkConfig) -> tuple[str, str]:
+    """A veth pair made by this host for a CRIU restore: (the end CRIU moves into the
+    container and renames to its NIC, the end left on the bridge, up).
+
+    Why the host makes it: CRIU 4.1 creates a restored veth from inside the container's user
+    namespace with its peer in the host's namespace, which this kernel refuses for an
+    unprivileged container (the rtnetlink peer-netns check wants CAP_NET_ADMIN over the
+    peer's namespace). A device that already exists is instead moved in by CRIU's usernsd,
+    which runs with the host's privileges (``--external netdev[eth0]:DEV``, what LXC passes
+    for a ``phys`` NIC): the container keeps its MAC, addresses and routes from the images,
+    and nothing about it becomes privileged. When the container stops, its network
+    namespace goes and the pair with it."""
+    token = os.urandom(3).hex()
+    inner, outer = f"mgr{token}", f"veth{token}"
+    ns = ["-n", net.netns] if net.netns else []
+    proc.run(["ip", *ns, "link", "add", inner, "type", "veth", "peer", "name", outer],
+             hint="the host could not make the restored container's network device")
+    try:
+        proc.run(["ip", *ns, "link", "set", outer, "master", net.bridge, "up"])
+    except BaseException:
+        delete_link(net, outer)
+        raise
+    return inner, outer
+
+
+def delete_link(net: NetworkConfig, name: str) -> None:
+    """Remove a network device of this host if it exists (a veth takes its peer along)."""
+    ns = ["-n", net.netns] if net.netns else []
+    proc.run(["ip", *ns, "link", "del", name], check=False)
+
+
 def delete_netns(name: str) -> None:
     if netns_exists(name):
         proc.run(["ip", "netns", "del", name])

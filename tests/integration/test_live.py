@@ -80,10 +80,10 @@ def wait_count(spec: TestHostSpec, name: str, above: int, timeout: float = 30) -
 
 
 def launch_counting(spec: TestHostSpec, counter_bin: Path, name: str, mb: int = 64,
-                    image: str = "busybox", pool: str = "btrfs") -> dict[str, int]:
-    # privileged: CRIU 4.1.1 cannot restore an unprivileged container's veth on this kernel
-    # (see migrator/checkpoint/lxc.py); `migrate live` refuses those before freezing
-    m(spec, "launch", image, name, "-p", pool, "-c", "security.privileged=true",
+                    image: str = "busybox", pool: str = "btrfs",
+                    privileged: bool = True) -> dict[str, int]:
+    m(spec, "launch", image, name, "-p", pool,
+      *(["-c", "security.privileged=true"] if privileged else []),
       *(["--wait"] if image != "busybox" else []))
     dest = rootfs(spec, name) / "counter"
     shutil.copy(counter_bin, dest)
@@ -136,6 +136,72 @@ def test_busybox_there_and_back(hosts, counter_bin, mode) -> None:  # type: igno
     assert names_on(b) == []
     assert_kept_memory(a, "c1", before)
     assert ping(a, ip)
+
+
+@contextlib.contextmanager
+def unprivileged_userfaultfd(on: bool) -> Iterator[None]:
+    """vm.unprivileged_userfaultfd set for the test, put back as it was after."""
+    knob = Path("/proc/sys/vm/unprivileged_userfaultfd")
+    old = knob.read_text().strip()
+    knob.write_text("1" if on else "0")
+    try:
+        yield
+    finally:
+        knob.write_text(old)
+
+
+def host_devices(spec: TestHostSpec) -> list[str]:
+    r = subprocess.run(["ip", "-n", spec.netns, "-o", "link", "show"], capture_output=True,
+                       text=True, check=True)
+    return [line.split(": ")[1].split("@")[0] for line in r.stdout.splitlines()]
+
+
+def uid_map(spec: TestHostSpec, name: str) -> list[str]:
+    _rc, out, _e = m(spec, "exec", name, "--", "cat", "/proc/self/uid_map")
+    return out.split()
+
+
+# the matrix: each pool once, each mode once (post-copy needs the target's sysctl)
+@pytest.mark.parametrize(("pool", "mode"), [("dir", "stop-and-copy"), ("btrfs", "post-copy")])
+def test_unprivileged_there_and_back(hosts, counter_bin, pool, mode) -> None:  # type: ignore[no-untyped-def]
+    """An unprivileged container keeps its NIC, address, memory and id map both ways: the
+    target makes the veth and CRIU moves it in (criu 4.1 cannot create it there)."""
+    a, b = hosts
+    launch_counting(a, counter_bin, "u1", mb=16, pool=pool, privileged=False)
+    _rc, out, _e = m(a, "info", "u1", "--format", "json")
+    info = json.loads(out)
+    assert info["privileged"] is False
+    ip, ids = info["ipv4"], uid_map(a, "u1")
+    assert ids[0] == "0" and ids[1] != "0", ids  # root inside is not root outside
+    with unprivileged_userfaultfd(mode == "post-copy"):
+        for src, dst, target in ((a, b, "b"), (b, a, "a")):
+            before = state(src, "u1")
+            _rc, out, _e = m(src, "live", "local", target, "u1", "--format", "json")
+            res = json.loads(out)
+            assert res["mode"] == mode, res
+            assert names_on(src) == []
+            assert_kept_memory(dst, "u1", before)
+            assert ping(dst, ip)
+            assert uid_map(dst, "u1") == ids
+            _rc, out, _e = m(dst, "info", "u1", "--format", "json")
+            assert json.loads(out)["privileged"] is False
+            # the pair the target made is the container's now: nothing left beside it
+            assert not [d for d in host_devices(dst) if d.startswith("mgr")]
+            assert not [d for d in host_devices(src) if d.startswith(("mgr", "veth"))]
+
+
+def test_unprivileged_post_copy_is_refused_without_the_sysctl(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    launch_counting(a, counter_bin, "u2", mb=8, pool="dir", privileged=False)
+    before = state(a, "u2")
+    with unprivileged_userfaultfd(False):
+        rc, _out, err = m(a, "live", "local", "b", "u2", "--mode", "post-copy", check=False)
+        assert rc != 0 and "vm.unprivileged_userfaultfd" in err, err
+        _rc, out, _e = m(a, "live", "local", "b", "u2", "--format", "json")
+    res = json.loads(out)
+    assert res["mode"] == "stop-and-copy"
+    assert any("unprivileged" in n and "userfaultfd" in n for n in res["notes"]), res
+    assert_kept_memory(b, "u2", before)
 
 
 def test_debian_systemd_post_copy(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]

@@ -34,3 +34,15 @@ def test_explicit_stop_and_copy_and_bad_mode() -> None:
     assert choose_mode("stop-and-copy", LAZY, REMOTE_LAZY)[0] == "stop-and-copy"
     with pytest.raises(InvalidInput, match="unknown checkpoint mode"):
         choose_mode("teleport", LAZY, REMOTE_LAZY)
+
+
+def test_unprivileged_post_copy_needs_the_targets_userfaultfd_sysctl() -> None:
+    # the restored tasks fault pages from inside their user namespace
+    mode, reasons = choose_mode("auto", LAZY, REMOTE_LAZY, unprivileged=True)
+    assert mode == "stop-and-copy" and "vm.unprivileged_userfaultfd = 0" in reasons[-1]
+    with pytest.raises(CheckpointError, match="unprivileged") as e:
+        choose_mode("post-copy", LAZY, REMOTE_LAZY, unprivileged=True)
+    assert "sysctl -w vm.unprivileged_userfaultfd=1" in (e.value.hint or "")
+    allowed = {"criu_features": {"uffd": True, "uffd-noncoop": True, "unprivileged-uffd": True}}
+    assert choose_mode("auto", LAZY, allowed, unprivileged=True)[0] == "post-copy"
+    assert choose_mode("auto", LAZY, REMOTE_LAZY, unprivileged=False)[0] == "post-copy"
