@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrator.core import errors
 from migrator.streams import ProgressMeter, run_watched
@@ -57,6 +57,9 @@ from migrator.transport.rsync_relay import (
     shim_socket,
     start_client,
 )
+
+if TYPE_CHECKING:  # paramiko: the agent imports this module, the client alone relays
+    from migrator.p2c.source import SourceMachine
 
 CHUNK = 1 << 20
 RSYNC_FLAGS = ["-aHAXS", "--numeric-ids", "--delete", "--partial", "--stats",
@@ -252,7 +255,7 @@ def _download(read: Reader, fd: int, answer: Callable[[dict[str, Any]], None]) -
 
 
 # the client's side ---------------------------------------------------------------------------
-def relay(chan: Any, source: Any, meter: ProgressMeter | None,
+def relay(chan: Any, source: SourceMachine, meter: ProgressMeter | None,
           link_from: tuple[str, str | None] | None = None) -> tuple[dict[str, Any], int]:
     """Relay between the agent's ``p2c_pull`` channel and the sender on ``source``; the
     agent's reply and the bytes relayed (both directions).
