@@ -26,8 +26,7 @@ from typing import Any
 import paramiko
 
 from migrator.core import errors, proc
-from migrator.core.netns import socket_in_netns
-from migrator.transport.ssh import CONNECT_TIMEOUT, open_client
+from migrator.transport.ssh import CONNECT_TIMEOUT, connect_tcp, open_client
 
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -90,15 +89,9 @@ class SourceMachine:
         self.client: paramiko.SSHClient | None = None
 
     def _socket(self) -> socket.socket:
-        addr = (self.spec.host, self.spec.port)
-        try:
-            if self.netns:
-                return socket_in_netns(self.netns, addr, self.timeout)
-            return socket.create_connection(addr, self.timeout)
-        except OSError as e:
-            raise errors.NetworkError(
-                f"cannot reach {self.spec.host}:{self.spec.port}: {e.strerror or e}",
-                "is the machine up and its sshd listening?") from e
+        return connect_tcp(f"{self.spec.host}:{self.spec.port}", self.spec.host,
+                           self.spec.port, self.netns, self.timeout,
+                           "is the machine up and its sshd listening?")
 
     def connect(self) -> SourceMachine:
         if self.client is None:

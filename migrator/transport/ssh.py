@@ -108,15 +108,9 @@ class SshTransport:
 
     # connection ---------------------------------------------------------------------------
     def _socket(self) -> socket.socket:
-        try:
-            if self.netns:
-                return socket_in_netns(self.netns, (self.address, self.port), self.timeout)
-            return socket.create_connection((self.address, self.port), self.timeout)
-        except OSError as e:
-            raise errors.NetworkError(
-                f"cannot reach {self.name} at {self.address}:{self.port}: {e.strerror or e}",
-                "is the host up and sshd listening? check the address with `migrate host list`",
-            ) from e
+        return connect_tcp(f"{self.name} at {self.address}:{self.port}", self.address,
+                           self.port, self.netns, self.timeout, "is the host up and sshd "
+                           "listening? check the address with `migrate host list`")
 
     def connect(self) -> SshTransport:
         if self.client is not None:
@@ -359,6 +353,19 @@ class SshTransport:
         finally:
             chan.close()
         return parse_reply(self.name, op, reply)  # checked before anything reads it
+
+
+def connect_tcp(what: str, address: str, port: int, netns: str | None, timeout: float,
+                hint: str) -> socket.socket:
+    """The TCP connection an SSH session runs on, made from ``netns`` when given (the
+    host's namespace, so a test host or a demo reaches only its own link); a failure is a
+    ``NetworkError`` naming ``what`` with ``hint``."""
+    try:
+        if netns:
+            return socket_in_netns(netns, (address, port), timeout)
+        return socket.create_connection((address, port), timeout)
+    except OSError as e:
+        raise errors.NetworkError(f"cannot reach {what}: {e.strerror or e}", hint) from e
 
 
 def open_client(label: str, address: str, port: int, user: str, key: str | None,
