@@ -19,6 +19,7 @@ from migrator.cli import (
     adopt,
     backup,
     containers,
+    evacuate,
     exchange,
     hosts,
     hostsetup,
@@ -74,6 +75,7 @@ storage.register(app)  # copy, move
 hosts.register(app)  # agent (hidden)
 journal.register(app)  # operations, recover
 live.register(app)  # live
+evacuate.register(app)  # evacuate
 exchange.register(app)  # export, import
 adopt.register(app)  # import-lxc
 p2c.register(app)  # p2c

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
@@ -54,6 +55,23 @@ def criu_features() -> dict[str, bool]:
     # not criu's: whether an unprivileged container may fault its pages in (post-copy)
     return {**{f: criu_supports(f) for f in CRIU_FEATURES},
             "unprivileged-uffd": unprivileged_uffd()}
+
+
+def memory_info(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """This machine's MemTotal and MemAvailable in bytes (absent when unreadable): an
+    evacuation places each running container where the most memory is free."""
+    out: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _sep, rest = line.partition(":")
+        field = {"MemTotal": "mem_total", "MemAvailable": "mem_available"}.get(key)
+        parts = rest.split()
+        if field and parts and parts[0].isdigit():
+            out[field] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
 
 
 def no_data(n: int) -> bytes:
@@ -100,7 +118,8 @@ class RemoteTarget:
                 "rsync": shutil.which("rsync") is not None,
                 "criu": criu_version(),
                 "criu_features": criu_features() if req.get("criu_features") else None,
-                "network": str(self.host.network_config().address)}
+                "network": str(self.host.network_config().address),
+                **memory_info()}
 
     def container_state(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         name = ContainerName(req["name"])

@@ -65,7 +65,8 @@ GOOD_HELLO: dict[str, Any] = {"ok": True, "version": "0.1.0", "protocol": 1,
               "pools": [{"name": "fast", "driver": "btrfs", "types": ["btrfs", "tar"],
                          "free": 10, "subsecond_mtimes": True}],
               "compressors": ["zstd", "none"], "links": ["ssh", "tcp"], "rsync": True,
-              "criu": None, "criu_features": None, "network": "10.0.0.1/24"}
+              "criu": None, "criu_features": None, "network": "10.0.0.1/24",
+              "mem_total": 8 << 30, "mem_available": 5 << 30}
 
 
 @pytest.mark.parametrize(("op", "reply", "what"), [
@@ -75,6 +76,10 @@ GOOD_HELLO: dict[str, Any] = {"ok": True, "version": "0.1.0", "protocol": 1,
     ("hello", {**GOOD_HELLO, "compressors": "zstd"}, "compressors"),
     ("hello", {**GOOD_HELLO, "criu_features": {"uffd": "yes"}}, "criu_features"),
     ("hello", {**GOOD_HELLO, "version": "x" * 5000}, "characters long"),
+    ("hello", {**GOOD_HELLO, "mem_available": "5G"}, "mem_available"),
+    ("hello", {**GOOD_HELLO, "mem_available": True}, "mem_available"),
+    ("hello", {**GOOD_HELLO, "mem_total": -1}, "mem_total"),
+    ("hello", {**GOOD_HELLO, "mem_available": 1.5}, "mem_available"),
     ("container_state", {"ok": True, "exists": "yes"}, "exists"),
     ("container_state", {"ok": True, "exists": True, "pool": "p", "status": "STOPPED",
                          "snapshots": [{"name": 1}]}, "name"),
@@ -89,6 +94,8 @@ def test_a_reply_of_the_wrong_shape_is_a_protocol_error(op: str, reply: dict[str
 
 def test_good_replies_pass_and_ok_must_be_true() -> None:
     assert parse_reply("host-b", "hello", GOOD_HELLO) is GOOD_HELLO
+    older = {k: v for k, v in GOOD_HELLO.items() if not k.startswith("mem_")}
+    assert parse_reply("host-b", "hello", older) is older  # an agent without memory figures
     assert parse_reply("h", "container_state", {"ok": True, "exists": False})["exists"] is False
     with pytest.raises(errors.RemoteError):
         parse_reply("h", "receive", {"ok": 1, "raw": 1, "wire": 1})
