@@ -39,8 +39,11 @@ bench: setup
 # 198.51.100.0/24 link, each with its own sshd, state root, pools and busybox image):
 # see testrigs/testhosts.py. Idempotent; `make hosts-down` removes everything.
 # SHAPE=100mbit limits what host a sends on the link (tc tbf); SHAPE=off lifts it.
+# NETWORK=shared (default): the hosts' container bridges are one network over VXLAN;
+# NETWORK=isolated: each host's containers on its own bridge.
+NETWORK ?= shared
 hosts: setup
-	$(PY) -m testrigs.testhosts up --hosts a,b
+	$(PY) -m testrigs.testhosts up --hosts a,b --network $(NETWORK)
 	$(if $(SHAPE),$(PY) -m testrigs.testhosts shape a $(SHAPE))
 
 hosts-down:

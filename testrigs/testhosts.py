@@ -9,7 +9,23 @@ Topology (prefix ``mh``, hosts ``a`` and ``b``; ``c`` would be .12, and so on)::
     mh-b    link0 198.51.100.11/24     (veth peer of p-b)   sshd on 198.51.100.11:22
             migbr0 192.0.2.1/24        the same container subnet: containers keep their
                                        address when moved, and each bridge is in its own
-                                       namespace, so the two never meet
+                                       namespace, so the two never meet (``isolated``)
+
+With ``network="shared"`` (``make hosts``: ``up --network shared``) the container bridges
+are one segment instead, joined over the link by VXLAN (id 16, unicast to every other host,
+see runtime/network.py), as real hosts are joined with ``migrate init --vxlan-*``::
+
+    mh-a    link0 198.51.100.10/24 mtu 1550   vx-migbr0 (VXLAN 16, peers .11 .12, port of migbr0)
+            migbr0 192.0.2.1/24   containers 192.0.2.10-39
+    mh-b    link0 198.51.100.11/24 mtu 1550   vx-migbr0 (VXLAN 16, peers .10 .12)
+            migbr0 192.0.2.2/24   containers 192.0.2.40-69
+    mh-c    ... 192.0.2.3/24, containers 192.0.2.70-99 (up to 8 hosts: 30 addresses each)
+
+Every bridge has its own address and every host its own range, so each host reaches every
+container, and a container answers on its address from every host wherever it runs. The
+link's MTU is 1550 so that the tunnel carries containers' full 1500-byte frames. The mode is
+recorded in hosts.json: hosts under one base are all shared or all isolated. The Python API
+(``up``) makes isolated hosts unless asked; the command line makes shared ones.
 
 Nothing of it is in the root namespace (no veth end, no address, no route), every namespace
 has forwarding off and no default route, and no NAT or iptables rule is made anywhere: the
@@ -65,7 +81,12 @@ LINK_NET = "198.51.100.0/24"
 LINK_FIRST = 10  # host i gets 198.51.100.(10 + i)
 LINK_IF = "link0"
 SWITCH_BRIDGE = "br0"
-CONTAINER_SUBNET = "192.0.2.1/24"  # the same on every host, see the module docstring
+CONTAINER_SUBNET = "192.0.2.1/24"  # the same on every isolated host, see the module docstring
+NETWORKS = ("isolated", "shared")
+SHARED_VNI = 16
+SHARED_MTU = 1550  # the link's MTU on a shared network: 1500 + VXLAN's 50 bytes
+SHARED_RANGE = 30  # addresses per host on a shared network: host i has 10+30i .. 39+30i
+SHARED_MAX = 8
 SSH_PORT = 22
 SSHD = "/usr/sbin/sshd"
 POOL_SIZES = {"btrfs": "3GiB", "zfs": "2GiB"}
@@ -164,10 +185,35 @@ def _read_record(base: Path) -> tuple[str, list[str]] | None:
         return None
 
 
-def _write_record(base: Path, prefix: str, names: list[str]) -> None:
+def network_mode(base: Path = DEFAULT_BASE) -> str | None:
+    """``shared`` or ``isolated`` as recorded under ``base`` (older records: isolated)."""
+    try:
+        data = json.loads((base.absolute() / "hosts.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mode = data.get("network", "isolated") if isinstance(data, dict) else None
+    return mode if mode in NETWORKS else None
+
+
+def _write_record(base: Path, prefix: str, names: list[str], network_: str = "isolated"
+                  ) -> None:
     tmp = base / ".hosts.json.tmp"
-    tmp.write_text(json.dumps({"prefix": prefix, "hosts": names}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"prefix": prefix, "hosts": names, "network": network_},
+                              indent=2) + "\n")
     tmp.replace(base / "hosts.json")
+
+
+def shared_network(index: int, link_ips: Sequence[str]) -> tuple[str, str, network.Overlay]:
+    """Host ``index``'s bridge address, address range and VXLAN on a shared network."""
+    if not 0 <= index < SHARED_MAX:
+        raise InvalidInput(f"a shared test network holds at most {SHARED_MAX} hosts",
+                           "use fewer hosts, or isolated ones (--network isolated)")
+    net = ipaddress.IPv4Interface(CONTAINER_SUBNET).network
+    first = net.network_address + network.FIRST_HOST_OFFSET + SHARED_RANGE * index
+    return (f"{net.network_address + 1 + index}/{net.prefixlen}",
+            f"{first}-{first + SHARED_RANGE - 1}",
+            network.make_overlay(SHARED_VNI, link_ips[index], link_ips))
+
 
 
 def hosts(base: Path = DEFAULT_BASE) -> list[TestHostSpec]:
@@ -216,7 +262,7 @@ def _ensure_switch(prefix: str) -> None:
     _ip(sw, "link", "set", SWITCH_BRIDGE, "up")
 
 
-def _ensure_link(spec: TestHostSpec, prefix: str) -> None:
+def _ensure_link(spec: TestHostSpec, prefix: str, mtu: int | None = None) -> None:
     """veth link0 (in the host) <-> p-NAME (a port of the switch bridge); made in place."""
     sw, port = switch_netns(prefix), f"p-{spec.name}"
     if not _link_exists(sw, port):
@@ -227,6 +273,9 @@ def _ensure_link(spec: TestHostSpec, prefix: str) -> None:
         _ip(spec.netns, "link", "add", LINK_IF, "type", "veth", "peer", "name", port,
             "netns", sw)
     _ip(sw, "link", "set", port, "master", SWITCH_BRIDGE)
+    if mtu is not None:
+        _ip(sw, "link", "set", port, "mtu", str(mtu))
+        _ip(spec.netns, "link", "set", LINK_IF, "mtu", str(mtu))
     _ip(sw, "link", "set", port, "up")
     _ip(spec.netns, "addr", "replace", f"{spec.link_ip}/24", "dev", LINK_IF)
     _ip(spec.netns, "link", "set", LINK_IF, "up")
@@ -384,10 +433,15 @@ def _write_known_hosts(specs: Iterable[TestHostSpec], path: Path) -> None:
 
 # state root ------------------------------------------------------------------------------
 def _ensure_state(spec: TestHostSpec, pools: Sequence[str], images: Sequence[str],
-                  log: Log) -> None:
+                  log: Log, shared: tuple[str, str, network.Overlay] | None = None) -> None:
     h = Host(spec.root)
     try:
-        h.init(spec.netns, CONTAINER_SUBNET, None)
+        if shared is None:
+            h.init(spec.netns, CONTAINER_SUBNET, None)
+        else:
+            subnet, addr_range, overlay = shared
+            for w in h.init(spec.netns, subnet, None, addr_range=addr_range, overlay=overlay):
+                log(f"warning: host {spec.name}: {w}")
         existing = {p.name for p in h.state.list_pools()}
         for driver in pools:
             if driver == "zfs" and not zfs.daemon_running():
@@ -416,8 +470,14 @@ def up(
     images: Sequence[str] = ("busybox",),
     prefix: str = DEFAULT_PREFIX,
     log: Log = _stderr,
+    network_: str | None = None,
 ) -> list[TestHostSpec]:
-    """Bring up (or check) the named hosts; returns their specs in the order given."""
+    """Bring up (or check) the named hosts; returns their specs in the order given.
+
+    ``network_``: ``isolated`` (each host's containers on its own bridge, the same subnet
+    everywhere) or ``shared`` (one segment over VXLAN, see the module docstring); by default
+    what the base records, else isolated. Hosts added to a shared network later are added
+    to every running host's peers."""
     _validate("prefix", prefix)
     if not names:
         raise InvalidInput("no test host named", "give one or more names, e.g. a,b")
@@ -431,15 +491,31 @@ def up(
             "take them down first (python -m testrigs.testhosts down), or use another base",
         )
     recorded = rec[1] if rec else []
+    was = network_mode(base) if rec else None
+    mode = network_ or was or "isolated"
+    if mode not in NETWORKS:
+        raise InvalidInput(f"unknown test network {mode!r}", "shared or isolated")
+    if was is not None and was != mode and recorded:
+        raise InvalidInput(
+            f"{base} holds {was} test hosts, not {mode} ones",
+            "take them down first (python -m testrigs.testhosts down), or use another base")
     all_names = recorded + [n for n in dict.fromkeys(names) if n not in recorded]
+    if mode == "shared" and len(all_names) > SHARED_MAX:
+        raise InvalidInput(f"a shared test network holds at most {SHARED_MAX} hosts",
+                           "use fewer hosts, or isolated ones (--network isolated)")
     # 0711 down to each state root: unprivileged containers' root must traverse to rootfs
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o711)
-    _write_record(base, prefix, all_names)  # first, so `down` finds whatever follows
+    _write_record(base, prefix, all_names, mode)  # first, so `down` finds whatever follows
     client = base / "client"
     client.mkdir(mode=0o700, exist_ok=True)
     specs = {n: _spec(base, prefix, n, i) for i, n in enumerate(all_names)}
     _keygen(specs[all_names[0]].client_key, "migrator test client")
+
+    link_ips = [specs[n].link_ip for n in all_names]
+
+    def shared(n: str) -> tuple[str, str, network.Overlay] | None:
+        return shared_network(all_names.index(n), link_ips) if mode == "shared" else None
 
     _ensure_switch(prefix)
     for n in dict.fromkeys(names):
@@ -447,9 +523,19 @@ def up(
         spec.home.mkdir(exist_ok=True)
         os.chmod(spec.home, 0o711)
         _ensure_namespace(spec.netns)
-        _ensure_link(spec, prefix)
-        _ensure_state(spec, pools, images, log)  # also the container bridge, migbr0
+        _ensure_link(spec, prefix, SHARED_MTU if mode == "shared" else None)
+        _ensure_state(spec, pools, images, log, shared(n))  # also migbr0 (and its VXLAN)
         _ensure_sshd(spec)
+    for n in all_names:  # hosts up before: every host of a shared network is their peer
+        spec = specs[n]
+        if mode == "shared" and n not in names and (spec.root / "state.db").exists() \
+                and network.netns_exists(spec.netns):
+            h = Host(spec.root)
+            try:
+                subnet, addr_range, overlay = shared_network(all_names.index(n), link_ips)
+                h.init(spec.netns, subnet, None, addr_range=addr_range, overlay=overlay)
+            finally:
+                h.close()
     _write_known_hosts(specs.values(), specs[all_names[0]].known_hosts)
     return [specs[n] for n in dict.fromkeys(names)]
 
@@ -658,7 +744,24 @@ def _describe(spec: TestHostSpec) -> str:
             f"{f' (sends at most {rate})' if rate else ''}"
             f"  ssh {spec.link_ip}:{spec.port} "
             f"({f'sshd {pid}' if pid and _in_netns(pid, spec.netns) else 'sshd down'})"
-            f"  root {spec.root}")
+            f"  root {spec.root}{_describe_network(spec) if up_ else ''}")
+
+
+def _describe_network(spec: TestHostSpec) -> str:
+    if not (spec.root / "state.db").exists():
+        return ""
+    h = Host(spec.root)
+    try:
+        n = h.network_config()
+    finally:
+        h.close()
+    lo, hi = network.address_range(n)
+    text = f"\n   bridge {n.bridge} {n.address}  containers {lo}-{hi}"
+    if n.overlay is not None:
+        now = network.overlay_peers_now(n)
+        text += (f"  VXLAN {n.overlay.vni} {network.vxlan_device(n.bridge)} peers "
+                 + (", ".join(now) if now else "none" if now is not None else "(device missing)"))
+    return text
 
 
 def _print_all(specs: Sequence[TestHostSpec]) -> None:
@@ -683,6 +786,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--prefix", default=DEFAULT_PREFIX)
     p_up.add_argument("--pools", default="dir,btrfs,zfs")
     p_up.add_argument("--images", default="busybox")
+    p_up.add_argument("--network", choices=NETWORKS, default=None,
+                      help="shared: the container bridges joined into one network over VXLAN "
+                           "(the default for new hosts); isolated: each host's containers "
+                           "on its own bridge (default: what the base holds, else shared)")
     p_down = sub.add_parser("down", parents=[common],
                             help="remove every test host under the base")
     p_down.add_argument("--prefix", default=None)
@@ -701,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "up":
             t0 = time.monotonic()
             up(split(args.hosts), args.base, split(args.pools), split(args.images),
-               args.prefix)
+               args.prefix, network_=args.network or network_mode(args.base) or "shared")
             _print_all(hosts(args.base))
             print(f"up in {time.monotonic() - t0:.1f}s")
         elif args.cmd == "down":

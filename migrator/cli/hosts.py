@@ -215,3 +215,60 @@ def host_check(
         typer.echo(f"  direct link failed: {t.link_failed} (`migrate host set {name} "
                    "--data-link ssh` skips trying)")
     typer.echo(f"transfers: compression {comp.compress} ({comp.reasons[1]})")
+
+
+overlay_app = typer.Typer(
+    help="The container network this host shares with others over VXLAN: its peers (set it "
+         "up with `migrate init --vxlan-id N --vxlan-local ADDR`).", no_args_is_help=True)
+host_app.add_typer(overlay_app, name="overlay")
+
+
+def _overlay_row() -> dict[str, Any]:
+    from migrator.runtime import network
+
+    n = current().host.network_config()
+    lo, hi = network.address_range(n)
+    row: dict[str, Any] = {"bridge": n.bridge, "address": str(n.address),
+                           "range": f"{lo}-{hi}", "reserved": sorted(n.reserved)}
+    if n.overlay is not None:
+        row.update({"vxlan_id": n.overlay.vni, "device": network.vxlan_device(n.bridge),
+                    "local": str(n.overlay.local), "port": n.overlay.port,
+                    "peers": [str(p) for p in n.overlay.peers],
+                    "peers_now": network.overlay_peers_now(n)})
+    return row
+
+
+@overlay_app.command("show")
+def overlay_show(fmt: Format = format_option()) -> None:
+    """This host's shared network: bridge, address range, VXLAN id, peers (recorded, and
+    those the device sends to now: they differ after a reboot until `migrate init`)."""
+    row = _overlay_row()
+    if fmt == Format.json:
+        print_json(row)
+        return
+    typer.echo(f"bridge {row['bridge']} {row['address']}, containers from {row['range']}"
+               + (f", reserved {','.join(row['reserved'])}" if row["reserved"] else ""))
+    if "vxlan_id" not in row:
+        typer.echo("no VXLAN overlay: this host's containers are on its bridge only")
+        return
+    now = row["peers_now"]
+    typer.echo(f"VXLAN {row['vxlan_id']} on {row['device']}, from {row['local']} "
+               f"port {row['port']}")
+    state = "is missing" if now is None else "sends to " + (", ".join(now) or "none")
+    typer.echo(f"peers: {', '.join(row['peers']) or 'none'}"
+               + ("" if now == row["peers"] else f" (the device {state}: run `migrate init`)"))
+
+
+@overlay_app.command("add")
+def overlay_add(peers: list[str] = typer.Argument(..., help="Other hosts' IPv4 addresses on "
+                                                  "the network the hosts share")) -> None:
+    """Add VXLAN peers: recorded, and their entries made at once."""
+    ov = current().host.set_overlay_peers(add=peers)
+    say(f"VXLAN {ov.vni} peers: {', '.join(map(str, ov.peers)) or 'none'}")
+
+
+@overlay_app.command("remove")
+def overlay_remove(peers: list[str] = typer.Argument(..., help="Peer addresses to drop")) -> None:
+    """Remove VXLAN peers: this host stops sending to them."""
+    ov = current().host.set_overlay_peers(remove=peers)
+    say(f"VXLAN {ov.vni} peers: {', '.join(map(str, ov.peers)) or 'none'}")

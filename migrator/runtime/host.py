@@ -8,9 +8,11 @@ runtime does goes through a ``Host``, which is what later pipelines open on both
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from migrator.backends import StorageBackend, driver_class, open_backend, zfs
@@ -67,26 +69,48 @@ class Host:
         return self.state.get_setting("network.netns") or None
 
     def network_config(self) -> network.NetworkConfig:
+        address = network.parse_subnet(
+            self.state.get_setting("network.subnet", network.DEFAULT_SUBNET) or "")
+        pool_text = self.state.get_setting("network.range")
+        overlay_text = self.state.get_setting("network.overlay")
+        reserved = self.state.get_setting("network.reserved")
         return network.NetworkConfig(
             netns=self.netns,
             bridge=self.state.get_setting("network.bridge", network.DEFAULT_BRIDGE) or "",
-            address=network.parse_subnet(
-                self.state.get_setting("network.subnet", network.DEFAULT_SUBNET) or ""
-            ),
+            address=address,
+            ip_range=network.parse_range(pool_text, address) if pool_text else None,
+            overlay=network.Overlay.from_json(overlay_text) if overlay_text else None,
+            reserved=frozenset(reserved.split(",")) if reserved else frozenset(),
         )
 
-    def init(self, netns: str | None, subnet: str | None, bridge: str | None) -> None:
-        """Record this host's network settings and create its namespace and bridge."""
+    def init(self, netns: str | None, subnet: str | None, bridge: str | None, *,
+             addr_range: str | None = None, overlay: network.Overlay | None = None,
+             no_overlay: bool = False) -> list[str]:
+        """Record this host's network settings and create its namespace, bridge and (with
+        ``overlay``) its VXLAN device with its peers. Everything is checked before anything
+        is recorded or made; what is recorded is made again by the next ``init`` with no
+        options (after a reboot). ``addr_range`` ``""`` goes back to the whole subnet.
+        Returns warnings for the operator."""
         if netns:
             network.validate_ifname(netns)
         if bridge:
             network.validate_ifname(bridge)
         if subnet:
             network.parse_subnet(subnet)
+        if overlay is not None and no_overlay:
+            raise InvalidInput("a VXLAN overlay given and taken away at once",
+                               "give either the --vxlan-* options or --no-vxlan")
+        new_subnet = network.parse_subnet(
+            subnet or self.state.get_setting("network.subnet", network.DEFAULT_SUBNET) or "")
+        pool_text = addr_range if addr_range is not None else \
+            self.state.get_setting("network.range")
+        if pool_text:
+            network.parse_range(pool_text, new_subnet)  # also an old range in a new subnet
         if self.state.list_containers() and (netns is not None or subnet or bridge):
             current = (self.netns, self.state.get_setting("network.subnet"))
             if (netns, subnet) != current:
                 raise InvalidState("the host has containers; its network cannot change now")
+        old = self.network_config()
         with self.state.transaction():
             if netns is not None:
                 self.state.set_setting("network.netns", netns)
@@ -94,7 +118,53 @@ class Host:
                 self.state.set_setting("network.subnet", subnet)
             if bridge:
                 self.state.set_setting("network.bridge", bridge)
-        network.ensure_bridge(self.network_config())
+            if addr_range is not None:
+                if addr_range:
+                    self.state.set_setting("network.range", addr_range)
+                else:
+                    self.state.delete_setting("network.range")
+            if overlay is not None:
+                self.state.set_setting("network.overlay", overlay.to_json())
+            elif no_overlay:
+                self.state.delete_setting("network.overlay")
+        net = self.network_config()
+        if old.overlay is not None and (old.bridge, old.netns) != (net.bridge, net.netns):
+            network.ensure_overlay(dataclasses.replace(old, overlay=None))  # the old device
+        network.ensure_bridge(net)
+        return network.ensure_overlay(net)
+
+    def set_overlay_peers(self, add: Sequence[str] = (), remove: Sequence[str] = ()
+                          ) -> network.Overlay:
+        """Add and remove VXLAN peers (``migrate host overlay``), recorded then applied."""
+        net = self.network_config()
+        if net.overlay is None:
+            raise InvalidState("this host has no VXLAN overlay",
+                               "set it up first: migrate init --vxlan-id N --vxlan-local ADDR")
+        gone = {network.parse_ipv4(x, "VXLAN peer") for x in remove}
+        kept = [str(p) for p in net.overlay.peers if p not in gone]
+        ov = network.make_overlay(net.overlay.vni, str(net.overlay.local), [*kept, *add],
+                                  net.overlay.port)
+        with self.state.transaction():
+            self.state.set_setting("network.overlay", ov.to_json())
+        network.ensure_bridge(net)
+        network.ensure_overlay(dataclasses.replace(net, overlay=ov))
+        return ov
+
+    def reserve_ipv4(self, address: str, reserved: bool = True) -> None:
+        """Keep ``address`` out of (or put it back into) this host's allocation, when the host
+        shares its network: called when a container of its range moves to another host,
+        which keeps the address, and when one comes back. A no-op on an isolated host."""
+        net = self.network_config()
+        if net.overlay is None:
+            return
+        now = set(net.reserved)
+        now = now | {address} if reserved else now - {address}
+        with self.state.transaction():
+            if now:
+                self.state.set_setting("network.reserved", ",".join(
+                    sorted(now, key=ipaddress.IPv4Address)))
+            else:
+                self.state.delete_setting("network.reserved")
 
     # pools -------------------------------------------------------------------------------
     def create_pool(

@@ -1,4 +1,5 @@
-"""Take a host down cleanly: containers stopped, pools unmounted, namespace removed.
+"""Take a host down cleanly: containers stopped, VXLAN device removed, pools unmounted,
+namespace removed.
 
 Used by ``migrate teardown``, the demo and the test fixtures, so that CI and later sessions
 on the same machine start from nothing left over (no mounts, loop devices or namespaces).
@@ -6,6 +7,7 @@ on the same machine start from nothing left over (no mounts, loop devices or nam
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 from migrator.core.errors import MigratorError
@@ -26,6 +28,13 @@ def teardown(host: Host, purge: bool = False) -> list[str]:
                     lxc.stop(name, force=True)
         except MigratorError as e:
             problems.append(f"stopping containers: {e}")
+    try:
+        net = host.network_config()
+        if net.overlay is not None and (not netns or network.netns_exists(netns)):
+            # the VXLAN device this host made (in a namespace it would go with it anyway)
+            network.ensure_overlay(dataclasses.replace(net, overlay=None))
+    except MigratorError as e:
+        problems.append(f"removing the VXLAN device: {e}")
     try:
         host.deactivate_pools()
     except MigratorError as e:
