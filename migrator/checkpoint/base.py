@@ -3,19 +3,93 @@
 The CRIU-driving code lives in ``checkpoint/lxc.py``; this module holds the value types the
 live-migration pipeline sees (features, problems, timings), the scratch directory for images
 and the small parsers (``/proc`` task status, listening sockets, CRIU log tails) that are
-tested without CRIU.
+tested without CRIU; and three workarounds for what CRIU 4.1.1 cannot do on this kernel
+(below): the swap of a watched symlink on btrfs (``unpin``, ``pin_back``), the socket-option
+shim (``sockopt_shim``) and TCP repair mode after a rollback (``repair_off``).
+
+The CRIU options of a live migration (``dump_options``, ``restore_options``), found on these
+machines (CRIU 4.1.1, LXC 6.0.4):
+
+- ``tcp-established`` on both sides: established TCP connections are dumped through TCP
+  repair mode and re-created on the target with their sequence numbers, so a peer sees a
+  pause, not a reset. LXC's ``lxc-checkpoint`` already passes ``--tcp-established`` (and
+  ``--skip-in-flight``: half-open connections are dropped, their clients retry) on every
+  dump and restore; the config files say it too, so the choice does not rest on what one
+  LXC version does. It needs the container to keep its address (it does: same IP and
+  MAC) and its network locked from the dump on: criu's lock (an iptables ``CRIU`` chain in
+  the container's network namespace dropping everything) stays in place, with
+  ``leave-stopped``, until ``resume_source`` removes it or ``release_source`` ends the
+  namespace, so a peer's retransmissions are dropped meanwhile instead of reset. criu
+  unlocks the restored sockets on the target when it resumes them. Tested with a
+  connection inside the container (``tests/workloads/tcpstream.c``): no gap, no reconnect,
+  after a->b, b->a, stop-and-copy and post-copy.
+- **No inet socket could be dumped at all here** until the shim below: since Linux 6.16
+  (commit 7d8d93fdde50b) ``getsockopt(SO_PASSCRED / SO_PASSSEC)`` on a TCP or UDP socket
+  fails with EOPNOTSUPP, and criu 4.1.1 asks every socket for both ("Can't get 1:16 opt:
+  Operation not supported", the dump fails; a listening socket is enough, so any container
+  running a server). Upstream criu answers "off" for those sockets (criu#2705, #2719,
+  after 4.1.1). ``sockopt_shim`` builds a 20-line preload library that does the same for
+  the criu a dump runs (``LD_PRELOAD``); restore needs nothing (it only sets options that
+  were on).
+- ``leave-stopped`` skips what criu does when it resumes its tasks itself: the dumped
+  connections stay in repair mode, and a rollback that merely continued the tasks lost
+  them (the next ``send`` fails, EINVAL; seen with tcpstream). ``repair_off`` takes every
+  TCP socket of the stopped tasks out of repair mode (``pidfd_getfd``, then
+  ``TCP_REPAIR`` off, which also sends a window probe) before they continue.
+- A connection is carried only where its peer can reach the container's address on the
+  target: a peer on the source host's container bridge loses it when the hosts' bridges
+  are not one network (``live_tcp_note`` says so for the plan).
+- ``enable-fs ramfs`` (dump): systemd's ``/run/credentials/*`` mounts.
+- inotify watches: see below (systemd on btrfs).
+
+inotify watches CRIU 4.1.1 cannot dump on btrfs, and the swap that makes them dumpable,
+found on these machines (CRIU 4.1.1, kernel 6.18, Debian bookworm's systemd 252):
+
+- CRIU records each inotify watch as a path. It opens the watch's file handle and reopens
+  the path the kernel shows for it (``openat(..., O_PATH)``, which *follows* a final
+  symlink); when the inode differs it falls back to irmap, a scan of a few directories that
+  compares each entry's ``st_dev``/``st_ino`` with the watch's. LXC always passes
+  ``--force-irmap``, so that fallback is always taken.
+- systemd (PID 1) watches ``/etc/localtime`` itself (``IN_DONT_FOLLOW``), and on Debian it is
+  a symlink: the reopened path is the zone file, the inode differs, irmap decides.
+- On dir pools (ext4 here) and zfs-fuse pools irmap finds it (its ``/etc`` hint; on FUSE the
+  handle opens too: the watch keeps the inode cached). On btrfs irmap can find *nothing*:
+  the watch carries the superblock's device (mountinfo's ``0:68``), while ``stat`` on a btrfs
+  subvolume, the top-level one included, reports the subvolume's own anonymous device
+  (``0:88``, ``0:70``). So ``irmap-scan-path`` cannot help there ("Can't dump that handle",
+  whatever paths are added; tried with ``/etc/localtime`` itself and all of ``/usr``).
+- Directories and regular files are found by their handle (the inode matches), so on btrfs
+  the only blocker in a systemd container is that one symlink (its other watches are on
+  ``/``, ``/run`` and below: found by handle).
+
+The remedy: before the dump of a container whose root is btrfs, ``unpin`` replaces a
+watched ``/etc/localtime`` symlink by a regular file with the same bytes (atomic rename,
+same owner): the zone does not change for anyone, and systemd, woken by the link count
+change, watches the new file within milliseconds. The dump, the final sync and the restore
+then carry a regular file; ``pin_back`` puts the symlink back where the container runs next
+(the target after its restore, the source on a rollback or when a stopped copy is kept) and
+systemd again watches the link. The swap is recorded (``SWAP_RECORD`` in the images, which
+cross to the target, and a copy in the host's checkpoint directory) so that any of those can
+undo it, even in another process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import stat
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from migrator.core import proc
+from migrator.core.errors import CheckpointError
+from migrator.runtime.inroot import RootDir
 
 # Memory-backed, so images of a frozen container never touch a disk (tmpfs on Linux).
 SHM_BASE = Path("/dev/shm/migrator-checkpoint")
@@ -128,7 +202,7 @@ def dump_options(lazy: bool = False, address: str | None = None, port: int | Non
     # (LXC's -s passes no --leave-running, so this config option decides the final state).
     # enable-fs ramfs: systemd mounts /run/credentials/* as ramfs, which CRIU dumps only
     # when told to (the files in it are dumped with the mount, so nothing is lost).
-    opts = ["leave-stopped", "enable-fs ramfs"]
+    opts = ["leave-stopped", "enable-fs ramfs", "tcp-established"]
     if lazy and ps_socket is not None:
         # the page server talks over a socket it is handed, connected already: it listens
         # nowhere, so no other local user can reach the container's memory
@@ -144,7 +218,20 @@ def dump_options(lazy: bool = False, address: str | None = None, port: int | Non
 
 def restore_options(lazy: bool = False) -> list[str]:
     # mntns-compat-mode: CRIU 4's new mount engine fails on LXC's mount tree here.
-    return ["mntns-compat-mode", *(["lazy-pages"] if lazy else [])]
+    # tcp-established: the connections the dump took (see the module docstring).
+    return ["mntns-compat-mode", "tcp-established", *(["lazy-pages"] if lazy else [])]
+
+
+def live_tcp_note(shared_network: bool) -> str:
+    """What the live plan says about established TCP connections: carried (CRIU's
+    ``tcp-established``, network locked from the dump until the target runs), but only for
+    peers that reach the container's address on the target's network."""
+    if shared_network:
+        return ("established TCP connections are carried (tcp-established; the network "
+                "stays locked from the dump until the target runs)")
+    return ("established TCP connections are carried only for peers that reach the target's "
+            "container network: the hosts' container bridges are not one network, so peers "
+            "on this host's bridge lose theirs")
 
 
 # /proc parsing ---------------------------------------------------------------------------
@@ -240,3 +327,256 @@ def log_tail(text: str, lines: int = 8) -> list[str]:
     errors = [ln for ln in all_lines if ("Error" in ln or "ERROR" in ln) and "RLIMIT_NOFILE"
               not in ln]
     return (errors or all_lines)[-lines:]
+
+
+# inotify watches (see the module docstring) -------------------------------------------
+LOCALTIME = "etc/localtime"
+SWAP_RECORD = "migrator-swapped-links.json"  # in an images directory (CRIU ignores it)
+REWATCH_WAIT = 2.0  # seconds for the watcher to move to the new file
+
+
+def parse_inotify(fdinfo: str) -> set[tuple[int, int]]:
+    """(device, inode) of every watch in a ``/proc/PID/fdinfo/FD`` text (none if it is not
+    an inotify descriptor). The device is the kernel's encoding (major << 20 | minor)."""
+    watches = set()
+    for line in fdinfo.splitlines():
+        if not line.startswith("inotify "):
+            continue
+        fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+        with contextlib.suppress(KeyError, ValueError):
+            watches.add((int(fields["sdev"], 16), int(fields["ino"], 16)))
+    return watches
+
+
+def root_mount(mountinfo: str) -> tuple[str, int] | None:
+    """(filesystem type, kernel device) of the mount at ``/`` in a ``/proc/PID/mountinfo``
+    (the last one: it is the one on top)."""
+    found = None
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        parts = left.split()
+        if not sep or len(parts) < 5 or parts[4] != "/":
+            continue
+        major, _, minor = parts[2].partition(":")
+        with contextlib.suppress(ValueError):
+            found = (right.split()[0], int(major) << 20 | int(minor))
+    return found
+
+
+def watches_of(pids: Iterable[int]) -> set[tuple[int, int]]:
+    """Every inotify watch held by the given processes (host pids)."""
+    found: set[tuple[int, int]] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                text = _proc_text(f"/proc/{pid}/fdinfo/{fd}")
+                if "inotify " in text:
+                    found |= parse_inotify(text)
+    return found
+
+
+def unpin(rootfs: Path, init_pid: int, pids: list[int], records: list[Path]) -> list[str]:
+    """Make the container's watches dumpable (see the module docstring); returns the paths
+    swapped (none but on btrfs). Each swap is written to every file of ``records`` first.
+
+    Raises CheckpointError when a watcher does not move to the new file in time (the link is
+    put back first: nothing changed)."""
+    mount = root_mount(_proc_text(f"/proc/{init_pid}/mountinfo"))
+    if mount is None or mount[0] != "btrfs":
+        return []
+    with RootDir(rootfs) as root:
+        st = root.lstat(LOCALTIME)
+        target = root.readlink(LOCALTIME)
+        if st is None or target is None or not stat.S_ISLNK(st.st_mode):
+            return []
+        if (mount[1], st.st_ino) not in watches_of(pids):
+            return []
+        data = root.read_bytes(LOCALTIME)
+        if data is None:  # a dangling link: nothing a watcher could read either
+            return []
+        record = json.dumps({LOCALTIME: {"target": target, "uid": st.st_uid,
+                                         "gid": st.st_gid}})
+        for r in records:
+            r.write_text(record)
+        _replace(root, LOCALTIME, st, data=data)
+    deadline = time.monotonic() + REWATCH_WAIT
+    while (mount[1], st.st_ino) in watches_of(pids):
+        if time.monotonic() > deadline:
+            for r in records:
+                pin_back(rootfs, r)
+            raise CheckpointError(
+                f"a process of the container still watches the old /{LOCALTIME} after "
+                f"{REWATCH_WAIT:.0f}s", "CRIU cannot dump a watched symlink on btrfs: move "
+                "the container to a dir pool first (`migrate move NAME --pool dir`)")
+        time.sleep(0.005)
+    return [LOCALTIME]
+
+
+def pin_back(rootfs: Path, record: Path) -> list[str]:
+    """Undo what ``record`` says ``unpin`` swapped in ``rootfs`` (its symlinks back, owner
+    kept), then remove ``record``. Nothing happens when it is missing, and an entry that is
+    no longer the regular file the swap made (the container replaced it) is left alone."""
+    try:
+        swapped = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return []
+    done = []
+    with RootDir(rootfs) as root:
+        for rel, how in swapped.items():
+            st = root.lstat(rel)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            _replace(root, rel, st, target=str(how["target"]), uid=int(how["uid"]),
+                     gid=int(how["gid"]))
+            done.append(rel)
+    record.unlink(missing_ok=True)
+    return done
+
+
+def _replace(root: RootDir, rel: str, old: os.stat_result, data: bytes | None = None,
+             target: str | None = None, uid: int | None = None, gid: int | None = None
+             ) -> None:
+    """Atomically replace the entry ``rel`` by a regular file holding ``data`` (mode and
+    owner of ``old``) or by a symlink to ``target`` (owner ``uid``/``gid``), made under a
+    temporary name beside it: a watcher sees one rename, never a missing name."""
+    parent, name = root._parent(rel)  # the resolved directory, inside the root
+    tmp = f".{name}.migrator-{os.getpid()}"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=parent)
+        if target is not None:
+            os.symlink(target, tmp, dir_fd=parent)
+            os.chown(tmp, old.st_uid if uid is None else uid,
+                     old.st_gid if gid is None else gid, dir_fd=parent, follow_symlinks=False)
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            try:
+                view = memoryview(data or b"")
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchown(fd, old.st_uid, old.st_gid)
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=parent)
+        raise
+    finally:
+        os.close(parent)
+
+
+def _proc_text(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+# TCP sockets left in repair mode (see the module docstring) ------------------------------
+SYS_PIDFD_GETFD = 438  # the same number on x86_64 and aarch64 (the generic table)
+TCP_REPAIR = 19
+TCP_REPAIR_OFF = 0
+
+
+def repair_off(pids: Iterable[int]) -> int:
+    """Take every TCP socket the given (stopped) processes hold out of repair mode; returns
+    how many were switched. criu puts a dumped connection in repair mode and, with
+    ``leave-stopped``, never takes it out: resumed as it is, the task's next send fails
+    (EINVAL) and the connection is lost. Switching it off sends a window probe, so the peer
+    learns at once that the connection lives. A listening socket refuses (EPERM) and needs
+    nothing; a socket several tasks share is switched once."""
+    import ctypes
+    import socket
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    seen: set[str] = set()
+    switched = 0
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    except OSError:
+                        continue
+                    if not link.startswith("socket:[") or link in seen:
+                        continue
+                    mine = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+                    if mine < 0:
+                        continue
+                    sock = socket.socket(fileno=mine)
+                    try:
+                        if sock.family in (socket.AF_INET, socket.AF_INET6) and \
+                                sock.type == socket.SOCK_STREAM:
+                            seen.add(link)
+                            with contextlib.suppress(OSError):
+                                sock.setsockopt(socket.SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+                                switched += 1
+                    finally:
+                        sock.close()  # our duplicate only: the task keeps its socket
+        finally:
+            os.close(pidfd)
+    return switched
+
+
+# inet sockets on Linux >= 6.16 (see the module docstring) --------------------------------
+SOCKOPT_SHIM_C = r"""
+/* criu 4.1.1 asks every socket for SO_PASSCRED and SO_PASSSEC; since Linux 6.16 an inet
+ * socket answers EOPNOTSUPP and the dump fails. Answer "off" instead, as criu >= 4.2 does
+ * (criu#2719): only those two options, only when the kernel refused them. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+
+int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    static int (*real)(int, int, int, void *, socklen_t *);
+    if (!real)
+        real = (int (*)(int, int, int, void *, socklen_t *))dlsym(RTLD_NEXT, "getsockopt");
+    int r = real(fd, level, name, val, len);
+    if (r < 0 && errno == EOPNOTSUPP && level == SOL_SOCKET &&
+        (name == SO_PASSCRED || name == SO_PASSSEC) && val && len && *len >= sizeof(int)) {
+        memset(val, 0, sizeof(int));
+        *len = sizeof(int);
+        return 0;
+    }
+    return r;
+}
+"""
+
+
+def sockopt_shim(workdir: Path) -> Path | None:
+    """The shared object a dump preloads into criu (``LD_PRELOAD``) so that it can dump inet
+    sockets on this kernel (see the module docstring), built once into ``workdir`` (named
+    by its source's hash: a changed source builds anew). None without a C compiler: then a
+    container holding a TCP or UDP socket cannot be dumped."""
+    digest = hashlib.sha256(SOCKOPT_SHIM_C.encode()).hexdigest()[:12]
+    so = workdir / f"criu-sockopt-{digest}.so"
+    if so.exists():
+        return so
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = workdir / f"criu-sockopt-{digest}.c"
+    src.write_text(SOCKOPT_SHIM_C)
+    tmp = so.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        r = proc.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"],
+                     check=False, timeout=60)
+        if r.returncode != 0:
+            return None
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, so)
+    finally:
+        tmp.unlink(missing_ok=True)
+        src.unlink(missing_ok=True)
+    return so

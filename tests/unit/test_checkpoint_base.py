@@ -22,11 +22,13 @@ NSsid:\t21843\t0
 
 
 def test_criu_config_one_option_a_line() -> None:
-    assert criu_config(*base.dump_options()) == "leave-stopped\nenable-fs ramfs\n"
+    assert criu_config(*base.dump_options()) == ("leave-stopped\nenable-fs ramfs\n"
+                                                 "tcp-established\n")
     lazy = base.dump_options(True, "127.0.0.1", 2777)
-    assert criu_config(*lazy) == ("leave-stopped\nenable-fs ramfs\nlazy-pages\n"
-                                  "address 127.0.0.1\nport 2777\n")
-    assert base.restore_options(True) == ["mntns-compat-mode", "lazy-pages"]
+    assert criu_config(*lazy) == ("leave-stopped\nenable-fs ramfs\ntcp-established\n"
+                                  "lazy-pages\naddress 127.0.0.1\nport 2777\n")
+    assert base.restore_options(True) == ["mntns-compat-mode", "tcp-established", "lazy-pages"]
+    assert "tcp-established" in base.restore_options()
     for bad in ("--leave-running", "a\nb", ""):
         with pytest.raises(ValueError):
             criu_config(bad)
@@ -86,3 +88,109 @@ def test_images_dir_is_private_and_removable(tmp_path, monkeypatch) -> None:  # 
         base.remove_images_dir(tmp_path)
     with pytest.raises(ValueError):
         base.images_dir(tmp_path, "../x")
+
+
+def test_tcp_note_says_when_peers_lose_their_connections() -> None:
+    assert "carried (" in base.live_tcp_note(True)
+    assert "lose" in base.live_tcp_note(False)
+
+
+# inotify watches (checkpoint/watches.py) ---------------------------------------------------
+FDINFO = """pos:\t0
+flags:\t02004000
+mnt_id:\t15
+ino:\t1057
+inotify wd:2 ino:2f51 sdev:44 mask:80c ignored_mask:0 fhandle-bytes:14 fhandle-type:4d f_handle:51
+inotify wd:1 ino:101 sdev:44 mask:800 ignored_mask:0 fhandle-bytes:14 fhandle-type:4d f_handle:01
+inotify wd:3 ino:zz sdev:44 mask:800
+"""
+MOUNTINFO = """565 512 0:68 /containers/d1/rootfs / rw,noatime shared:45 - btrfs /dev/loop2 rw
+566 565 0:96 / /dev rw - tmpfs none rw
+"""
+
+
+def test_inotify_watches_and_the_root_mount_are_read_from_proc_text() -> None:
+    from migrator.checkpoint import base as watches
+
+    assert watches.parse_inotify(FDINFO) == {(0x44, 0x2F51), (0x44, 0x101)}
+    assert watches.parse_inotify("pos:\t0\nflags:\t02\n") == set()
+    assert watches.root_mount(MOUNTINFO) == ("btrfs", 68)  # the watch's sdev (0x44)
+    assert watches.root_mount("566 565 0:96 / /dev rw - tmpfs none rw\n") is None
+
+
+def test_a_swapped_link_goes_back_once_and_only_over_the_copy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+
+    from migrator.checkpoint import base as watches
+    from migrator.runtime.inroot import RootDir
+
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "usr").mkdir()
+    (root / "usr" / "zone").write_bytes(b"TZif")
+    os.symlink("/usr/zone", root / "etc" / "localtime")
+    with RootDir(root) as r:  # what unpin does once the link is found watched
+        st = r.lstat(watches.LOCALTIME)
+        assert st is not None
+        watches._replace(r, watches.LOCALTIME, st, data=b"TZif")
+    assert not (root / "etc" / "localtime").is_symlink()
+    assert (root / "etc" / "localtime").read_bytes() == b"TZif"
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({watches.LOCALTIME: {"target": "/usr/zone", "uid": os.getuid(),
+                                                      "gid": os.getgid()}}))
+    assert watches.pin_back(root, record) == [watches.LOCALTIME]
+    assert os.readlink(root / "etc" / "localtime") == "/usr/zone"
+    assert not record.exists() and sorted(os.listdir(root / "etc")) == ["localtime"]
+    assert watches.pin_back(root, record) == []  # no record: nothing to do
+    # the container replaced the file meanwhile with a link of its own: left alone
+    record.write_text(json.dumps({watches.LOCALTIME: {"target": "/elsewhere", "uid": 0,
+                                                      "gid": 0}}))
+    assert watches.pin_back(root, record) == []
+    assert os.readlink(root / "etc" / "localtime") == "/usr/zone"
+
+
+def test_unpin_leaves_a_root_that_is_not_btrfs_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from migrator.checkpoint import base as watches
+
+    (tmp_path / "etc").mkdir()
+    os.symlink("/usr/zone", tmp_path / "etc" / "localtime")
+    record = tmp_path / "r.json"
+    # this process's own root is what it reads: not btrfs on the test machines' / (ext4,
+    # overlay), and a missing pid reads as no mount at all
+    assert watches.unpin(tmp_path, 2**22 + 1, [], [record]) == []
+    assert not record.exists() and os.path.islink(tmp_path / "etc" / "localtime")
+
+
+def test_the_socket_option_shim_builds_and_keeps_its_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    so = base.sockopt_shim(tmp_path)
+    assert so is not None and so.exists() and so.suffix == ".so"
+    assert base.sockopt_shim(tmp_path) == so  # built once
+    assert sorted(p.name for p in tmp_path.iterdir()) == [so.name]  # nothing else left
+
+
+def test_repair_off_lets_a_connection_in_repair_mode_send_again() -> None:
+    import os
+    import socket
+
+    if os.geteuid() != 0:
+        pytest.skip("TCP repair mode needs CAP_NET_ADMIN")
+    srv = socket.create_server(("127.0.0.1", 0))
+    cli = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    try:
+        cli.setsockopt(socket.SOL_TCP, base.TCP_REPAIR, 1)  # what criu's dump leaves
+        with pytest.raises(OSError):
+            cli.send(b"x")  # in repair mode with no queue chosen: EINVAL
+        assert base.repair_off([os.getpid()]) >= 2  # both ends here, the listener refuses
+        cli.send(b"ping")
+        assert peer.recv(4) == b"ping"
+    finally:
+        for s in (cli, peer, srv):
+            s.close()
