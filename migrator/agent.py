@@ -12,12 +12,23 @@ conversion's in ``p2c/target.py``, a remote repository's in ``backup/remote.py``
 delegated push in ``pipelines/delegated.py``). This is the top floor: nothing below imports
 it; what must answer requests in process (``transport/local.py``) is handed
 :func:`local_transport`'s dispatcher as a parameter.
+
+An agent notices when its channel ends. A dropped SSH connection closes the agent's stdin
+(sshd sends no signal to a session without a terminal), which a request that reads its
+channel sees at once; one that waits on this host with nothing more to read (a live
+migration's restore, waiting for pages: ``live_target.WATCHED_OPS``) would wait on,
+orphaned, holding what it started. For those a thread watches stdin and, when it closes,
+turns it into the SIGTERM path below: the handler unwinds and gives up its own half.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +36,7 @@ from migrator.backup.remote import serve_repository, serve_restore
 from migrator.core import errors, proc
 from migrator.p2c.target import P2C_OPS
 from migrator.pipelines.delegated import delegate
-from migrator.pipelines.live_target import LIVE_OPS
+from migrator.pipelines.live_target import LIVE_OPS, WATCHED_OPS
 from migrator.pipelines.remote_target import TARGET_OPS, Handler, RemoteTarget
 from migrator.runtime.containers import Containers
 from migrator.runtime.host import Host
@@ -52,8 +63,12 @@ OPS: dict[str, Handler] = {
 }
 
 
-def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter) -> int:
-    """Handle one request from ``read``; answer on ``write``. Returns the exit status."""
+def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter,
+          channel_fd: int | None = None) -> int:
+    """Handle one request from ``read``; answer on ``write``. Returns the exit status.
+    ``channel_fd``: the descriptor ``read`` reads (stdin), watched during a request of
+    ``WATCHED_OPS`` (see the module docstring)."""
+    done = threading.Event()
     try:
         req = read_json(read)
         if req.get("protocol") != PROTOCOL:
@@ -68,17 +83,46 @@ def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter
         # the client logged in here as root over SSH: it could run anything, so what it
         # sends may be privileged (a pull's source host, which is not, never gets here)
         end.peer, end.allow_privileged = "the client", True
+        if channel_fd is not None and req.get("op") in WATCHED_OPS:
+            threading.Thread(target=_watch_channel, args=(channel_fd, done), daemon=True,
+                             name="channel-watch").start()
         result = op(end, req, read)
+        done.set()
         write_json(write, {"ok": True, **result})
         if end.exec_after_reply:
             proc.exec_replace(end.exec_after_reply)
         return 0
     except (KeyError, TypeError, ValueError) as e:
+        done.set()
         write_json(write, error_reply(errors.InvalidInput(f"malformed request: {e!r}")))
         return errors.InvalidInput.exit_code
     except BaseException as e:  # noqa: BLE001 - every failure becomes a typed reply
-        write_json(write, error_reply(e))
+        done.set()
+        with contextlib.suppress(OSError):  # the channel is gone: nobody to tell
+            write_json(write, error_reply(e))
         return getattr(e, "exit_code", 1)
+
+
+def _watch_channel(fd: int, done: threading.Event) -> None:
+    """Wait until ``fd`` (the channel's read side) ends, then SIGTERM this process, unless
+    the request is ``done`` first. Nothing more is sent on the channel of a watched
+    request; bytes that come anyway are read and dropped."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    while not done.is_set():
+        events = poller.poll(500)
+        ended = False
+        for _fd, ev in events:
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                ended = True
+            elif ev & select.POLLIN:
+                try:
+                    ended = not os.read(fd, 1 << 16)
+                except OSError:
+                    ended = True
+        if ended and not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def local_transport(cts: Containers) -> Transport:
@@ -114,4 +158,5 @@ def main_stdio(cts_factory: Callable[[], Containers]) -> int:
         stdout.write(b)
         stdout.flush()
 
-    return serve(cts_factory, stdin.read1 if hasattr(stdin, "read1") else stdin.read, write)
+    return serve(cts_factory, stdin.read1 if hasattr(stdin, "read1") else stdin.read, write,
+                 channel_fd=stdin.fileno())

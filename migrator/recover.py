@@ -22,7 +22,7 @@ from migrator.backends import VolumeRef
 from migrator.backup.remote import open_repository
 from migrator.backup.restore import complete_record
 from migrator.checkpoint.base import remove_images_dir
-from migrator.checkpoint.lxc import LxcCheckpointer
+from migrator.checkpoint.lxc import LxcCheckpointer, bounded_lxc, kill_helpers
 from migrator.core.errors import CorruptBackup, InvalidState, MigratorError, NotFound
 from migrator.core.names import SnapshotName
 from migrator.p2c.convert import recover_p2c
@@ -169,45 +169,79 @@ def _move_remote(cts: Containers, op: OperationRecord, transport_for: TransportF
         _restart(cts, name, was_running)
 
 
+LXC_WAIT = 20.0  # seconds any lxc-* command may take while a live migration is recovered
+
+
 def _live(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
-    """A live migration: completed once the target was verified (``release`` reached),
-    else the target's copy is removed and the source resumed from its frozen state, or
-    restored from the checkpoint images still in memory-backed space."""
+    """A live migration. First the helpers its journal names on this host (the dump's
+    lxc-checkpoint and criu, the page server) are killed, each checked against its start
+    time, and every lxc-* command is bounded (``LXC_WAIT``): a helper left running keeps
+    the source frozen, and LXC's monitor may not answer behind it.
+
+    Then which way: completed once the release was reached; else, if the restore may have
+    begun, the target decides (``live_settle``, which first kills the helpers there): a
+    container that resumed there whole runs with newer state, so the migration goes
+    forward and the source is released; otherwise the target's copy is removed and the
+    source resumed from its frozen state, or restored from the checkpoint images still in
+    memory-backed space. A target that cannot be reached decides nothing: the error says
+    so and the source stays as it is."""
     host, name = op.detail["host"], op.detail["container"]
-    ckpt = LxcCheckpointer(cts)
     images = Path(op.detail["images"]) if op.detail.get("images") else None
-    if "release" in op.stages:
-        if cts.state.has_container(name):
+    with bounded_lxc(cts, LXC_WAIT):
+        kill_helpers(op.detail.get("source_helpers") or [], images)
+        ckpt = LxcCheckpointer(cts)
+        if "release" in op.stages:
+            return _live_forward(cts, ckpt, op, images) + "; the source was released"
+        with transport_for(host) as t:
+            if "restore" in op.stages:
+                settled = t.request("live_settle", {
+                    "name": name, "tag": op.id,
+                    "helpers": op.detail.get("target_helpers") or []})
+                if settled.get("whole"):
+                    with contextlib.suppress(MigratorError):
+                        t.request("drop_images", {"tag": op.id})
+                    return _live_forward(cts, ckpt, op, images) + \
+                        " (it had resumed there with all its memory: its state is newer); " \
+                        "the frozen source was released"
+            if "sync" in op.stages:
+                problem = whole_copy_problem(cts, name)
+                if problem:
+                    raise _keep_both(problem, f"the copy on {host}")
+                there = t.request("container_state", {"name": name})
+                if there.get("exists"):
+                    t.request("delete_container", {"name": name, "force": True})
+                else:
+                    with contextlib.suppress(MigratorError):
+                        t.request("abort_container", {"name": name, "pool": op.detail["pool"]})
             with contextlib.suppress(MigratorError):
-                ckpt.release_source(name)
-            if not op.detail.get("keep_source"):
-                cts.delete(name, force=True)
+                t.request("drop_images", {"tag": op.id})
+        outcome = f"rolled back: the copy on {host} was removed"
+        # LXC still calls a container RUNNING while CRIU keeps its tasks stopped: resume it
+        # whatever the state says (continuing running tasks is harmless)
+        if "dump" in op.stages and cts.state.has_container(name):
+            ckpt.resume_source(name, images if images is not None else Path("/nonexistent"))
+            outcome += f"; {name} resumed here with its memory state"
         if images is not None:
             remove_images_dir(images)
-        return f"completed: {name} runs on {host}; the source was released"
-    with transport_for(host) as t:
-        if "sync" in op.stages:
-            problem = whole_copy_problem(cts, name)
-            if problem:
-                raise _keep_both(problem, f"the copy on {host}")
-            there = t.request("container_state", {"name": name})
-            if there.get("exists"):
-                t.request("delete_container", {"name": name, "force": True})
-            else:
-                with contextlib.suppress(MigratorError):
-                    t.request("abort_container", {"name": name, "pool": op.detail["pool"]})
+        _clean_temps(cts, name)
+    return outcome
+
+
+def _live_forward(cts: Containers, ckpt: LxcCheckpointer, op: OperationRecord,
+                  images: Path | None) -> str:
+    """The target runs the container: the source's stopped tasks are killed and, unless
+    the migration kept it, the source deleted."""
+    host, name = op.detail["host"], op.detail["container"]
+    if cts.state.has_container(name):
         with contextlib.suppress(MigratorError):
-            t.request("drop_images", {"tag": op.id})
-    outcome = f"rolled back: the copy on {host} was removed"
-    # LXC still calls a container RUNNING while CRIU keeps its tasks stopped: resume it
-    # whatever the state says (continuing running tasks is harmless)
-    if "dump" in op.stages and cts.state.has_container(name):
-        ckpt.resume_source(name, images if images is not None else Path("/nonexistent"))
-        outcome += f"; {name} resumed here with its memory state"
+            ckpt.release_source(name)
+        if not op.detail.get("keep_source"):
+            cts.delete(name, force=True)
+        else:
+            _clean_temps(cts, name)
     if images is not None:
         remove_images_dir(images)
-    _clean_temps(cts, name)
-    return outcome
+    return f"completed: {name} runs on {host}"
 
 
 def _backup(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:

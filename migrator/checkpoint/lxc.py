@@ -69,8 +69,10 @@ import select
 import shutil
 import signal
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from migrator.checkpoint.base import (
     DumpStats,
@@ -88,9 +90,11 @@ from migrator.checkpoint.base import (
     tree_bytes,
 )
 from migrator.core import proc
-from migrator.core.errors import CheckpointError, InvalidState, MigratorError
+from migrator.core.errors import CheckpointError, CommandTimeout, InvalidState, MigratorError
 from migrator.runtime import network
 from migrator.runtime.containers import Containers
+from migrator.runtime.lxc import LxcDriver
+from migrator.runtime.operations import _start_time as process_start
 from migrator.runtime.state import ContainerRecord
 
 # criu's network lock (iptables-restore format): what criu itself runs on resume.
@@ -169,6 +173,144 @@ def _failure(what: str, images: Path, output: Path, extra: str = "") -> Checkpoi
         f"{what} failed" + (f" ({extra})" if extra else "") + ":\n  " + "\n  ".join(detail),
         f"CRIU log: {log}; lxc-checkpoint output: {output}",
     )
+
+
+# helper processes -------------------------------------------------------------------------
+# A checkpoint's helpers (lxc-checkpoint, the criu it runs, criu lazy-pages) are started in
+# sessions of their own, so they outlive a migrating process that is killed: `migrate
+# recover` must end them, or the source stays frozen and LXC's monitor, waiting on a criu
+# restore, stops answering lxc-info. They are named two ways, both proof against a reused
+# pid: the journal records each one's pid with its start time (``helper_record``), and every
+# criu and lxc-checkpoint of one checkpoint names its images directory (unique per
+# operation) on its command line.
+HELPER_PROGRAMS = ("criu", "lxc-checkpoint")
+KILL_WAIT = 5.0  # seconds for killed helpers to be gone
+
+
+def helper_record(pid: int, what: str) -> dict[str, Any]:
+    """What the journal keeps of a helper process: its pid, start time and role."""
+    return {"pid": int(pid), "start": process_start(int(pid)), "what": what}
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    return _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def find_helpers(recorded: Iterable[dict[str, Any]], images: Path | None,
+                 programs: tuple[str, ...] = HELPER_PROGRAMS) -> list[int]:
+    """Live helper processes of one checkpoint: each recorded one whose pid still has its
+    recorded start time (and whose program is one of ``programs``), the members of its
+    process group, and any of ``programs`` whose command line names ``images``."""
+    groups: set[int] = set()
+    found: set[int] = set()
+    for r in recorded:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            pid, start = int(r["pid"]), r.get("start")
+            if start is not None and process_start(pid) == start:
+                groups.add(pid)  # spawned as session (and group) leaders
+                if os.path.basename((_argv(pid) or [""])[0]) in programs:
+                    found.add(pid)
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        argv = _argv(pid)
+        if not argv or os.path.basename(argv[0]) not in programs:
+            continue
+        stat = _proc_stat(pid)
+        if len(stat) < 3 or stat[0] == "Z":
+            continue
+        in_group = stat[2].isdigit() and int(stat[2]) in groups
+        if in_group or (images is not None and any(str(images) in a for a in argv)):
+            found.add(pid)
+    return sorted(found)
+
+
+def kill_helpers(recorded: Iterable[dict[str, Any]], images: Path | None,
+                 programs: tuple[str, ...] = HELPER_PROGRAMS,
+                 wait: float = KILL_WAIT) -> list[int]:
+    """SIGKILL what ``find_helpers`` names and wait until it is gone (dead or a zombie);
+    returns the pids killed. A criu killed mid-dump leaves the source's tasks stopped or
+    frozen, which ``resume_source`` handles; a criu restore killed makes LXC's monitor
+    give the restore up, so lxc-* commands answer again."""
+    recorded = list(recorded)
+    victims = find_helpers(recorded, images, programs)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while True:
+        alive = [p for p in victims if (_proc_stat(p) or ["Z"])[0] != "Z"]
+        if not alive:
+            return victims
+        if time.monotonic() > deadline:
+            raise CheckpointError(f"helper processes {alive} did not die within {wait:.0f}s "
+                                  "of SIGKILL", "look at them with `ps -o pid,stat,wchan -p "
+                                  f"{','.join(map(str, alive))}`")
+        time.sleep(0.02)
+
+
+class BoundedLxc(LxcDriver):
+    """An ``LxcDriver`` whose every lxc-* command ends within ``seconds``: recovery asks LXC
+    about containers whose monitor may be stuck (a restore waiting for pages that will
+    never come), and must end with an error that says so, not hang."""
+
+    def __init__(self, inner: LxcDriver, seconds: float) -> None:
+        super().__init__(inner.lxcpath, inner.netns)
+        self.seconds = seconds
+
+    def _run(self, argv: list[str], **kw: Any) -> proc.Completed:
+        asked = kw.get("timeout", proc.DEFAULT_TIMEOUT)
+        kw["timeout"] = self.seconds if asked is None else min(float(asked), self.seconds)
+        try:
+            return super()._run(argv, **kw)
+        except CommandTimeout as e:
+            raise CommandTimeout(
+                f"{argv[0]} did not answer within {kw['timeout']:.0f}s ({' '.join(argv[1:])})",
+                "LXC's monitor of that container is stuck, probably behind a criu that still "
+                "runs: find it with `ps -eo pid,args | grep criu`, kill it, and retry") from e
+
+
+@contextlib.contextmanager
+def bounded_lxc(cts: Containers, seconds: float) -> Iterator[Containers]:
+    """``cts`` with every lxc-* command bounded to ``seconds`` (``BoundedLxc``) for the
+    block; checkpointers made inside it inherit the bound."""
+    old = cts.lxc
+    cts.lxc = BoundedLxc(old, seconds)
+    try:
+        yield cts
+    finally:
+        cts.lxc = old
+
+
+def _wait_helper(p: proc.Child, images: Path, timeout: float | None) -> int:
+    """Wait for an lxc-checkpoint; on any interruption kill every criu working on
+    ``images`` first (criu outlives an lxc-checkpoint killed alone), give lxc-checkpoint a
+    moment to clean up after it (a restore's monitor then stops the half-restored
+    container), and only then kill it with its group."""
+    try:
+        return p.wait(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(MigratorError):
+            kill_helpers([], images, ("criu",))
+        with contextlib.suppress(proc.TimeoutExpired):
+            p.wait(timeout=KILL_WAIT)
+        _kill_group(p)
+        raise
 
 
 class LazyDump:
@@ -359,10 +501,12 @@ class LxcCheckpointer:
                                f"start it: `migrate start {name}`")
         return pid
 
-    def dump(self, name: str, images: Path) -> DumpStats:
+    def dump(self, name: str, images: Path,
+             on_start: Callable[[int], None] | None = None) -> DumpStats:
         """Stop-and-copy: every task captured into ``images`` and left stopped (not killed).
 
         On failure criu resumes the tasks itself: the container keeps running.
+        ``on_start`` gets lxc-checkpoint's pid as soon as it runs (the journal names it).
         """
         rec = self.cts.get(name)
         self._require_running(rec.name)
@@ -370,7 +514,10 @@ class LxcCheckpointer:
         out = self._workdir() / f"{rec.name}.dump.out"
         out.unlink(missing_ok=True)
         t0 = time.monotonic()
-        rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
+        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
+        if on_start is not None:
+            on_start(p.pid)
+        rc = _wait_helper(p, images, 300)
         seconds = time.monotonic() - t0
         if rc != 0:
             raise _failure(f"dump of {rec.name!r}", images, out, f"exit code {rc}; the "
@@ -452,10 +599,13 @@ class LxcCheckpointer:
                                "stop it first (or release_source() after a dump)")
         return self.restore_stopped(rec, images, lazy)
 
-    def restore_stopped(self, rec: ContainerRecord, images: Path,
-                        lazy: bool = False) -> RestoreStats:
+    def restore_stopped(self, rec: ContainerRecord, images: Path, lazy: bool = False,
+                        on_start: Callable[[int], None] | None = None) -> RestoreStats:
         """``restore`` of a container its caller has just found STOPPED (a live migration's
-        target checks before it starts anything): its LXC config written, then CRIU."""
+        target checks before it starts anything): its LXC config written, then CRIU.
+        ``on_start`` gets lxc-checkpoint's pid as soon as it runs. Interrupted (the agent's
+        channel closed), the restore is killed with its criu: a restore left waiting would
+        hold LXC's monitor, and lxc-info with it."""
         spec = self.cts.render_lxc_config(rec.name)
         host_end = None
         if spec.idmap is not None:
@@ -469,8 +619,11 @@ class LxcCheckpointer:
         out.unlink(missing_ok=True)
         t0 = time.monotonic()
         try:
-            rc = self.lxc.checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out,
-                                     restore=True)
+            p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)},
+                                          out, restore=True)
+            if on_start is not None:
+                on_start(p.pid)
+            rc = _wait_helper(p, images, 300)
         finally:
             if host_end is not None:
                 self.lxc.write_config(spec)  # what the next start reads: its own veth

@@ -23,9 +23,18 @@ The pipeline, for one container, pushed from this host (the source) to a transpo
 8. release: only now the frozen source tasks are killed and the source deleted (or kept
    stopped with ``--keep-source``).
 
-Any failure before the end of 7 deletes the target's copy and resumes the source from its
-frozen state (or restores it from the same images), so the workload keeps its memory. The
-downtime is measured from the freeze to the restore's return.
+Any failure before the restore deletes the target's copy and resumes the source from its
+frozen state (or restores it from the same images), so the workload keeps its memory. Once
+the restore may have begun, the target decides (``live_settle``): a container that resumed
+there whole (every page in post-copy) has newer state than the frozen source, so the
+migration goes forward (the source is released); short of that the target gives its copy
+up and the source resumes. When the target cannot be asked, neither happens: the source
+stays frozen and the operation is left to ``migrate recover``. The downtime is measured
+from the freeze to the restore's return.
+
+The journal names every helper process started (``source_helpers``: lxc-checkpoint here;
+``target_helpers``: criu lazy-pages and lxc-checkpoint there, announced by the target) with
+its start time, so that ``migrate recover`` can end them after this process was killed.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from migrator.checkpoint.base import (
     remove_images_dir,
     tree_bytes,
 )
-from migrator.checkpoint.lxc import LazyDump, LxcCheckpointer
+from migrator.checkpoint.lxc import LazyDump, LxcCheckpointer, helper_record
 from migrator.core.errors import (
     AlreadyExists,
     CheckpointError,
@@ -303,10 +312,12 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
                 finally:
                     criu_end.close()
                 dumped = True  # from here the source's tasks are frozen: resume on failure
+                op.note(source_helpers=[helper_record(lazy.pid, "lxc-checkpoint dump")])
                 lazy.wait_serving(SERVE_WAIT)
             else:
                 dumped = True
-                ckpt.dump(rec.name, images)
+                ckpt.dump(rec.name, images, on_start=lambda pid: op.note(
+                    source_helpers=[helper_record(pid, "lxc-checkpoint dump")]))
         with clock.stage(op, "final-sync"):
             how = first.method.split("+")[0]
             with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
@@ -333,8 +344,12 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             def on_event(ev: dict[str, Any]) -> None:
                 if ev.get("event") == "restored":
                     restored.append(time.monotonic())
+                elif ev.get("event") == "helper":  # the target's, for `migrate recover`
+                    op.note(target_helpers=[*op.rec.detail.get("target_helpers", []),
+                                            {k: ev.get(k) for k in ("pid", "start", "what")}])
 
             transport.request("checkpoint_restore", args, on_event=on_event)
+            op.note(target_resumed=True)  # whole there: from here only forward
             end = restored[0] if restored else time.monotonic()
             result.downtime = round(end - freeze, 3)
             if lazy is not None:
@@ -354,9 +369,10 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             # durable before the release: the target's volume and record on its disk
             transport.request("sync_container", {"name": rec.name})
     except BaseException as e:
-        result.notes.append(f"rolled back: {e}")
-        _roll_back(cts, transport, ckpt, rec.name, images, dumped, lazy, tunnel, op)
-        raise
+        if not _forward_after(e, cts, transport, rec.name, lazy, tunnel, op, result):
+            result.notes.append(f"rolled back: {e}")
+            _roll_back(cts, transport, ckpt, rec.name, images, dumped, lazy, tunnel, op)
+            raise
     finally:
         if tunnel is not None:
             tunnel.close()
@@ -383,6 +399,42 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
                 remove_images_dir(images)
     result.seconds = round(time.monotonic() - t_start, 3)
     return result
+
+
+def _forward_after(e: BaseException, cts: Containers, transport: Transport, name: str,
+                   lazy: LazyDump | None, tunnel: PageTunnel | None, op: Operation,
+                   result: LiveResult) -> bool:
+    """After a failure once the restore may have begun: True when the target resumed whole
+    (its state is newer: the caller goes on to the release, a warning noted), False when
+    it gave its copy up (the caller rolls back). When the target cannot say, raise: the
+    source stays frozen and ``migrate recover`` decides once the target answers."""
+    if "restore" not in op.rec.stages:
+        return False
+    if tunnel is not None:
+        tunnel.close()
+    try:
+        settled = transport.request("live_settle", {
+            "name": name, "tag": op.id, "helpers": op.rec.detail.get("target_helpers", [])})
+    except MigratorError as err:
+        if lazy is not None:  # the page server has nobody to serve any more
+            with contextlib.suppress(MigratorError):
+                lazy.abort()
+        op.note(undo_incomplete=True)
+        raise CheckpointError(
+            f"{e}; and the target cannot say whether {name} resumed there ({err}), so it "
+            "stays frozen here", "`migrate recover` finishes it (forward or back) once "
+            f"{transport.name} answers") from e
+    if not settled.get("whole"):
+        return False
+    if lazy is not None:
+        with contextlib.suppress(MigratorError):
+            lazy.abort()
+    if not isinstance(e, Exception):  # interrupted: leave the release to `migrate recover`
+        op.note(undo_incomplete=True)
+        raise e
+    result.notes.append(f"warning: {e}; but {name} had resumed on {transport.name} with all "
+                        "its memory, so the migration went forward")
+    return True
 
 
 def _roll_back(cts: Containers, transport: Transport, ckpt: Checkpointer, name: str,

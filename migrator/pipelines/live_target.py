@@ -8,7 +8,18 @@ in post-copy its memory follows from the source's page server) and ``drop_images
 failed migration's leftovers).
 
 The design decision: a half-restored container must never run on here, because the source
-resumes its own frozen copy on any failure; so every failure of the restore stops it.
+resumes its own frozen copy on any failure; so every failure of the restore stops it. Once
+it has resumed whole (restored, and in post-copy every page here), its state is newer than
+the frozen source's: from then on it is never stopped, and the migration only goes forward.
+
+Which of the two holds is kept on this host, beside the images, in a small file under a lock
+(``RestoreMark``): ``checkpoint_restore`` advances it (restoring, restored, complete) and
+``live_settle`` (asked by the source's rollback or by ``migrate recover`` when the restore
+may have begun) reads it and, short of complete, marks it abandoned under the same lock,
+so a restore that ends afterwards stops its container instead of calling it whole. The
+helpers the restore starts (criu lazy-pages, lxc-checkpoint) are recorded there too, with
+their start times, and announced to the source for its journal; ``live_settle`` kills them,
+so a restore that waits for pages which will never come cannot hold LXC's monitor.
 """
 
 from __future__ import annotations
@@ -16,19 +27,67 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
+import json
+import os
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from migrator.backends import VolumeRef
 from migrator.backends.generic import tar_extract
 from migrator.checkpoint.base import images_dir, remove_images_dir
-from migrator.checkpoint.lxc import LxcCheckpointer
+from migrator.checkpoint.lxc import LxcCheckpointer, bounded_lxc, helper_record, kill_helpers
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName
 from migrator.pipelines.live import cpu_flags
 from migrator.pipelines.remote_target import Handler, RemoteTarget
+from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots
 from migrator.transport.datapath import FrameStream
 from migrator.transport.frames import Reader
+
+LXC_WAIT = 20.0  # seconds any lxc-* command may take while settling a cut migration
+PAGES_GRACE = 5.0  # seconds the pages may still need when the channel ends after "restored"
+
+
+class RestoreMark:
+    """How far one migration's restore got on this host (see the module docstring), in
+    ``<root>/checkpoint/live-TAG.json``, read and written under an exclusive flock."""
+
+    def __init__(self, root: Path, tag: str) -> None:
+        self.path = Path(root) / "checkpoint" / f"live-{operation_tag(tag)}.json"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        """The mark's contents for the block, written back at its end."""
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data: Any = {}
+            with contextlib.suppress(ValueError):
+                raw = os.pread(fd, 1 << 16, 0)
+                data = json.loads(raw) if raw else {}
+            mark: dict[str, Any] = data if isinstance(data, dict) else {}
+            yield mark
+            text = json.dumps(mark).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text, 0)
+        finally:
+            os.close(fd)
+
+    def advance(self, phase: str) -> None:
+        """Record ``phase`` unless the restore was abandoned meanwhile (then raise)."""
+        with self.locked() as mark:
+            if mark.get("phase") == "abandoned":
+                raise errors.InvalidState("this restore was given up (the migration was "
+                                          "rolled back meanwhile)")
+            mark["phase"] = phase
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def live_check(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -65,29 +124,57 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
     The container must be found stopped here before anything starts (the lazy-pages
     daemon, the page stream), and outside the ``try``: a running container is refused, not
     stopped. That check is done once, here; the restore then writes its LXC config, once
-    (``LxcCheckpointer.restore_stopped``)."""
+    (``LxcCheckpointer.restore_stopped``).
+
+    Each helper started is recorded in the ``RestoreMark`` and announced (a "helper" event,
+    for the source's journal). When the agent's channel ends mid-way (the agent turns that
+    into SystemExit) the restore is given up like any failure, unless the container has
+    resumed whole: a post-copy restore whose pages are all here within ``PAGES_GRACE`` is
+    left running, as its state is newer than the source's."""
     cts = end.cts
     name = ContainerName(req["name"])
     rec = cts.get(name)
     if cts.run_state(rec.name) != "STOPPED":
         raise errors.InvalidState(f"{rec.name!r} is not stopped here")
-    images = images_dir(end.host.root, operation_tag(req["tag"]))
+    tag = operation_tag(req["tag"])
+    images = images_dir(end.host.root, tag)
+    mark = RestoreMark(end.host.root, tag)
+    mark.advance("restoring")
     ckpt = LxcCheckpointer(cts)
     t0 = time.monotonic()
     pages = None
+
+    def started(pid: int, what: str) -> None:
+        helper = helper_record(pid, what)
+        with mark.locked() as m:
+            m.setdefault("helpers", []).append(helper)
+        end.notify({"event": "helper", **helper})
+
     try:
         if req.get("lazy"):
             with page_stream(req) as sock:  # criu holds its own copy once started
                 pages = ckpt.start_lazy_pages(images, ps_socket=sock.fileno())
-            stats = ckpt.restore_stopped(rec, images, lazy=True)
+            started(pages.pid, "criu lazy-pages")
+            stats = ckpt.restore_stopped(rec, images, lazy=True,
+                                         on_start=lambda pid: started(pid, "lxc-checkpoint"))
+            mark.advance("restored")
             end.notify({"event": "restored", "seconds": stats.seconds})
             pages.wait(float(req.get("timeout", 900)))
         else:
-            stats = ckpt.restore_stopped(rec, images)
+            stats = ckpt.restore_stopped(rec, images,
+                                         on_start=lambda pid: started(pid, "lxc-checkpoint"))
+        mark.advance("complete")
     except BaseException:
+        if pages is not None and _pages_arrived_anyway(pages, mark):
+            # the channel ended, but the container has all its memory and runs: newer
+            # than the source, so it stays (the source's side goes forward)
+            raise
+        mark_failed(mark)
         if pages is not None:
             with contextlib.suppress(Exception):
                 pages.abort()
+        with contextlib.suppress(errors.MigratorError):
+            kill_helpers([], images, ("criu",))
         # a half-restored container must not run on here: the source resumes it
         with contextlib.suppress(errors.MigratorError):
             cts.stop_now(rec.name, force=True)
@@ -98,8 +185,69 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
             "status": cts.run_state(rec.name)}
 
 
+def _pages_arrived_anyway(pages: Any, mark: RestoreMark) -> bool:
+    """After an interruption in post-copy: did the lazy-pages daemon still end well (every
+    page here) within ``PAGES_GRACE``? Then the restore is complete after all."""
+    try:
+        rc = pages.popen.wait(timeout=PAGES_GRACE)
+    except BaseException:  # noqa: BLE001 - still fetching, or interrupted again: not whole
+        return False
+    if rc != 0:
+        return False
+    try:
+        mark.advance("complete")
+    except errors.MigratorError:
+        return False
+    return True
+
+
+def mark_failed(mark: RestoreMark) -> None:
+    with contextlib.suppress(OSError), mark.locked() as m:
+        if m.get("phase") != "abandoned":
+            m["phase"] = "failed"
+
+
+def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+    """Which way a cut migration goes, decided here, where the restore ran: ``whole``
+    (the container resumed with every page and runs: the source must go forward and be
+    released) or not (then this side is given up now: the restore marked abandoned, its
+    helpers killed, the container stopped, the images removed; the source resumes).
+
+    The helpers are killed before any lxc-* command: LXC's monitor does not answer while
+    a restore it runs waits for criu. Every lxc-* command here ends within ``LXC_WAIT``."""
+    cts = end.cts
+    name = ContainerName(req["name"])
+    tag = operation_tag(req["tag"])
+    images = images_dir(end.host.root, tag)
+    mark = RestoreMark(end.host.root, tag)
+    with mark.locked() as m:
+        phase = m.get("phase")
+        if phase != "complete":
+            m["phase"] = "abandoned"
+        helpers = [h for h in [*(req.get("helpers") or []), *m.get("helpers", [])]
+                   if isinstance(h, dict)]
+    with bounded_lxc(cts, LXC_WAIT):
+        exists = cts.state.has_container(name)
+        if phase == "complete" and exists and cts.run_state(name) == "RUNNING":
+            remove_images_dir(images)
+            with contextlib.suppress(errors.MigratorError):
+                rec = cts.get(name)
+                clean_stale_temp_snapshots(cts.host.backend(rec.pool),
+                                           VolumeRef("container", rec.name))
+            return {"whole": True, "phase": phase}
+        with mark.locked() as m:  # complete but dead: going back is allowed
+            m["phase"] = "abandoned"
+        killed = kill_helpers(helpers, images, ("criu",))
+        if exists and cts.run_state(name) != "STOPPED":
+            cts.stop_now(name, force=True)
+    remove_images_dir(images)
+    return {"whole": False, "phase": phase, "killed": killed}
+
+
 def drop_images(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
-    remove_images_dir(images_dir(end.host.root, operation_tag(req["tag"])))
+    tag = operation_tag(req["tag"])
+    remove_images_dir(images_dir(end.host.root, tag))
+    RestoreMark(end.host.root, tag).remove()
     return {}
 
 
@@ -107,8 +255,13 @@ LIVE_OPS: dict[str, Handler] = {
     "live_check": live_check,
     "receive_images": receive_images,
     "checkpoint_restore": checkpoint_restore,
+    "live_settle": live_settle,
     "drop_images": drop_images,
 }
+
+#: requests that, once read, wait on this host with nothing more to read from the channel:
+#: the agent watches their channel and gives them up when it ends (``agent.py``)
+WATCHED_OPS = frozenset({"checkpoint_restore"})
 
 
 def operation_tag(value: Any) -> str:
