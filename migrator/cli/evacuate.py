@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,7 +13,7 @@ from migrator.cli.context import current, delegation_target, transport_for
 from migrator.cli.options import format_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
-from migrator.core.errors import InvalidInput, NotFound
+from migrator.core.errors import InvalidInput, MigratorError, NotFound
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +36,8 @@ def evacuate_cmd(
                                  help="Bring back what an evacuation moved away"),
     as_name: str = typer.Option(None, "--as",
                                 help="With --restore: this host's name in its own inventory, "
-                                "how the targets reach it to send a running container back"),
+                                "how the targets reach it to send a running container back "
+                                "[default: the entry whose agent is this host]"),
     target_pool: str = typer.Option(None, "--target-pool", "-p",
                                     help="Pool on every target [default: each one's default]"),
     mode: str = typer.Option("auto", "--mode",
@@ -51,12 +53,14 @@ def evacuate_cmd(
     copied and started there, with the reason. Stopped containers move stateless, or stay
     with --running-only. Where each one went is recorded on this host, and --restore brings
     them back (live if running there). A container that fails stays here, running if it
-    was; the exit code is non-zero if any failed. Examples:
+    was; the exit code is non-zero if any failed. A running container comes back live
+    through its host's agent, which needs this host in its own inventory (`migrate host
+    add host-a ADDRESS` on host-a). Examples:
 
       migrate evacuate local --dry-run                 # the plan: where, how, why
       migrate evacuate local --to host-b,host-c -j 2   # two at a time
       migrate evacuate local --running-only --format json
-      migrate evacuate local --restore --as host-a     # back here (host-a: this host)
+      migrate evacuate local --restore                 # back here, live if running
     """
     if host != "local":
         raise InvalidInput(f"evacuating another host ({host}) from here is not supported",
@@ -81,10 +85,22 @@ def evacuate_cmd(
         if fmt == Format.json:
             print_json([])
         return
+    from migrator.pipelines.remote_target import host_id
+
+    me = host_id(cts.host.root)
     figures = []
     for t in targets:
         with transport_for(t) as tr:
-            figures.append(ev.survey(tr, target_pool))
+            fig = ev.survey(tr, target_pool)
+        if fig.host_id == me:
+            if to:
+                raise InvalidInput(f"{t} is this host", "name other hosts with --to")
+            say(f"{t} is this host: not a target")
+            continue
+        figures.append(fig)
+    if not figures:
+        raise NotFound("no target host but this one",
+                       "add another: `migrate host add NAME ADDRESS`")
     placed = ev.place(cands, figures, running_only)
     decided = []
     for p in placed:
@@ -104,7 +120,8 @@ def evacuate_cmd(
         return
 
     moving = [p for p in decided if p.to is not None]
-    say(f"evacuating {len(moving)} of {len(decided)} container(s) to {', '.join(targets)}")
+    say(f"evacuating {len(moving)} of {len(decided)} container(s) to "
+        f"{', '.join(f.name for f in figures)}")
     # inventory look-ups here, in the main thread (the state's SQLite stays in its thread)
     transports = {p.name: transport_for(p.to) for p in moving if p.to}
     privileged = {i.name: i.privileged for i in cts.list_all()}
@@ -162,6 +179,8 @@ def _restore(as_name: str | None, pool: str | None, mode: str, compress: str, fm
         for r in rows if fmt != Format.json else []:
             say(f"{r['name']}: back from {r['from']} (it left {r['how']})")
         return
+    if as_name is None and any(e.get("was_running") for e in entries.values()):
+        as_name = _find_self(cts)
     self_target = delegation_target(as_name) if as_name else None
     say(f"restoring {len(entries)} container(s) to this host")
     outcomes = []
@@ -174,6 +193,20 @@ def _restore(as_name: str | None, pool: str | None, mode: str, compress: str, fm
         if fmt != Format.json:
             _report(o)
     _finish(outcomes, fmt)
+
+
+def _find_self(cts: Any) -> str | None:
+    """This host's entry in its own inventory (how the targets reach it back), found by
+    the id its agent names; None when there is none (a running container then cannot come
+    back live, and the restore says how to add one)."""
+    from migrator.pipelines import evacuate as ev
+
+    for h in cts.state.list_hosts():
+        with contextlib.suppress(MigratorError), transport_for(h.name) as t:
+            if ev.is_this_host(cts, t):
+                say(f"the targets reach this host as {h.name}")
+                return str(h.name)
+    return None
 
 
 def _finish(outcomes: list[Any], fmt: Format) -> None:
@@ -192,4 +225,5 @@ def _report(o: Any) -> None:
         say(f"{o.name}: stays ({o.reason})")
     else:
         down = f", down {o.downtime:.2f}s" if o.downtime is not None else ""
-        say(f"{o.name}: {o.how} {o.source} -> {o.to} in {o.seconds:.1f}s{down} ({o.reason})")
+        why = f" ({o.reason})" if o.reason else ""
+        say(f"{o.name}: {o.how} {o.source} -> {o.to} in {o.seconds:.1f}s{down}{why}")

@@ -6,8 +6,9 @@ Three steps, each reusing a pipeline that exists for one container:
 1. place (:func:`place`, pure): each running container goes to the target with the most
    free memory (the agents' ``hello`` reports MemAvailable) that has room in its pool for
    the rootfs and the memory; each stopped one where the pool has the most room. What is
-   placed is taken off that target's figures, so containers spread instead of all landing
-   on the first host with the most memory. Biggest first, so the large ones find room.
+   placed is taken off that target's figures, and hosts whose figures differ by less than
+   256 MiB count as equal and fill evenly, so containers spread instead of all landing on
+   the host that had a little more memory free. Biggest first, so the large ones find room.
 2. decide (:func:`decide`): a running container goes live where ``live.plan_live`` accepts
    it, else stateless, with the plan's refusal as the reason (what CRIU cannot dump, a CPU
    that lacks flags, no CRIU). A live migration that fails on the way (rolled back, the
@@ -29,7 +30,6 @@ tested without hosts and ``--dry-run`` prints exactly what a run would do.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import time
@@ -51,13 +51,14 @@ from migrator.core.errors import (
 from migrator.pipelines.copy import CopyResult
 from migrator.pipelines.live import live_migrate, memory_bytes, plan_live
 from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, move_to_host, pull_copy
-from migrator.pipelines.remote_target import RemoteTarget, no_data
+from migrator.pipelines.remote_target import RemoteTarget, host_id, no_data
 from migrator.runtime.containers import Containers
 from migrator.streams import Progress, no_progress
 from migrator.transport.base import Transport
 from migrator.transport.replies import remote_error
 
 RECORD = "evacuation.json"
+NEAR = 256 << 20  # bytes of free memory or pool room that do not decide a placement
 
 # a live plan refused for one of these reasons can still move the container stateless
 # (stopped, copied, started there); anything else (the name taken there, the host
@@ -73,11 +74,13 @@ class Target:
     pool: str  # the pool a container lands in there
     pool_free: int  # bytes
     mem_available: int | None = None  # bytes; None: the agent did not say
+    host_id: str | None = None  # ``remote_target.host_id``: this host's own, if it is this one
 
     @classmethod
     def from_hello(cls, name: str, hello: dict[str, Any], pool: str | None) -> Target:
         p = choose_pool(hello, pool)
-        return cls(name, str(p["name"]), int(p["free"]), hello.get("mem_available"))
+        return cls(name, str(p["name"]), int(p["free"]), hello.get("mem_available"),
+                   hello.get("host_id"))
 
 
 @dataclass
@@ -140,6 +143,7 @@ def place(candidates: Sequence[Candidate], targets: Sequence[Target],
     free = {t.name: t.pool_free for t in targets}
     mem = {t.name: t.mem_available for t in targets}
     order = {t.name: i for i, t in enumerate(targets)}
+    placed = dict.fromkeys(order, 0)
     out: dict[str, Placement] = {}
     # running first, the biggest first: they need memory and room both
     for c in sorted(candidates, key=lambda c: (c.state != "RUNNING", -(c.memory + c.rootfs))):
@@ -163,23 +167,34 @@ def place(candidates: Sequence[Candidate], targets: Sequence[Target],
                         + (f", {c.memory} of memory" if running else "") + ")")
             continue
 
-        best = max(fits, key=functools.partial(_rank, running=running, mem=mem, free=free,
-                                               order=order))
+        best = _pick(fits, running, mem, free, placed, order)
         p.to, p.pool = best.name, best.pool
         p.how = "live" if running else "stateless"
         p.reason = ("running" if running else "stopped: moves stateless")
         free[best.name] -= need
+        placed[best.name] += 1
         if running and mem[best.name] is not None:
             mem[best.name] = (mem[best.name] or 0) - c.memory
     return [out[c.name] for c in candidates]
 
 
-def _rank(t: Target, running: bool, mem: dict[str, int | None], free: dict[str, int],
-          order: dict[str, int]) -> tuple[bool, int, int, int]:
-    """Higher is better: memory (known before unknown) for a running container, then room
-    in the pool, then the earlier target."""
-    m = mem[t.name] if running else 0
-    return (m is not None, m or 0, free[t.name], -order[t.name])
+def _pick(fits: list[Target], running: bool, mem: dict[str, int | None],
+          free: dict[str, int], placed: dict[str, int], order: dict[str, int]) -> Target:
+    """The best of the targets a container fits on. Running: the most free memory (targets
+    that report it before those that do not); stopped: the most room in the pool. Figures
+    within :data:`NEAR` of the best count as equal (MemAvailable and a shared filesystem's
+    free space move by more than a small container between two reads), and among equals
+    the target given the fewest containers so far wins, then the most room, then the
+    earlier one: equal hosts fill evenly."""
+    if running:
+        known = [t for t in fits if mem[t.name] is not None]
+        if known:
+            best = max(mem[t.name] or 0 for t in known)
+            fits = [t for t in known if best - (mem[t.name] or 0) <= NEAR]
+    else:
+        best = max(free[t.name] for t in fits)
+        fits = [t for t in fits if best - free[t.name] <= NEAR]
+    return max(fits, key=lambda t: (-placed[t.name], free[t.name], -order[t.name]))
 
 
 # this host's side ---------------------------------------------------------------------------
@@ -208,6 +223,12 @@ def survey(transport: Transport, pool: str | None) -> Target:
     return Target.from_hello(transport.name, transport.request("hello"), pool)
 
 
+def is_this_host(cts: Containers, transport: Transport) -> bool:
+    """Whether an inventory host is this very host (its entry for itself, which a restore
+    uses): its agent's hello names this state root's id."""
+    return transport.request("hello").get("host_id") == host_id(cts.host.root)
+
+
 def decide(cts: Containers, transport: Transport, p: Placement, mode: str = "auto",
            compress: str = "auto") -> Placement:
     """Live or stateless for a placed running container: live where the live plan (every
@@ -220,7 +241,7 @@ def decide(cts: Containers, transport: Transport, p: Placement, mode: str = "aut
         return replace(p, how="stateless", reason=f"live refused: {e.message}")
     except MigratorError as e:  # a stateless move would meet it too (name taken there...)
         return replace(p, how="failed", reason=e.message)
-    return replace(p, how="live", reason=f"live ({plan.mode})")
+    return replace(p, how="live", reason=plan.mode)
 
 
 def evacuate_one(cts: Containers, transport: Transport, p: Placement, mode: str = "auto",
@@ -398,7 +419,7 @@ def _delegated_back(transport: Transport, name: str, self_target: dict[str, Any]
         if isinstance(r, dict) and r.get("container") == name:
             down = r.get("downtime")
             mode_used = r.get("mode")
-            return ("live", f"live ({mode_used})" if isinstance(mode_used, str) else "live",
+            return ("live", mode_used if isinstance(mode_used, str) else "",
                     float(down) if isinstance(down, (int, float)) else None)
     fails = [f for f in reply.get("failures") or [] if isinstance(f, dict)]
     err = remote_error(transport.name, fails[0] if fails else None)

@@ -20,9 +20,11 @@ compressors against what this host offers, tar members through the restore's gua
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,26 @@ def memory_info(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return out
 
 
+def host_id(root: Path) -> str:
+    """This state root's identity (a random id made on first use, ``<root>/host-id``): an
+    evacuation tells by it which inventory host is this one (never a target, and how the
+    targets reach it back), since addresses and paths may look alike on different hosts."""
+    path = root / "host-id"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    made = uuid.uuid4().hex
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another agent made it first
+        return path.read_text().strip()
+    try:
+        os.write(fd, f"{made}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return made
+
+
 def no_data(n: int) -> bytes:
     """The reader of a request that carries no data frames (one served in process)."""
     return b""
@@ -119,7 +141,7 @@ class RemoteTarget:
                 "criu": criu_version(),
                 "criu_features": criu_features() if req.get("criu_features") else None,
                 "network": str(self.host.network_config().address),
-                **memory_info()}
+                "host_id": host_id(self.host.root), **memory_info()}
 
     def container_state(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:
         name = ContainerName(req["name"])

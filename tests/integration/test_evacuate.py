@@ -43,7 +43,7 @@ def counter(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def trio(image_cache) -> Iterator[tuple[TestHostSpec, ...]]:  # type: ignore[no-untyped-def]
     """Hosts a, b, c, each in the others' inventory, and a in its own (how b and c reach it
-    to send a running container back: ``--restore --as a``); emptied and torn down after."""
+    to send a running container back: ``--restore`` finds it); torn down after."""
     if os.geteuid() != 0 or shutil.which("/usr/sbin/sshd") is None:
         msg = "evacuation tests need root and sshd (run `make setup`)"
         if IN_CI:
@@ -104,7 +104,8 @@ def test_evacuate_three_hosts_and_restore(hosts, counter) -> None:  # type: igno
                       "s1": "STOPPED", "s2": "STOPPED"}
 
     # the plan: where and how each would go, and nothing changes
-    plan = {p["name"]: p for p in evacuate(a, "--to", "b,c", "--dry-run")}
+    # every inventory host but a's entry for itself (its agent names a's own id)
+    plan = {p["name"]: p for p in evacuate(a, "--dry-run")}
     assert {n: p["how"] for n, p in plan.items()} == {
         **dict.fromkeys(COUNTERS, "live"), "n1": "stateless", "s1": "stateless",
         "s2": "stateless"}
@@ -144,7 +145,7 @@ def test_evacuate_three_hosts_and_restore(hosts, counter) -> None:  # type: igno
 
     # back again: live where they run, pulled where they are stopped
     counts = {n: state(spec[where[n]], n) for n in COUNTERS}
-    back = {r["name"]: r for r in evacuate(a, "--restore", "--as", "a")}
+    back = {r["name"]: r for r in evacuate(a, "--restore")}  # b and c reach it as "a"
     assert {n: r["how"] for n, r in back.items()} == {
         **dict.fromkeys((*COUNTERS, "n1"), "live"), "s1": "stateless", "s2": "stateless"}
     assert all(r["to"] == "local" and r["from"] == where[n] for n, r in back.items())
@@ -168,6 +169,8 @@ def test_a_failure_is_named_and_the_container_stays(hosts, counter) -> None:  # 
     (rec,) = json.loads(out)
     assert (rec["name"], rec["how"], rec["to"]) == ("r1", "failed", "b")
     assert "already exists" in rec["error"]
+    rc, _out, err = m(a, "evacuate", "local", "--to", "a", check=False)
+    assert rc != 0 and "a is this host" in err
     assert listing(a) == {"r1": "RUNNING"}
     assert not (a.root / "evacuation.json").exists()
     rc, _out, err = m(a, "evacuate", "host-x", check=False)

@@ -40,6 +40,20 @@ def test_running_containers_spread_by_free_memory() -> None:
     assert all(p.how == "live" and p.pool == "default" for p in got)
 
 
+def test_differences_below_the_noise_do_not_decide() -> None:
+    # b reads 100 MiB more free than c: the same, for placement; they take turns
+    targets = [Target("b", "default", 10 * G, 4 * G + 100 * M),
+               Target("c", "default", 10 * G + 50 * M, 4 * G)]
+    got = place([Candidate(f"r{i}", "RUNNING", 16 * M, M) for i in range(4)] +
+                [Candidate(f"s{i}", "STOPPED", 0, M) for i in range(2)], targets)
+    # equals take turns; the first turn goes to the one with more room in its pool (c)
+    assert [p.to for p in got] == ["c", "b", "c", "b", "c", "b"]
+    # beyond it, memory decides even against the count
+    targets[0].mem_available = 5 * G
+    assert [p.to for p in place([Candidate(f"r{i}", "RUNNING", 16 * M, M)
+                                 for i in range(3)], targets)] == ["b", "b", "b"]
+
+
 def test_the_most_free_memory_wins_and_the_biggest_goes_first() -> None:
     targets = [Target("b", "default", 100 * G, 2 * G), Target("c", "default", 100 * G, 3 * G)]
     cands = [Candidate("small", "RUNNING", 1 * G, M), Candidate("big", "RUNNING", 2500 * M, M)]

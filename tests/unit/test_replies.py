@@ -66,7 +66,7 @@ GOOD_HELLO: dict[str, Any] = {"ok": True, "version": "0.1.0", "protocol": 1,
                          "free": 10, "subsecond_mtimes": True}],
               "compressors": ["zstd", "none"], "links": ["ssh", "tcp"], "rsync": True,
               "criu": None, "criu_features": None, "network": "10.0.0.1/24",
-              "mem_total": 8 << 30, "mem_available": 5 << 30}
+              "mem_total": 8 << 30, "mem_available": 5 << 30, "host_id": "0f" * 16}
 
 
 @pytest.mark.parametrize(("op", "reply", "what"), [
@@ -80,6 +80,8 @@ GOOD_HELLO: dict[str, Any] = {"ok": True, "version": "0.1.0", "protocol": 1,
     ("hello", {**GOOD_HELLO, "mem_available": True}, "mem_available"),
     ("hello", {**GOOD_HELLO, "mem_total": -1}, "mem_total"),
     ("hello", {**GOOD_HELLO, "mem_available": 1.5}, "mem_available"),
+    ("hello", {**GOOD_HELLO, "host_id": 7}, "host_id"),
+    ("hello", {**GOOD_HELLO, "host_id": "x" * 300}, "host_id"),
     ("container_state", {"ok": True, "exists": "yes"}, "exists"),
     ("container_state", {"ok": True, "exists": True, "pool": "p", "status": "STOPPED",
                          "snapshots": [{"name": 1}]}, "name"),
@@ -94,7 +96,7 @@ def test_a_reply_of_the_wrong_shape_is_a_protocol_error(op: str, reply: dict[str
 
 def test_good_replies_pass_and_ok_must_be_true() -> None:
     assert parse_reply("host-b", "hello", GOOD_HELLO) is GOOD_HELLO
-    older = {k: v for k, v in GOOD_HELLO.items() if not k.startswith("mem_")}
+    older = {k: v for k, v in GOOD_HELLO.items() if not k.startswith(("mem_", "host_id"))}
     assert parse_reply("host-b", "hello", older) is older  # an agent without memory figures
     assert parse_reply("h", "container_state", {"ok": True, "exists": False})["exists"] is False
     with pytest.raises(errors.RemoteError):
