@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import typer
@@ -154,9 +154,9 @@ def evacuate_cmd(
             collect(p, one(p))
     else:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            futures = [(p, pool.submit(one, p)) for p in decided]
-            for p, fut in futures:
-                collect(p, fut.result())
+            futures = {pool.submit(one, p): p for p in decided}
+            for fut in as_completed(futures):  # each recorded as soon as it has moved
+                collect(futures[fut], fut.result())
     _finish(outcomes, fmt)
 
 

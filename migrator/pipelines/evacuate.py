@@ -107,7 +107,7 @@ class Placement:
     rootfs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"name": self.name, "from": "local", **asdict(self)}
 
 
 @dataclass
@@ -375,11 +375,15 @@ def restore_one(cts: Containers, transport: Transport, name: str, entry: dict[st
     out = Outcome(name, transport.name, "local", "failed")
     t0 = time.monotonic()
     try:
+        there = transport.request("container_state", {"name": name})
         if cts.state.has_container(name):
-            raise InvalidState(f"{name!r} exists on this host already",
+            if not there.get("exists"):  # back already (a restore cut after its move)
+                out.how, out.reason = "stayed", "already back on this host"
+                out.seconds = round(time.monotonic() - t0, 3)
+                return out
+            raise InvalidState(f"{name!r} exists on this host and on {transport.name}",
                                "compare both copies, delete one, then `migrate evacuate "
                                "local --restore` again")
-        there = transport.request("container_state", {"name": name})
         if not there.get("exists"):
             raise NotFound(f"{name!r} is no longer on {transport.name}",
                            "it was moved or deleted since the evacuation; nothing to restore "
