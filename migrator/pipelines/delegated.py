@@ -20,7 +20,7 @@ from typing import Any
 from migrator.core import errors
 from migrator.core.names import ContainerName, host_address
 from migrator.pipelines.live import live_migrate, running_containers
-from migrator.pipelines.remote_copy import RemoteCopy
+from migrator.pipelines.remote_copy import RemoteCopy, move_to_host
 from migrator.pipelines.remote_target import RemoteTarget
 from migrator.transport.base import Transport
 from migrator.transport.frames import Reader
@@ -67,6 +67,11 @@ def delegate(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, 
                                       req.get("pool"), bool(req.get("instance_only")),
                                       bool(req.get("refresh")))
                 return {"result": r.as_dict()}
+            # a stateless move: evacuate --restore of a container that cannot go live
+            if req.get("command") == "move":
+                m = move_to_host(end.cts, t, str(ContainerName(req["source"])), req.get("pool"),
+                                 compress=str(req.get("compress", "auto")))
+                return {"result": m.as_dict()}
     raise errors.InvalidInput(f"cannot delegate {req.get('command')!r}")
 
 

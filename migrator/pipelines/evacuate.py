@@ -16,7 +16,7 @@ Three steps, each reusing a pipeline that exists for one container:
 3. move (:func:`evacuate_one`): ``live.live_migrate`` or ``remote_copy.move_to_host`` for a
    running container; each keeps it running here until its target runs it, so a failure
    loses nothing. A stopped one is copied, checked and only then deleted here: it arrives
-   stopped (``move_to_host`` starts what it moves).
+   stopped.
 
 Where each container went is written to ``<root>/evacuation.json`` (0600, replaced
 atomically after every container, so an interrupted evacuation still knows what moved);
@@ -48,9 +48,8 @@ from migrator.core.errors import (
     NoSpace,
     NotFound,
 )
-from migrator.pipelines.copy import CopyResult
 from migrator.pipelines.live import live_migrate, memory_bytes, plan_live
-from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, move_to_host, pull_copy
+from migrator.pipelines.remote_copy import choose_pool, move_to_host, pull_copy
 from migrator.pipelines.remote_target import RemoteTarget, host_id, no_data
 from migrator.runtime.containers import Containers
 from migrator.streams import Progress, no_progress
@@ -269,38 +268,13 @@ def evacuate_one(cts: Containers, transport: Transport, p: Placement, mode: str 
                     raise
                 out.how = "stateless"
                 out.reason = f"live migration failed, rolled back: {e.message}"
-        if p.state == "RUNNING":
-            m = move_to_host(cts, transport, p.name, p.pool, progress, compress)
-        else:
-            m = _move_stopped(cts, transport, p.name, p.pool, progress, compress)
+        m = move_to_host(cts, transport, p.name, p.pool, progress, compress)
         out.downtime, out.notes = m.downtime, list(m.notes)
     except MigratorError as e:
         out.how, out.error, out.exit_code = "failed", e.message, e.exit_code
         out.notes.append(f"still on this host ({_state_here(cts, p.name)})")
     out.seconds = round(time.monotonic() - t0, 3)
     return out
-
-
-def _move_stopped(cts: Containers, transport: Transport, name: str, pool: str | None,
-                  progress: Progress, compress: str) -> CopyResult:
-    """A stopped container copied there, checked, put on disk there, then deleted here:
-    it arrives stopped (``move_to_host`` starts what it moves). Nothing runs, so there is
-    no final delta; cut anywhere, at worst both hosts hold a stopped copy."""
-    r = RemoteCopy(cts, transport, progress, compress).copy(name, name, pool)
-    there = transport.request("container_state", {"name": name})
-    want = {s.name: s.uuid for s in cts.state.list_snapshots(name)}
-    got = {s["name"]: s["uuid"] for s in there.get("snapshots", [])}
-    if cts.run_state(name) != "STOPPED" or there.get("status") != "STOPPED" or \
-            any(got.get(n) != u for n, u in want.items()):
-        with contextlib.suppress(MigratorError):
-            transport.request("delete_container", {"name": name, "force": True})
-        raise InvalidState(f"{name} changed during its move (here {cts.run_state(name)}, "
-                           f"there {there.get('status')}, snapshots {sorted(got)})",
-                           "it stays here; the copy there was removed; evacuate again")
-    transport.request("sync_container", {"name": name})  # on its disk there first
-    cts.delete(name)
-    r.verified = f"stopped on {transport.name} with all {len(want)} snapshots"
-    return r
 
 
 def _state_here(cts: Containers, name: str) -> str:

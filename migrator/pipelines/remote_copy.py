@@ -321,9 +321,10 @@ def pull_copy(cts: Containers, transport: Transport, source: str, target: str,
 def move_to_host(cts: Containers, transport: Transport, name: str, pool: str | None = None,
                  progress: Progress = no_progress, compress: str = "auto") -> CopyResult:
     """Stateless move: copy while running, stop, send the delta, start there, delete here.
+    A stopped container arrives stopped: nothing runs, so there is no delta and no start.
 
-    Until the container runs on the target, a failure leaves it running here (restarted if
-    it had been stopped) and the target's partial copy removed.
+    Until the container is checked on the target, a failure leaves it here as it was
+    (restarted if it had been stopped for the move) and the target's partial copy removed.
     """
     rec = cts.get(name)
     status = cts.run_state(rec.name)
@@ -369,19 +370,24 @@ def _move_to_host(cts: Containers, transport: Transport, rec: ContainerRecord, r
             with contextlib.suppress(MigratorError):
                 transport.request("delete_snapshot", {"pool": first.pool, "volume": {
                     "type": "container", "name": rec.name}, "snapshot": base})
-        op.stage("start-remote")
-        started = transport.request("start", {"name": rec.name})
+        expected = "RUNNING" if running else "STOPPED"
+        if running:
+            op.stage("start-remote")
+            started = transport.request("start", {"name": rec.name})
+            if started.get("status") != "RUNNING":
+                expected = "started"  # not what the check below finds: refused
         there = transport.request("container_state", {"name": rec.name})
         want = {s.name: s.uuid for s in cts.state.list_snapshots(rec.name)}
         got = {s["name"]: s["uuid"] for s in there.get("snapshots", [])}
-        if started.get("status") != "RUNNING" or there.get("status") != "RUNNING" or \
-                any(got.get(n) != u for n, u in want.items()):
+        if there.get("status") != expected or any(got.get(n) != u for n, u in want.items()) \
+                or (not running and cts.run_state(rec.name) != "STOPPED"):
             raise InvalidState(
                 f"{rec.name} on {transport.name} is not as expected after the move "
                 f"(status {there.get('status')}, snapshots {sorted(got)})",
-                "the source was kept and restarted; the target copy was removed")
+                "the source was kept (restarted if it ran); the target copy was removed")
         transport.request("sync_container", {"name": rec.name})  # on disk there first
-        result.verified = f"running on {transport.name} with all {len(want)} snapshots"
+        result.verified = (f"{'running' if running else 'stopped'} on {transport.name} with "
+                           f"all {len(want)} snapshots")
     except BaseException:
         try:
             transport.request("delete_container", {"name": rec.name, "force": True})
