@@ -1,10 +1,10 @@
 """A live migration whose processes die with ``kill -9`` still ends well (``mt16-a`` -> ``mt16-b``).
 
-The kill matrix: the migrating client (``migrate live`` run on host a) at five points (in
-post-copy during the rootfs sync, right after the dump, during the page transfer; in
-stop-and-copy during the image transfer and right after the restore), and once the
-target's ``criu lazy-pages``. Each
-case is followed by ``migrate recover`` on host a and must end within 30 s with:
+The kill matrix: the migrating client (``migrate live`` run on host a) at six points (in
+post-copy during the rootfs sync, right after the dump, during the restore, during the
+page transfer; in stop-and-copy during the image transfer and right after the restore),
+and once the target's ``criu lazy-pages``. Each case is followed by ``migrate recover`` on
+host a and must end within 30 s with:
 
 - the container running on exactly one host (going back while the target had not resumed
   whole, forward once it had: either is right, never both and never neither);
@@ -162,10 +162,20 @@ def _pages_flowing(b: TestHostSpec) -> Callable[[OperationRecord], bool]:
 
 # mode, when to kill, where the container must end up (None: either, by the race between
 # the last pages and the kill)
+def _restoring(b: TestHostSpec) -> Callable[[OperationRecord], bool]:
+    """Due when the target's restore has started (its lxc-checkpoint announced): the case
+    found by hand, a criu restore waiting for pages that will never come."""
+    def due(op: OperationRecord) -> bool:
+        return any(h.get("what") == "lxc-checkpoint"
+                   for h in op.detail.get("target_helpers") or [])
+    return due
+
+
 CLIENT_CASES = [
     pytest.param("post-copy", lambda b: _staged("sync", 0.3), "a", id="post-copy-during-sync"),
     pytest.param("post-copy", lambda b: _staged("final-sync"), "a",
                  id="post-copy-right-after-dump"),
+    pytest.param("post-copy", _restoring, None, id="post-copy-during-restore"),
     pytest.param("post-copy", _pages_flowing, None, id="post-copy-during-pages"),
     pytest.param("stop-and-copy", lambda b: _staged("images", 0.05), "a",
                  id="stop-and-copy-during-images"),
