@@ -214,17 +214,18 @@ def _pids() -> Iterator[int]:
 def find_helpers(recorded: Iterable[dict[str, Any]], images: Path | None,
                  programs: tuple[str, ...] = HELPER_PROGRAMS) -> list[int]:
     """Live helper processes of one checkpoint: each recorded one whose pid still has its
-    recorded start time (and whose program is one of ``programs``), the members of its
-    process group, and any of ``programs`` whose command line names ``images``."""
+    recorded start time, the members of its process group that run one of ``programs``,
+    and any of ``programs`` whose command line names ``images``."""
     groups: set[int] = set()
     found: set[int] = set()
     for r in recorded:
         with contextlib.suppress(KeyError, TypeError, ValueError):
             pid, start = int(r["pid"]), r.get("start")
             if start is not None and process_start(pid) == start:
+                # the same pid and start time: the same process, whatever it runs now (a
+                # helper may still be the netns helper about to exec lxc-checkpoint)
                 groups.add(pid)  # spawned as session (and group) leaders
-                if os.path.basename((_argv(pid) or [""])[0]) in programs:
-                    found.add(pid)
+                found.add(pid)
     for pid in _pids():
         if pid == os.getpid():
             continue

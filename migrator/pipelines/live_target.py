@@ -237,7 +237,9 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
             return {"whole": True, "phase": phase}
         with mark.locked() as m:  # complete but dead: going back is allowed
             m["phase"] = "abandoned"
-        killed = kill_helpers(helpers, images, ("criu",))
+        # criu only: lxc-checkpoint's monitor then gives the failed restore up itself
+        killed = kill_helpers([h for h in helpers if str(h.get("what", "")).startswith("criu")],
+                              images, ("criu",))
         if exists and cts.run_state(name) != "STOPPED":
             cts.stop_now(name, force=True)
     remove_images_dir(images)
