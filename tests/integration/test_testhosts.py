@@ -206,3 +206,22 @@ def test_shaped_link_is_slower_and_unshaped_again(
         testhosts.shape(a, None)
     assert testhosts.shaped_rate(a) is None
     assert _send_seconds(a, b, size) < slow / 2
+
+
+def test_api_hosts_are_isolated_and_a_shared_network_is_not_mixed_in(
+    pair: tuple[TestHostSpec, TestHostSpec],
+) -> None:
+    """``up`` without ``network_`` makes isolated hosts (what every other test relies on:
+    no VXLAN device, the same bridge address on each); asking for a shared network on a
+    base that holds isolated hosts is refused, and nothing changes."""
+    from migrator.core.errors import InvalidInput
+
+    assert testhosts.network_mode(BASE) == "isolated"
+    with pytest.raises(InvalidInput) as ei:
+        testhosts.up(("a", "b"), BASE, pools=("dir",), images=(), prefix=PREFIX,
+                     network_="shared")
+    assert "isolated" in str(ei.value) and "down" in ei.value.hint
+    assert testhosts.network_mode(BASE) == "isolated"
+    for spec in pair:
+        links = testhosts.run_in(spec.name, ["ip", "-o", "link"], base=BASE).stdout
+        assert "vxlan" not in links and "vx-migbr0" not in links
