@@ -272,3 +272,27 @@ def overlay_remove(peers: list[str] = typer.Argument(..., help="Peer addresses t
     """Remove VXLAN peers: this host stops sending to them."""
     ov = current().host.set_overlay_peers(remove=peers)
     say(f"VXLAN {ov.vni} peers: {', '.join(map(str, ov.peers)) or 'none'}")
+
+
+@overlay_app.command("reserve")
+def overlay_reserve(addresses: list[str] = typer.Argument(..., help="IPv4 addresses")) -> None:
+    """Keep addresses of this host's range out of its allocation: e.g. a stopped container
+    of this host that was moved to another host (it keeps its address, and a stopped one
+    does not answer the check made before an address is handed out)."""
+    from migrator.runtime import network
+
+    h = current().host
+    for a in addresses:
+        h.reserve_ipv4(str(network.parse_ipv4(a, "address")))
+    say(f"reserved: {', '.join(sorted(h.network_config().reserved)) or 'none'}")
+
+
+@overlay_app.command("release")
+def overlay_release(addresses: list[str] = typer.Argument(..., help="IPv4 addresses")) -> None:
+    """Let this host hand out reserved addresses again (their containers are gone)."""
+    from migrator.runtime import network
+
+    h = current().host
+    for a in addresses:
+        h.reserve_ipv4(str(network.parse_ipv4(a, "address")), reserved=False)
+    say(f"reserved: {', '.join(sorted(h.network_config().reserved)) or 'none'}")

@@ -131,7 +131,16 @@ class Host:
         if old.overlay is not None and (old.bridge, old.netns) != (net.bridge, net.netns):
             network.ensure_overlay(dataclasses.replace(old, overlay=None))  # the old device
         network.ensure_bridge(net)
-        return network.ensure_overlay(net)
+        try:
+            return network.ensure_overlay(net)
+        except MigratorError:
+            if overlay is not None:  # e.g. no device has that address: keep the old record
+                with self.state.transaction():
+                    if old.overlay is not None:
+                        self.state.set_setting("network.overlay", old.overlay.to_json())
+                    else:
+                        self.state.delete_setting("network.overlay")
+            raise
 
     def set_overlay_peers(self, add: Sequence[str] = (), remove: Sequence[str] = ()
                           ) -> network.Overlay:

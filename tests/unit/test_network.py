@@ -325,3 +325,26 @@ def test_host_init_refuses_a_bad_range_and_records_nothing(tmp_path) -> None:  #
         assert h.state.settings_with_prefix("network.") == {}
     finally:
         h.close()
+
+
+def test_host_reserves_addresses_only_on_a_shared_network(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from migrator.runtime.host import Host
+
+    h = Host(tmp_path)
+    try:
+        h.reserve_ipv4("203.0.113.10")  # isolated: nothing to keep out
+        assert h.network_config().reserved == frozenset()
+        ov = network.make_overlay(16, "198.51.100.10", ["198.51.100.11"])
+        with h.state.transaction():  # as `migrate init --vxlan-*` records it
+            h.state.set_setting("network.overlay", ov.to_json())
+            h.state.set_setting("network.range", "203.0.113.10-203.0.113.12")
+        h.reserve_ipv4("203.0.113.10")
+        h.reserve_ipv4("203.0.113.11")
+        net = h.network_config()
+        assert net.overlay == ov and net.reserved == {"203.0.113.10", "203.0.113.11"}
+        assert allocate_ipv4(net, set(), in_use=lambda _n, _a: False) == "203.0.113.12"
+        h.reserve_ipv4("203.0.113.10", reserved=False)
+        assert allocate_ipv4(h.network_config(), set(), in_use=lambda _n, _a: False) == \
+            "203.0.113.10"
+    finally:
+        h.close()
