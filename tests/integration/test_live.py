@@ -3,6 +3,9 @@
 Each container runs ``tests/workloads/counter.c``: MB megabytes of a known pattern in RAM
 and a counter, written to /root/state. A live-migrated copy keeps counting from where it
 was (same ``start``, count never drops) with ``bad=0``: the memory came across intact.
+Some also run ``tests/workloads/tcpstream.c``: one TCP connection inside the container
+carrying a sequence number every 20 ms, never reconnected; it must keep flowing with no
+gap after a migration and after a rollback (CRIU's tcp-established).
 Fault tests break the pipeline at each stage and check that the container still runs on
 host a with its memory state and that nothing is left on host b.
 """
@@ -30,12 +33,16 @@ from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
 BASE = Path("/var/tmp/migrator-tests/live")
 PREFIX = "mt5"
 WORKLOAD = Path(__file__).resolve().parents[1] / "workloads" / "counter.c"
+TCPSTREAM = WORKLOAD.with_name("tcpstream.c")
 
 
 @pytest.fixture(scope="module")
 def counter_bin(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("workload") / "counter"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOAD)], check=True)
+    # the TCP workload beside it (launch_counting(..., tcp=True) copies it in)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out.with_name("tcpstream")),
+                    str(TCPSTREAM)], check=True)
     return out
 
 
@@ -81,16 +88,47 @@ def wait_count(spec: TestHostSpec, name: str, above: int, timeout: float = 30) -
 
 def launch_counting(spec: TestHostSpec, counter_bin: Path, name: str, mb: int = 64,
                     image: str = "busybox", pool: str = "btrfs",
-                    privileged: bool = True) -> dict[str, int]:
+                    privileged: bool = True, tcp: bool = False) -> dict[str, int]:
     m(spec, "launch", image, name, "-p", pool,
       *(["-c", "security.privileged=true"] if privileged else []),
       *(["--wait"] if image != "busybox" else []))
-    dest = rootfs(spec, name) / "counter"
-    shutil.copy(counter_bin, dest)
-    dest.chmod(0o755)
+    for prog in ("counter", *(["tcpstream"] if tcp else [])):
+        dest = rootfs(spec, name) / prog
+        shutil.copy(counter_bin.with_name(prog), dest)
+        dest.chmod(0o755)
     m(spec, "exec", name, "--", "/bin/sh", "-c",
       f"setsid /counter {mb} /root/state 50 </dev/null >/dev/null 2>&1 &")
+    if tcp:
+        m(spec, "exec", name, "--", "/bin/sh", "-c",
+          "setsid /tcpstream 7070 /root/tcp </dev/null >/dev/null 2>&1 &")
+        wait_stream(spec, name, 3)
     return wait_count(spec, name, 3, timeout=60)
+
+
+def stream(spec: TestHostSpec, name: str) -> dict[str, int]:
+    text = (rootfs(spec, name) / "root" / "tcp").read_text()
+    return {k: int(v) for k, v in (f.split("=") for f in text.split())}
+
+
+def wait_stream(spec: TestHostSpec, name: str, above: int, timeout: float = 30) -> dict[str, int]:
+    """The TCP workload's state once its sequence passed ``above``; fails at once when its
+    connection broke (errors=1: it never reconnects)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            s = stream(spec, name)
+            assert s["errors"] == 0, f"the TCP connection in {name} broke: {s}"
+            if s["seq"] > above:
+                return s
+        time.sleep(0.1)
+    raise AssertionError(f"the TCP stream in {name} on {spec.name} stopped above {above}")
+
+
+def assert_kept_stream(spec: TestHostSpec, name: str, before: dict[str, int]) -> None:
+    """The same connection, still flowing, nothing lost: seq went on past ``before`` with
+    no gap, in the same process."""
+    now = wait_stream(spec, name, before["seq"] + 10)
+    assert (now["pid"], now["gaps"]) == (before["pid"], 0), (before, now)
 
 
 def assert_kept_memory(spec: TestHostSpec, name: str, before: dict[str, int]) -> None:
@@ -115,11 +153,11 @@ def names_on(spec: TestHostSpec) -> list[str]:
 @pytest.mark.parametrize("mode", ["stop-and-copy", "post-copy"])
 def test_busybox_there_and_back(hosts, counter_bin, mode) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
-    launch_counting(a, counter_bin, "c1")
+    launch_counting(a, counter_bin, "c1", tcp=True)
     m(a, "snapshot", "create", "c1", "s0")
     _rc, out, _e = m(a, "info", "c1", "--format", "json")
     ip = json.loads(out)["ipv4"]
-    before = state(a, "c1")
+    before, tcp = state(a, "c1"), stream(a, "c1")
     _rc, out, err = m(a, "live", "local", "b", "c1", "--mode", mode, "--format", "json")
     res = json.loads(out)
     assert res["mode"] == mode and res["downtime"] is not None, res
@@ -129,12 +167,14 @@ def test_busybox_there_and_back(hosts, counter_bin, mode) -> None:  # type: igno
     info = json.loads(out)
     assert (info["state"], info["ipv4"], info["snapshots"]) == ("RUNNING", ip, ["s0"])
     assert_kept_memory(b, "c1", before)
+    assert_kept_stream(b, "c1", tcp)  # the connection crossed with the container
     assert ping(b, ip)
     # and back again, driven from b
-    before = state(b, "c1")
+    before, tcp = state(b, "c1"), stream(b, "c1")
     _rc, out, _e = m(b, "live", "local", "a", "c1", "--mode", mode, "--format", "json")
     assert names_on(b) == []
     assert_kept_memory(a, "c1", before)
+    assert_kept_stream(a, "c1", tcp)
     assert ping(a, ip)
 
 
@@ -204,21 +244,57 @@ def test_unprivileged_post_copy_is_refused_without_the_sysctl(hosts, counter_bin
     assert_kept_memory(b, "u2", before)
 
 
-def test_debian_systemd_post_copy(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+def launch_debian(spec: TestHostSpec, counter_bin: Path, name: str, pool: str,
+                  privileged: bool) -> dict[str, int]:
+    before = launch_counting(spec, counter_bin, name, mb=16, image="debian/bookworm",
+                             pool=pool, privileged=privileged)
+    assert (rootfs(spec, name) / "etc" / "localtime").is_symlink()  # what systemd watches
+    return before
+
+
+def assert_systemd_moved(spec: TestHostSpec, name: str, ip: str,
+                         before: dict[str, int]) -> None:
+    assert_kept_memory(spec, name, before)
+    _rc, out, _e = m(spec, "exec", name, "--", "systemctl", "is-system-running", check=False)
+    assert out.strip() in ("running", "degraded"), out
+    assert ping(spec, ip)
+    # the link swapped for the dump on btrfs (checkpoint/base.py) is a link again
+    assert (rootfs(spec, name) / "etc" / "localtime").is_symlink()
+
+
+def test_debian_systemd_unprivileged_btrfs_there_dir_back(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+    """systemd watches /etc/localtime, a symlink CRIU cannot resolve on btrfs: the dump
+    swaps it for a copy and the restore puts it back. a -> b stays on btrfs (stop-and-copy),
+    b -> a goes to a dir pool (post-copy: the target allows unprivileged userfaultfd)."""
     a, b = hosts
-    # on a dir pool: systemd's inotify watches on a btrfs subvolume cannot be dumped (CRIU
-    # cannot open their file handles there: "Can't dump that handle")
-    before = launch_counting(a, counter_bin, "deb", image="debian/bookworm", pool="dir")
+    before = launch_debian(a, counter_bin, "deb", "btrfs", privileged=False)
     _rc, out, _e = m(a, "info", "deb", "--format", "json")
     ip = json.loads(out)["ipv4"]
-    _rc, out, _e = m(a, "live", "local", "b", "deb", "-p", "dir", "--format", "json")
+    _rc, out, _e = m(a, "live", "local", "b", "deb", "-p", "btrfs", "--format", "json")
     res = json.loads(out)
-    assert res["pool"] == "dir" and res["downtime"] < 30, res
-    assert_kept_memory(b, "deb", before)
-    _rc, out, _e = m(b, "exec", "deb", "--", "systemctl", "is-system-running", check=False)
-    assert out.strip() in ("running", "degraded"), out
-    assert ping(b, ip)
+    assert (res["pool"], res["mode"]) == ("btrfs", "stop-and-copy"), res
     assert names_on(a) == []
+    assert_systemd_moved(b, "deb", ip, before)
+    before = state(b, "deb")
+    with unprivileged_userfaultfd(True):
+        _rc, out, _e = m(b, "live", "local", "a", "deb", "-p", "dir", "--format", "json")
+    res = json.loads(out)
+    assert (res["pool"], res["mode"]) == ("dir", "post-copy"), res
+    assert names_on(b) == []
+    assert_systemd_moved(a, "deb", ip, before)
+    _rc, out, _e = m(a, "info", "deb", "--format", "json")
+    assert json.loads(out)["privileged"] is False
+
+
+def test_debian_systemd_privileged_on_btrfs(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
+    a, b = hosts
+    before = launch_debian(a, counter_bin, "debp", "btrfs", privileged=True)
+    _rc, out, _e = m(a, "info", "debp", "--format", "json")
+    ip = json.loads(out)["ipv4"]
+    _rc, out, _e = m(a, "live", "local", "b", "debp", "--format", "json")
+    assert json.loads(out)["pool"] == "btrfs"
+    assert names_on(a) == []
+    assert_systemd_moved(b, "debp", ip, before)
 
 
 def test_evacuation_and_dry_run(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
@@ -339,7 +415,8 @@ def test_restore_failing_on_target(hosts, counter_bin, monkeypatch) -> None:  # 
     from migrator.transport.ssh import SshTransport
 
     a, b = hosts
-    before = launch_counting(a, counter_bin, "f3")
+    before = launch_counting(a, counter_bin, "f3", tcp=True)
+    tcp = stream(a, "f3")
     real = SshTransport.request
 
     def request(self, op, args=None, **kw):  # type: ignore[no-untyped-def]
@@ -354,6 +431,8 @@ def test_restore_failing_on_target(hosts, counter_bin, monkeypatch) -> None:  # 
         _live_in_process(a, "f3", "stop-and-copy")
     monkeypatch.undo()
     _still_on_a(a, b, "f3", before)
+    # the dump left its TCP sockets in repair mode: the rollback takes them out of it
+    assert_kept_stream(a, "f3", tcp)
 
 
 def test_page_stream_cut_keeps_the_source(hosts, counter_bin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
