@@ -580,3 +580,32 @@ def sockopt_shim(workdir: Path) -> Path | None:
         tmp.unlink(missing_ok=True)
         src.unlink(missing_ok=True)
     return so
+
+
+def socket_inodes(proc_net_table: str) -> set[int]:
+    """The inode of every socket in a ``/proc/PID/net/{tcp,tcp6,udp,udp6}`` table."""
+    inodes = set()
+    for line in proc_net_table.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) > 9 and parts[9].isdigit() and parts[9] != "0":
+            inodes.add(int(parts[9]))
+    return inodes
+
+
+def inet_sockets(pids: list[int]) -> int:
+    """How many TCP and UDP sockets the given processes (one container's) hold: what the
+    dump cannot take without ``sockopt_shim``."""
+    if not pids:
+        return 0
+    inet: set[int] = set()
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        inet |= socket_inodes(_proc_text(f"/proc/{pids[0]}/net/{table}"))
+    held: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError, ValueError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        held.add(int(link[8:-1]))
+    return len(held & inet)

@@ -194,3 +194,23 @@ def test_repair_off_lets_a_connection_in_repair_mode_send_again() -> None:
     finally:
         for s in (cli, peer, srv):
             s.close()
+
+
+def test_socket_inodes_and_a_process_holding_inet_sockets() -> None:
+    import os
+    import socket
+
+    table = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid"
+             "  timeout inode\n"
+             "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+             "     0        0 4242 1 0000000000000000 100 0 0 10 0\n"
+             "   1: 0100007F:0016 0100007F:D2F0 06 00000000:00000000 03:00000F1C 00000000"
+             "     0        0 0 3 0000000000000000\n")
+    assert base.socket_inodes(table) == {4242}  # a time-wait entry has no socket
+    before = base.inet_sockets([os.getpid()])
+    srv = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert base.inet_sockets([os.getpid()]) == before + 1
+    finally:
+        srv.close()
+    assert base.inet_sockets([]) == 0
