@@ -399,6 +399,8 @@ def _move_to_host(cts: Containers, transport: Transport, rec: ContainerRecord, r
     if stopped_at is not None:
         result.downtime = time.monotonic() - stopped_at
     op.stage("delete-source")
+    if rec.ipv4:  # it keeps its address there: on a shared network, never handed out here
+        cts.host.reserve_ipv4(rec.ipv4)
     cts.delete(rec.name, force=True)
     result.seconds = time.monotonic() - t0
     return result

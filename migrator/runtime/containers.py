@@ -193,6 +193,8 @@ class Containers:
             for s in snapshots:
                 self.state.add_snapshot(s)
         rec = self.get(cname)
+        if rec.ipv4:  # back with its address: allocatable here again once it leaves
+            self.host.reserve_ipv4(rec.ipv4, reserved=False)
         self.lxc.write_config(self.spec(rec))
         return rec
 
