@@ -3,8 +3,9 @@
 The kill matrix: the migrating client (``migrate live`` run on host a) at six points (in
 post-copy during the rootfs sync, right after the dump, during the restore, during the
 page transfer; in stop-and-copy during the image transfer and right after the restore),
-and once the target's ``criu lazy-pages``. Each case is followed by ``migrate recover`` on
-host a and must end within 30 s with:
+and during the page transfer the target's ``criu lazy-pages``, the target's agent waiting
+for it, and the source's criu serving the pages. Each case is followed by ``migrate
+recover`` on host a and must end within 30 s with:
 
 - the container running on exactly one host (going back while the target had not resumed
   whole, forward once it had: either is right, never both and never neither);
@@ -254,17 +255,40 @@ def test_client_killed(hosts, counter, mode, due, home) -> None:  # type: ignore
     assert home in (None, where)
 
 
-def test_target_lazy_pages_killed(hosts, counter) -> None:  # type: ignore[no-untyped-def]
-    """The target's criu lazy-pages dies while it fetches pages: the restored copy lacks
-    memory (dead), so the migration goes back by itself and recover finds nothing left."""
+def _lazy_pages(op: OperationRecord) -> int:
+    return next(int(h["pid"]) for h in op.detail["target_helpers"]
+                if h["what"] == "criu lazy-pages")
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _source_criu(op: OperationRecord) -> int:
+    """The source's criu serving pages: in the process group of the recorded dump."""
+    group = int(op.detail["source_helpers"][0]["pid"])
+    for entry in os.listdir("/proc"):
+        argv = _argv(int(entry)) if entry.isdigit() else []
+        if argv and os.path.basename(argv[0]) == "criu" and os.getpgid(int(entry)) == group:
+            return int(entry)
+    raise AssertionError("no criu serving pages on the source")
+
+
+# while the pages flow: the target's lazy-pages daemon, the agent that started it, the
+# source's page server. Each leaves the target's copy short of memory (dead), so the
+# migration goes back by itself (the client lives) and recover finds nothing left
+TARGET_CASES = [
+    pytest.param(_lazy_pages, id="target-lazy-pages"),
+    pytest.param(lambda op: _ppid(_lazy_pages(op)), id="target-agent"),
+    pytest.param(_source_criu, id="source-page-server"),
+]
+
+
+@pytest.mark.parametrize("victim", TARGET_CASES)
+def test_helper_killed_during_pages(hosts, counter, victim) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
     launch_counting(a, counter, "c1", mb=MB, pool="dir")
     p = _migrate(a, "post-copy")
-
-    def lazy_pages(op: OperationRecord) -> int:
-        return next(int(h["pid"]) for h in op.detail["target_helpers"]
-                    if h["what"] == "criu lazy-pages")
-
-    killed_at, seen = _kill_when(a, p, _pages_flowing(b), lazy_pages)
+    killed_at, seen = _kill_when(a, p, _pages_flowing(b), victim)
     assert _ends_well(a, b, p, killed_at, seen, client_dies=False) == "a"
     assert p.returncode != 0
