@@ -56,8 +56,17 @@ Found on these machines (CRIU 4.1.1, LXC 5.0.2, kernel 6.18):
   container's root (criu opens some images from inside the user namespace: "Unable to open
   tty-info.img: Permission denied"), so ``restore`` hands the directory to that uid.
 - Rolling back after ``leave-stopped`` leaves what criu would have cleaned on resume:
-  "link remap" files of open-but-deleted files and TCP sockets in repair mode; neither
-  exists in the containers tested here.
+  "link remap" files of open-but-deleted files (none in the containers tested here) and
+  the dumped TCP connections in repair mode, where the next send fails and the connection
+  is lost: ``resume_source`` takes them out of it (``base.repair_off``) before the tasks
+  continue, and the connections live on (tested with ``tests/workloads/tcpstream.c``).
+- criu 4.1.1 cannot dump an inet socket on this kernel (SO_PASSCRED/SO_PASSSEC, see
+  ``checkpoint/base.py``): every dump preloads ``base.sockopt_shim`` into it.
+- systemd's watched ``/etc/localtime`` symlink cannot be dumped on btrfs (irmap never
+  matches a btrfs subvolume's device; ``checkpoint/base.py``): every dump first swaps it
+  for a copy (``base.unpin``, recorded in the images and in this host's checkpoint
+  directory) and whoever runs the container next puts the link back (``pin_back``: the
+  target after its restore, the source on a rollback or for a kept stopped copy).
 - Pre-copy (``criu pre-dump``) needs soft-dirty tracking, which this kernel lacks.
 """
 
@@ -74,6 +83,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from migrator.checkpoint import base
 from migrator.checkpoint.base import (
     DumpStats,
     Features,
@@ -457,6 +467,27 @@ class LxcCheckpointer:
         p.write_text(criu_config(*options))
         return p
 
+    def _dump_env(self, name: str, init: int, images: Path, conf: Path) -> dict[str, str]:
+        """Before a dump: watches CRIU cannot dump made dumpable (``base.unpin``: the swap
+        recorded in the images, for the target, and in this host's checkpoint directory),
+        and criu's environment (its config file; the socket-option shim, ``sockopt_shim``)."""
+        base.unpin(self.cts.rootfs(self.cts.get(name)), init,
+                   [t.pid for t in container_tasks(init)],
+                   [images / base.SWAP_RECORD, self._swap_record(name)])
+        env = {"CRIU_CONFIG_FILE": str(conf)}
+        shim = base.sockopt_shim(self._workdir())
+        if shim is not None:
+            env["LD_PRELOAD"] = str(shim)
+        return env
+
+    def _swap_record(self, name: str) -> Path:
+        return self._workdir() / f"{name}.{base.SWAP_RECORD}"
+
+    def pin_back(self, name: str, record: Path | None = None) -> None:
+        """Undo ``base.unpin`` in ``name``'s rootfs here (after a restore, a rollback, or
+        for the stopped copy a kept source leaves)."""
+        base.pin_back(self.cts.rootfs(self.cts.get(name)), record or self._swap_record(name))
+
     @staticmethod
     def non_memory_bytes(images: Path) -> int:
         return sum(f.stat().st_size for f in images.iterdir()
@@ -491,7 +522,15 @@ class LxcCheckpointer:
         init_task = next((t for t in tasks if t.pid == init), None)
         if init_task is None:
             return [Problem(init, f"container {rec.name!r} init vanished", "retry")]
-        return find_problems(tasks, init_task, root_uid)
+        problems = find_problems(tasks, init_task, root_uid)
+        sockets = base.inet_sockets([t.pid for t in tasks])
+        if sockets and base.sockopt_shim(self._workdir()) is None:
+            problems.append(Problem(
+                0, f"container {rec.name!r} holds {sockets} TCP/UDP sockets, which criu "
+                "4.1.1 cannot dump on Linux >= 6.16 without the socket-option shim, and no C "
+                "compiler is here to build it", "install gcc (`apt-get install gcc`), or "
+                "stop the container's servers and connections"))
+        return problems
 
     # dump / rollback / release -----------------------------------------------------------
     def _require_running(self, name: str) -> int:
@@ -510,17 +549,19 @@ class LxcCheckpointer:
         ``on_start`` gets lxc-checkpoint's pid as soon as it runs (the journal names it).
         """
         rec = self.cts.get(name)
-        self._require_running(rec.name)
+        init = self._require_running(rec.name)
         conf = self._config(rec.name, "dump", dump_options())
         out = self._workdir() / f"{rec.name}.dump.out"
         out.unlink(missing_ok=True)
+        env = self._dump_env(rec.name, init, images, conf)
         t0 = time.monotonic()
-        p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)}, out)
+        p = self.lxc.spawn_checkpoint(rec.name, images, env, out)
         if on_start is not None:
             on_start(p.pid)
         rc = _wait_helper(p, images, 300)
         seconds = time.monotonic() - t0
         if rc != 0:
+            self.pin_back(rec.name)
             raise _failure(f"dump of {rec.name!r}", images, out, f"exit code {rc}; the "
                            "container keeps running")
         return DumpStats(seconds, tree_bytes(images), "stop-and-copy")
@@ -547,8 +588,11 @@ class LxcCheckpointer:
         init = self.lxc.init_pid(rec.name)
         if init is None:
             self.restore(rec.name, images)
+            self.pin_back(rec.name)
             return
         self._unlock_network(init)
+        base.repair_off(t.pid for t in container_tasks(init))  # its connections live on
+        self.pin_back(rec.name)  # queued to the stopped watcher: it re-watches on SIGCONT
         for t in container_tasks(init):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(t.pid, signal.SIGCONT)
@@ -586,6 +630,7 @@ class LxcCheckpointer:
         if self.cts.run_state(rec.name) != "STOPPED":
             raise CheckpointError(f"container {rec.name!r} did not stop after its tasks were "
                                   "killed", f"`migrate stop --force {rec.name}`")
+        self.pin_back(rec.name)  # a stopped copy kept here gets its link back
 
     # restore -----------------------------------------------------------------------------
     def restore(self, name: str, images: Path, lazy: bool = False) -> RestoreStats:
@@ -629,6 +674,8 @@ class LxcCheckpointer:
             if host_end is not None:
                 self.lxc.write_config(spec)  # what the next start reads: its own veth
         seconds = time.monotonic() - t0
+        if rc == 0:  # the container runs: a swapped link goes back (its watcher follows)
+            self.pin_back(rec.name, images / base.SWAP_RECORD)
         if rc != 0:
             if host_end is not None:
                 network.delete_link(spec.network, host_end)
@@ -647,7 +694,7 @@ class LxcCheckpointer:
         this host's network namespace. The tasks stay stopped after it, whatever the stream
         does."""
         rec = self.cts.get(name)
-        self._require_running(rec.name)
+        init = self._require_running(rec.name)
         ready_r, ready_w = os.pipe() if ps_socket is not None else (None, None)
         try:
             conf = self._config(rec.name, "lazy-dump",
@@ -655,11 +702,12 @@ class LxcCheckpointer:
             out = self._workdir() / f"{rec.name}.lazy-dump.out"
             out.unlink(missing_ok=True)
             fds = () if ps_socket is None or ready_w is None else (ps_socket, ready_w)
-            p = self.lxc.spawn_checkpoint(rec.name, images, {"CRIU_CONFIG_FILE": str(conf)},
-                                          out, pass_fds=fds)
+            env = self._dump_env(rec.name, init, images, conf)
+            p = self.lxc.spawn_checkpoint(rec.name, images, env, out, pass_fds=fds)
         except BaseException:
             if ready_r is not None:
                 os.close(ready_r)
+            self.pin_back(rec.name)
             raise
         finally:
             if ready_w is not None:

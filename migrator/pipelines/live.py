@@ -52,6 +52,7 @@ from migrator.checkpoint.base import (
     Checkpointer,
     Features,
     images_dir,
+    live_tcp_note,
     remove_images_dir,
     tree_bytes,
 )
@@ -202,6 +203,9 @@ def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None
         raise MissingDependency("CRIU is not installed on this host", "run `make setup`")
     chosen, reasons = choose_mode(mode, local, remote,
                                   unprivileged=cts.spec(rec).idmap is not None)
+    overlay = cts.host.network_config().overlay
+    reasons.append(live_tcp_note(overlay is not None
+                                 and remote.get("overlay_vni") == overlay.vni))
     session = negotiate_session(transport, remote, compress)
     state = transport.request("container_state", {"name": rec.name})
     if state["exists"]:
@@ -391,6 +395,8 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
                 result.kept_source = True
                 result.notes.append(f"a stopped copy stays here (`migrate delete {rec.name}`)")
             else:
+                if rec.ipv4:  # it answers there now: never handed out here (shared network)
+                    cts.host.reserve_ipv4(rec.ipv4)
                 cts.delete(rec.name, force=True)
         except MigratorError as e:  # only warnings after the point of no return
             result.notes.append(f"warning: cleaning up the source: {e}")

@@ -135,12 +135,15 @@ class RemoteTarget:
             u = b.usage()
             pools.append({"name": p.name, "driver": p.driver, "types": b.migration_types(),
                           "free": u.total - u.used, "subsecond_mtimes": b.subsecond_mtimes})
+        net = self.host.network_config()
         return {"version": VERSION, "protocol": PROTOCOL, "pools": pools,
                 "compressors": list(COMPRESSORS), "links": ["ssh", "tcp"],
                 "rsync": shutil.which("rsync") is not None,
                 "criu": criu_version(),
                 "criu_features": criu_features() if req.get("criu_features") else None,
-                "network": str(self.host.network_config().address),
+                "network": str(net.address),
+                # the VXLAN network this host's bridge is on: equal ids, one container network
+                "overlay_vni": net.overlay.vni if net.overlay else None,
                 "host_id": host_id(self.host.root), **memory_info()}
 
     def container_state(self, req: dict[str, Any], read: Reader) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def _hello(op: str, r: dict[str, Any]) -> None:
     if not all(isinstance(k, str) and isinstance(v, bool) for k, v in feats.items()):
         raise ProtocolError(f"the {op!r} reply's criu_features must map names to booleans")
     _want(op, r, "network", str, optional=True)
+    _want(op, r, "overlay_vni", int, optional=True)
     if len(_want(op, r, "host_id", str, optional=True) or "") > MAX_NAME:
         raise ProtocolError(f"the {op!r} reply's host_id is too long")
     for key in ("mem_total", "mem_available"):  # bytes; an older agent sends neither

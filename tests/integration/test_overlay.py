@@ -185,11 +185,6 @@ def wait_stream(spec: TestHostSpec, name: str, above: int, timeout: float = 30
     raise AssertionError(f"the TCP stream read by {name} on {spec.name} stopped above {above}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "criu 4.1.1 cannot dump an inet socket on this kernel (SO_PASSCRED/SO_PASSSEC "
-    "getsockopt: EOPNOTSUPP) until checkpoint/base.sockopt_shim is preloaded into the "
-    "dump's criu; with it preloaded by hand the stream kept flowing (gaps=0, same reader). "
-    "Remove this mark once the dump preloads it."))
 def test_tcp_stream_from_another_host_survives_the_servers_live_move(hosts, netstream_bin  # type: ignore[no-untyped-def]
                                                                      ) -> None:
     """A reader on b streams from a server on a; the server moves live a -> b. The one
