@@ -655,8 +655,11 @@ class LxcCheckpointer:
         spec = self.cts.render_lxc_config(rec.name)
         host_end = None
         if spec.idmap is not None:
-            # criu opens some images from inside the container's user namespace
-            os.chown(images, spec.idmap.base, spec.idmap.base)
+            # criu opens some images from inside the container's user namespace (tty-info,
+            # timens, ...): the directory and every image in it belong to the container's
+            # root, as it is the container's own state
+            for path in (images, *images.iterdir()):
+                os.lchown(path, spec.idmap.base, spec.idmap.base)
             if spec.ipv4:  # the NIC is moved in, not re-created (see the module docstring)
                 nic, host_end = network.restore_nic(spec.network)
                 self.lxc.write_config(replace(spec, nic_device=nic))
