@@ -10,6 +10,9 @@ Either way one copy is removed, and only after the copy that stays has been chec
 whole (its volume there, with every recorded snapshot, and the record pointing at it):
 otherwise both are kept and the error says why. Backup repositories, local or ``ssh://``,
 are reached through the repository interface (``migrator.backup.remote.open_repository``).
+
+Recovery never hangs on LXC: every lxc-* command it runs is bounded (``bounded_lxc``) and a
+live migration's helper processes are killed before LXC is asked anything (``_live``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from migrator.transport.base import Transport
 
 # a host's name -> a connected transport to its agent (the CLI passes its transport_for)
 TransportFor = Callable[[str], Transport]
+LXC_WAIT_ANY = 60.0  # seconds any lxc-* command may take during a recovery (starts included)
 
 
 def recover(cts: Containers, op: OperationRecord, transport_for: TransportFor) -> str:
@@ -52,7 +56,10 @@ def recover(cts: Containers, op: OperationRecord, transport_for: TransportFor) -
                "volume-move": _volume_move}.get(op.kind)
     if handler is None:
         raise InvalidState(f"operation {op.id} is a {op.kind!r}, which recover cannot handle")
-    outcome = handler(cts, op, transport_for)
+    # no lxc-* command may hang recovery: each ends within LXC_WAIT_ANY (a live migration's
+    # within LXC_WAIT), with an error that says which and why
+    with bounded_lxc(cts, LXC_WAIT_ANY):
+        outcome = handler(cts, op, transport_for)
     op.status = "recovered"
     op.error = (op.error + "; " if op.error else "") + outcome
     with cts.state.transaction():
