@@ -50,6 +50,7 @@ from migrator.transport.frames import Reader
 
 LXC_WAIT = 20.0  # seconds any lxc-* command may take while settling a cut migration
 PAGES_GRACE = 5.0  # seconds the pages may still need when the channel ends after "restored"
+MARK_AGE = 7 * 86400.0  # seconds a restore mark is kept (recover may come days later)
 
 
 class RestoreMark:
@@ -88,6 +89,16 @@ class RestoreMark:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def sweep(root: Path, max_age: float = MARK_AGE) -> None:
+        """Remove the marks of migrations older than ``max_age`` seconds: a migration that
+        ended well leaves its mark (a late ``live_settle`` reads it), nobody else does."""
+        cutoff = time.time() - max_age
+        for old in (Path(root) / "checkpoint").glob("live-*.json"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
 
 
 def live_check(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
@@ -138,6 +149,7 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
         raise errors.InvalidState(f"{rec.name!r} is not stopped here")
     tag = operation_tag(req["tag"])
     images = images_dir(end.host.root, tag)
+    RestoreMark.sweep(end.host.root)
     mark = RestoreMark(end.host.root, tag)
     mark.advance("restoring")
     ckpt = LxcCheckpointer(cts)

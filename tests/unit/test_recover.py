@@ -153,3 +153,12 @@ def test_the_agent_notices_its_channel_end(monkeypatch) -> None:  # type: ignore
         assert signals == [signal.SIGTERM]
     finally:
         os.close(r)
+
+
+def test_old_restore_marks_are_swept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old, new = RestoreMark(tmp_path, "0a1"), RestoreMark(tmp_path, "0e3")
+    old.advance("complete")
+    new.advance("complete")
+    os.utime(old.path, (time.time() - 8 * 86400,) * 2)
+    RestoreMark.sweep(tmp_path)
+    assert not old.path.exists() and new.path.exists()
