@@ -64,6 +64,7 @@ from migrator.core.errors import (
     InvalidState,
     MigratorError,
     MissingDependency,
+    NetworkError,
     NoSpace,
 )
 from migrator.core.names import SnapshotName
@@ -418,9 +419,14 @@ def _forward_after(e: BaseException, cts: Containers, transport: Transport, name
         return False
     if tunnel is not None:
         tunnel.close()
+    ask = {"name": name, "tag": op.id, "helpers": op.rec.detail.get("target_helpers", [])}
     try:
-        settled = transport.request("live_settle", {
-            "name": name, "tag": op.id, "helpers": op.rec.detail.get("target_helpers", [])})
+        try:
+            settled = transport.request("live_settle", ask)
+        except NetworkError:
+            # the connection that failed may be the one cut: ask again on a new one
+            transport.close()
+            settled = transport.request("live_settle", ask)
     except MigratorError as err:
         if lazy is not None:  # the page server has nobody to serve any more
             with contextlib.suppress(MigratorError):

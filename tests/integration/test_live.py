@@ -488,7 +488,8 @@ def test_client_killed_after_the_dump_is_recovered(hosts, counter_bin) -> None: 
         while time.monotonic() < deadline and p.poll() is None and not killed:
             st = StateStore(a.root / "state.db")
             try:
-                ops = [o for o in st.list_operations() if o.kind == "live"]
+                ops = [o for o in st.list_operations()
+                       if o.kind == "live" and o.status == "running"]
             finally:
                 st.close()
             if ops and {"images", "restore"} & set(ops[-1].stages):
