@@ -104,7 +104,7 @@ from migrator.core.errors import CheckpointError, CommandTimeout, InvalidState, 
 from migrator.runtime import network
 from migrator.runtime.containers import Containers
 from migrator.runtime.lxc import LxcDriver
-from migrator.runtime.operations import _start_time as process_start
+from migrator.runtime.operations import process_start
 from migrator.runtime.state import ContainerRecord
 
 # criu's network lock (iptables-restore format): what criu itself runs on resume.

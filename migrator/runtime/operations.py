@@ -20,7 +20,7 @@ from typing import Any
 from migrator.runtime.state import OperationRecord, StateStore
 
 
-def _start_time(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[19]
@@ -31,7 +31,7 @@ def _start_time(pid: int) -> str | None:
 def owner_alive(op: OperationRecord) -> bool:
     """Whether the process that runs ``op`` is still alive (same PID *and* start time)."""
     pid, started = op.detail.get("pid"), op.detail.get("pid_start")
-    return isinstance(pid, int) and started is not None and _start_time(pid) == started
+    return isinstance(pid, int) and started is not None and process_start(pid) == started
 
 
 class Operation:
@@ -62,7 +62,7 @@ def journaled(state: StateStore, kind: str, **detail: Any) -> Iterator[Operation
     """Run a block as a journaled operation; its end state follows how the block ends."""
     pid = os.getpid()
     rec = OperationRecord(uuid.uuid4().hex[:12], kind, "running", [],
-                          {**detail, "pid": pid, "pid_start": _start_time(pid)})
+                          {**detail, "pid": pid, "pid_start": process_start(pid)})
     with state.transaction():
         state.add_operation(rec)
     op = Operation(state, rec)
