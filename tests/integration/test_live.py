@@ -315,8 +315,10 @@ def test_evacuation_and_dry_run(hosts, counter_bin) -> None:  # type: ignore[no-
 
 
 # faults ----------------------------------------------------------------------------------
-def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
-    """Run the pipeline in this process (so a test can break it at a chosen point)."""
+def _live_in_process(a: TestHostSpec, name: str, mode: str,
+                     data_link: str | None = None) -> Any:
+    """Run the pipeline in this process (so a test can break it at a chosen point);
+    ``data_link`` "ssh" keeps every byte on the SSH connection a test may cut."""
     from migrator.pipelines.live import live_migrate
     from migrator.runtime.containers import Containers
     from migrator.runtime.host import Host
@@ -327,7 +329,7 @@ def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
     rec = host.state.get_host("b")
     t = SshTransport("b", rec.address, rec.port, rec.user, rec.key, rec.root, rec.command,
                      known_hosts=a.root / "ssh" / "known_hosts", netns=host.netns)
-    t.data_link = rec.data_link
+    t.data_link = data_link or rec.data_link
     try:
         with t:
             return live_migrate(cts, t, name, mode=mode, compress="none")
@@ -405,8 +407,10 @@ def test_link_cut_during_final_sync(hosts, counter_bin, monkeypatch) -> None:  #
         return real(self, *args, **kw)
 
     monkeypatch.setattr(RemoteCopy, "send_snapshot", send_snapshot)
+    # the final sync on the SSH connection that is cut (over the direct data link it would
+    # go through, and a restore that then runs there whole is rightly gone forward with)
     with pytest.raises(errors.NetworkError):
-        _live_in_process(a, "f2", "post-copy")
+        _live_in_process(a, "f2", "post-copy", data_link="ssh")
     monkeypatch.undo()
     _still_on_a(a, b, "f2", before)
 
