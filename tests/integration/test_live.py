@@ -315,10 +315,8 @@ def test_evacuation_and_dry_run(hosts, counter_bin) -> None:  # type: ignore[no-
 
 
 # faults ----------------------------------------------------------------------------------
-def _live_in_process(a: TestHostSpec, name: str, mode: str,
-                     data_link: str | None = None) -> Any:
-    """Run the pipeline in this process (so a test can break it at a chosen point);
-    ``data_link`` "ssh" keeps every byte on the SSH connection a test may cut."""
+def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
+    """Run the pipeline in this process (so a test can break it at a chosen point)."""
     from migrator.pipelines.live import live_migrate
     from migrator.runtime.containers import Containers
     from migrator.runtime.host import Host
@@ -329,7 +327,7 @@ def _live_in_process(a: TestHostSpec, name: str, mode: str,
     rec = host.state.get_host("b")
     t = SshTransport("b", rec.address, rec.port, rec.user, rec.key, rec.root, rec.command,
                      known_hosts=a.root / "ssh" / "known_hosts", netns=host.netns)
-    t.data_link = data_link or rec.data_link
+    t.data_link = rec.data_link
     try:
         with t:
             return live_migrate(cts, t, name, mode=mode, compress="none")
@@ -343,9 +341,16 @@ def _pids(pattern: str) -> list[int]:
 
 
 def _sshd_sessions(b: TestHostSpec) -> list[int]:
-    listener = int(b.pid_file.read_text())
-    r = subprocess.run(["pgrep", "-P", str(listener)], capture_output=True, text=True)
-    return [int(x) for x in r.stdout.split()]
+    """Every process under b's sshd listener: a session's monitor and its network child
+    (which holds the connection: killing the monitor alone leaves open channels working)."""
+    found: list[int] = []
+    parents = [int(b.pid_file.read_text())]
+    while parents:
+        r = subprocess.run(["pgrep", "-P", ",".join(map(str, parents))], capture_output=True,
+                           text=True)
+        parents = [int(x) for x in r.stdout.split()]
+        found += parents
+    return found
 
 
 def _kill(pids: list[int]) -> None:
@@ -407,10 +412,8 @@ def test_link_cut_during_final_sync(hosts, counter_bin, monkeypatch) -> None:  #
         return real(self, *args, **kw)
 
     monkeypatch.setattr(RemoteCopy, "send_snapshot", send_snapshot)
-    # the final sync on the SSH connection that is cut (over the direct data link it would
-    # go through, and a restore that then runs there whole is rightly gone forward with)
     with pytest.raises(errors.NetworkError):
-        _live_in_process(a, "f2", "post-copy", data_link="ssh")
+        _live_in_process(a, "f2", "post-copy")
     monkeypatch.undo()
     _still_on_a(a, b, "f2", before)
 
