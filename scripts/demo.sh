@@ -56,11 +56,13 @@ m list --format json > /dev/null
 m pool list
 
 # Two hosts on this machine (network namespaces on a private TEST-NET link, each with its
-# own sshd): a running container is backed up, live-migrated with CRIU to host b and its
-# backup restored on host a; then host a pushes a container to host b over SSH, refreshes
-# it, and moves a running one (stateless: live copy, stop, final delta, start there).
-echo "+ python -m testrigs.testhosts up --base $HOSTS --prefix md" >&2
-python -m testrigs.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs >&2
+# own sshd, their container bridges joined into one network over VXLAN): a running
+# unprivileged container is backed up, live-migrated with CRIU to host b while a client on
+# host b keeps its TCP connection to it, and its backup restored on host a; then host a
+# pushes a container to host b over SSH, refreshes it, and moves a running one (stateless:
+# live copy, stop, final delta, start there).
+echo "+ python -m testrigs.testhosts up --base $HOSTS --prefix md --network shared" >&2
+python -m testrigs.testhosts up --base "$HOSTS" --prefix md --pools btrfs,zfs --network shared >&2
 A="$HOSTS/a/root"; B="$HOSTS/b/root"
 a() { echo "+ [host a] migrate $*" >&2; migrate --root "$A" "$@"; }
 b() { echo "+ [host b] migrate $*" >&2; migrate --root "$B" "$@"; }
@@ -68,10 +70,17 @@ mkdir -p "$A/ssh" && cp "$HOSTS/client/known_hosts" "$A/ssh/known_hosts"
 a host add host-b 198.51.100.11 --key "$HOSTS/client/id_ed25519" --remote-root "$B" \
   --command "$PWD/.venv/bin/migrate"
 a host check host-b --probe-mib 64
-# live1 runs a counter held only in a shell's memory (for the live migration at the end);
-# privileged: CRIU 4.1.1 cannot restore an unprivileged container's veth on this kernel
-a launch busybox live1 -p btrfs -c security.privileged=true
+# live1 (unprivileged, as launch makes them) runs a counter held only in a shell's memory,
+# and serves a numbered stream on TCP port 7000; watch, on host b, reads it over the shared
+# network into a file: one connection, which must survive live1's move.
+a launch busybox live1 -p btrfs
 a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i > /root/count; sleep 0.2; done" </dev/null >/dev/null 2>&1 &'
+a exec live1 -- sh -c 'setsid sh -c "i=0; while true; do i=\$((i+1)); echo \$i; sleep 0.1; done | nc -l -p 7000" </dev/null >/dev/null 2>&1 &'
+live1_ip=$(a info live1 --format json | python -c 'import json, sys; print(json.load(sys.stdin)["ipv4"])')
+b launch busybox watch -p btrfs
+sleep 1
+# (nc's stdin must stay open: at its end busybox nc closes the connection)
+b exec watch -- sh -c "setsid sh -c 'sleep 1000000 | nc $live1_ip 7000 > /root/stream' </dev/null >/dev/null 2>&1 &"
 sleep 2
 # A backup of the running container (from a snapshot taken while it is briefly frozen;
 # zstd, every part checksummed), verified down to every tar member.
@@ -84,16 +93,21 @@ a backup copy "$id" --to ssh://host-b
 a backup verify "$id" --repo ssh://host-b
 # Live migration with CRIU: live1's counter keeps counting on host b, from where it was.
 before=$(cat "$A/storage-pools/btrfs/containers/live1/rootfs/root/count")
+streamed=$(b exec watch -- sh -c 'tail -n 1 /root/stream')
 a live local host-b live1 --dry-run
 a live local host-b live1
 sleep 1
 after=$(b exec live1 -- cat /root/count)
 echo "counter before the migration: $before; on host b now: $after (the same shell, still counting)" >&2
 [ "$after" -gt "$before" ] || { echo "the counter did not carry on" >&2; exit 1; }
+b exec live1 -- cat /proc/self/uid_map
+now=$(b exec watch -- sh -c 'tail -n 1 /root/stream')
+gaps=$(b exec watch -- awk 'NR > 1 && $1 != prev + 1 { n++ } { prev = $1 } END { print n + 0 }' /root/stream)
+echo "TCP stream read on host b: $streamed before the move, $now now, $gaps gaps (one connection)" >&2
+[ "$now" -gt "$streamed" ] && [ "$gaps" -eq 0 ] || { echo "the connection did not survive" >&2; exit 1; }
 # The backup taken before the move restores on host a as a new container (onto zfs: any
 # pool driver), with the counter file as it was then.
-# (a privileged container: a restore makes one only when the operator says so)
-a backup restore "$id" --name live1-restored --pool zfs --allow-privileged
+a backup restore "$id" --name live1-restored --pool zfs
 a start live1-restored
 saved=$(a exec live1-restored -- cat /root/count)
 echo "counter in the restored backup: $saved" >&2
