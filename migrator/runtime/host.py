@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from migrator.backends import StorageBackend, driver_class, open_backend, zfs
 from migrator.backends.btrfs import make_loop_filesystem
+from migrator.core import proc
 from migrator.core.errors import InvalidInput, InvalidState, MigratorError, StorageError
 from migrator.core.names import PoolName
 from migrator.runtime import network
@@ -186,6 +188,7 @@ class Host:
         prepare = {"dir": self._prepare_dir, "btrfs": self._prepare_btrfs,
                    "zfs": self._prepare_zfs}[driver]
         undo: list[Callable[[], object]] = []
+        self.share_pools_dir()
         try:
             config = prepare(pname, source, size, undo)
             rec = PoolRecord(pname, driver, source or "", config)
@@ -275,6 +278,7 @@ class Host:
         if pool not in self._backends:
             rec = self.state.get_pool(pool)
             b = open_backend(rec.driver, rec.config)
+            self.share_pools_dir()
             b.activate()
             self._backends[pool] = b
         return self._backends[pool]
@@ -304,6 +308,37 @@ class Host:
                 return p.name
         return pools[0].name
 
+    def share_pools_dir(self) -> None:
+        """``<root>/storage-pools`` as a shared mount (bound onto itself), made before the
+        first pool mounts under it; idempotent.
+
+        Why: every lxc-* command runs in a mount namespace of its own (``core/nsexec.py``),
+        whose copies of the host's mounts follow the host's only where the host's mount is
+        shared, and ``/`` is private on many hosts. Without this, a running container's LXC
+        monitor keeps a copy of every pool mount that existed when it started: deleting or
+        moving another container's zfs dataset then fails "dataset is busy" for as long as
+        that container runs. Under a shared parent, an unmount here reaches those copies.
+        A pools directory that already holds mounts but is not a mount itself (a host set up
+        before this) is left as it is until its pools are next unmounted."""
+        with open(self.root / ".pools.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mounts = _mountinfo()
+            here = mounts.get(str(self.pools_dir))
+            if here is None:
+                inside = str(self.pools_dir) + "/"
+                if any(m.startswith(inside) for m in mounts):
+                    return
+                proc.run(["mount", "--bind", str(self.pools_dir), str(self.pools_dir)],
+                         hint="the state root's storage-pools directory must be mountable")
+            elif "shared:" in here:
+                return
+            proc.run(["mount", "--make-shared", str(self.pools_dir)])
+
+    def unshare_pools_dir(self) -> None:
+        """Undo ``share_pools_dir`` once every pool is unmounted (teardown)."""
+        if str(self.pools_dir) in _mountinfo():
+            proc.run(["umount", str(self.pools_dir)], check=False)
+
     def deactivate_pools(self) -> None:
         """Deactivate every pool; one failing does not keep the others active."""
         first: MigratorError | None = None
@@ -315,6 +350,20 @@ class Host:
         self._backends.clear()
         if first is not None:
             raise first
+
+
+def _mountinfo() -> dict[str, str]:
+    """Mount point -> its optional fields ("shared:N", "master:N" ...), from this process's
+    /proc/self/mountinfo (the last mount on a point wins, as it is the one seen)."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 7:
+                continue
+            point = fields[4].replace("\\040", " ").replace("\\011", "\t")
+            found[point] = " ".join(fields[6:fields.index("-")] if "-" in fields else [])
+    return found
 
 
 def _fstype(path: Path) -> str | None:

@@ -37,6 +37,7 @@ def teardown(host: Host, purge: bool = False) -> list[str]:
         problems.append(f"removing the VXLAN device: {e}")
     try:
         host.deactivate_pools()
+        host.unshare_pools_dir()
     except MigratorError as e:
         problems.append(f"unmounting pools: {e}")
     if netns:

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -573,3 +574,19 @@ def test_pool_lifecycle_export_import_source_and_teardown(image_cache) -> None: 
     assert not zfs_mounts_under(root)
     assert not root.exists()
 
+
+
+def test_delete_while_another_container_runs(make_host) -> None:  # type: ignore[no-untyped-def]
+    """A running container's LXC monitor lives in a mount namespace of its own (nsexec): a
+    zfs dataset mounted before it started must still be deletable while it runs. Without
+    the shared storage-pools mount the monitor's copy kept it "dataset is busy"."""
+    th = make_host(pools=("zfs",))
+    th.cts.launch("busybox", "old", pool="zfs")
+    th.cts.stop("old", force=True)
+    th.cts.launch("busybox", "runner", pool="zfs")  # its monitor starts with old mounted
+    t0 = time.monotonic()
+    th.cts.delete("old")
+    assert time.monotonic() - t0 < 10  # no busy retries
+    assert not th.cts.state.has_container("old")
+    assert th.cts.run_state("runner") == "RUNNING"
+    th.cts.stop("runner", force=True)
