@@ -83,8 +83,11 @@ def imported_zpools() -> list[str]:
 
 
 def zfs_mounts_under(path: Path) -> list[str]:
+    """zfs(-fuse) mounts below ``path`` (the state root's shared storage-pools bind mount,
+    ext4, stays until teardown)."""
     with open("/proc/self/mounts") as f:
-        return [ln.split()[1] for ln in f if ln.split()[1].startswith(str(path))]
+        return [ln.split()[1] for ln in f
+                if ln.split()[1].startswith(str(path)) and ln.split()[2].endswith("zfs")]
 
 
 def snap(name: str) -> SnapshotName:
