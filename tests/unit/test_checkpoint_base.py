@@ -6,6 +6,7 @@ import pytest
 
 from migrator.checkpoint import base
 from migrator.checkpoint.base import Task, criu_config, find_problems, listening_ports
+from tests.conftest import unavailable
 
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
@@ -168,7 +169,7 @@ def test_the_socket_option_shim_builds_and_keeps_its_name(tmp_path) -> None:  # 
     import shutil
 
     if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
+        unavailable("no C compiler (scripts/setup-host.sh installs gcc)")
     so = base.sockopt_shim(tmp_path)
     assert so is not None and so.exists() and so.suffix == ".so"
     assert base.sockopt_shim(tmp_path) == so  # built once
@@ -180,7 +181,7 @@ def test_repair_off_lets_a_connection_in_repair_mode_send_again() -> None:
     import socket
 
     if os.geteuid() != 0:
-        pytest.skip("TCP repair mode needs CAP_NET_ADMIN")
+        unavailable("TCP repair mode needs CAP_NET_ADMIN (run as root)")
     srv = socket.create_server(("127.0.0.1", 0))
     cli = socket.create_connection(srv.getsockname())
     peer, _ = srv.accept()

@@ -16,9 +16,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from migrator.core import proc
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "migrator"
@@ -165,7 +164,7 @@ def test_nothing_below_the_cli_imports_the_agent() -> None:
 def _lint_imports(tree: Path) -> proc.Completed:
     exe = Path(sys.executable).parent / "lint-imports"
     if not exe.exists():
-        pytest.skip("lint-imports (import-linter) is not installed")
+        unavailable("lint-imports (import-linter) is not installed: `make setup`")
     return proc.run([str(exe)], cwd=tree, env={"PYTHONPATH": str(tree)}, check=False,
                     timeout=120)
 
