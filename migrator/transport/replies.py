@@ -147,11 +147,17 @@ def _commit(op: str, r: dict[str, Any]) -> None:
     _want(op, r, "ipv4", str)
 
 
+def _settle(op: str, r: dict[str, Any]) -> None:
+    # "whole" sends the migration forward and the source's copy is killed: a boolean only
+    _want(op, r, "whole", bool)
+
+
 SHAPES: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "hello": _hello,
     "container_state": _container_state,
     "receive": _receive,
     "commit_container": _commit,
+    "live_settle": _settle,
 }
 
 
