@@ -398,7 +398,7 @@ def unpin(rootfs: Path, init_pid: int, pids: list[int], records: list[Path]) -> 
                                          "gid": st.st_gid}})
         for r in records:
             r.write_text(record)
-        _replace(root, LOCALTIME, st, data=data)
+        root.write_bytes(LOCALTIME, data, 0o644, owner=(st.st_uid, st.st_gid))
     deadline = time.monotonic() + REWATCH_WAIT
     while (mount[1], st.st_ino) in watches_of(pids):
         if time.monotonic() > deadline:
@@ -426,46 +426,11 @@ def pin_back(rootfs: Path, record: Path) -> list[str]:
             st = root.lstat(rel)
             if st is None or not stat.S_ISREG(st.st_mode):
                 continue
-            _replace(root, rel, st, target=str(how["target"]), uid=int(how["uid"]),
-                     gid=int(how["gid"]))
+            root.replace_with_symlink(rel, str(how["target"]),
+                                      (int(how["uid"]), int(how["gid"])))
             done.append(rel)
     record.unlink(missing_ok=True)
     return done
-
-
-def _replace(root: RootDir, rel: str, old: os.stat_result, data: bytes | None = None,
-             target: str | None = None, uid: int | None = None, gid: int | None = None
-             ) -> None:
-    """Atomically replace the entry ``rel`` by a regular file holding ``data`` (mode and
-    owner of ``old``) or by a symlink to ``target`` (owner ``uid``/``gid``), made under a
-    temporary name beside it: a watcher sees one rename, never a missing name."""
-    parent, name = root._parent(rel)  # the resolved directory, inside the root
-    tmp = f".{name}.migrator-{os.getpid()}"
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=parent)
-        if target is not None:
-            os.symlink(target, tmp, dir_fd=parent)
-            os.chown(tmp, old.st_uid if uid is None else uid,
-                     old.st_gid if gid is None else gid, dir_fd=parent, follow_symlinks=False)
-        else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=parent)
-            try:
-                view = memoryview(data or b"")
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fchown(fd, old.st_uid, old.st_gid)
-                os.fchmod(fd, 0o644)
-            finally:
-                os.close(fd)
-        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=parent)
-        raise
-    finally:
-        os.close(parent)
 
 
 def _proc_text(path: str) -> str:

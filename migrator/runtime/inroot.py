@@ -300,11 +300,14 @@ class RootDir:
         return None if data is None else data.decode("utf-8", "surrogateescape")
 
     # writing ---------------------------------------------------------------------------
-    def write_bytes(self, rel: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-        """Replace ``rel`` with a regular file holding ``data`` (parents made as needed).
+    def write_bytes(self, rel: str | os.PathLike[str], data: bytes, mode: int = 0o644,
+                    owner: tuple[int, int] | None = None) -> None:
+        """Replace ``rel`` with a regular file holding ``data`` (parents made as needed),
+        owned by ``owner`` (uid, gid) when given.
 
         Written under a temporary name in the resolved directory, then renamed over the
-        name: a symlink there is replaced, never written through."""
+        name: a symlink there is replaced, never written through, and a reader sees the old
+        entry or the new one, never none."""
         pfd, name = self._parent(rel, create=True)
         try:
             tmp = f".{name[:200]}.{secrets.token_hex(4)}.tmp"
@@ -315,6 +318,8 @@ class RootDir:
                     view = memoryview(data)
                     while view:
                         view = view[os.write(fd, view):]
+                    if owner is not None:
+                        os.fchown(fd, *owner)
                     os.fchmod(fd, mode)
                 finally:
                     os.close(fd)
@@ -361,6 +366,28 @@ class RootDir:
             os.symlink(target, name, dir_fd=pfd)
         except FileExistsError as e:
             raise self._refuse(rel, "already exists") from e
+        finally:
+            os.close(pfd)
+
+    def replace_with_symlink(self, rel: str | os.PathLike[str], target: str,
+                             owner: tuple[int, int]) -> None:
+        """Atomically replace the entry ``rel`` (not a directory) with a symlink to
+        ``target`` owned by ``owner``: made under a temporary name beside it and renamed
+        over it, so a watcher sees one rename, never a missing name."""
+        pfd, name = self._parent(rel)
+        tmp = f".{name[:200]}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.symlink(target, tmp, dir_fd=pfd)
+            try:
+                os.chown(tmp, *owner, dir_fd=pfd, follow_symlinks=False)
+                old = self._lstat_at(pfd, name)
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    raise self._refuse(rel, "a directory is where a link goes")
+                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=pfd)
+                raise
         finally:
             os.close(pfd)
 

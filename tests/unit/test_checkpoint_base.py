@@ -134,7 +134,7 @@ def test_a_swapped_link_goes_back_once_and_only_over_the_copy(tmp_path) -> None:
     with RootDir(root) as r:  # what unpin does once the link is found watched
         st = r.lstat(watches.LOCALTIME)
         assert st is not None
-        watches._replace(r, watches.LOCALTIME, st, data=b"TZif")
+        r.write_bytes(watches.LOCALTIME, b"TZif", 0o644, owner=(st.st_uid, st.st_gid))
     assert not (root / "etc" / "localtime").is_symlink()
     assert (root / "etc" / "localtime").read_bytes() == b"TZif"
     record = tmp_path / "record.json"
