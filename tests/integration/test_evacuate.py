@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import pytest
 from testrigs import testhosts
 from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
-from tests.integration.test_live import WORKLOAD, assert_kept_memory, launch_counting, state
-from tests.integration.test_remote import AGENT, m
+from tests.integration.test_live import assert_kept_memory, launch_counting, state
+from tests.integration.test_remote import add_to_inventory, build_workload, m
 
 BASE = Path("/var/tmp/migrator-tests/evacuate")
 PREFIX = "mt16e"
@@ -35,9 +34,7 @@ EVERY = sorted((*COUNTERS, "n1", "s1", "s2"))
 
 @pytest.fixture(scope="module")
 def counter(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    out = tmp_path_factory.mktemp("workload") / "counter"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOAD)], check=True)
-    return out
+    return build_workload(tmp_path_factory, "counter")
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +51,7 @@ def trio(image_cache) -> Iterator[tuple[TestHostSpec, ...]]:  # type: ignore[no-
         specs = testhosts.up(("a", "b", "c"), BASE, pools=("dir",), images=("busybox",),
                              prefix=PREFIX)
         for x in specs:
-            (x.root / "ssh").mkdir(exist_ok=True)
-            shutil.copy(x.known_hosts, x.root / "ssh" / "known_hosts")
-            for y in specs:
-                if y is not x or x.name == "a":
-                    m(x, "host", "add", y.name, y.link_ip, "--key", str(x.client_key),
-                      "--remote-root", str(y.root), "--command", AGENT)
+            add_to_inventory(x, *(y for y in specs if y is not x or x.name == "a"))
         yield tuple(specs)
     finally:
         problems = testhosts.down(BASE, PREFIX)

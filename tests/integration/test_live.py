@@ -28,21 +28,26 @@ import pytest
 
 from migrator.core import errors
 from testrigs.testhosts import TestHostSpec
-from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m, rootfs
+from tests.integration.test_remote import (
+    AGENT,
+    MIGRATE,
+    add_to_inventory,
+    build_workload,
+    host_pair,
+    m,
+    rootfs,
+)
 
 BASE = Path("/var/tmp/migrator-tests/live")
 PREFIX = "mt5"
 WORKLOAD = Path(__file__).resolve().parents[1] / "workloads" / "counter.c"
-TCPSTREAM = WORKLOAD.with_name("tcpstream.c")
 
 
 @pytest.fixture(scope="module")
 def counter_bin(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    out = tmp_path_factory.mktemp("workload") / "counter"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOAD)], check=True)
+    out = build_workload(tmp_path_factory, "counter")
     # the TCP workload beside it (launch_counting(..., tcp=True) copies it in)
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out.with_name("tcpstream")),
-                    str(TCPSTREAM)], check=True)
+    shutil.copy(build_workload(tmp_path_factory, "tcpstream"), out.with_name("tcpstream"))
     return out
 
 
@@ -50,10 +55,7 @@ def counter_bin(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
 def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
     with host_pair(BASE, PREFIX, ("btrfs", "dir"), ("busybox", "debian/bookworm")) as (a, b):
         for x, y in ((a, b), (b, a)):  # each knows the other: migrations go both ways
-            (x.root / "ssh").mkdir(exist_ok=True)
-            shutil.copy(x.known_hosts, x.root / "ssh" / "known_hosts")
-            m(x, "host", "add", y.name, y.link_ip, "--key", str(x.client_key),
-              "--remote-root", str(y.root), "--command", AGENT)
+            add_to_inventory(x, y)
         yield a, b
 
 

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -38,13 +37,18 @@ from migrator.runtime.lxc import LxcDriver
 from migrator.runtime.state import OperationRecord, StateStore
 from testrigs.testhosts import TestHostSpec
 from tests.integration.test_live import (
-    WORKLOAD,
     launch_counting,
     names_on,
     state,
     wait_count,
 )
-from tests.integration.test_remote import AGENT, MIGRATE, host_pair, m
+from tests.integration.test_remote import (
+    MIGRATE,
+    add_to_inventory,
+    build_workload,
+    host_pair,
+    m,
+)
 
 BASE = Path("/var/tmp/migrator-tests/live-kills")
 PREFIX = "mt16"
@@ -54,19 +58,14 @@ BUDGET = 30.0  # seconds from the kill to a container running on one host, recov
 
 @pytest.fixture(scope="module")
 def counter(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    out = tmp_path_factory.mktemp("workload") / "counter"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOAD)], check=True)
-    return out
+    return build_workload(tmp_path_factory, "counter")
 
 
 @pytest.fixture(scope="module")
 def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
     with host_pair(BASE, PREFIX, ("dir",), ("busybox",)) as (a, b):
         for x, y in ((a, b), (b, a)):
-            (x.root / "ssh").mkdir(exist_ok=True)
-            shutil.copy(x.known_hosts, x.root / "ssh" / "known_hosts")
-            m(x, "host", "add", y.name, y.link_ip, "--key", str(x.client_key),
-              "--remote-root", str(y.root), "--command", AGENT)
+            add_to_inventory(x, y)
         yield a, b
 
 

@@ -24,19 +24,16 @@ from migrator.core.netns import netns_path
 from testrigs import testhosts
 from testrigs.testhosts import TestHostSpec
 from tests.conftest import IN_CI
-from tests.integration.test_remote import AGENT, MIGRATE, m, rootfs
+from tests.integration.test_remote import MIGRATE, add_to_inventory, build_workload, m, rootfs
 
 BASE = Path("/var/tmp/migrator-tests/overlay")
 PREFIX = "mt16o"
-NETSTREAM = Path(__file__).resolve().parents[1] / "workloads" / "netstream.c"
 PORT = 7000
 
 
 @pytest.fixture(scope="module")
 def netstream_bin(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
-    out = tmp_path_factory.mktemp("workload") / "netstream"
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(NETSTREAM)], check=True)
-    return out
+    return build_workload(tmp_path_factory, "netstream")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +47,7 @@ def trio(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec, TestHostSpec
     try:
         a, b, c = testhosts.up(("a", "b", "c"), BASE, pools=("dir",), images=("busybox",),
                                prefix=PREFIX, network_="shared")
-        (a.root / "ssh").mkdir(exist_ok=True)
-        shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
-        m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
-          str(b.root), "--command", AGENT)
+        add_to_inventory(a, b)
         yield a, b, c
     finally:
         problems = testhosts.down(BASE, PREFIX)

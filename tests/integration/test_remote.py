@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,8 +54,6 @@ def pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: i
 
 
 def m(spec: TestHostSpec, *args: str, check: bool = True) -> tuple[int, str, str]:
-    import subprocess
-
     r = subprocess.run([*MIGRATE, "--root", str(spec.root), *args], capture_output=True,
                        text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
     if check and r.returncode != 0:
@@ -62,13 +61,30 @@ def m(spec: TestHostSpec, *args: str, check: bool = True) -> tuple[int, str, str
     return r.returncode, r.stdout, r.stderr
 
 
+WORKLOADS = Path(__file__).resolve().parents[1] / "workloads"
+
+
+def build_workload(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """``tests/workloads/NAME.c`` built static (containers have no libc of ours to link)."""
+    out = tmp_path_factory.mktemp("workload") / name
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(WORKLOADS / f"{name}.c")],
+                   check=True)
+    return out
+
+
+def add_to_inventory(x: TestHostSpec, *others: TestHostSpec) -> None:
+    """Each of ``others`` in host x's inventory, with the host keys x's client verified."""
+    (x.root / "ssh").mkdir(exist_ok=True)
+    shutil.copy(x.known_hosts, x.root / "ssh" / "known_hosts")
+    for y in others:
+        m(x, "host", "add", y.name, y.link_ip, "--key", str(x.client_key), "--remote-root",
+          str(y.root), "--command", AGENT)
+
+
 @contextlib.contextmanager
 def b_in_inventory(a: TestHostSpec, b: TestHostSpec) -> Iterator[None]:
     """Host b in host a's inventory (trusted key); both hosts' containers deleted after."""
-    (a.root / "ssh").mkdir(exist_ok=True)
-    shutil.copy(a.known_hosts, a.root / "ssh" / "known_hosts")
-    m(a, "host", "add", "b", b.link_ip, "--key", str(a.client_key), "--remote-root",
-      str(b.root), "--command", AGENT)
+    add_to_inventory(a, b)
     yield
     for spec in (a, b):
         _rc, out, _e = m(spec, "list", "--format", "json")
