@@ -1,0 +1,747 @@
+"""``ChunkedRepository``: backups as lists of deduplicated, sealed chunks in an object store.
+
+It offers the ``BackupRepository`` interface of the directory ``Repository``, so create,
+restore, verify, prune and copy run on it unchanged; a part is stored as the list of chunks
+its stream was cut into (``migrator.backup.chunks``), and a chunk already in the store is
+never stored twice, whichever container, backup or host it came from.
+
+Layout in the store (any ``ObjectStore``: a directory, S3)::
+
+    config              plain JSON: format, version, repository id, encryption, chunker
+                        (read first, validated; nothing secret)
+    keys/repokey        the key envelope (``migrator.backup.keys``), unless kept in a key file
+    data/ab/ab12...     chunks, named by keyed hash, sealed (``migrator.backup.chunks``)
+    index/ID            a backup: sealed JSON {"index": BackupIndex, "chunks": {part: [[id,
+                        size], ...]}, "stats": {...}}; writing it is the commit
+    writers/ID          a backup being written (prune's garbage collection waits for it)
+    locks/TOKEN         the exclusive lock of prune, delete and protect
+    gc/pending          sealed: unreferenced chunks and when they were first seen so
+
+Several writers at once: chunks are content-addressed and index names unique, so backups
+take no lock; each announces itself in ``writers/`` while it runs. Deleting a backup
+removes its index only; ``collect_garbage`` (prune) removes chunks in two phases: a chunk
+unreferenced in one run is recorded in ``gc/pending``, and deleted by a later run only if
+still unreferenced after a grace period and with no writer running. A writer that reused
+a chunk re-lists the store before it commits (after any collection under way has finished),
+so a chunk deleted under it fails that backup, cleanly, instead of committing an index that
+names a missing chunk.
+
+A crash leaves no half-visible backup: without its index a backup does not exist; its
+chunks are garbage the next collection removes, and its ``writers/`` entry goes stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from migrator.backup.chunks import (
+    AVG_SIZE,
+    MAX_SIZE,
+    MIN_SIZE,
+    Chunker,
+    Codec,
+    chunk_key,
+    object_limit,
+)
+from migrator.backup.keys import RepoKey, WrongPassphrase, unwrap, wrap
+from migrator.backup.model import BackupIndex, valid_id
+from migrator.backup.objectstore import ObjectStore
+from migrator.backup.repository import ReadsInto, valid_part_path
+from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NotFound
+
+ChunkList = list[tuple[str, int]]  # a part: (chunk id, size) in order
+Names = list[str]
+
+FORMAT = "migrator-chunked"
+VERSION = 1
+ENCRYPTIONS = ("repokey", "none")
+MAX_CONFIG = 64 << 10
+MAX_INDEX = 256 << 20  # chunk lists of a few TiB of parts
+UPLOADERS = 6
+IN_FLIGHT = 12  # chunks handed to uploaders and not yet stored: bounds the memory
+PREFETCH = 8
+LOCK_WAIT = 10.0
+STALE = 30 * 60.0  # a lock or writer entry not refreshed for this long is a dead one's
+HEARTBEAT = 60.0
+GC_GRACE = 24 * 3600.0
+
+PassphraseSource = Callable[[bool], str]  # (confirm) -> passphrase
+
+
+def passphrase_from_env(confirm: bool) -> str:
+    """``MIGRATOR_PASSPHRASE``, or ``BackupError`` (no prompt: not on a terminal here)."""
+    value = os.environ.get("MIGRATOR_PASSPHRASE")
+    if value is None:
+        raise BackupError("this repository is encrypted and no passphrase was given",
+                          "set MIGRATOR_PASSPHRASE (or run the command on a terminal)")
+    return value
+
+
+@dataclass
+class WriteStats:
+    """What one backup stored: ``stored_bytes`` is what dedup and compression left new."""
+
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    chunks: int = 0
+    new_chunks: int = 0
+
+
+def _check_config(doc: Any, where: str) -> dict[str, Any]:
+    """The config object, validated (it is plain and comes from the store)."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BackupError(f"{where} is not a chunked migrator repository")
+    if doc.get("version") != VERSION:
+        raise BackupError(f"repository {where} has chunked format version "
+                          f"{doc.get('version')!r}, this program reads {VERSION}",
+                          "use the migrator version that wrote it")
+    rid = doc.get("id")
+    if not isinstance(rid, str) or len(rid) != 32 or any(c not in "0123456789abcdef"
+                                                        for c in rid):
+        raise CorruptBackup(f"repository {where}: config has no valid id")
+    if doc.get("encryption") not in ENCRYPTIONS:
+        raise CorruptBackup(f"repository {where}: unknown encryption "
+                            f"{doc.get('encryption')!r}")
+    if doc.get("key", "repo") not in ("repo", "keyfile"):
+        raise CorruptBackup(f"repository {where}: unknown key location {doc.get('key')!r}")
+    ch = doc.get("chunker")
+    if not isinstance(ch, dict):
+        raise CorruptBackup(f"repository {where}: config has no chunker parameters")
+    vals = [ch.get(k) for k in ("min", "avg", "max")]
+    nums = [v for v in vals if isinstance(v, int) and not isinstance(v, bool)]
+    if len(nums) != 3 or not 64 << 10 <= nums[0] <= nums[1] <= nums[2] <= 16 << 20:
+        raise CorruptBackup(f"repository {where}: chunker parameters {ch!r} out of bounds")
+    level = doc.get("level", 3)
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 19:
+        raise CorruptBackup(f"repository {where}: zstd level {level!r} out of bounds")
+    return doc
+
+
+def is_chunked(store: ObjectStore) -> bool:
+    """Whether ``store`` holds a chunked repository (its ``config`` object)."""
+    return store.exists("config")
+
+
+class ChunkedRepository:
+    """A chunked repository in ``store`` (see the module docstring)."""
+
+    #: create writes uncompressed streams into it: the chunks are compressed one by one,
+    #: and a compressed stream would cut differently each time (no dedup)
+    compresses_chunks = True
+    #: backups are written without the exclusive lock (see the module docstring)
+    concurrent_writers = True
+
+    def __init__(self, store: ObjectStore, passphrase: PassphraseSource | None = None,
+                 key_file: Path | None = None) -> None:
+        self.store = store
+        self._passphrase = passphrase or passphrase_from_env
+        self.key_file = key_file
+        self._config: dict[str, Any] | None = None
+        self._codec: Codec | None = None
+        self._indexes: dict[str, tuple[BackupIndex, dict[str, ChunkList]]] = {}
+        self.last_stats: WriteStats | None = None
+
+    def __str__(self) -> str:
+        return self.store.url
+
+    # set-up ----------------------------------------------------------------------------
+    @classmethod
+    def create(cls, store: ObjectStore, encryption: str, passphrase: str | None,
+               key_file: Path | None = None, cost: tuple[int, int, int] | None = None,
+               chunker: tuple[int, int, int] = (MIN_SIZE, AVG_SIZE, MAX_SIZE),
+               ) -> ChunkedRepository:
+        """A new repository in ``store`` (``AlreadyExists``-like ``BackupError`` if there is
+        one). ``key_file``: the key envelope is written there (0600) instead of the store."""
+        if encryption not in ENCRYPTIONS:
+            raise InvalidInput(f"unknown encryption {encryption!r}", "use repokey or none")
+        if store.exists("config"):
+            raise BackupError(f"{store.url} already holds a chunked repository")
+        rid = secrets.token_hex(16)
+        if encryption == "repokey":
+            if not passphrase:
+                raise BackupError("an encrypted repository needs a passphrase",
+                                  "set MIGRATOR_PASSPHRASE or type one")
+            env = wrap(RepoKey.generate(), passphrase, rid, *([cost] if cost else []))
+            if key_file is not None:
+                write_key_file(key_file, env)
+            else:
+                store.put("keys/repokey", env)
+        doc = {"format": FORMAT, "version": VERSION, "id": rid, "encryption": encryption,
+               "key": "keyfile" if key_file is not None and encryption == "repokey"
+               else "repo", "chunker": dict(zip(("min", "avg", "max"), chunker, strict=True)),
+               "level": 3}
+        _check_config(doc, store.url)
+        store.put("config", (json.dumps(doc, indent=1) + "\n").encode())  # last: the marker
+        repo = cls(store, (lambda _c: passphrase or ""), key_file)
+        return repo.check()
+
+    def init(self) -> ChunkedRepository:
+        """Check it (a chunked repository is made by ``migrate backup init``, which asks for
+        the encryption and passphrase; nothing makes one implicitly)."""
+        return self.check()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if self._config is None:
+            try:
+                raw = self.store.get("config", MAX_CONFIG)
+            except NotFound as e:
+                raise NotFound(f"no chunked repository at {self.store.url}",
+                               f"create one: `migrate backup init {self.store.url}`") from e
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CorruptBackup(f"repository {self.store.url}: config is not JSON") from e
+            self._config = _check_config(doc, self.store.url)
+        return self._config
+
+    def check(self) -> ChunkedRepository:
+        """The config is valid and the key opens (a wrong passphrase stops here, before any
+        other object is read or written)."""
+        self.codec  # noqa: B018 - opens the key
+        return self
+
+    def _envelope(self) -> bytes:
+        if self.key_file is not None:
+            return read_key_file(self.key_file)
+        if self.config.get("key") == "keyfile":
+            raise BackupError(f"the key of {self.store.url} is kept in a key file",
+                              "give it: --key-file FILE (or MIGRATOR_KEY_FILE)")
+        try:
+            return self.store.get("keys/repokey", 4096)
+        except NotFound as e:
+            raise CorruptBackup(f"repository {self.store.url}: its key (keys/repokey) is "
+                                "missing", "give an exported key with --key-file") from e
+
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            conf = self.config
+            if conf["encryption"] == "none":
+                self._codec = Codec(None, conf.get("level", 3))
+            else:
+                key = unwrap(self._envelope(), self._passphrase(False), conf["id"])
+                self._codec = Codec(key, conf.get("level", 3))
+        return self._codec
+
+    def key_envelope(self) -> bytes:
+        """The key envelope, after checking that the passphrase opens it (key export)."""
+        if self.config["encryption"] == "none":
+            raise BackupError(f"{self.store.url} is not encrypted: it has no key")
+        self.check()
+        return self._envelope()
+
+    def change_passphrase(self, new: str) -> None:
+        """Re-wrap the key under ``new`` (where it is kept: the store or the key file)."""
+        self.key_envelope()  # the current passphrase must open it
+        key = self.codec.key
+        assert key is not None
+        env = wrap(key, new, self.config["id"])
+        if self.key_file is not None:
+            write_key_file(self.key_file, env)
+        else:
+            self.store.put("keys/repokey", env)
+        self._passphrase = lambda _c: new
+
+    def _chunker_args(self) -> tuple[int, int, int]:
+        ch = self.config["chunker"]
+        return ch["min"], ch["avg"], ch["max"]
+
+    # the exclusive lock (prune, delete, protect; not backups) --------------------------
+    @contextlib.contextmanager
+    def lock(self, wait: float | None = None) -> Iterator[None]:
+        """Exclusive among lockers: each writes ``locks/TOKEN`` and holds the lock when it
+        then sees no other live one (the store's list is strongly consistent); two that
+        see each other both step back and try again after a random pause."""
+        self.check()
+        wait = LOCK_WAIT if wait is None else wait
+        mine = f"locks/{secrets.token_hex(8)}"
+        deadline = time.monotonic() + wait
+        while True:
+            self.store.put(mine, _stamp())
+            others = [k for k in self._live("locks/") if k != mine]
+            if not others:
+                break
+            self.store.delete(mine)
+            if time.monotonic() >= deadline:
+                raise BackupError(f"backup repository {self.store.url} is locked by "
+                                  f"{self._owner(others[0])}",
+                                  "wait for it to finish; a lock of a process that died "
+                                  f"goes stale after {int(STALE // 60)} minutes")
+            time.sleep(random.uniform(0.1, 0.4))  # noqa: S311 - a pause, not a secret
+        with _Heartbeat(self.store, mine):
+            yield
+
+    def _live(self, prefix: str) -> Names:
+        """Entries under ``prefix`` refreshed within ``STALE``; stale ones are removed."""
+        live = []
+        for key in list(self.store.list(prefix)):
+            try:
+                doc = json.loads(self.store.get(key, 4096))
+                fresh = time.time() - float(doc["time"]) < STALE
+            except NotFound:
+                continue
+            except (CorruptBackup, ValueError, KeyError, TypeError, UnicodeDecodeError):
+                fresh = True  # unreadable: assume alive (it goes when its owner removes it)
+            if fresh:
+                live.append(key)
+            else:
+                self.store.delete(key)
+        return live
+
+    def _owner(self, key: str) -> str:
+        with contextlib.suppress(Exception):
+            return str(json.loads(self.store.get(key, 4096))["owner"])
+        return key
+
+    # reading ---------------------------------------------------------------------------
+    def ids(self) -> Names:
+        return sorted(k.split("/", 1)[1] for k in self.store.list("index/")
+                      if valid_id(k.split("/", 1)[1]))
+
+    def _load(self, backup_id: str) -> tuple[BackupIndex, dict[str, ChunkList]]:
+        if backup_id in self._indexes:
+            return self._indexes[backup_id]
+        if not valid_id(backup_id):
+            raise NotFound(f"no backup {backup_id!r} in {self}", "see `migrate backup list`")
+        try:
+            blob = self.store.get(f"index/{backup_id}", object_limit(MAX_INDEX))
+        except NotFound as e:
+            raise NotFound(f"no backup {backup_id!r} in {self}",
+                           "see `migrate backup list`") from e
+        raw = self.codec.open(blob, b"index:" + backup_id.encode(), MAX_INDEX,
+                              f"backup {backup_id}: index")
+        try:
+            doc = json.loads(raw)
+            idx = BackupIndex.from_json(json.dumps(doc["index"]), backup_id)
+            chunks = {str(rel): [(str(c), int(s)) for c, s in lst]
+                      for rel, lst in doc["chunks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CorruptBackup(f"backup {backup_id}: index malformed: {e}") from e
+        for part in idx.parts:
+            lst = chunks.get(part.path)
+            if lst is None:
+                raise CorruptBackup(f"backup {backup_id}: index lists no chunks for "
+                                    f"part {part.path}")
+            if any(len(c) != 64 or s <= 0 or s > MAX_SIZE * 4 for c, s in lst) \
+                    or sum(s for _, s in lst) != part.size:
+                raise CorruptBackup(f"backup {backup_id}: the chunks of part {part.path} "
+                                    f"do not add up to its {part.size} bytes")
+        self._indexes[backup_id] = (idx, chunks)
+        return idx, chunks
+
+    def get(self, backup_id: str) -> BackupIndex:
+        return self._load(backup_id)[0]
+
+    def chunks_of(self, backup_id: str, rel: str) -> ChunkList:
+        """The chunks part ``rel`` of a backup is made of, in order: (id, size)."""
+        _, chunks = self._load(backup_id)
+        if rel not in chunks:
+            raise CorruptBackup(f"backup {backup_id}: missing part {rel}")
+        return chunks[rel]
+
+    def list(self) -> list[BackupIndex]:
+        out = []
+        for i in self.ids():
+            with contextlib.suppress(CorruptBackup):
+                out.append(self.get(i))
+        return sorted(out, key=lambda b: (b.created, b.id))
+
+    def part_size(self, backup_id: str, rel: str) -> int | None:
+        """The part's length as its index records it (the chunks' presence is
+        ``missing_chunks``' business)."""
+        try:
+            return sum(s for _, s in self.chunks_of(backup_id, rel))
+        except CorruptBackup:
+            return None
+
+    def open_part(self, backup_id: str, rel: str) -> ChunkReader:
+        return ChunkReader(self, self.chunks_of(backup_id, rel), f"backup {backup_id}: "
+                           f"part {rel}")
+
+    def chunk_ids(self) -> set[str]:
+        """Every chunk in the store (one listing)."""
+        return {k.rsplit("/", 1)[1] for k in self.store.list("data/")}
+
+    def missing_chunks(self, backup_id: str, rel: str, have: set[str]) -> Names:
+        return [c for c, _ in self.chunks_of(backup_id, rel) if c not in have]
+
+    def check_chunks(self, backup_id: str, rel: str) -> Names:
+        """Every problem of every chunk of one part, each read and authenticated (in
+        parallel): ``verify --deep`` names each bad chunk."""
+        problems: Names = []
+        where = f"backup {backup_id}: part {rel}"
+        with ThreadPoolExecutor(PREFETCH, thread_name_prefix="verify") as pool:
+            futs = [(c, pool.submit(self.read_chunk, c, s))
+                    for c, s in self.chunks_of(backup_id, rel)]
+            for c, f in futs:
+                try:
+                    f.result()
+                except CorruptBackup as e:
+                    problems.append(f"{where}: {e.message}" if c in e.message
+                                    else f"{where}: chunk {c}: {e.message}")
+        return problems
+
+    def read_chunk(self, chunk_id: str, size: int) -> bytes:
+        try:
+            blob = self.store.get(chunk_key(chunk_id), object_limit(size))
+        except NotFound as e:
+            raise CorruptBackup(f"chunk {chunk_id} is missing") from e
+        return self.codec.open_chunk(chunk_id, blob, size)
+
+    # writing ---------------------------------------------------------------------------
+    def writer(self, backup_id: str, fresh: bool = True) -> ChunkedBackupWriter:
+        return ChunkedBackupWriter(self, backup_id)
+
+    def _put_index(self, idx: BackupIndex, chunks: dict[str, ChunkList],
+                   stats: WriteStats | None) -> None:
+        BackupIndex.from_json(idx.to_json(), idx.id)  # never write an index we'd refuse
+        doc = {"index": json.loads(idx.to_json()),
+               "chunks": {rel: [list(c) for c in lst] for rel, lst in chunks.items()},
+               "stats": asdict(stats) if stats else None}
+        blob = self.codec.seal(json.dumps(doc, separators=(",", ":")).encode(),
+                               b"index:" + idx.id.encode())
+        self.store.put(f"index/{idx.id}", blob)
+        self._indexes[idx.id] = (BackupIndex.from_json(idx.to_json(), idx.id), chunks)
+
+    def set_protected(self, backup_id: str, protected: bool) -> BackupIndex:
+        idx, chunks = self._load(backup_id)
+        idx.protected = protected
+        self._put_index(idx, chunks, None)
+        return idx
+
+    def delete(self, backup_id: str) -> None:
+        """Remove the backup's index: it no longer exists. Its chunks go at the next
+        ``collect_garbage`` that finds them unreferenced."""
+        if not valid_id(backup_id) or not self.store.exists(f"index/{backup_id}"):
+            raise NotFound(f"no backup {backup_id!r} in {self}", "see `migrate backup list`")
+        self.store.delete(f"index/{backup_id}")
+        self._indexes.pop(backup_id, None)
+
+    # garbage collection ----------------------------------------------------------------
+    def collect_garbage(self, grace: float = GC_GRACE, dry_run: bool = False) -> GcResult:
+        """Delete chunks no backup references, in two phases (see the module docstring).
+        Call it under ``lock``."""
+        result = GcResult()
+        self.store.put("gc/running", _stamp())
+        try:
+            referenced: set[str] = set()
+            for bid in self.ids():  # an unreadable index stops it: its chunks are unknown
+                self._indexes.pop(bid, None)
+                for lst in self._load(bid)[1].values():
+                    referenced.update(c for c, _ in lst)
+            unref = self.chunk_ids() - referenced
+            now = time.time()
+            pending = self._pending()
+            writers = self._live("writers/")
+            due = {c for c in unref if c in pending and now - pending[c] >= grace}
+            if writers and due:
+                result.postponed = len(due)
+                result.writers = [w.split("/", 1)[1] for w in writers]
+                due = set()
+            keep = {c: pending.get(c, now) for c in unref if c not in due}
+            result.pending, result.deleted = len(keep), len(due)
+            if not dry_run:
+                blob = self.codec.seal(json.dumps(keep).encode(), b"gc:pending")
+                self.store.put("gc/pending", blob)
+                for c in due:
+                    self.store.delete(chunk_key(c))
+        finally:
+            self.store.delete("gc/running")
+        return result
+
+    def _pending(self) -> dict[str, float]:
+        try:
+            blob = self.store.get("gc/pending", object_limit(MAX_INDEX))
+        except NotFound:
+            return {}
+        try:
+            doc = json.loads(self.codec.open(blob, b"gc:pending", MAX_INDEX, "gc/pending"))
+            return {str(k): float(v) for k, v in doc.items()}
+        except (CorruptBackup, ValueError, AttributeError, TypeError):
+            return {}  # start the grace period anew: nothing is deleted on its word
+
+    def wait_for_collection(self, wait: float = STALE) -> None:
+        """Until no garbage collection is running (a writer commits after it)."""
+        deadline = time.monotonic() + wait
+        while self._live("gc/running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@dataclass
+class GcResult:
+    deleted: int = 0
+    pending: int = 0
+    postponed: int = 0
+    writers: list[str] | None = None
+
+
+def _stamp() -> bytes:
+    return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}",
+                       "time": time.time()}).encode()
+
+
+class _Heartbeat:
+    """Refreshes an entry (``locks/...``, ``writers/...``) while its holder works, so it does
+    not go stale; removes it at the end."""
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store, self.key = store, key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            with contextlib.suppress(Exception):
+                self.store.put(self.key, _stamp())
+
+    def __enter__(self) -> _Heartbeat:
+        self.store.put(self.key, _stamp())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.store.delete(self.key)
+
+
+class ChunkReader(ReadsInto):
+    """A part read back: its chunks fetched in order, ``PREFETCH`` ahead in parallel, each
+    authenticated before a byte of it is returned."""
+
+    def __init__(self, repo: ChunkedRepository, chunks: ChunkList, where: str
+                 ) -> None:
+        self.repo, self.where = repo, where
+        self._todo = iter(chunks)
+        self._pool = ThreadPoolExecutor(min(PREFETCH, 4), thread_name_prefix="fetch")
+        self._window: list[Future[bytes]] = []
+        self._buf = memoryview(b"")
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._window) < PREFETCH:
+            nxt = next(self._todo, None)
+            if nxt is None:
+                return
+            self._window.append(self._pool.submit(self.repo.read_chunk, *nxt))
+
+    def _next(self) -> bool:
+        if not self._window:
+            return False
+        fut = self._window.pop(0)
+        try:
+            self._buf = memoryview(fut.result())
+        except CorruptBackup as e:
+            raise CorruptBackup(f"{self.where}: {e.message}", e.hint) from e
+        self._fill()
+        return True
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n is None or n < 0:
+            out = bytearray()
+            while chunk := self.read(MAX_SIZE):
+                out += chunk
+            return bytes(out)
+        while not self._buf:
+            if not self._next():
+                return b""
+        data = bytes(self._buf[:n])
+        self._buf = self._buf[n:]
+        return data
+
+    def close(self) -> None:
+        for f in self._window:
+            f.cancel()
+        self._window = []
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ChunkedPartWriter:
+    """One part: cut into chunks as it is written; new chunks sealed and uploaded by the
+    backup's uploaders, known ones only listed."""
+
+    def __init__(self, backup: ChunkedBackupWriter, rel: str) -> None:
+        self.backup, self.rel = backup, rel
+        self._chunker = Chunker(*backup.repo._chunker_args())
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.chunks: ChunkList = []
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        for chunk in self._chunker.feed(data):
+            self.chunks.append(self.backup.add_chunk(chunk))
+        return len(data)
+
+    def flush(self) -> None:
+        """Chunks are cut as data arrives; the last is cut by ``finish``."""
+
+    def finish(self) -> tuple[int, str]:
+        for chunk in self._chunker.finish():
+            self.chunks.append(self.backup.add_chunk(chunk))
+        self.backup.drain()
+        self.backup.parts[self.rel] = self.chunks
+        return self.size, self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self.chunks = []
+
+
+class ChunkedBackupWriter:
+    """One backup being written (see the module docstring: no lock, an entry in
+    ``writers/`` while it runs, the index written last)."""
+
+    def __init__(self, repo: ChunkedRepository, backup_id: str) -> None:
+        if not valid_id(backup_id):
+            raise BackupError(f"invalid backup id {backup_id!r}")
+        repo.check()
+        if repo.store.exists(f"index/{backup_id}"):
+            raise BackupError(f"backup {backup_id} already exists")
+        self.repo, self.id = repo, backup_id
+        self.codec = repo.codec
+        self._beat = _Heartbeat(repo.store, f"writers/{backup_id}").__enter__()
+        self.known = repo.chunk_ids()  # after the writers/ entry: see collect_garbage
+        self.reused: set[str] = set()
+        self.parts: dict[str, ChunkList] = {}
+        self.stats = WriteStats()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(IN_FLIGHT)
+        self._pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="upload")
+        self._futures: list[Future[None]] = []
+        self._closed = False
+
+    def part(self, rel: str) -> ChunkedPartWriter:
+        if not valid_part_path(rel):
+            raise ValueError(f"bad part path {rel!r}")
+        return ChunkedPartWriter(self, rel)
+
+    def add_chunk(self, data: bytes) -> tuple[str, int]:
+        """Name the chunk; hand it to an uploader unless the store (or this backup) has it."""
+        cid = self.codec.chunk_id(data)
+        self.stats.chunks += 1
+        self.stats.raw_bytes += len(data)
+        if cid in self.known:
+            self.reused.add(cid)
+            return cid, len(data)
+        self.known.add(cid)
+        self._check_failed()
+        self._slots.acquire()
+        try:
+            self._futures.append(self._pool.submit(self._upload, cid, data))
+        except BaseException:
+            self._slots.release()
+            raise
+        return cid, len(data)
+
+    def _upload(self, cid: str, data: bytes) -> None:
+        try:
+            blob = self.codec.seal_chunk(cid, data)
+            self.repo.store.put(chunk_key(cid), blob)
+            with self._lock:
+                self.stats.stored_bytes += len(blob)
+                self.stats.new_chunks += 1
+        finally:
+            self._slots.release()
+
+    def _check_failed(self) -> None:
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            f.result()  # raises the upload's error
+
+    def drain(self) -> None:
+        """Wait for every upload handed out so far; raise the first failure."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+    def commit(self, index: BackupIndex) -> None:
+        if index.id != self.id:
+            raise ValueError("index of another backup")
+        self.drain()
+        chunks = {p.path: self.parts[p.path] for p in index.parts if p.path in self.parts}
+        missing = [p.path for p in index.parts if p.path not in self.parts]
+        if missing:
+            raise BackupError(f"backup {self.id}: parts {missing} were never written")
+        self.repo.wait_for_collection()
+        gone = self.reused - self.repo.chunk_ids()
+        if gone:
+            raise BackupError(f"backup {self.id}: {len(gone)} chunk(s) it reuses were "
+                              "removed by a concurrent prune while it ran",
+                              "run the backup again (its new chunks are kept for it until "
+                              "the next prune's grace period ends)")
+        self.repo._put_index(index, chunks, self.stats)
+        self.repo.last_stats = self.stats
+        self._close()
+
+    def abort(self) -> None:
+        """Nothing becomes visible; the chunks stored so far are garbage for the next
+        collection (another backup may already reuse them)."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._beat.__exit__(None, None, None)
+
+
+def write_key_file(path: Path, envelope: bytes) -> None:
+    """The key envelope into ``path``, 0600, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(envelope)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_key_file(path: Path) -> bytes:
+    """A key envelope from ``path``; refused when others may read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise BackupError(f"cannot read key file {path}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise BackupError(f"key file {path} is readable by others "
+                              f"(mode {st.st_mode & 0o777:o})", f"chmod 600 {path}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(4097)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["ChunkedRepository", "GcResult", "WriteStats", "WrongPassphrase", "is_chunked",
+           "passphrase_from_env"]

@@ -1,0 +1,435 @@
+"""The chunked repository: keys, chunks, the directory store, and the repository over it.
+
+Real crypto, real zstd, a real directory; the streams are synthetic (random bytes), so the
+dedup figures are exact and quick. Scrypt runs at a low cost here (the envelope says which),
+except where the default cost is the subject.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from migrator.backup import chunkrepo
+from migrator.backup.chunkrepo import ChunkedRepository, is_chunked
+from migrator.backup.chunks import Chunker, Codec, chunk_key
+from migrator.backup.dirstore import DirStore
+from migrator.backup.keys import RepoKey, WrongPassphrase, unwrap, wrap
+from migrator.backup.model import BackupIndex, PartInfo
+from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NotFound
+
+CHEAP = (1024, 8, 1)  # scrypt cost for tests
+SMALL = (64 << 10, 128 << 10, 512 << 10)  # chunker for small synthetic streams
+BID = "web-20261201T000000Z-abcdef"
+BID2 = "db-20261201T000001Z-abcdef"
+
+
+def data(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# keys ------------------------------------------------------------------------------------
+def test_key_roundtrip_and_wrong_passphrase() -> None:
+    key = RepoKey.generate()
+    env = wrap(key, "right", "r" * 32, CHEAP)
+    assert unwrap(env, "right", "r" * 32) == key
+    with pytest.raises(WrongPassphrase):
+        unwrap(env, "wrong", "r" * 32)
+    assert "right" not in env.decode() and base64.b64encode(key.enc_key).decode() \
+        not in env.decode()
+
+
+def test_default_cost_is_scrypt_2_15() -> None:
+    doc = json.loads(wrap(RepoKey.generate(), "pw", "x" * 32))
+    assert (doc["kdf"]["n"], doc["kdf"]["r"], doc["kdf"]["p"]) == (2 ** 15, 8, 1)
+
+
+@pytest.mark.parametrize("field,value", [("n", 2048), ("salt", base64.b64encode(b"s" * 16)
+                                                       .decode())])
+def test_tampered_envelope_fails_authentication(field: str, value: object) -> None:
+    env = json.loads(wrap(RepoKey.generate(), "pw", "r" * 32, CHEAP))
+    env["kdf"][field] = value
+    with pytest.raises(WrongPassphrase):  # the KDF parameters are under the seal
+        unwrap(json.dumps(env).encode(), "pw", "r" * 32)
+
+
+def test_tampered_ciphertext_and_other_repository() -> None:
+    env = json.loads(wrap(RepoKey.generate(), "pw", "r" * 32, CHEAP))
+    ct = bytearray(base64.b64decode(env["ciphertext"]))
+    ct[5] ^= 1
+    bad = {**env, "ciphertext": base64.b64encode(bytes(ct)).decode()}
+    with pytest.raises(WrongPassphrase):
+        unwrap(json.dumps(bad).encode(), "pw", "r" * 32)
+    with pytest.raises(CorruptBackup, match="belongs to repository"):
+        unwrap(json.dumps(env).encode(), "pw", "s" * 32)
+
+
+@pytest.mark.parametrize("kdf", [
+    {"n": 2 ** 24, "r": 8, "p": 1},  # 16 GiB of memory
+    {"n": 2 ** 20, "r": 8, "p": 1},  # 1 GiB: above the memory bound
+    {"n": 1000, "r": 8, "p": 1},  # not a power of two
+    {"n": 2 ** 14, "r": 8, "p": 100},  # p out of bounds
+    {"n": True, "r": 8, "p": 1},
+    {"n": "16384", "r": 8, "p": 1},
+])
+def test_hostile_kdf_parameters_are_refused_before_use(kdf: dict[str, object]) -> None:
+    env = json.loads(wrap(RepoKey.generate(), "pw", "r" * 32, CHEAP))
+    env["kdf"].update(kdf)
+    with pytest.raises(CorruptBackup, match="scrypt"):
+        unwrap(json.dumps(env).encode(), "pw", "r" * 32)
+
+
+def test_envelope_not_json_or_too_large() -> None:
+    with pytest.raises(CorruptBackup):
+        unwrap(b"{nope", "pw", "r" * 32)
+    with pytest.raises(CorruptBackup, match="large"):
+        unwrap(b" " * 10000, "pw", "r" * 32)
+
+
+# chunks ----------------------------------------------------------------------------------
+def test_push_chunker_cuts_like_the_whole_buffer() -> None:
+    from pyfastcdc import FastCDC
+
+    blob = data(9 << 20, 1)
+    whole = [bytes(c.data) for c in FastCDC(SMALL[1], min_size=SMALL[0], max_size=SMALL[2])
+             .cut_buf(blob)]
+    ch, pushed = Chunker(*SMALL), []
+    for i in range(0, len(blob), 100_003):  # odd piece sizes
+        pushed += list(ch.feed(blob[i:i + 100_003]))
+    pushed += list(ch.finish())
+    assert pushed == whole and b"".join(pushed) == blob
+
+
+def codec() -> Codec:
+    return Codec(RepoKey.generate())
+
+
+def test_chunk_roundtrip_and_flipped_byte() -> None:
+    c = codec()
+    plain = data(300_000, 2)
+    cid = c.chunk_id(plain)
+    blob = c.seal_chunk(cid, plain)
+    assert c.open_chunk(cid, blob, len(plain)) == plain
+    for pos in (0, 5, len(blob) // 2, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x40
+        with pytest.raises(CorruptBackup, match=cid[:16]):
+            c.open_chunk(cid, bytes(bad), len(plain))
+
+
+def test_swapped_chunk_and_wrong_aad_are_refused() -> None:
+    c = codec()
+    a, b = data(1000, 3), data(1000, 4)
+    ida, idb = c.chunk_id(a), c.chunk_id(b)
+    with pytest.raises(CorruptBackup, match="authentication"):
+        c.open_chunk(ida, c.seal_chunk(idb, b), 1000)  # the store answers a with b
+    with pytest.raises(CorruptBackup, match="authentication"):
+        c.open(c.seal(a, b"index:" + BID.encode()), b"index:" + BID2.encode(), 10_000, "x")
+    with pytest.raises(CorruptBackup, match="authentication"):  # another repository's key
+        codec().open_chunk(ida, c.seal_chunk(ida, a), 1000)
+
+
+def test_chunk_sealed_under_its_own_id_but_other_content_is_refused() -> None:
+    """Only the key holder can seal; with it, a chunk whose content has another name is
+    still refused (the HMAC is checked after the tag)."""
+    c = codec()
+    a, b = data(1000, 5), data(1000, 6)
+    with pytest.raises(CorruptBackup, match="does not match its name"):
+        c.open_chunk(c.chunk_id(a), c.seal_chunk(c.chunk_id(a), b), 1000)
+
+
+def test_decompression_bomb_is_stopped_at_the_declared_size() -> None:
+    c = codec()
+    zeros = bytes(8 << 20)
+    cid = c.chunk_id(zeros)
+    blob = c.seal_chunk(cid, zeros)
+    assert len(blob) < 10_000
+    with pytest.raises(CorruptBackup, match="beyond"):
+        c.open_chunk(cid, blob, 4096)
+
+
+def test_unencrypted_codec_checks_the_hash() -> None:
+    c = Codec(None)
+    plain = data(5000, 7)
+    cid = c.chunk_id(plain)
+    import hashlib
+    assert cid == hashlib.sha256(plain).hexdigest()
+    blob = bytearray(c.seal_chunk(cid, plain))
+    assert c.open_chunk(cid, bytes(blob), 5000) == plain
+    blob[-3] ^= 1
+    with pytest.raises(CorruptBackup):
+        c.open_chunk(cid, bytes(blob), 5000)
+
+
+# the directory store ---------------------------------------------------------------------
+def test_dirstore_basics_and_modes(tmp_path: Path) -> None:
+    s = DirStore(tmp_path / "repo")
+    s.create()
+    s.put("data/ab/abc", b"hello")
+    assert s.get("data/ab/abc", 10) == b"hello" and s.exists("data/ab/abc")
+    assert sorted(s.list("data/")) == ["data/ab/abc"] and list(s.list("index/")) == []
+    assert (tmp_path / "repo/data/ab/abc").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "repo/data/ab").stat().st_mode & 0o777 == 0o700
+    s.delete("data/ab/abc")
+    s.delete("data/ab/abc")  # missing: not an error
+    with pytest.raises(NotFound):
+        s.get("data/ab/abc", 10)
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a//b", "a/./b", "", ".hidden/x",
+                                 "a/b\0", "data/..", "x" * 600])
+def test_dirstore_refuses_bad_keys(tmp_path: Path, key: str) -> None:
+    s = DirStore(tmp_path)
+    for op in (lambda: s.put(key, b"x"), lambda: s.get(key, 10), lambda: s.delete(key)):
+        with pytest.raises(InvalidInput):
+            op()
+
+
+def test_dirstore_refuses_planted_symlinks(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret")
+    s = DirStore(tmp_path / "repo")
+    s.create()
+    (tmp_path / "repo/index").mkdir()
+    os.symlink(secret, tmp_path / "repo/index/x")
+    with pytest.raises(CorruptBackup, match="symbolic link"):
+        s.get("index/x", 100)
+    os.symlink(tmp_path, tmp_path / "repo/data")  # a directory link
+    with pytest.raises(CorruptBackup, match="symbolic link"):
+        s.get("data/secret", 100)
+    assert list(s.list("")) == []  # links are no objects
+    with pytest.raises(Exception, match="not a directory"):
+        s.put("data/ab/new", b"x")  # a put does not write through the link either
+    assert not (tmp_path / "ab").exists()
+
+
+def test_dirstore_refuses_oversized_objects(tmp_path: Path) -> None:
+    s = DirStore(tmp_path)
+    s.put("big", b"x" * 1000)
+    with pytest.raises(CorruptBackup, match="more than"):
+        s.get("big", 999)
+    assert len(s.get("big", 1000)) == 1000
+
+
+# the repository --------------------------------------------------------------------------
+def make_repo(tmp_path: Path, encryption: str = "repokey") -> ChunkedRepository:
+    store = DirStore(tmp_path / "repo")
+    store.create()
+    return ChunkedRepository.create(store, encryption, "pw", cost=CHEAP, chunker=SMALL)
+
+
+def index_for(bid: str, parts: list[tuple[str, int, str]]) -> BackupIndex:
+    return BackupIndex(
+        id=bid, container=bid.split("-")[0], created=1.0, kind="generic", driver="dir",
+        parent=None, compression="none", image=None, privileged=False, final="final",
+        parts=[PartInfo(rel, "tar", "final", None, size, sha, size) for rel, size, sha in
+               parts])
+
+
+def backup(repo: ChunkedRepository, bid: str, blob: bytes) -> chunkrepo.WriteStats:
+    w = repo.writer(bid)
+    part = w.part("container.tar")
+    for i in range(0, len(blob), 1 << 20):
+        part.write(blob[i:i + (1 << 20)])
+    size, sha = part.finish()
+    w.commit(index_for(bid, [("container.tar", size, sha)]))
+    return w.stats
+
+
+def read_back(repo: ChunkedRepository, bid: str) -> bytes:
+    with repo.open_part(bid, "container.tar") as f:
+        return b"".join(iter(lambda: f.read(1 << 20), b""))
+
+
+def test_roundtrip_and_dedup_of_identical_streams(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    assert is_chunked(repo.store)
+    blob = data(24 << 20, 10)
+    first = backup(repo, BID, blob)
+    second = backup(repo, BID2, blob)
+    assert first.stored_bytes > 0.95 * len(blob) and first.new_chunks == first.chunks
+    assert second.stored_bytes < 0.10 * first.stored_bytes and second.new_chunks == 0
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    assert read_back(fresh, BID2) == blob and fresh.ids() == sorted([BID, BID2])
+    assert fresh.part_size(BID, "container.tar") == len(blob)
+
+
+def test_a_one_percent_change_stores_about_one_percent(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    blob = bytearray(data(32 << 20, 11))
+    first = backup(repo, BID, bytes(blob))
+    change = len(blob) // 100
+    blob[10 << 20:(10 << 20) + change] = data(change, 12)
+    second = backup(repo, BID2, bytes(blob))
+    ratio = second.stored_bytes / first.stored_bytes
+    assert 0.01 <= ratio <= 0.03, ratio
+    assert read_back(repo, BID2) == bytes(blob)
+
+
+def test_no_plaintext_in_any_stored_file(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    marker = b"PLAINTEXT-MARKER-0123456789"
+    blob = (marker + data(1000, 13)) * 3000  # compressible, repeated, and marked
+    backup(repo, BID, blob)
+    files = [p for p in (tmp_path / "repo").rglob("*") if p.is_file()]
+    assert len(files) > 3
+    for p in files:
+        content = p.read_bytes()
+        assert marker not in content and b"container.tar" not in content, p
+        assert b"web" not in content or p.name == BID, p  # the container's name neither
+
+
+def test_wrong_passphrase_refused_before_anything_else_is_read(tmp_path: Path) -> None:
+    make_repo(tmp_path)
+    read: list[str] = []
+    store = DirStore(tmp_path / "repo")
+    orig_get = store.get
+
+    def spy(key: str, limit: int) -> bytes:
+        read.append(key)
+        return orig_get(key, limit)
+    store.get = spy  # type: ignore[method-assign]
+    repo = ChunkedRepository(store, lambda _c: "nope")
+    with pytest.raises(WrongPassphrase):
+        repo.init()
+    assert read == ["config", "keys/repokey"]
+    with pytest.raises(WrongPassphrase):
+        repo.writer(BID)
+    assert not any(p.name.startswith(("writers", "locks")) for p in (tmp_path / "repo")
+                   .iterdir())
+
+
+def test_crash_before_the_index_leaves_nothing_visible(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    w = repo.writer(BID)
+    part = w.part("container.tar")
+    part.write(data(3 << 20, 14))
+    part.finish()  # chunks are in the store, the index is not: a crash here
+    assert repo.ids() == [] and repo.list() == []
+    with pytest.raises(NotFound):
+        repo.get(BID)
+    assert list(repo.store.list("writers/")) == [f"writers/{BID}"]  # it says it is running
+    w.abort()
+    assert list(repo.store.list("writers/")) == []
+
+
+def test_tampered_and_swapped_indexes_are_refused(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(1 << 20, 15))
+    backup(repo, BID2, data(1 << 20, 16))
+    root = tmp_path / "repo/index"
+    (root / BID).write_bytes((root / BID2).read_bytes())  # one backup's index as another's
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    with pytest.raises(CorruptBackup, match="authentication"):
+        fresh.get(BID)
+    assert [b.id for b in fresh.list()] == [BID2]
+
+
+def test_missing_and_flipped_chunks_are_named(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(2 << 20, 17))
+    chunks = repo.chunks_of(BID, "container.tar")
+    assert len(chunks) >= 3
+    repo.store.delete(chunk_key(chunks[0][0]))
+    victim = tmp_path / "repo" / chunk_key(chunks[1][0])
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 1
+    victim.write_bytes(bytes(blob))
+    problems = repo.check_chunks(BID, "container.tar")
+    assert any(chunks[0][0] in p and "missing" in p for p in problems), problems
+    assert any(chunks[1][0] in p and "authentication" in p for p in problems), problems
+    assert len(problems) == 2
+    assert repo.missing_chunks(BID, "container.tar", repo.chunk_ids()) == [chunks[0][0]]
+    with pytest.raises(CorruptBackup, match=chunks[0][0]):
+        read_back(repo, BID)
+
+
+def test_unencrypted_repository_needs_no_passphrase(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, "none")
+    blob = data(2 << 20, 18)
+    backup(repo, BID, blob)
+    assert not (tmp_path / "repo/keys").exists()
+    assert read_back(ChunkedRepository(DirStore(tmp_path / "repo")), BID) == blob
+
+
+def test_config_is_validated(tmp_path: Path) -> None:
+    make_repo(tmp_path)
+    conf = tmp_path / "repo/config"
+    doc = json.loads(conf.read_text())
+    for bad in ({"chunker": {"min": 1, "avg": 2, "max": 3}}, {"encryption": "rot13"},
+                {"version": 99}, {"format": "other"}):
+        conf.write_text(json.dumps({**doc, **bad}))
+        with pytest.raises(BackupError):
+            ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw").check()
+
+
+def test_key_file_mode_and_change_passphrase(tmp_path: Path) -> None:
+    store = DirStore(tmp_path / "repo")
+    store.create()
+    kf = tmp_path / "key"
+    ChunkedRepository.create(store, "repokey", "pw", key_file=kf, cost=CHEAP, chunker=SMALL)
+    assert not store.exists("keys/repokey") and kf.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(BackupError, match="key file"):
+        ChunkedRepository(store, lambda _c: "pw").check()
+    repo = ChunkedRepository(store, lambda _c: "pw", kf)
+    backup(repo, BID, data(1 << 20, 19))
+    repo.change_passphrase("new")
+    with pytest.raises(WrongPassphrase):
+        ChunkedRepository(store, lambda _c: "pw", kf).check()
+    assert ChunkedRepository(store, lambda _c: "new", kf).get(BID).id == BID
+    os.chmod(kf, 0o644)
+    with pytest.raises(BackupError, match="readable by others"):
+        ChunkedRepository(store, lambda _c: "new", kf).check()
+
+
+def test_lock_excludes_a_second_locker(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    other = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    with repo.lock(), pytest.raises(BackupError, match="locked by"), other.lock(wait=0.5):
+        pass
+    with other.lock(wait=0.5):  # released
+        pass
+    assert list(repo.store.list("locks/")) == []
+
+
+def test_garbage_collection_in_two_phases(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    keep, drop = data(2 << 20, 20), data(2 << 20, 21)
+    backup(repo, BID, keep)
+    backup(repo, BID2, drop)
+    before = repo.chunk_ids()
+    repo.delete(BID2)
+    with repo.lock():
+        first = repo.collect_garbage(grace=0)
+    assert first.deleted == 0 and first.pending > 0 and repo.chunk_ids() == before
+    w = repo.writer("x-20261201T000002Z-abcdef")  # a backup running: nothing goes
+    with repo.lock():
+        held = repo.collect_garbage(grace=0)
+    assert held.deleted == 0 and held.postponed == first.pending
+    w.abort()
+    with repo.lock():
+        second = repo.collect_garbage(grace=0)
+    assert second.deleted == first.pending and second.pending == 0
+    assert len(repo.chunk_ids()) == len(before) - first.pending
+    assert read_back(repo, BID) == keep
+
+
+def test_a_chunk_collected_under_a_writer_fails_its_commit(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    blob = data(1 << 20, 22)
+    backup(repo, BID, blob)
+    w = repo.writer(BID2)  # knows BID's chunks: will reuse them
+    part = w.part("container.tar")
+    part.write(blob)
+    size, sha = part.finish()
+    for c, _ in repo.chunks_of(BID, "container.tar"):  # as a racing collection would
+        repo.store.delete(chunk_key(c))
+    with pytest.raises(BackupError, match="concurrent prune"):
+        w.commit(index_for(BID2, [("container.tar", size, sha)]))
+    w.abort()
+    assert BID2 not in repo.ids()
