@@ -22,10 +22,17 @@ result's notes say so. Snapshots the parent chain already holds are referenced, 
 
 Staged and journaled: the backup is assembled in ``.partial-ID`` and exists only once its
 index is committed; on any failure it is removed and the container is as it was.
+
+Into a chunked repository (``migrator.backup.chunkrepo``: ``compresses_chunks``) the streams
+go uncompressed: the repository compresses each chunk, and a stream compressed as a whole
+would cut into different chunks every time, deduplicating nothing. Such a repository also
+takes several writers at once (``concurrent_writers``), so no lock is held while writing;
+the result then carries its chunk counts and the bytes dedup and compression left new.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,6 +74,9 @@ class BackupResult:
     snapshots_referenced: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     operation: str | None = None
+    #: a chunked repository's: chunks in this backup, and those it had to store
+    chunks: int | None = None
+    new_chunks: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +143,8 @@ def create_backup(
     the scheduler's time when it runs a simulated calendar."""
     t0 = time.monotonic()
     level = parse_compression(compression)
+    if getattr(repo, "compresses_chunks", False):
+        level = None  # the repository compresses chunk by chunk (see the module docstring)
     comp = "none" if level is None else f"zstd:{level}"
     rec = cts.get(name)
     backend = cts.host.backend(rec.pool)
@@ -144,7 +156,9 @@ def create_backup(
     vol = VolumeRef("container", rec.name)
     snaps = [] if instance_only else cts.state.list_snapshots(rec.name)
     repo.init()
-    with repo.lock():
+    lock = contextlib.nullcontext() if getattr(repo, "concurrent_writers", False) \
+        else repo.lock()
+    with lock:
         bid = new_backup_id(rec.name, created)
         result = BackupResult(bid, rec.name, kind, None, comp)
         parent, base = (None, None)
@@ -203,6 +217,10 @@ def create_backup(
             _drop_older_bases(repo, idx, backend, vol, result.notes)
     result.raw_bytes = idx.raw_size()
     result.stored_bytes = idx.stored_size()
+    stats = getattr(writer, "stats", None)  # a chunked repository's WriteStats
+    if stats is not None:
+        result.stored_bytes = stats.stored_bytes
+        result.chunks, result.new_chunks = stats.chunks, stats.new_chunks
     result.seconds = time.monotonic() - t0
     return result
 

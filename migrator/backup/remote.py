@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -306,9 +307,18 @@ class RemoteRepository:
         self.call("delete", id=backup_id)
 
 
-def open_repository(host: Host, spec: str | None) -> Repository | RemoteRepository:
+def open_repository(host: Host, spec: str | None,
+                    passphrase: Callable[[bool], str] | None = None,
+                    key_file: Path | None = None) -> BackupRepository:
     """``spec`` as given to ``--repo`` or ``backups.repo``: a directory, ``ssh://HOST/PATH``
-    on one of ``host``'s inventory hosts, or None for ``<state root>/backups``."""
+    on one of ``host``'s inventory hosts, ``s3://BUCKET/PREFIX``, or None for
+    ``<state root>/backups``.
+
+    A directory holding a chunked repository's ``config`` and every ``s3://`` address are
+    ``ChunkedRepository``s (``passphrase``: how to ask for one when ``MIGRATOR_PASSPHRASE``
+    is not set; ``key_file``, else ``MIGRATOR_KEY_FILE``: where the key envelope is kept
+    when not in the repository). An ``ssh://`` repository is always the directory format
+    served by the far agent (a chunked one there is not reached through ssh:// yet)."""
     if spec and spec.startswith("ssh:"):
         # paramiko only here, for an ssh:// repository: the agent imports this module for
         # its dispatch table, and ~0.3 s more on each agent's start-up would be paid by all
@@ -316,7 +326,21 @@ def open_repository(host: Host, spec: str | None) -> Repository | RemoteReposito
 
         name, path = parse_url(spec)
         return RemoteRepository(inventory_transport(host, name).connect(), path)
-    return Repository(Path(spec) if spec else host.root / "backups")
+    if key_file is None and os.environ.get("MIGRATOR_KEY_FILE"):
+        key_file = Path(os.environ["MIGRATOR_KEY_FILE"])
+    if spec and spec.startswith("s3:"):
+        # boto3 (slow to import) and the chunked format's crypto only for such a repository
+        from migrator.backup.chunkrepo import ChunkedRepository
+        from migrator.backup.s3store import S3Store
+
+        return ChunkedRepository(S3Store.from_url(spec), passphrase, key_file)
+    where = Path(spec) if spec else host.root / "backups"
+    if (where / "config").is_file() and not (where / "repo.json").exists():
+        from migrator.backup.chunkrepo import ChunkedRepository
+        from migrator.backup.dirstore import DirStore
+
+        return ChunkedRepository(DirStore(where), passphrase, key_file)
+    return Repository(where)
 
 
 # the agent side ----------------------------------------------------------------------------

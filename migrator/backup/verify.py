@@ -9,13 +9,19 @@ finds what a checksum cannot: a backup written from bad data, or a tar a restore
 Every kind of damage has its own message (``missing part X``, ``part X truncated: N of M
 bytes``, ``part X checksum mismatch``, ``index malformed: ...``, ``parent P is missing``),
 all collected, so one run reports everything that is wrong with a backup.
+
+In a chunked repository (``migrator.backup.chunkrepo``) the index is authenticated and the
+chunks sum to each part's size when it is read, so the quick check is that every chunk it
+lists is in the store (one listing of the store, not a read of the data). ``deep`` reads
+the parts (each chunk authenticated as it arrives, the part's sha256, the tar walk); when a
+chunk fails, every chunk of that part is read once more to name each bad one.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -25,6 +31,30 @@ from migrator.backup.repository import BackupRepository
 from migrator.core.errors import CorruptBackup, MigratorError
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.targuard import TarRules, check_tar
+
+
+class ChunkedParts(Protocol):
+    """What verify uses of a chunked repository (``backup.chunkrepo.ChunkedRepository``,
+    not imported here: its crypto stays out of the agent's start-up)."""
+
+    def chunk_ids(self) -> set[str]: ...
+
+    def missing_chunks(self, backup_id: str, rel: str, have: set[str]) -> list[str]: ...
+
+    def check_chunks(self, backup_id: str, rel: str) -> list[str]: ...
+
+
+def as_chunked(repo: BackupRepository) -> ChunkedParts | None:
+    """``repo`` when it is a chunked repository, else None."""
+    return repo if hasattr(repo, "check_chunks") else None  # type: ignore[return-value]
+
+
+def missing_problem(backup_id: str, part: PartInfo, missing: list[str]) -> str | None:
+    if not missing:
+        return None
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                      else "")
+    return f"backup {backup_id}: part {part.path}: {len(missing)} chunk(s) missing: {shown}"
 
 
 @dataclass
@@ -94,11 +124,14 @@ def check_part(repo: BackupRepository, backup_id: str, part: PartInfo,
     if not read:
         return None
     digest = hashlib.sha256()
-    with repo.open_part(backup_id, part.path) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            if meter is not None:
-                meter.advance(len(chunk))
+    try:
+        with repo.open_part(backup_id, part.path) as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                if meter is not None:
+                    meter.advance(len(chunk))
+    except CorruptBackup as e:  # a chunked repository's chunk that fails authentication
+        return e.message
     if digest.hexdigest() != part.sha256:
         return f"backup {backup_id}: part {part.path} checksum mismatch"
     return None
@@ -144,14 +177,26 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
     except CorruptBackup as e:
         report.problems.append(e.message)
     meter = ProgressMeter(progress, f"verify {backup_id}", idx.stored_size())
+    chunked = as_chunked(repo)
+    have = chunked.chunk_ids() if chunked is not None else set()
     for part in idx.parts:
-        problem = check_part(repo, idx.id, part, meter)
-        if problem is None and deep:
-            problem = _deep(repo, idx, part)
-        if problem is not None:
-            report.problems.append(problem)
         report.parts += 1
         report.bytes += part.size
+        if chunked is not None:
+            problem = missing_problem(idx.id, part, chunked.missing_chunks(idx.id, part.path,
+                                                                           have))
+            if problem is None and deep:
+                problem = _deep(repo, idx, part)
+                if problem is not None and "chunk" in problem:
+                    report.problems.extend(chunked.check_chunks(idx.id, part.path)
+                                           or [problem])
+                    continue
+        else:
+            problem = check_part(repo, idx.id, part, meter)
+            if problem is None and deep:
+                problem = _deep(repo, idx, part)
+        if problem is not None:
+            report.problems.append(problem)
     meter.finish()
     report.ok = not report.problems
     return report
@@ -175,9 +220,16 @@ def verify_chain(repo: BackupRepository, idx: BackupIndex, progress: Progress = 
     problems = []
     total = sum(b.stored_size() for b in chain) if read else None
     meter = ProgressMeter(progress, f"check {idx.id}", total)
+    chunked = as_chunked(repo)
+    have = chunked.chunk_ids() if chunked is not None else set()
     for b in chain:
         for part in b.parts:
-            problem = check_part(repo, b.id, part, meter, read)
+            problem = None
+            if chunked is not None:  # every chunk there (then, if read, each authenticated)
+                problem = missing_problem(b.id, part, chunked.missing_chunks(b.id, part.path,
+                                                                             have))
+            if problem is None:
+                problem = check_part(repo, b.id, part, meter, read)
             if problem is not None:
                 problems.append(problem)
     meter.finish()

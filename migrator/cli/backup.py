@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -15,8 +18,9 @@ from migrator.cli.render import Format, human_size, render
 from migrator.core.errors import InvalidInput
 
 if TYPE_CHECKING:
-    from migrator.backup.remote import RemoteRepository
-    from migrator.backup.repository import Repository
+    from migrator.backup.chunkrepo import ChunkedRepository
+    from migrator.backup.objectstore import ObjectStore
+    from migrator.backup.repository import BackupRepository
 
 backup_app = typer.Typer(
     help="Compressed, verifiable, incremental backups in a repository.\n\n"
@@ -24,21 +28,149 @@ backup_app = typer.Typer(
     "one directory per backup: an index.json listing its parts with their sha256, and the "
     "parts themselves (zstd-compressed tar or btrfs/zfs send streams). A backup is complete "
     "or absent: it is written aside and appears only once its index is on disk. "
-    "A repository on another host is reached through its agent: --repo ssh://HOST/PATH.",
+    "A repository on another host is reached through its agent: --repo ssh://HOST/PATH.\n\n"
+    "A chunked repository (`migrate backup init REPO`: a directory or s3://BUCKET/PREFIX) "
+    "stores every part as deduplicated, compressed chunks, encrypted and authenticated "
+    "with a key wrapped by a passphrase (MIGRATOR_PASSPHRASE, else asked; the key may be "
+    "kept in a file instead: --key-file or MIGRATOR_KEY_FILE). The same commands work on it.",
     no_args_is_help=True)
 
 REPO_OPT = typer.Option(None, "--repo", "-r",
-                        help="Repository: a directory, or ssh://HOST/PATH on an inventory "
-                        "host (ssh://HOST alone: that host's <state root>/backups) "
-                        "[default: <state root>/backups]")
+                        help="Repository: a directory, s3://BUCKET/PREFIX, or ssh://HOST/PATH "
+                        "on an inventory host (ssh://HOST alone: that host's "
+                        "<state root>/backups) [default: <state root>/backups]")
 FORMAT_OPT = format_option("table or json")
+KEY_FILE_OPT = typer.Option(None, "--key-file",
+                            help="The repository key's envelope in this file (0600) instead "
+                            "of the repository [env: MIGRATOR_KEY_FILE]")
 
 
-def _repo(path: str | None) -> Repository | RemoteRepository:
-    """A local repository (a directory) or ``ssh://HOST/PATH`` on an inventory host."""
+def _ask_passphrase(confirm: bool) -> str:
+    """``MIGRATOR_PASSPHRASE``, else a prompt on a terminal (asked twice when ``confirm``)."""
+    value = os.environ.get("MIGRATOR_PASSPHRASE")
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        from migrator.backup.chunkrepo import passphrase_from_env
+
+        return passphrase_from_env(confirm)  # raises, with the hint
+    return str(typer.prompt("Repository passphrase", hide_input=True,
+                            confirmation_prompt=confirm, err=True))
+
+
+def _repo(path: str | None, key_file: Path | None = None) -> BackupRepository:
+    """A local repository (a directory: the directory format or a chunked one),
+    ``s3://BUCKET/PREFIX`` (chunked) or ``ssh://HOST/PATH`` on an inventory host."""
     from migrator.backup.remote import open_repository
 
-    return open_repository(current().host, path)
+    return open_repository(current().host, path, _ask_passphrase, key_file)
+
+
+def _chunked(path: str | None, key_file: Path | None) -> ChunkedRepository:
+    from migrator.backup.chunkrepo import ChunkedRepository
+
+    r = _repo(path, key_file)
+    if not isinstance(r, ChunkedRepository):
+        raise InvalidInput(f"{r} is not a chunked repository",
+                           "keys belong to chunked repositories (`migrate backup init`)")
+    return r
+
+
+@backup_app.command("init")
+def init_cmd(
+    repo: str = typer.Argument(..., help="A directory, or s3://BUCKET/PREFIX"),
+    encryption: str = typer.Option(
+        "repokey", "--encryption", "-e",
+        help="repokey: chunks and indexes encrypted and authenticated (AES-256-GCM) with a "
+        "random key wrapped by your passphrase (scrypt); none: compressed and checked by "
+        "hash only"),
+    key_file: Path = KEY_FILE_OPT,
+    fmt: Format = FORMAT_OPT,
+) -> None:
+    """Create a chunked repository: deduplicated across backups and containers, encrypted.
+
+    The passphrase comes from MIGRATOR_PASSPHRASE or is asked twice. With --key-file the
+    wrapped key is written to that file only (keep a copy!), not into the repository.
+    Examples: `migrate backup init /srv/backups`, `migrate backup init s3://bkt/host-a`
+    """
+    from migrator.backup.chunkrepo import ChunkedRepository
+
+    if encryption not in ("repokey", "none"):
+        raise InvalidInput(f"unknown encryption {encryption!r}", "use repokey or none")
+    kf: Path | None = key_file or (Path(os.environ["MIGRATOR_KEY_FILE"])
+                                   if os.environ.get("MIGRATOR_KEY_FILE") else None)
+    store = _new_store(repo)
+    passphrase = _ask_passphrase(True) if encryption == "repokey" else None
+    r = ChunkedRepository.create(store, encryption, passphrase, kf)
+    if fmt == Format.json:
+        print_json({"repo": str(r), "id": r.config["id"], "encryption": encryption,
+                    "key_file": str(kf) if kf else None})
+        return
+    say(f"created chunked repository {r} ({encryption}"
+        + (f", key in {kf}" if kf and encryption == "repokey" else "") + ")")
+    if encryption == "repokey":
+        say("  keep the passphrase (and `migrate backup key export`): without them the "
+            "backups cannot be read")
+
+
+def _new_store(spec: str) -> ObjectStore:
+    """The empty store a new repository goes into (a directory is made 0700)."""
+    if spec.startswith("s3:"):
+        from migrator.backup.s3store import S3Store
+
+        return S3Store.from_url(spec)
+    if spec.startswith("ssh:"):
+        raise InvalidInput("a chunked repository cannot be made over ssh:// yet",
+                           "make it on that host (`migrate backup init PATH` there), or use "
+                           "a directory or s3://")
+    from migrator.backup.dirstore import DirStore
+
+    path = Path(spec)
+    if path.exists() and any(path.iterdir()):
+        raise InvalidInput(f"{path} exists and is not empty",
+                           "give a new or empty directory")
+    store = DirStore(path)
+    store.create()
+    return store
+
+
+key_app = typer.Typer(help="A chunked repository's key: export it, change its passphrase.",
+                      no_args_is_help=True)
+backup_app.add_typer(key_app, name="key")
+
+
+@key_app.command("export")
+def key_export_cmd(
+    to: Path = typer.Argument(..., help="File to write the wrapped key into (0600)"),
+    repo: str = REPO_OPT, key_file: Path = KEY_FILE_OPT,
+) -> None:
+    """Write the repository's wrapped key (still sealed by the passphrase) to a file.
+
+    Keep it apart from the repository: if the repository's copy is lost or damaged, give it
+    back with --key-file (or MIGRATOR_KEY_FILE). The passphrase is checked first."""
+    from migrator.backup.chunkrepo import write_key_file
+
+    env = _chunked(repo, key_file).key_envelope()
+    write_key_file(to, env)
+    say(f"wrote the wrapped key to {to}")
+
+
+@key_app.command("change-passphrase")
+def key_change_cmd(repo: str = REPO_OPT, key_file: Path = KEY_FILE_OPT) -> None:
+    """Wrap the repository key under a new passphrase (the data is not re-encrypted).
+
+    The current passphrase comes from MIGRATOR_PASSPHRASE or a prompt; the new one from
+    MIGRATOR_NEW_PASSPHRASE or a prompt (asked twice)."""
+    r = _chunked(repo, key_file)
+    r.key_envelope()  # the current passphrase first
+    new = os.environ.get("MIGRATOR_NEW_PASSPHRASE")
+    if new is None:
+        if not sys.stdin.isatty():
+            raise InvalidInput("no new passphrase", "set MIGRATOR_NEW_PASSPHRASE")
+        new = str(typer.prompt("New passphrase", hide_input=True, confirmation_prompt=True,
+                               err=True))
+    r.change_passphrase(new)
+    say(f"the key of {r} is now wrapped by the new passphrase")
 
 
 @backup_app.command("create")
@@ -81,6 +213,8 @@ def create_cmd(
     say(f"backup {r.id} of {r.container} ({r.kind}"
         f"{', incremental from ' + r.parent if r.parent else ', full'}): "
         f"{human_size(r.raw_bytes)} -> {human_size(r.stored_bytes)}{ratio} in {r.seconds:.1f}s")
+    if r.chunks is not None:
+        say(f"  chunks: {r.chunks}, {r.new_chunks} new (the rest already in the repository)")
     if r.snapshots_stored:
         say(f"  snapshots stored: {', '.join(r.snapshots_stored)}")
     if r.snapshots_referenced:
@@ -146,10 +280,14 @@ def verify_cmd(
     all_: bool = typer.Option(False, "--all", help="Verify every backup in the repository"),
     deep: bool = typer.Option(
         False, "--deep",
-        help="Also decompress every part and check every tar member (as restore does)"),
+        help="Also decompress every part and check every tar member (as restore does); "
+        "in a chunked repository, read and authenticate every chunk, naming each bad one"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """Check backups: index, chain of parents, presence, size and sha256 of every part.
+
+    In a chunked repository the quick check is the index and the presence of every chunk
+    it lists; --deep reads them all.
 
     Each damage is named precisely (missing part, truncated part, checksum mismatch,
     malformed index, missing parent). Exits with CorruptBackup's code (21) if any backup is
@@ -294,6 +432,10 @@ def prune_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed"),
     list_: bool = typer.Option(False, "--list", help="List every backup kept or removed, "
                                "with the reason"),
+    gc_grace: float = typer.Option(
+        3600.0, "--gc-grace", min=0,
+        help="Chunked repository: seconds an unreferenced chunk stays recorded as garbage "
+        "before a later prune deletes it"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """Remove backups a retention policy no longer keeps, per container.
@@ -303,15 +445,25 @@ def prune_cmd(
     Protected backups are always kept, and so is every backup a kept incremental one needs.
     No --keep-* option keeps everything. Example: `migrate backup prune --keep-last 3
     --keep-daily 7 --keep-weekly 4 --dry-run --list`
+
+    In a chunked repository removing a backup removes its index; its chunks are collected
+    in two phases: a prune records the chunks no backup references, and a later prune
+    (after --gc-grace, and with no backup being written) deletes those still unreferenced.
     """
     from migrator.backup.catalog import prune_repository
     from migrator.backup.prune import RetentionPolicy
 
     policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
                              keep_yearly)
-    r = prune_repository(_repo(repo), policy, dry_run, container)
+    target = _repo(repo)
+    r = prune_repository(target, policy, dry_run, container)
+    gc = None
+    collect = getattr(target, "collect_garbage", None)
+    if collect is not None:
+        with target.lock():
+            gc = collect(gc_grace, dry_run)
     if fmt == Format.json:
-        print_json(r.as_dict())
+        print_json({**r.as_dict(), **({"gc": vars(gc)} if gc is not None else {})})
         return
     if list_:
         for bid, why in sorted(r.keep.items()):
@@ -321,6 +473,11 @@ def prune_cmd(
     verb = "would remove" if dry_run else "removed"
     say(f"{verb} {len(r.remove)} backup(s), {human_size(r.freed)}; kept {len(r.keep)} "
         f"({r.policy})")
+    if gc is not None:
+        say(f"chunks: {'would delete' if dry_run else 'deleted'} {gc.deleted} unreferenced, "
+            f"{gc.pending} recorded for a later prune"
+            + (f"; {gc.postponed} postponed while backups are written" if gc.postponed
+               else ""))
 
 
 @backup_app.command("protect")
