@@ -56,6 +56,11 @@ from migrator.runtime.temp_snapshots import consistent_snapshot
 from migrator.streams import Progress, ProgressMeter, SendStream, no_progress
 
 BASE_PREFIX = "migrate.backup-"
+#: tar options for a chunked repository: GNU tar's POSIX headers carry each file's atime
+#: and ctime, which differ between two copies of the same tree and change whenever a file
+#: is read or its inode touched; they would make every header, so every chunk holding one,
+#: new in each backup. A restore sets neither, so they are left out.
+STABLE_TAR = ("--pax-option=delete=atime,delete=ctime",)
 
 
 @dataclass
@@ -143,7 +148,8 @@ def create_backup(
     the scheduler's time when it runs a simulated calendar."""
     t0 = time.monotonic()
     level = parse_compression(compression)
-    if getattr(repo, "compresses_chunks", False):
+    chunked = bool(getattr(repo, "compresses_chunks", False))
+    if chunked:
         level = None  # the repository compresses chunk by chunk (see the module docstring)
     comp = "none" if level is None else f"zstd:{level}"
     rec = cts.get(name)
@@ -205,7 +211,8 @@ def create_backup(
                 elif parent is not None:
                     _write_deltas(repo, writer, idx, parent, backend, points, level, progress)
                 else:
-                    _write_full(writer, idx, backend, points, level, progress)
+                    _write_full(writer, idx, backend, points, level, progress,
+                                STABLE_TAR if chunked else ())
             if optimized:
                 st.add_undo("drop the base snapshot",
                             lambda: backend.delete_snapshot(vol, final))
@@ -288,19 +295,22 @@ def _warn_devices(idx: BackupIndex, manifest: delta.Manifest) -> None:
             idx.notes.append(note)
 
 
-def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...]) -> SendStream:
+def _tar_stream(path: Path, name: str, xattrs: bool, hidden: tuple[str, ...],
+                extra: tuple[str, ...] = ()) -> SendStream:
     """A full tar of a mounted snapshot: the drivers' ``tar`` send, leaving out the
-    contents of ``hidden`` directories."""
+    contents of ``hidden`` directories (``extra``: more tar options)."""
     skip = [a for d in hidden for a in ("--anchored", f"--exclude=./{d}/*")]
-    return tar_send(path, name, xattrs, skip)
+    return tar_send(path, name, xattrs, [*extra, *skip])
 
 
 def _write_full(writer: BackupSink, idx: BackupIndex, backend: StorageBackend,
-                points: list[Snapshot], level: int | None, progress: Progress) -> None:
+                points: list[Snapshot], level: int | None, progress: Progress,
+                extra: tuple[str, ...] = ()) -> None:
     hidden = hidden_dirs(idx)
     for snap in points:
         with backend.mount_snapshot(snap) as path:
-            stream = _tar_stream(path, snap.name, bool(backend.supports_xattrs), hidden)
+            stream = _tar_stream(path, snap.name, bool(backend.supports_xattrs), hidden,
+                                 extra)
             meter = ProgressMeter(progress, f"{idx.container}@{snap.name}", stream.size_hint)
             rel = _rel(idx, snap, "tar", level)
             _part(idx, rel, "tar", snap.name, None,

@@ -185,9 +185,10 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
         if chunked is not None:
             problem = missing_problem(idx.id, part, chunked.missing_chunks(idx.id, part.path,
                                                                            have))
-            if problem is None and deep:
-                problem = _deep(repo, idx, part)
-                if problem is not None and "chunk" in problem:
+            if deep:
+                if problem is None:
+                    problem = _deep(repo, idx, part)
+                if problem is not None and "chunk" in problem:  # name every bad chunk
                     report.problems.extend(chunked.check_chunks(idx.id, part.path)
                                            or [problem])
                     continue
