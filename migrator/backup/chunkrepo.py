@@ -81,12 +81,26 @@ GC_GRACE = 24 * 3600.0
 PassphraseSource = Callable[[bool], str]  # (confirm) -> passphrase
 
 
-def passphrase_from_env(confirm: bool) -> str:
-    """``MIGRATOR_PASSPHRASE``, or ``BackupError`` (no prompt: not on a terminal here)."""
+def env_passphrase() -> str | None:
+    """``MIGRATOR_PASSPHRASE``, else the first line of the file ``MIGRATOR_PASSPHRASE_FILE``
+    names (refused when others may read it: what a timer's unit points at), else None."""
     value = os.environ.get("MIGRATOR_PASSPHRASE")
+    if value is not None:
+        return value
+    path = os.environ.get("MIGRATOR_PASSPHRASE_FILE")
+    if not path:
+        return None
+    text = read_key_file(Path(path), "passphrase file").decode(errors="strict")
+    return text.splitlines()[0] if text else ""
+
+
+def passphrase_from_env(confirm: bool) -> str:
+    """``env_passphrase``, or ``BackupError`` (no prompt: not on a terminal here)."""
+    value = env_passphrase()
     if value is None:
         raise BackupError("this repository is encrypted and no passphrase was given",
-                          "set MIGRATOR_PASSPHRASE (or run the command on a terminal)")
+                          "set MIGRATOR_PASSPHRASE or MIGRATOR_PASSPHRASE_FILE (a 0600 file "
+                          "holding it), or run the command on a terminal")
     return value
 
 
@@ -726,16 +740,16 @@ def write_key_file(path: Path, envelope: bytes) -> None:
         raise
 
 
-def read_key_file(path: Path) -> bytes:
-    """A key envelope from ``path``; refused when others may read it."""
+def read_key_file(path: Path, what: str = "key file") -> bytes:
+    """A key envelope (or passphrase) from ``path``; refused when others may read it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
-        raise BackupError(f"cannot read key file {path}: {e.strerror}") from e
+        raise BackupError(f"cannot read {what} {path}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if st.st_mode & 0o077:
-            raise BackupError(f"key file {path} is readable by others "
+            raise BackupError(f"{what} {path} is readable by others "
                               f"(mode {st.st_mode & 0o777:o})", f"chmod 600 {path}")
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(4097)
@@ -743,5 +757,5 @@ def read_key_file(path: Path) -> bytes:
         os.close(fd)
 
 
-__all__ = ["ChunkedRepository", "GcResult", "WriteStats", "WrongPassphrase", "is_chunked",
-           "passphrase_from_env"]
+__all__ = ["ChunkedRepository", "GcResult", "WriteStats", "WrongPassphrase", "env_passphrase",
+           "is_chunked", "passphrase_from_env"]

@@ -31,7 +31,8 @@ backup_app = typer.Typer(
     "A repository on another host is reached through its agent: --repo ssh://HOST/PATH.\n\n"
     "A chunked repository (`migrate backup init REPO`: a directory or s3://BUCKET/PREFIX) "
     "stores every part as deduplicated, compressed chunks, encrypted and authenticated "
-    "with a key wrapped by a passphrase (MIGRATOR_PASSPHRASE, else asked; the key may be "
+    "with a key wrapped by a passphrase (MIGRATOR_PASSPHRASE or MIGRATOR_PASSPHRASE_FILE, "
+    "else asked; the key may be "
     "kept in a file instead: --key-file or MIGRATOR_KEY_FILE). The same commands work on it.",
     no_args_is_help=True)
 
@@ -46,13 +47,14 @@ KEY_FILE_OPT = typer.Option(None, "--key-file",
 
 
 def _ask_passphrase(confirm: bool) -> str:
-    """``MIGRATOR_PASSPHRASE``, else a prompt on a terminal (asked twice when ``confirm``)."""
-    value = os.environ.get("MIGRATOR_PASSPHRASE")
+    """``MIGRATOR_PASSPHRASE`` (or ``MIGRATOR_PASSPHRASE_FILE``), else a prompt on a
+    terminal (asked twice when ``confirm``)."""
+    from migrator.backup.chunkrepo import env_passphrase, passphrase_from_env
+
+    value = env_passphrase()
     if value is not None:
         return value
     if not sys.stdin.isatty():
-        from migrator.backup.chunkrepo import passphrase_from_env
-
         return passphrase_from_env(confirm)  # raises, with the hint
     return str(typer.prompt("Repository passphrase", hide_input=True,
                             confirmation_prompt=confirm, err=True))

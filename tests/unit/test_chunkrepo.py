@@ -433,3 +433,40 @@ def test_a_chunk_collected_under_a_writer_fails_its_commit(tmp_path: Path) -> No
         w.commit(index_for(BID2, [("container.tar", size, sha)]))
     w.abort()
     assert BID2 not in repo.ids()
+
+
+def test_copy_between_a_directory_repository_and_a_chunked_one(tmp_path: Path) -> None:
+    """``backup copy`` runs unchanged between the two formats, both ways, checked."""
+    import hashlib
+
+    from migrator.backup.replicate import copy_chain
+    from migrator.backup.repository import Repository
+
+    chunked = make_repo(tmp_path)
+    blob = data(3 << 20, 23)
+    backup(chunked, BID, blob)
+    plain = Repository(tmp_path / "plain")
+    assert copy_chain(chunked, plain, BID).copied == [BID]
+    assert (tmp_path / "plain/backups" / BID / "container.tar").read_bytes() == blob
+    again = make_repo(tmp_path / "second")
+    assert copy_chain(plain, again, BID).copied == [BID]
+    assert read_back(again, BID) == blob
+    assert again.get(BID).parts[0].sha256 == hashlib.sha256(blob).hexdigest()
+    assert copy_chain(plain, again, BID).present == [BID]  # already there: skipped
+
+
+def test_passphrase_from_a_file_readable_by_its_owner_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_repo(tmp_path)
+    pf = tmp_path / "pass"
+    pf.write_text("pw\n")
+    os.chmod(pf, 0o600)
+    monkeypatch.delenv("MIGRATOR_PASSPHRASE", raising=False)
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE_FILE", str(pf))
+    assert ChunkedRepository(DirStore(tmp_path / "repo")).check().ids() == []
+    os.chmod(pf, 0o640)
+    with pytest.raises(BackupError, match="readable by others"):
+        ChunkedRepository(DirStore(tmp_path / "repo")).check()
+    monkeypatch.delenv("MIGRATOR_PASSPHRASE_FILE")
+    with pytest.raises(BackupError, match="no passphrase"):
+        ChunkedRepository(DirStore(tmp_path / "repo")).check()
