@@ -245,11 +245,25 @@ class ChunkedRepository:
         if self._codec is None:
             conf = self.config
             if conf["encryption"] == "none":
+                self._refuse_downgrade()
                 self._codec = Codec(None, conf.get("level", 3))
             else:
                 key = unwrap(self._envelope(), self._passphrase(False), conf["id"])
                 self._codec = Codec(key, conf.get("level", 3))
         return self._codec
+
+    def _refuse_downgrade(self) -> None:
+        """The config is plain: one rewritten to ``none`` (and its key removed) must not
+        make a client that holds a passphrase write plaintext into the repository."""
+        if self.store.exists("keys/repokey"):
+            raise CorruptBackup(f"repository {self.store.url} says it is unencrypted, but "
+                                "it holds a key: its config was altered",
+                                "restore the config from a copy; nothing was written")
+        if self.key_file is not None or env_passphrase() is not None:
+            raise BackupError(f"repository {self.store.url} is unencrypted, but a "
+                              "passphrase or key file was given",
+                              "unset MIGRATOR_PASSPHRASE / the key file for it, or check "
+                              "that its config was not altered")
 
     def key_envelope(self) -> bytes:
         """The key envelope, after checking that the passphrase opens it (key export)."""
@@ -345,12 +359,13 @@ class ChunkedRepository:
                       for rel, lst in doc["chunks"].items()}
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CorruptBackup(f"backup {backup_id}: index malformed: {e}") from e
+        top = self._chunker_args()[2]
         for part in idx.parts:
             lst = chunks.get(part.path)
             if lst is None:
                 raise CorruptBackup(f"backup {backup_id}: index lists no chunks for "
                                     f"part {part.path}")
-            if any(len(c) != 64 or s <= 0 or s > MAX_SIZE * 4 for c, s in lst) \
+            if any(len(c) != 64 or s <= 0 or s > top for c, s in lst) \
                     or sum(s for _, s in lst) != part.size:
                 raise CorruptBackup(f"backup {backup_id}: the chunks of part {part.path} "
                                     f"do not add up to its {part.size} bytes")

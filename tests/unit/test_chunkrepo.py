@@ -29,6 +29,13 @@ BID = "web-20261201T000000Z-abcdef"
 BID2 = "db-20261201T000001Z-abcdef"
 
 
+@pytest.fixture(autouse=True)
+def _no_passphrase_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests give passphrases themselves; the caller's environment must not."""
+    for name in ("MIGRATOR_PASSPHRASE", "MIGRATOR_PASSPHRASE_FILE", "MIGRATOR_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def data(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -470,3 +477,19 @@ def test_passphrase_from_a_file_readable_by_its_owner_only(
     monkeypatch.delenv("MIGRATOR_PASSPHRASE_FILE")
     with pytest.raises(BackupError, match="no passphrase"):
         ChunkedRepository(DirStore(tmp_path / "repo")).check()
+
+
+def test_a_config_rewritten_to_unencrypted_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config is plain: turning an encrypted repository's into ``none`` must not make a
+    client write plaintext into it."""
+    make_repo(tmp_path)
+    conf = tmp_path / "repo/config"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "encryption": "none"}))
+    with pytest.raises(CorruptBackup, match="holds a key"):
+        ChunkedRepository(DirStore(tmp_path / "repo")).writer(BID)
+    (tmp_path / "repo/keys/repokey").unlink()
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE", "pw")
+    with pytest.raises(BackupError, match="passphrase or key file was given"):
+        ChunkedRepository(DirStore(tmp_path / "repo")).writer(BID)
+    assert not (tmp_path / "repo/data").exists()
