@@ -175,6 +175,60 @@ def container_tasks(init_pid: int) -> list[Task]:
     return tasks
 
 
+def freezer_state_file(init_pid: int) -> Path | None:
+    """The file that says whether ``init_pid``'s cgroup is frozen: the v1 freezer's
+    ``freezer.state`` where that controller is mounted, else cgroup v2's ``cgroup.events``.
+    None when the process is gone or has neither."""
+    try:
+        lines = _read(f"/proc/{init_pid}/cgroup").splitlines()
+    except OSError:
+        return None
+    v2 = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            f = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+            if f.exists():
+                return f
+        elif controllers == "":
+            v2 = Path("/sys/fs/cgroup/unified" if Path("/sys/fs/cgroup/unified").is_dir()
+                      else "/sys/fs/cgroup") / path.lstrip("/") / "cgroup.events"
+    return v2 if v2 is not None and v2.exists() else None
+
+
+def is_frozen(state_file: Path) -> bool:
+    text = _read(state_file)
+    if state_file.name == "freezer.state":
+        return text.strip() == "FROZEN"
+    return "frozen 1" in text.splitlines()
+
+
+def seized_by_criu(pid: int) -> bool:
+    """True when ``pid`` is ptrace-stopped by a criu process (a dump has seized it)."""
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("TracerPid:"):
+            tracer = line.split()[1]
+            return tracer != "0" and _read(f"/proc/{tracer}/comm").strip() == "criu"
+    return False
+
+
+def wait_frozen(init_pid: int, state_file: Path | None, timeout: float,
+                stop: Callable[[], bool]) -> bool:
+    """True once the dump holds the container still: from then on its rootfs does not
+    change, so the final sync may run beside the dump. criu freezes the cgroup, seizes
+    every task with ptrace (init first), then thaws the cgroup while the tasks stay
+    stopped: the freezer says FROZEN only for that short while, so init's tracer being
+    criu counts too. False when ``stop()`` says to give up (the dump ended or failed) or
+    ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while not stop() and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, IndexError):
+            if (state_file is not None and is_frozen(state_file)) or seized_by_criu(init_pid):
+                return True
+        time.sleep(0.002)
+    return False
+
+
 def _failure(what: str, images: Path, output: Path, extra: str = "") -> CheckpointError:
     logname = {"dump": "dump.log", "restore": "restore.log"}.get(what.split()[0], "dump.log")
     log = images / logname
@@ -657,9 +711,14 @@ class LxcCheckpointer:
         if spec.idmap is not None:
             # criu opens some images from inside the container's user namespace (tty-info,
             # timens, ...): the directory and every image in it belong to the container's
-            # root, as it is the container's own state
+            # root, as it is the container's own state. Group root, readable by it: criu's
+            # root task opens timens-0.img before its parent has written the namespace's
+            # uid map (criu/cr-restore.c: prepare_timens comes before "Wait
+            # prepare_userns"), still host uid 0 but with no capability over files owned by
+            # another; on a loaded host it gets there first and was refused (EACCES)
             for path in (images, *images.iterdir()):
-                os.lchown(path, spec.idmap.base, spec.idmap.base)
+                os.lchown(path, spec.idmap.base, 0)
+            os.chmod(images, 0o750)
             if spec.ipv4:  # the NIC is moved in, not re-created (see the module docstring)
                 nic, host_end = network.restore_nic(spec.network)
                 self.lxc.write_config(replace(spec, nic_device=nic))

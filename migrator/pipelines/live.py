@@ -12,7 +12,10 @@ The pipeline, for one container, pushed from this host (the source) to a transpo
    copy of ``remote.py``, which records the container on the target, stopped).
 3. dump: the container is frozen and CRIU dumps it into memory-backed space. From here on
    its tasks stay frozen on this host (never killed) until the target runs it.
-4. final-sync: the rootfs delta since step 2 (CRIU checks open files' sizes on restore).
+4. final-sync: the rootfs delta since step 2 (CRIU checks open files' sizes on restore),
+   sent beside the dump: a thread waits until criu holds the tasks still (the freezer
+   says FROZEN, or init is ptrace-stopped by criu), snapshots the rootfs and sends it
+   while criu writes the images. Where that moment is not seen, it runs after the dump.
 5. images: the checkpoint images cross (a tar stream, compressed when negotiated). In
    post-copy they hold no memory pages.
 6. restore: the target restores from them. In post-copy the memory follows on demand: the
@@ -30,7 +33,12 @@ there whole (every page in post-copy) has newer state than the frozen source, so
 migration goes forward (the source is released); short of that the target gives its copy
 up and the source resumes. When the target cannot be asked, neither happens: the source
 stays frozen and the operation is left to ``migrate recover``. The downtime is measured
-from the freeze to the restore's return.
+from the freeze (the moment the final-sync thread saw it; the dump's start when it did
+not) to the restore's return.
+
+Every request finds its agent already started: ``transport.warm(3)`` keeps three agents
+ready from the first request on (each costs ~0.3 s to start; paid inside each request, that
+was most of a small container's migration time).
 
 The journal names every helper process started (``source_helpers``: lxc-checkpoint here;
 ``target_helpers``: criu lazy-pages and lxc-checkpoint there, announced by the target) with
@@ -41,7 +49,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +66,13 @@ from migrator.checkpoint.base import (
     remove_images_dir,
     tree_bytes,
 )
-from migrator.checkpoint.lxc import LazyDump, LxcCheckpointer, helper_record
+from migrator.checkpoint.lxc import (
+    LazyDump,
+    LxcCheckpointer,
+    freezer_state_file,
+    helper_record,
+    wait_frozen,
+)
 from migrator.core.errors import (
     AlreadyExists,
     CheckpointError,
@@ -72,7 +88,11 @@ from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, negotiate_se
 from migrator.pipelines.transfer import NATIVE_TYPES, negotiate
 from migrator.runtime.containers import Containers
 from migrator.runtime.operations import Operation, journaled
-from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots, consistent_snapshot
+from migrator.runtime.temp_snapshots import (
+    clean_stale_temp_snapshots,
+    consistent_snapshot,
+    temporary_snapshot,
+)
 from migrator.streams import Progress, SendStream, no_progress
 from migrator.transport.base import Transport
 
@@ -100,9 +120,10 @@ class LivePlan:
     rootfs_bytes: int = 0
     memory_bytes: int = 0
     ipv4: str | None = None
+    hello: dict[str, Any] = field(default_factory=dict, repr=False)  # the target's
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "hello"}
 
 
 @dataclass
@@ -218,7 +239,7 @@ def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None
     plan = LivePlan(rec.name, "local", transport.name, rpool["name"],
                     "tar" if storage == "rsync" else storage, session.link, session.compress,
                     chosen, reasons + session.reasons, tree_bytes(cts.rootfs(rec)),
-                    memory_bytes(cts, rec.name), rec.ipv4)
+                    memory_bytes(cts, rec.name), rec.ipv4, hello=remote)
     check = transport.request("live_check", {"ipv4": rec.ipv4, "pool": rpool["name"]})
     missing = sorted(set(cpu_flags()) - set(check.get("cpu_flags", [])))
     if missing:
@@ -276,6 +297,7 @@ def live_migrate(cts: Containers, transport: Transport, name: str, pool: str | N
 def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mode: str,
           keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
     t_start = time.monotonic()
+    transport.warm(3)  # every request from here finds its agent started (see ``warm``)
     plan = plan_live(cts, transport, name, pool, mode, compress)
     op.stage("check", plan=plan.as_dict(), pool=plan.pool, mode=plan.mode,
              method=f"{plan.storage}+{plan.compress}")
@@ -287,7 +309,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     rec = cts.get(name)
     src_b = cts.host.backend(rec.pool)
     vol = VolumeRef("container", rec.name)
-    rc = RemoteCopy(cts, transport, progress, plan.compress)
+    rc = RemoteCopy(cts, transport, progress, plan.compress, plan.hello)
     with clock.stage(op, "sync"):
         first = rc.copy(rec.name, rec.name, plan.pool, keep_base=True, op=op)
     result.storage_bytes = first.bytes
@@ -297,11 +319,37 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     lazy: LazyDump | None = None
     tunnel: PageTunnel | None = None
     pages: Any = None  # this end of the page server's socket pair (post-copy)
+    how = first.method.split("+")[0]
+
+    privileged = str(rec.config.get("security.privileged")) == "true"
+
+    def send_last(snap: SnapshotName) -> int:
+        return rc.send_snapshot(src_b, vol, plan.pool, vol, snap,
+                                base if how in NATIVE_TYPES else None, how, plan.compress, True,
+                                privileged=privileged)
+
+    def sync_once_frozen() -> int | None:
+        """The final sync, beside the dump: from the moment the dump has frozen the
+        container its rootfs holds still, so the delta is sent while criu works. None when
+        the freeze was not seen (no freezer file, or the dump ended first)."""
+        if not init or not wait_frozen(init, freezer, SERVE_WAIT, dump_over.is_set):
+            return None
+        frozen_at.append(time.monotonic())  # the downtime starts here, not at criu's start
+        with temporary_snapshot(src_b, vol) as last:
+            return send_last(last)
+
+    dump_over = threading.Event()
+    frozen_at: list[float] = []
+    init = ckpt.lxc.init_pid(rec.name)
+    freezer = freezer_state_file(init) if init else None
+    beside: Future[int | None] | None = None
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
-        transport.warm(3)  # final sync, images, restore: agents started before the freeze
         freeze = time.monotonic()
+        side = ThreadPoolExecutor(1, thread_name_prefix="final-sync")
+        beside = side.submit(sync_once_frozen)
+        side.shutdown(wait=False)  # it runs on; ``beside.result()`` joins it
         with clock.stage(op, "dump", mode=plan.mode):
             if plan.mode == "post-copy":
                 # the page server is handed one end of a connected pair (nothing listens:
@@ -323,12 +371,15 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
                 dumped = True
                 ckpt.dump(rec.name, images, on_start=lambda pid: op.note(
                     source_helpers=[helper_record(pid, "lxc-checkpoint dump")]))
+        dump_over.set()
         with clock.stage(op, "final-sync"):
-            how = first.method.split("+")[0]
-            with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
-                result.storage_bytes += rc.send_snapshot(
-                    src_b, vol, plan.pool, vol, last, base if how in NATIVE_TYPES else None,
-                    how, plan.compress, True)
+            sent = beside.result()
+            if sent is None:  # not done beside the dump: now, as the container is still
+                result.notes.append("the final sync ran after the dump (the freeze was not "
+                                    "seen), inside the downtime")
+                with consistent_snapshot(cts, rec, src_b, vol, result.notes) as last:
+                    sent = send_last(last)
+            result.storage_bytes += sent
         with clock.stage(op, "images"):
             reply = transport.request("receive_images", {"tag": op.id, "compress": plan.compress},
                                       stream=_images_stream(images), compress=plan.compress)
@@ -356,7 +407,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             transport.request("checkpoint_restore", args, on_event=on_event)
             op.note(target_resumed=True)  # whole there: from here only forward
             end = restored[0] if restored else time.monotonic()
-            result.downtime = round(end - freeze, 3)
+            result.downtime = round(end - (frozen_at[0] if frozen_at else freeze), 3)
             if lazy is not None:
                 assert tunnel is not None  # post-copy opened both
                 lazy.finish(60)
@@ -374,6 +425,10 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             # durable before the release: the target's volume and record on its disk
             transport.request("sync_container", {"name": rec.name})
     except BaseException as e:
+        dump_over.set()
+        if beside is not None:  # a final sync still running must end before any undo
+            with contextlib.suppress(BaseException):
+                beside.result()
         if not _forward_after(e, cts, transport, rec.name, lazy, tunnel, op, result):
             result.notes.append(f"rolled back: {e}")
             _roll_back(cts, transport, ckpt, rec.name, images, dumped, lazy, tunnel, op)

@@ -127,16 +127,20 @@ class RemoteCopy:
     """One push of a container to another host through an agent transport."""
 
     def __init__(self, cts: Containers, transport: Transport, progress: Progress = no_progress,
-                 compress: str = "auto") -> None:
+                 compress: str = "auto", hello: dict[str, Any] | None = None) -> None:
         self.cts, self.t, self.progress, self.compress = cts, transport, progress, compress
+        self.hello = hello  # the target's hello when the caller has it (one request less)
         self.rsync_ok = False  # the target can run rsync's receiver (``rsync_receive``)
         self.exact_times = True  # both pools keep sub-second mtimes (else rsync --checksum)
 
     def send_snapshot(self, src_b: StorageBackend, vol: VolumeRef, pool: str,
                       dst_vol: VolumeRef, name: str, parent: str | None, how: str,
-                      compress: str, drop_after: bool, first: bool = False) -> int:
+                      compress: str, drop_after: bool, first: bool = False,
+                      privileged: bool | None = None) -> int:
         """Send one snapshot (an increment from ``parent`` for native types, the changed
-        files for rsync); the bytes that crossed the link."""
+        files for rsync); the bytes that crossed the link. ``privileged``: the container's
+        setting when the caller has it (a thread beside the caller's must not open the
+        state database, which belongs to the caller's thread)."""
         snaps = {s.name: s for s in src_b.list_snapshots(vol)}
         target = {"pool": pool, "volume": {"type": dst_vol.type, "name": dst_vol.name}}
         if how == "rsync":
@@ -149,7 +153,8 @@ class RemoteCopy:
             return pushed.wire
         # announced with the data: the receiver lets device nodes through a tar stream only
         # for a privileged container, and a pull's client holds the commit to the same
-        privileged = str(self.cts.get(vol.name).config.get("security.privileged")) == "true"
+        if privileged is None:
+            privileged = str(self.cts.get(vol.name).config.get("security.privileged")) == "true"
         stream = src_b.send(snaps[name], snaps[parent] if parent else None, how)
         meter = ProgressMeter(self.progress, f"{vol.name}@{name}", stream.size_hint)
         try:
@@ -176,7 +181,7 @@ class RemoteCopy:
         t0 = time.monotonic()
         src = self.cts.get(source)
         dst_name = ContainerName(target)
-        remote = self.t.request("hello")
+        remote = self.hello or self.t.request("hello")
         state = self.t.request("container_state", {"name": dst_name})
         if state["exists"] and not refresh:
             raise AlreadyExists(f"{dst_name!r} already exists on {self.t.name}",

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import shlex
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ class SshTransport:
         self.last_link = ""  # what carried the last upload: "channel" or "tcp"
         self.client: paramiko.SSHClient | None = None
         self._warm: list[Any] = []  # agents started ahead of their request (warm())
+        self._keep_warm = 0  # how many warm() asked to keep ready
+        self._warm_lock = threading.Lock()  # a request may run beside another (live.py)
         self.last_raw = self.last_wire = 0  # bytes of the last upload: produced, on the wire
 
     # connection ---------------------------------------------------------------------------
@@ -140,6 +143,7 @@ class SshTransport:
 
     def close(self) -> None:
         self._warm = []  # their channels close with the connection
+        self._keep_warm = 0
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -254,12 +258,30 @@ class SshTransport:
         return chan
 
     def warm(self, n: int) -> None:
-        """Start ``n`` agents now for requests to come: each agent process costs ~0.4 s to
-        start (Python and its imports), which a live migration must not spend while the
-        container is down. A warm agent just waits for its request on stdin."""
+        """Keep ``n`` agents started ahead of the requests to come, from now until ``close``.
+
+        Each agent costs ~0.3 s to start (sshd's session, Python and its imports): paid
+        inside every request, that is most of a short request's time, and a live migration
+        must not spend it while the container is down. A warm agent just waits for its
+        request on stdin; each request that takes one starts its successor at once, so the
+        start-up overlaps the request before it."""
+        self._keep_warm = max(self._keep_warm, n)
+        self._top_up()
+
+    def _top_up(self) -> None:
         transport = self.connection()
-        while len(self._warm) < n:
-            self._warm.append(self._open_agent(transport))
+        with self._warm_lock:
+            while len(self._warm) < self._keep_warm:
+                self._warm.append(self._open_agent(transport))
+
+    def _take_agent(self, transport: paramiko.Transport) -> Any:
+        """A warm agent when there is one (then its successor is started), else a new one."""
+        with self._warm_lock:
+            chan = self._warm.pop(0) if self._warm else None
+        if chan is None:
+            return self._open_agent(transport)
+        self._top_up()
+        return chan
 
     def agent_argv(self) -> list[str]:
         argv = [*shlex.split(self.command)]
@@ -271,7 +293,7 @@ class SshTransport:
         """Start a request whose channel then carries another protocol (``rsync_receive``):
         the agent's "ready" reply is read here, the open channel is returned."""
         transport = self.connection()
-        chan = self._open_agent(transport)
+        chan = self._take_agent(transport)
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **args})
             reply = read_json(chan.recv)
@@ -295,7 +317,7 @@ class SshTransport:
         pull sends requests back (``{"call": ...}``, see ``reverse.py``): ``on_call`` serves
         each with the channel's reader and writer."""
         transport = self.connection()
-        chan = self._warm.pop(0) if self._warm else self._open_agent(transport)
+        chan = self._take_agent(transport)
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
             if stream is not None:
