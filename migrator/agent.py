@@ -8,7 +8,8 @@ is followed by DATA frames and an END trailer; the agent answers with one JSON f
 The agent only dispatches: it parses a request, looks its handler up in :data:`OPS` and
 writes the reply. Each handler lives beside the pipeline whose far end it is (a push's in
 ``pipelines/remote_target.py``, live migration's in ``pipelines/live_target.py``, a
-conversion's in ``p2c/target.py``, a remote repository's in ``backup/remote.py``, a
+conversion's in ``p2c/target.py``, a remote repository's in ``backup/remote.py`` (a chunked
+one's object store in ``backup/sshstore.py``), a
 delegated push in ``pipelines/delegated.py``). This is the top floor: nothing below imports
 it; what must answer requests in process (``transport/local.py``) is handed
 :func:`local_transport`'s dispatcher as a parameter.
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.backup.remote import serve_repository, serve_restore
+from migrator.backup.sshstore import serve_objects
 from migrator.core import errors, proc
 from migrator.p2c.target import P2C_OPS
 from migrator.pipelines.delegated import delegate
@@ -60,6 +62,7 @@ OPS: dict[str, Handler] = {
     **P2C_OPS,
     "repository": serve_repository,
     "backup_restore": serve_restore,
+    "objects": serve_objects,
 }
 
 
