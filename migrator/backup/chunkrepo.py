@@ -16,15 +16,18 @@ Layout in the store (any ``ObjectStore``: a directory, S3)::
     writers/ID          a backup being written (prune's garbage collection waits for it)
     locks/TOKEN         the exclusive lock of prune, delete and protect
     gc/pending          sealed: unreferenced chunks and when they were first seen so
+    gc/running, gc/epoch  a collection under way; the token of the last one
 
 Several writers at once: chunks are content-addressed and index names unique, so backups
 take no lock; each announces itself in ``writers/`` while it runs. Deleting a backup
 removes its index only; ``collect_garbage`` (prune) removes chunks in two phases: a chunk
 unreferenced in one run is recorded in ``gc/pending``, and deleted by a later run only if
-still unreferenced after a grace period and with no writer running. A writer that reused
-a chunk re-lists the store before it commits (after any collection under way has finished),
-so a chunk deleted under it fails that backup, cleanly, instead of committing an index that
-names a missing chunk.
+still unreferenced after a grace period and with no writer running. Each collection leaves
+a new ``gc/epoch``; a writer waits for a collection under way before it lists the chunks it
+will reuse, and if the epoch changed by the time it commits it lists the store again, so a
+chunk deleted under it fails that backup, cleanly, instead of committing an index that
+names a missing chunk. ``locks/``, ``writers/`` and ``gc/running`` are refreshed every
+minute while their owner works; one not refreshed for ``STALE`` is a dead process's.
 
 A crash leaves no half-visible backup: without its index a backup does not exist; its
 chunks are garbage the next collection removes, and its ``writers/`` entry goes stale.
@@ -74,7 +77,9 @@ UPLOADERS = 6
 IN_FLIGHT = 12  # chunks handed to uploaders and not yet stored: bounds the memory
 PREFETCH = 8
 LOCK_WAIT = 10.0
-STALE = 30 * 60.0  # a lock or writer entry not refreshed for this long is a dead one's
+#: a lock, writer or collection entry not refreshed (every ``HEARTBEAT``) for this long is a
+#: dead process's: it is ignored and removed
+STALE = 5 * 60.0
 HEARTBEAT = 60.0
 GC_GRACE = 24 * 3600.0
 
@@ -465,8 +470,8 @@ class ChunkedRepository:
         """Delete chunks no backup references, in two phases (see the module docstring).
         Call it under ``lock``."""
         result = GcResult()
-        self.store.put("gc/running", _stamp())
-        try:
+        with _Heartbeat(self.store, "gc/running"):
+            self.store.put("gc/epoch", secrets.token_hex(8).encode())  # writers re-check
             referenced: set[str] = set()
             for bid in self.ids():  # an unreadable index stops it: its chunks are unknown
                 self._indexes.pop(bid, None)
@@ -488,8 +493,6 @@ class ChunkedRepository:
                 self.store.put("gc/pending", blob)
                 for c in due:
                     self.store.delete(chunk_key(c))
-        finally:
-            self.store.delete("gc/running")
         return result
 
     def _pending(self) -> dict[str, float]:
@@ -503,11 +506,17 @@ class ChunkedRepository:
         except (CorruptBackup, ValueError, AttributeError, TypeError):
             return {}  # start the grace period anew: nothing is deleted on its word
 
-    def wait_for_collection(self, wait: float = STALE) -> None:
-        """Until no garbage collection is running (a writer commits after it)."""
+    def wait_for_collection(self, wait: float = STALE) -> str | None:
+        """Until no garbage collection is running; then the epoch of the last one (None:
+        there never was one). A writer reads it when it starts and again before it commits:
+        a change means a collection ran meanwhile, so it checks its reused chunks."""
         deadline = time.monotonic() + wait
         while self._live("gc/running") and time.monotonic() < deadline:
             time.sleep(0.5)
+        try:
+            return self.store.get("gc/epoch", 64).decode(errors="replace")
+        except NotFound:
+            return None
 
 
 @dataclass
@@ -651,7 +660,12 @@ class ChunkedBackupWriter:
         self.repo, self.id = repo, backup_id
         self.codec = repo.codec
         self._beat = _Heartbeat(repo.store, f"writers/{backup_id}").__enter__()
-        self.known = repo.chunk_ids()  # after the writers/ entry: see collect_garbage
+        try:  # in this order: see collect_garbage and commit
+            self._epoch = repo.wait_for_collection()
+            self.known = repo.chunk_ids()
+        except BaseException:
+            self._beat.__exit__(None, None, None)
+            raise
         self.reused: set[str] = set()
         self.parts: dict[str, ChunkList] = {}
         self.stats = WriteStats()
@@ -714,8 +728,10 @@ class ChunkedBackupWriter:
         missing = [p.path for p in index.parts if p.path not in self.parts]
         if missing:
             raise BackupError(f"backup {self.id}: parts {missing} were never written")
-        self.repo.wait_for_collection()
-        gone = self.reused - self.repo.chunk_ids()
+        if self.repo.wait_for_collection() != self._epoch:  # a collection ran meanwhile
+            gone = self.reused - self.repo.chunk_ids()
+        else:
+            gone = set()
         if gone:
             raise BackupError(f"backup {self.id}: {len(gone)} chunk(s) it reuses were "
                               "removed by a concurrent prune while it ran",

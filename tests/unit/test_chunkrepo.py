@@ -436,6 +436,7 @@ def test_a_chunk_collected_under_a_writer_fails_its_commit(tmp_path: Path) -> No
     size, sha = part.finish()
     for c, _ in repo.chunks_of(BID, "container.tar"):  # as a racing collection would
         repo.store.delete(chunk_key(c))
+    repo.store.put("gc/epoch", b"a collection ran")
     with pytest.raises(BackupError, match="concurrent prune"):
         w.commit(index_for(BID2, [("container.tar", size, sha)]))
     w.abort()
@@ -493,3 +494,28 @@ def test_a_config_rewritten_to_unencrypted_is_refused(
     with pytest.raises(BackupError, match="passphrase or key file was given"):
         ChunkedRepository(DirStore(tmp_path / "repo")).writer(BID)
     assert not (tmp_path / "repo/data").exists()
+
+
+def test_a_commit_lists_the_store_again_only_after_a_collection(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    blob = data(1 << 20, 24)
+    backup(repo, BID, blob)
+    listings: list[str] = []
+    orig = repo.store.list
+
+    def spy(prefix: str):  # type: ignore[no-untyped-def]
+        listings.append(prefix)
+        return orig(prefix)
+    repo.store.list = spy  # type: ignore[method-assign]
+    backup(repo, BID2, blob)
+    assert listings.count("data/") == 1  # the writer's start only
+    with repo.lock():
+        repo.collect_garbage(grace=0)
+    listings.clear()
+    w = repo.writer("x-20261201T000002Z-abcdef")
+    part = w.part("container.tar")
+    part.write(blob)
+    size, sha = part.finish()
+    repo.store.put("gc/epoch", b"a collection ran")
+    w.commit(index_for(w.id, [("container.tar", size, sha)]))
+    assert listings.count("data/") == 2  # and again before the commit
