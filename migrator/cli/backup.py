@@ -188,7 +188,8 @@ def create_cmd(
         help="Store only what changed since the newest backup of this container in the "
         "repository (a full backup is made, and said so, when there is none to build on)"),
     compression: str = typer.Option("zstd:3", "--compression", "-c",
-                                    help="zstd, zstd:LEVEL (1-19) or none"),
+                                    help="zstd, zstd:LEVEL (1-19) or none (a chunked "
+                                    "repository compresses each chunk itself)"),
     instance_only: bool = typer.Option(False, "--instance-only",
                                        help="Back up the container without its snapshots"),
     fmt: Format = FORMAT_OPT,
@@ -397,7 +398,8 @@ def restore_cmd(
 def copy_cmd(
     backup_id: str = typer.Argument(..., metavar="ID"),
     to: str = typer.Option(..., "--to", "-t",
-                           help="Destination repository: a directory or ssh://HOST/PATH"),
+                           help="Destination repository: a directory, s3://BUCKET/PREFIX "
+                           "or ssh://HOST/PATH"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
 ) -> None:
     """Copy a backup, with the incremental chain it needs, into another repository.
