@@ -184,3 +184,27 @@ def test_a_volume_server_killed_mid_upload(seaweed: SeaweedCluster,
         pids, where = list(c.pids.values()), c.dir
     assert where is not None and not where.exists()
     assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def test_a_chunked_repository_in_the_bucket_dedups_and_hides_the_data(
+        store: S3Store, seaweed: SeaweedCluster) -> None:
+    from migrator.backup.chunkrepo import ChunkedRepository
+    from tests.unit.test_chunkrepo import CHEAP, SMALL, backup, read_back
+
+    repo = ChunkedRepository.create(store, "repokey", "pw", cost=CHEAP, chunker=SMALL)
+    marker = b"PLAINTEXT-MARKER-of-the-container-"
+    blob = (marker * 20000) + os.urandom(8 << 20)
+    first = backup(repo, "c1-20261207T000000Z-aaaaaa", blob)
+    second = backup(repo, "c2-20261207T000001Z-bbbbbb", blob)
+    assert first.new_chunks == first.chunks and second.new_chunks == 0
+    assert second.stored_bytes < 0.10 * first.stored_bytes
+    fresh = ChunkedRepository(S3Store.from_url(store.url), lambda _c: "pw")
+    assert read_back(fresh, "c2-20261207T000001Z-bbbbbb") == blob
+    # nothing of the data in the clear anywhere in the bucket (every object of the store)
+    client = seaweed.client()
+    names = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=seaweed.bucket) for o in page.get("Contents", [])]
+    assert len(names) > first.chunks
+    for name in names:
+        body = client.get_object(Bucket=seaweed.bucket, Key=name)["Body"].read()
+        assert marker[:16] not in body, name

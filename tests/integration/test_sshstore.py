@@ -129,3 +129,36 @@ def test_a_dropped_link_is_a_network_error_and_a_retry_works(  # type: ignore[no
     store.close()
     with pytest.raises(Exception):  # noqa: B017 - a relative path never reaches b
         SshObjectStore(transport, "relative/path")
+
+
+class CountingStore(SshObjectStore):
+    """An ``SshObjectStore`` that counts the bytes it sends to the far host."""
+
+    sent = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        super().put(key, data)
+        self.sent += len(data)
+
+
+def test_a_chunked_repository_over_ssh_sends_only_what_the_far_side_lacks(  # type: ignore[no-untyped-def]
+        pair, transport: SshTransport) -> None:
+    from migrator.backup.chunkrepo import ChunkedRepository
+    from tests.unit.test_chunkrepo import CHEAP, SMALL, backup, read_back
+
+    _a, b = pair
+    where = b.root / "chunked"
+    store = CountingStore(transport, str(where))
+    store.create()
+    repo = ChunkedRepository.create(store, "repokey", "pw", cost=CHEAP, chunker=SMALL)
+    blob = os.urandom(12 << 20)
+    first = backup(repo, "c1-20261207T000000Z-aaaaaa", blob)
+    after_first = store.sent
+    second = backup(repo, "c2-20261207T000001Z-bbbbbb", blob)  # the same data again
+    assert first.new_chunks == first.chunks > 10 and after_first > len(blob)
+    assert second.new_chunks == 0
+    assert store.sent - after_first < 0.02 * len(blob)  # the index and the writer entry
+    store.close()
+    fresh = ChunkedRepository(SshObjectStore(transport, str(where)), lambda _c: "pw")
+    assert read_back(fresh, "c2-20261207T000001Z-bbbbbb") == blob
+    fresh.store.close()
