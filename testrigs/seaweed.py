@@ -29,6 +29,7 @@ Command line (for ``make demo`` and by hand)::
 
     python -m testrigs.seaweed run -- CMD ARGS...   # cluster up, CMD with AWS_* set, down
     python -m testrigs.seaweed up                   # up until Ctrl-C, printing the env
+    python -m testrigs.seaweed clean /var/tmp/migrator-tests   # what a killed run left
 """
 
 from __future__ import annotations
@@ -311,6 +312,40 @@ def _stop_group(child: proc.Child, sig: signal.Signals) -> None:
         child.wait()
 
 
+def leftovers(base: Path) -> list[tuple[int, Path]]:
+    """Clusters an interrupted run left under ``base`` (a test process killed with -9 takes
+    no cluster down): (PID, cluster directory) of each ``weed`` process still running
+    with ``-config_dir=BASE/seaweed-*``."""
+    mark = f"-config_dir={Path(base).absolute()}/seaweed-".encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and Path(os.fsdecode(argv[0])).name == "weed":
+            for a in argv:
+                if a.startswith(mark):
+                    found.append((int(d.name), Path(os.fsdecode(a.split(b"=", 1)[1]))))
+    return found
+
+
+def clean(base: Path) -> list[str]:
+    """Kill what ``leftovers`` finds (by PID, SIGKILL: nothing of it is kept) and remove
+    every ``seaweed-*`` directory under ``base``; returns what was done."""
+    done = []
+    for pid, where in leftovers(base):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"killed weed {pid} of {where}")
+    for d in sorted(Path(base).glob("seaweed-*")):
+        shutil.rmtree(d, ignore_errors=True)
+        done.append(f"removed {d}")
+    return done
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m testrigs.seaweed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,7 +355,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="start, run a command with the AWS_* variables, stop")
     p_run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("up", help="start and wait for Ctrl-C")
+    p_clean = sub.add_parser("clean", help="kill the clusters an interrupted run left "
+                                           "under a directory, and remove them")
+    p_clean.add_argument("base", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "clean":
+        for line in clean(args.base):
+            print(line)
+        return 0
     command = list(getattr(args, "command", None) or [])
     if command[:1] == ["--"]:
         command = command[1:]
