@@ -63,6 +63,9 @@ MAX_SESSIONS = 6
 MAX_OBJECT = 320 << 20
 #: keys asked about in one ``missing`` message (each up to MAX_KEY: within MAX_JSON)
 MISSING_BATCH = 1500
+#: seconds a session waits for the far side (a chunk's round trip, a listing's first frame
+#: on a large repository): a far agent or link that hangs ends as a NetworkError, not a hang
+SESSION_TIMEOUT = 600.0
 LIST_FRAME = 256 << 10  # bytes of newline-separated keys per DATA frame of a listing
 MAX_LISTED = 20_000_000  # keys one listing may bring (about 1.5 GiB of names: a bound)
 
@@ -153,7 +156,9 @@ class SshObjectStore:
                 self._open += 1
         if s is None:
             try:
-                s = _Session(self.t.open_raw(OP, {"path": self.path}), self.t.name)
+                chan = self.t.open_raw(OP, {"path": self.path})
+                chan.settimeout(SESSION_TIMEOUT)
+                s = _Session(chan, self.t.name)
             except BaseException:
                 with self._cond:
                     self._open -= 1

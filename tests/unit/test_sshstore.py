@@ -157,6 +157,13 @@ class HostileFar:
         return mine
 
 
+def test_a_far_end_that_hangs_is_a_network_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sshstore, "SESSION_TIMEOUT", 0.3)
+    store = SshObjectStore(HostileFar(lambda msg, chan: None), "/srv/r")  # type: ignore[arg-type]
+    with pytest.raises(NetworkError, match="broke"):
+        store.exists("config")
+
+
 def test_a_hostile_far_end_is_caught(tmp_path: Path) -> None:
     def oversize(msg: dict[str, Any], chan: socket.socket) -> None:
         write_json(chan.sendall, {"ok": True, "size": 1 << 30})
