@@ -196,6 +196,67 @@ def criu_config(*options: str) -> str:
     return "".join(f"{o}\n" for o in options)
 
 
+@dataclass(frozen=True)
+class CriuTls:
+    """criu's TLS for the post-copy page stream (``transport/pagelink.py``): this end's key
+    and certificate and the peer's certificate as the only CA, in a private directory.
+
+    The certificates are ephemeral and self-signed, and crossed inside the SSH channel: the
+    peer's certificate is pinned, not a name (``tls-no-cn-verify``: criu would check the
+    certificate's name against an address it does not have on a handed-in socket)."""
+
+    directory: Path
+
+    @classmethod
+    def write(cls, directory: Path, key_pem: bytes, cert_der: bytes,
+              peer_der: bytes | None = None) -> CriuTls:
+        """This end's files (and the peer's certificate, or later with ``add_peer``)."""
+        import ssl  # only where a page stream is set up
+
+        if any(c.isspace() for c in str(directory)):  # a config file splits on blanks
+            raise CheckpointError(f"criu cannot be given TLS files under {directory}",
+                                  "use a state root whose path has no blanks")
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        tls = cls(directory)
+        tls._put("key.pem", key_pem)
+        tls._put("cert.pem", ssl.DER_cert_to_PEM_cert(cert_der).encode())
+        if peer_der is not None:
+            tls.add_peer(peer_der)
+        return tls
+
+    def add_peer(self, peer_der: bytes) -> None:
+        import ssl
+
+        if not (self.directory / "key.pem").is_file():
+            raise CheckpointError("this host's page-stream key is missing",
+                                  "the migration's earlier step did not run here: retry")
+        self._put("peer.pem", ssl.DER_cert_to_PEM_cert(peer_der).encode())
+
+    def _put(self, name: str, data: bytes) -> None:
+        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def options(self) -> list[str]:
+        """For a CRIU config file (the dump, run by lxc-checkpoint)."""
+        d = self.directory
+        return ["tls", f"tls-cacert {d / 'peer.pem'}", f"tls-cert {d / 'cert.pem'}",
+                f"tls-key {d / 'key.pem'}", "tls-no-cn-verify"]
+
+    def argv(self) -> list[str]:
+        """For criu's command line (the lazy-pages daemon)."""
+        out: list[str] = []
+        for option in self.options():
+            name, _, value = option.partition(" ")
+            out += [f"--{name}", *([value] if value else [])]
+        return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def dump_options(lazy: bool = False, address: str | None = None, port: int | None = None,
                  ps_socket: int | None = None, status_fd: int | None = None) -> list[str]:
     # leave-stopped: after the dump CRIU leaves every task SIGSTOPped instead of killing it

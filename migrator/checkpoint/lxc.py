@@ -516,6 +516,14 @@ class LxcCheckpointer:
         self.work.mkdir(mode=0o700, exist_ok=True)
         return self.work
 
+    def page_tls_dir(self, tag: str) -> Path:
+        """Where one migration's page-stream TLS files live on this host (root only: the
+        images directory may belong to an unprivileged container's root, who must never
+        read the key)."""
+        if not tag or "/" in tag or tag.startswith("."):
+            raise ValueError(f"invalid tag {tag!r}")
+        return self._workdir() / f"pagelink-{tag}"
+
     def _config(self, name: str, kind: str, options: list[str]) -> Path:
         p = self._workdir() / f"{name}.{kind}.criu.conf"
         p.write_text(criu_config(*options))
@@ -750,17 +758,19 @@ class LxcCheckpointer:
 
     # post-copy ---------------------------------------------------------------------------
     def start_lazy_dump(self, name: str, images: Path, address: str | None = None,
-                        port: int | None = None, ps_socket: int | None = None) -> LazyDump:
+                        port: int | None = None, ps_socket: int | None = None,
+                        tls: base.CriuTls | None = None) -> LazyDump:
         """Start a post-copy dump; its page server serves on ``ps_socket`` (a connected
         socket, passed down to criu: nothing listens), or listens on ``address:port`` in
-        this host's network namespace. The tasks stay stopped after it, whatever the stream
-        does."""
+        this host's network namespace; in TLS with ``tls`` (``transport/pagelink.py``).
+        The tasks stay stopped after it, whatever the stream does."""
         rec = self.cts.get(name)
         init = self._require_running(rec.name)
         ready_r, ready_w = os.pipe() if ps_socket is not None else (None, None)
         try:
             conf = self._config(rec.name, "lazy-dump",
-                                dump_options(True, address, port, ps_socket, ready_w))
+                                [*dump_options(True, address, port, ps_socket, ready_w),
+                                 *(tls.options() if tls is not None else [])])
             out = self._workdir() / f"{rec.name}.lazy-dump.out"
             out.unlink(missing_ok=True)
             fds = () if ps_socket is None or ready_w is None else (ps_socket, ready_w)
@@ -778,10 +788,12 @@ class LxcCheckpointer:
                         p, out, ready_r)
 
     def start_lazy_pages(self, images: Path, address: str | None = None, port: int | None = None,
-                         timeout: float = 30, ps_socket: int | None = None) -> LazyPages:
+                         timeout: float = 30, ps_socket: int | None = None,
+                         tls: base.CriuTls | None = None) -> LazyPages:
         """Start the target's lazy-pages daemon against the source's page server (through
-        ``ps_socket``, a connected socket passed down, or by connecting to ``address:port``)
-        and wait until it is ready for a lazy restore (``images/lazy-pages.socket``)."""
+        ``ps_socket``, a connected socket passed down, or by connecting to ``address:port``;
+        in TLS with ``tls``) and wait until it is ready for a lazy restore
+        (``images/lazy-pages.socket``)."""
         criu = criu_binary()
         if criu is None:
             raise CheckpointError("criu is not installed", "run `make setup`")
@@ -791,7 +803,8 @@ class LxcCheckpointer:
         server = ["--ps-socket", str(int(ps_socket))] if ps_socket is not None else \
             ["--address", str(address), "--port", str(int(port or 0))]
         p = proc.spawn([criu, "lazy-pages", "--page-server", *server, "--images-dir",
-                        str(images), "-o", str(log), "-v4"], netns=self.netns,
+                        str(images), "-o", str(log), "-v4",
+                        *(tls.argv() if tls is not None else [])], netns=self.netns,
                        pass_fds=() if ps_socket is None else (ps_socket,))
         lp = LazyPages(p, images, log)
         deadline = time.monotonic() + timeout

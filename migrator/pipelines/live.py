@@ -60,6 +60,7 @@ from migrator.backends import VolumeRef
 from migrator.backends.generic import TAR_TO_STDOUT
 from migrator.checkpoint.base import (
     Checkpointer,
+    CriuTls,
     Features,
     images_dir,
     live_tcp_note,
@@ -95,6 +96,8 @@ from migrator.runtime.temp_snapshots import (
 )
 from migrator.streams import Progress, SendStream, no_progress
 from migrator.transport.base import Transport
+from migrator.transport.link import Identity, decode_cert
+from migrator.transport.pagelink import PageLink
 
 if TYPE_CHECKING:  # paramiko: imported where post-copy runs, not on every agent's start-up
     from migrator.transport.tunnel import PageTunnel
@@ -317,7 +320,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     images: Path | None = None
     dumped = False
     lazy: LazyDump | None = None
-    tunnel: PageTunnel | None = None
+    tunnel: PageTunnel | PageLink | None = None
     pages: Any = None  # this end of the page server's socket pair (post-copy)
     how = first.method.split("+")[0]
 
@@ -343,9 +346,17 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     init = ckpt.lxc.init_pid(rec.name)
     freezer = freezer_state_file(init) if init else None
     beside: Future[int | None] | None = None
+    tls: CriuTls | None = None
+    me: Identity | None = None
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
+        if plan.mode == "post-copy" and transport.fast_link and not transport.link_failed:
+            # the sync's direct link worked: the pages take that path too, in criu's TLS
+            # with certificates pinned through the channel (``transport/pagelink.py``)
+            me = Identity()
+            peer = decode_cert(transport.request("page_identity", {"tag": op.id})["cert"])
+            tls = CriuTls.write(ckpt.page_tls_dir(op.id), me.key_pem(), me.der, peer)
         freeze = time.monotonic()
         side = ThreadPoolExecutor(1, thread_name_prefix="final-sync")
         beside = side.submit(sync_once_frozen)
@@ -361,7 +372,8 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
 
                 pages, criu_end = socket_pair()
                 try:
-                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
+                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno(),
+                                                tls=tls)
                 finally:
                     criu_end.close()
                 dumped = True  # from here the source's tasks are frozen: resume on failure
@@ -391,11 +403,23 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
                 from migrator.transport.ssh import SshTransport
                 from migrator.transport.tunnel import PageTunnel
 
-                # the page stream rides a remote forward of the SSH connection
                 assert isinstance(transport, SshTransport), "post-copy needs SSH"
-                tunnel = PageTunnel(transport.connection(), lambda: pages)
-                args |= {"lazy": True, "port": tunnel.open(), "timeout": PAGES_WAIT,
-                         "token": base64.b64encode(tunnel.token).decode()}
+                args |= {"lazy": True, "timeout": PAGES_WAIT}
+                if tls is not None and me is not None:  # direct, spliced, criu's TLS inside
+                    ssh_sock = transport.connection().sock
+                    link = PageLink(ssh_sock.getsockname()[0], transport.netns,
+                                    ssh_sock.getpeername()[0], lambda: pages)
+                    tunnel = link
+                    args["link"] = {**link.describe(), "cert": me.encoded()}
+                    result.notes.append("pages: a direct TCP link between the hosts, in "
+                                        "criu's TLS (certificates pinned through SSH)")
+                else:  # the page stream rides a remote forward of the SSH connection
+                    forward = PageTunnel(transport.connection(), lambda: pages)
+                    tunnel = forward
+                    args |= {"port": forward.open(),
+                             "token": base64.b64encode(forward.token).decode()}
+                    result.notes.append("pages: through the SSH connection (no direct "
+                                        "link between the hosts)")
 
             def on_event(ev: dict[str, Any]) -> None:
                 if ev.get("event") == "restored":
@@ -438,6 +462,8 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             tunnel.close()
         if pages is not None:
             pages.close()
+        if tls is not None:
+            tls.remove()
     # the point of no return: the target runs the container
     with clock.stage(op, "release"):
         try:
@@ -464,7 +490,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
 
 
 def _forward_after(e: BaseException, cts: Containers, transport: Transport, name: str,
-                   lazy: LazyDump | None, tunnel: PageTunnel | None, op: Operation,
+                   lazy: LazyDump | None, tunnel: PageTunnel | PageLink | None, op: Operation,
                    result: LiveResult) -> bool:
     """After a failure once the restore may have begun: True when the target resumed whole
     (its state is newer: the caller goes on to the release, a warning noted), False when
@@ -506,7 +532,7 @@ def _forward_after(e: BaseException, cts: Containers, transport: Transport, name
 
 def _roll_back(cts: Containers, transport: Transport, ckpt: Checkpointer, name: str,
                images: Path | None, dumped: bool, lazy: LazyDump | None,
-               tunnel: PageTunnel | None, op: Operation) -> None:
+               tunnel: PageTunnel | PageLink | None, op: Operation) -> None:
     """Target copy removed, source running again with its memory (if it was dumped)."""
     op.stage("rolling-back")
     if tunnel is not None:

@@ -28,6 +28,7 @@ import base64
 import binascii
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import socket
@@ -38,7 +39,7 @@ from typing import Any
 
 from migrator.backends import VolumeRef
 from migrator.backends.generic import tar_extract
-from migrator.checkpoint.base import images_dir, remove_images_dir
+from migrator.checkpoint.base import CriuTls, images_dir, remove_images_dir
 from migrator.checkpoint.lxc import LxcCheckpointer, bounded_lxc, helper_record, kill_helpers
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName
@@ -47,6 +48,7 @@ from migrator.pipelines.remote_target import Handler, RemoteTarget
 from migrator.runtime.temp_snapshots import clean_stale_temp_snapshots
 from migrator.transport.datapath import FrameStream
 from migrator.transport.frames import Reader
+from migrator.transport.link import Identity, decode_cert
 
 LXC_WAIT = 20.0  # seconds any lxc-* command may take while settling a cut migration
 PAGES_GRACE = 5.0  # seconds the pages may still need when the channel ends after "restored"
@@ -155,6 +157,7 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
     ckpt = LxcCheckpointer(cts)
     t0 = time.monotonic()
     pages = None
+    tls: CriuTls | None = None
 
     def started(pid: int, what: str) -> None:
         helper = helper_record(pid, what)
@@ -164,8 +167,17 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
 
     try:
         if req.get("lazy"):
-            with page_stream(req) as sock:  # criu holds its own copy once started
-                pages = ckpt.start_lazy_pages(images, ps_socket=sock.fileno())
+            if req.get("link") is not None:
+                # criu connects to the source's link itself: its TLS (the source's
+                # certificate pinned) runs only on a connection it made (criu 4.x skips it
+                # on a socket handed in with --ps-socket)
+                address, port, peer = _page_link(req["link"])
+                tls = CriuTls(ckpt.page_tls_dir(tag))
+                tls.add_peer(peer)
+                pages = ckpt.start_lazy_pages(images, address=address, port=port, tls=tls)
+            else:
+                with page_stream(req) as sock:  # criu holds its own copy once started
+                    pages = ckpt.start_lazy_pages(images, ps_socket=sock.fileno())
             started(pages.pid, "criu lazy-pages")
             stats = ckpt.restore_stopped(rec, images, lazy=True,
                                          on_start=lambda pid: started(pid, "lxc-checkpoint"))
@@ -193,6 +205,7 @@ def checkpoint_restore(end: RemoteTarget, req: dict[str, Any], read: Reader) -> 
         raise
     finally:
         remove_images_dir(images)
+        CriuTls(ckpt.page_tls_dir(tag)).remove()  # the key goes with its migration
     return {"restore_seconds": stats.seconds, "seconds": time.monotonic() - t0,
             "status": cts.run_state(rec.name)}
 
@@ -261,21 +274,11 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
 def drop_images(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     tag = operation_tag(req["tag"])
     remove_images_dir(images_dir(end.host.root, tag))
+    CriuTls(LxcCheckpointer(end.cts).page_tls_dir(tag)).remove()
     RestoreMark(end.host.root, tag).remove()
     return {}
 
 
-LIVE_OPS: dict[str, Handler] = {
-    "live_check": live_check,
-    "receive_images": receive_images,
-    "checkpoint_restore": checkpoint_restore,
-    "live_settle": live_settle,
-    "drop_images": drop_images,
-}
-
-#: requests that, once read, wait on this host with nothing more to read from the channel:
-#: the agent watches their channel and gives them up when it ends (``agent.py``)
-WATCHED_OPS = frozenset({"checkpoint_restore"})
 
 
 def operation_tag(value: Any) -> str:
@@ -286,17 +289,51 @@ def operation_tag(value: Any) -> str:
     return tag
 
 
-def page_stream(req: dict[str, Any]) -> socket.socket:
-    """The post-copy page stream's connection: to the client's SSH forward on this host's
-    loopback, opened by this agent (root) and authenticated with the tunnel's token; the
-    tunnel relays nothing else, so another local user who reaches the port gets nowhere."""
+def _token(value: Any) -> bytes:
     try:
-        token = base64.b64decode(str(req["token"]), validate=True)
-    except (KeyError, binascii.Error) as e:
-        raise errors.InvalidInput("the page stream's token is missing or malformed") from e
+        token = base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise errors.InvalidInput("the page stream's token is malformed") from e
     if len(token) != 32:
         raise errors.InvalidInput("the page stream's token is malformed")
-    sock = socket.create_connection(("127.0.0.1", int(req["port"])), timeout=10)
+    return token
+
+
+def _page_link(link: Any) -> tuple[str, int, bytes]:
+    """The source's direct page link, checked: an IP address, a port, its certificate."""
+    if not isinstance(link, dict):
+        raise errors.InvalidInput("the page link is malformed")
+    try:
+        address = str(ipaddress.ip_address(str(link.get("address"))))
+    except ValueError as e:
+        raise errors.InvalidInput("the page link's address is not an IP address") from e
+    return address, _port(link.get("port")), decode_cert(link.get("cert"))
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise errors.InvalidInput(f"invalid page stream port {str(value)[:20]!r}")
+    return value
+
+
+def page_identity(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
+    """This host's half of the page stream's TLS, made before the freeze: an ephemeral key
+    and certificate (kept root-only for the restore), the certificate answered. The source
+    pins it; the restore's request brings the source's (``transport/pagelink.py``)."""
+    tag = operation_tag(req["tag"])
+    me = Identity()
+    CriuTls.write(LxcCheckpointer(end.cts).page_tls_dir(tag), me.key_pem(), me.der)
+    return {"cert": me.encoded()}
+
+
+def page_stream(req: dict[str, Any]) -> socket.socket:
+    """The post-copy page stream's connection through the client's SSH forward on this
+    host's loopback, opened by this agent (root) and shown the tunnel's token: the tunnel
+    relays nothing else, so another local user who reaches the port gets nowhere."""
+    if "token" not in req:
+        raise errors.InvalidInput("the page stream's token is missing")
+    token = _token(req["token"])
+    sock = socket.create_connection(("127.0.0.1", _port(req.get("port"))), timeout=10)
     try:
         sock.sendall(token)
         sock.settimeout(None)
@@ -304,3 +341,17 @@ def page_stream(req: dict[str, Any]) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+LIVE_OPS: dict[str, Handler] = {
+    "live_check": live_check,
+    "page_identity": page_identity,
+    "receive_images": receive_images,
+    "checkpoint_restore": checkpoint_restore,
+    "live_settle": live_settle,
+    "drop_images": drop_images,
+}
+
+#: requests that, once read, wait on this host with nothing more to read from the channel:
+#: the agent watches their channel and gives them up when it ends (``agent.py``)
+WATCHED_OPS = frozenset({"checkpoint_restore"})

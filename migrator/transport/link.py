@@ -125,6 +125,13 @@ class Identity:
     def encoded(self) -> str:
         return base64.b64encode(self.der).decode()
 
+    def key_pem(self) -> bytes:
+        """The private key, unencrypted PKCS#8 PEM: for a program that reads its key from a
+        file (criu's page stream, ``checkpoint.base.CriuTls``), which the caller keeps 0600."""
+        return self._key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
     def context(self, server: bool, peer: bytes) -> ssl.SSLContext:
         """A TLS 1.3 context that shows this identity and trusts only ``peer``."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
@@ -157,25 +164,28 @@ def _pinned(sock: ssl.SSLSocket | ssl.SSLObject, peer: bytes) -> bool:
 
 
 # the sending side ----------------------------------------------------------------------------
+def listen(address: str, netns: str | None = None) -> socket.socket:
+    """A listening TCP socket on ``address`` (port 0: the kernel picks), made in ``netns``
+    when given: the address the SSH connection leaves from, which the far host reaches."""
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                          socket.SOCK_STREAM)
+        try:
+            s.bind((address, 0))
+            s.listen(64)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return call_in_netns(netns, make) if netns else make()
+
+
 class LinkOffer:
     """A listening socket and an identity: what the sender offers for one upload."""
 
     def __init__(self, address: str, netns: str | None = None) -> None:
-        def listen() -> socket.socket:
-            s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                              socket.SOCK_STREAM)
-            try:
-                s.bind((address, 0))
-                s.listen(64)
-            except BaseException:
-                s.close()
-                raise
-            return s
-
-        if netns:
-            self.listener: socket.socket | None = call_in_netns(netns, listen)
-        else:
-            self.listener = listen()
+        self.listener: socket.socket | None = listen(address, netns)
         self.address = address
         self.port = self.listener.getsockname()[1]
         self.identity = Identity()

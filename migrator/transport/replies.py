@@ -152,12 +152,18 @@ def _settle(op: str, r: dict[str, Any]) -> None:
     _want(op, r, "whole", bool)
 
 
+def _page_identity(op: str, r: dict[str, Any]) -> None:
+    if len(_want(op, r, "cert", str)) > 8192:  # decoded and parsed by link.decode_cert
+        raise ProtocolError(f"the {op!r} reply's certificate is too long")
+
+
 SHAPES: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "hello": _hello,
     "container_state": _container_state,
     "receive": _receive,
     "commit_container": _commit,
     "live_settle": _settle,
+    "page_identity": _page_identity,
 }
 
 

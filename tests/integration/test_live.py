@@ -319,8 +319,10 @@ def test_evacuation_and_dry_run(hosts, counter_bin) -> None:  # type: ignore[no-
 
 
 # faults ----------------------------------------------------------------------------------
-def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
-    """Run the pipeline in this process (so a test can break it at a chosen point)."""
+def _live_in_process(a: TestHostSpec, name: str, mode: str, data_link: str | None = None
+                     ) -> Any:
+    """Run the pipeline in this process (so a test can break it at a chosen point);
+    ``data_link`` "ssh" keeps every byte, pages too, in the SSH connection."""
     from migrator.pipelines.live import live_migrate
     from migrator.runtime.containers import Containers
     from migrator.runtime.host import Host
@@ -331,7 +333,7 @@ def _live_in_process(a: TestHostSpec, name: str, mode: str) -> Any:
     rec = host.state.get_host("b")
     t = SshTransport("b", rec.address, rec.port, rec.user, rec.key, rec.root, rec.command,
                      known_hosts=a.root / "ssh" / "known_hosts", netns=host.netns)
-    t.data_link = rec.data_link
+    t.data_link = data_link or rec.data_link
     try:
         with t:
             return live_migrate(cts, t, name, mode=mode, compress="none")
@@ -446,27 +448,43 @@ def test_restore_failing_on_target(hosts, counter_bin, monkeypatch) -> None:  # 
     assert_kept_stream(a, "f3", tcp)
 
 
-def test_page_stream_cut_keeps_the_source(hosts, counter_bin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The post-copy hazard: pages stop mid-way. The source must resume, not be lost."""
-    from migrator.transport import tunnel
+@pytest.mark.parametrize("path", ["direct", "ssh"])
+def test_page_stream_cut_keeps_the_source(hosts, counter_bin, monkeypatch, path) -> None:  # type: ignore[no-untyped-def]
+    """The post-copy hazard: pages stop mid-way. The source must resume, not be lost.
+    Both paths: the direct link (criu's TLS, spliced) and the SSH forward."""
+    from migrator.transport import pagelink, tunnel
 
     a, b = hosts
-    before = launch_counting(a, counter_bin, "f4", mb=256)
-    real = tunnel.PageTunnel._down
+    name = f"f4{path[0]}"
+    before = launch_counting(a, counter_bin, name, mb=256)
+    used: list[str] = []
+
+    def cut_after_8mb(relay):  # type: ignore[no-untyped-def]
+        def cutter() -> None:
+            while relay.to_target < 8 << 20:
+                time.sleep(0.001)
+            relay.cut()
+        threading.Thread(target=cutter, daemon=True).start()
+
+    real_down, real_relay = tunnel.PageTunnel._down, pagelink.PageLink._relay_with
 
     def down(self, chan, sock):  # type: ignore[no-untyped-def]
-        def cutter() -> None:
-            while self.to_target < 8 << 20:
-                time.sleep(0.001)
-            self.cut()
-        threading.Thread(target=cutter, daemon=True).start()
-        return real(self, chan, sock)
+        used.append("ssh")
+        cut_after_8mb(self)
+        return real_down(self, chan, sock)
+
+    def relay_with(self, conn):  # type: ignore[no-untyped-def]
+        used.append("direct")
+        cut_after_8mb(self)
+        return real_relay(self, conn)
 
     monkeypatch.setattr(tunnel.PageTunnel, "_down", down)
+    monkeypatch.setattr(pagelink.PageLink, "_relay_with", relay_with)
     with pytest.raises(errors.MigratorError):
-        _live_in_process(a, "f4", "post-copy")
+        _live_in_process(a, name, "post-copy", data_link="ssh" if path == "ssh" else None)
     monkeypatch.undo()
-    _still_on_a(a, b, "f4", before)
+    assert used == [path]
+    _still_on_a(a, b, name, before)
 
 
 def test_target_pool_full_is_refused_before_freezing(hosts, counter_bin) -> None:  # type: ignore[no-untyped-def]
