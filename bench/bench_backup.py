@@ -1,6 +1,56 @@
-"""Benchmark: backup and restore of a ~1 GiB container against ``tar | zstd`` by hand.
+"""Benchmark: backups of a ~1 GiB container, in two suites (``--suite``).
 
-Scenarios, each project run next to its baseline on the same data in the same run:
+``--suite chunked`` (the default): the project's chunked, encrypted repository against borg
+and restic, on the same data in the same run. Both are Debian's packages (``borgbackup``,
+``restic``); when one is missing the bench runs ``apt-get update`` and then ``apt-get install
+-y --no-install-recommends -t trixie borgbackup restic`` itself (this machine's sources pin
+bookworm first, whose borgbackup 1.2 wants a Python below 3.12, so the trixie ones: borg
+1.4, restic 0.18).
+
+Data: a stopped busybox container ``bk`` on a btrfs loop pool whose rootfs gets ``data/``:
+regular files copied from this machine's ``/usr/lib`` up to ``--size-mib`` (real binaries
+and libraries), and a second container ``bk2`` made from the same image with a copy of the
+same ``data/``. Three datasets, backed up in this order by every lane:
+
+1. ``first``:  ``bk`` as made;
+2. ``second``: ``bk`` after ~1% of its data bytes were rewritten (half of each chosen file);
+3. ``third``:  ``bk2``, the second container (another path, other inodes, the same bytes).
+
+Lanes (every one encrypted; all three tools on a local directory, the project and restic
+also on S3, a SeaweedFS cluster from ``testrigs/seaweed.py`` on 127.0.0.1):
+
+- project: ``migrate --root ROOT backup init REPO`` (repokey: AES-256-GCM chunks, scrypt,
+  MIGRATOR_PASSPHRASE), ``migrate backup create bk --repo REPO --format json`` (the generic
+  format: snapshot, tar, FastCDC chunks, zstd 3, sealed), ``migrate backup restore ID --name
+  NEW --pool bt --allow-privileged --repo REPO`` (its default, ``--verify-first``: every
+  chunk is read and authenticated before anything is written, then read again to restore)
+  and the same with ``--verify-while-restoring`` (each chunk read once). REPO is a directory
+  or ``s3://BUCKET/project`` reached through AWS_ENDPOINT_URL and the key variables.
+- borg: ``borg init --encryption=repokey REPO``, ``borg create --numeric-ids --compression
+  zstd,3 REPO::NAME ROOTFS`` (zstd 3, the project's level; borg's default is lz4),
+  ``borg extract --numeric-ids REPO::NAME`` in a new directory on the pool. Local only
+  (borg 1.4 has no S3 backend).
+- restic: ``restic init``, ``restic backup --host bench ROOTFS`` (default compression, auto),
+  ``restic restore ID --target DIR`` (a new directory on the pool); local, and
+  ``s3:http://127.0.0.1:PORT/restic-bench/repo`` (its bucket created first) with the
+  cluster's AWS_* variables.
+
+Every tool runs as a command (start-up, key derivation and all, as an operator runs it),
+with its cache under the bench's directory (BORG_BASE_DIR, RESTIC_CACHE_DIR): borg and
+restic keep a files cache and skip unchanged files by path, size, mtime and inode (the
+second backup reads only what changed), the project reads and chunks the whole snapshot
+every time. Restore: the ``second`` backup of ``bk`` (the latest), whole rootfs, checked
+afterwards (untimed) against the source by the sha256 of every file of ``data/``.
+
+Stored bytes: the apparent size of every file in a local repository, the bytes of every
+object under the repository's prefix in the bucket, after each backup. Before every timed
+run ``sync`` and ``echo 3 > /proc/sys/vm/drop_caches``; each time includes a final ``sync``.
+``--repeat`` rounds (default 1 here, to keep the run short: about 6 minutes for 1 GiB),
+each on fresh repositories and a fresh cluster, lanes in a rotated order; medians.
+Ratios project/borg and project/restic below 1 mean the project is faster or smaller.
+
+``--suite tar``: the earlier bench, the project's directory format against ``tar | zstd``
+by hand (its default ``--repeat`` is 3):
 
 1. full backup.   project:  ``create_backup(cts, NAME, repo, compression="zstd:3")`` (generic
                             format: snapshot, GNU tar read in-process, multi-threaded zstd,
@@ -17,24 +67,20 @@ Scenarios, each project run next to its baseline on the same data in the same ru
 3. incremental backup after ~1% of the data bytes were rewritten, against the full one of
    the same round (``create_backup(..., incremental=True)``: file-level delta).
 
-Data: a stopped busybox container on a btrfs loop pool (the snapshot a backup starts from
-is then instant, as on any CoW pool) whose rootfs gets ``data/``: regular files copied from
-this machine's ``/usr/lib`` up to ``--size-mib`` (real binaries and libraries, so zstd has
-something realistic to compress). Before every timed run: ``sync`` and
-``echo 3 > /proc/sys/vm/drop_caches``; each time includes a final ``sync``. Rounds alternate
-which side goes first; medians are reported with the ratios project/baseline (< 1: faster)
-and the compressed sizes (ratio raw/stored).
-
 Everything lives in a throw-away host (``/var/tmp/migrator-bench/backup-<pid>``, netns
-``mbench-bk``, 198.51.100.1/24), torn down at the end, also on failure. The samples go to
-``bench/results/backup-<timestamp>.json``.
+``mbench-bk``, 198.51.100.1/24), torn down at the end, also on failure, with the SeaweedFS
+cluster (its processes by PID) and every repository. Samples go to
+``bench/results/backup-chunked-<timestamp>.json`` (``backup-<timestamp>.json`` for the tar
+suite).
 
-Usage: .venv/bin/python bench/bench_backup.py [--size-mib 1024] [--repeat 3]
+Usage: .venv/bin/python bench/bench_backup.py [--suite chunked|tar] [--size-mib 1024]
+       [--repeat N]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -43,6 +89,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,6 +102,7 @@ from migrator.backup.restore import restore_backup  # noqa: E402
 from migrator.runtime.containers import Containers  # noqa: E402
 from migrator.runtime.host import Host  # noqa: E402
 from migrator.runtime.teardown import teardown  # noqa: E402
+from testrigs.seaweed import SeaweedCluster  # noqa: E402
 
 MIB = 1 << 20
 TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
@@ -164,13 +212,8 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root (loop pools, namespaces, drop_caches)")
+def tar_suite(args: argparse.Namespace) -> int:
+    """``--suite tar``: the project's directory format against ``tar | zstd`` by hand."""
     for tool in ("tar", "zstd", "btrfs"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing (run `make setup`)")
@@ -267,6 +310,415 @@ def main() -> int:
         json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out.items() if k != "samples"}, indent=2))
     return 0
+
+
+
+# --suite chunked --------------------------------------------------------------------------
+PASSPHRASE = "bench passphrase, not a secret"
+REPO_PARENT = Path(__file__).resolve().parents[1]
+TOOLS = {"borg": "borgbackup", "restic": "restic"}
+STEPS = ("first", "second", "third")
+
+
+def ensure_tools() -> dict[str, str]:
+    """borg and restic from Debian's packages, installed when missing; their versions."""
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        print(f"installing {' '.join(missing)} (apt-get)", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                        "-t", "trixie", *missing], check=True, env=env)
+    return {"borg": run(["borg", "--version"]).strip(),
+            "restic": run(["restic", "version"]).strip()}
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    """``argv`` checked; its stdout (stderr in the error)."""
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {r.returncode}: "
+                           f"{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def tree_bytes(path: Path) -> int:
+    """Apparent size of every file under ``path`` (du -sb, without directories)."""
+    return sum((Path(d) / f).stat().st_size for d, _dirs, files in os.walk(path)
+               for f in files)
+
+
+def tree_digest(data: Path) -> str:
+    """sha256 over every file's name and contents under ``data``, in name order."""
+    h = hashlib.sha256()
+    for p in sorted(data.iterdir()):
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(4 * MIB):
+                h.update(block)
+    return h.hexdigest()
+
+
+class Lane:
+    """One tool on one store: ``init``, ``backup`` (timed), ``restore`` (timed), ``stored``."""
+
+    name = ""
+
+    def __init__(self, bench: ChunkedBench, where: str) -> None:
+        self.bench, self.where = bench, where
+        self.ids: list[str] = []
+        self.extra: list[dict[str, Any]] = []  # what the tool said about each backup
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.where}"
+
+    def env(self) -> dict[str, str]:
+        e = dict(os.environ)
+        if self.where == "s3":
+            assert self.bench.cluster is not None
+            e.update(self.bench.cluster.env())
+            e.update(AWS_CONFIG_FILE="/nonexistent/aws-config",
+                     AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")
+            e.pop("AWS_PROFILE", None)
+        return e
+
+    def init(self) -> None:
+        raise NotImplementedError
+
+    def backup(self, container: str, step: str) -> float:
+        raise NotImplementedError
+
+    def restore(self, backup_id: str, tag: str) -> tuple[float, Path]:
+        raise NotImplementedError
+
+    def restore_variants(self) -> dict[str, Callable[[str, str], tuple[float, Path]]]:
+        return {"restore": self.restore}
+
+    def stored(self) -> int:
+        raise NotImplementedError
+
+
+class ProjectLane(Lane):
+    name = "project"
+
+    def __init__(self, bench: ChunkedBench, where: str) -> None:
+        super().__init__(bench, where)
+        self.repo = (f"s3://{bench.bucket}/project" if where == "s3"
+                     else str(bench.root / "repo-project"))
+        self.restored: list[str] = []
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "MIGRATOR_PASSPHRASE": PASSPHRASE}
+
+    def cli(self, *args: str) -> str:
+        return run([str(Path(sys.executable).parent / "migrate"), "--root",
+                    str(self.bench.host.root), *args], env=self.env(), cwd=REPO_PARENT)
+
+    def init(self) -> None:
+        self.cli("backup", "init", self.repo, "--format", "json")
+
+    def backup(self, container: str, step: str) -> float:
+        s, out = timed(partial(self.cli, "backup", "create", container, "--repo", self.repo,
+                               "--format", "json"))
+        r = json.loads(out)
+        self.ids.append(r["id"])
+        self.extra.append({k: r.get(k) for k in ("raw_bytes", "stored_bytes", "chunks",
+                                                 "new_chunks", "seconds")})
+        return s
+
+    def _restore(self, backup_id: str, tag: str, *flags: str) -> tuple[float, Path]:
+        name = f"r-{tag}"
+        s, _ = timed(partial(self.cli, "backup", "restore", backup_id, "--name", name,
+                             "--pool", "bt", "--allow-privileged", "--repo", self.repo,
+                             *flags))
+        self.restored.append(name)
+        cts = self.bench.cts
+        return s, cts.rootfs(cts.get(name))
+
+    def restore(self, backup_id: str, tag: str) -> tuple[float, Path]:
+        return self._restore(backup_id, tag)
+
+    def restore_streamed(self, backup_id: str, tag: str) -> tuple[float, Path]:
+        return self._restore(backup_id, tag + "s", "--verify-while-restoring")
+
+    def restore_variants(self) -> dict[str, Callable[[str, str], tuple[float, Path]]]:
+        return {"restore": self.restore, "restore_streamed": self.restore_streamed}
+
+    def drop_restored(self) -> None:
+        for name in self.restored:
+            self.bench.cts.delete(name, force=True)
+        self.restored = []
+
+    def stored(self) -> int:
+        if self.where == "s3":
+            return self.bench.bucket_bytes(self.bench.bucket, "project/")
+        return tree_bytes(Path(self.repo))
+
+
+class BorgLane(Lane):
+    name = "borg"
+
+    def __init__(self, bench: ChunkedBench, where: str) -> None:
+        super().__init__(bench, where)
+        assert where == "local", "borg 1.4 has no S3 backend"
+        self.repo = bench.root / "repo-borg"
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "BORG_PASSPHRASE": PASSPHRASE,
+                "BORG_BASE_DIR": str(self.bench.root / "borg-home")}
+
+    def init(self) -> None:
+        run(["borg", "init", "--encryption=repokey", str(self.repo)], env=self.env())
+
+    def backup(self, container: str, step: str) -> float:
+        name = f"{container}-{step}"
+        s, _ = timed(partial(run, ["borg", "create", "--numeric-ids", "--compression",
+                                   "zstd,3", f"{self.repo}::{name}",
+                                   str(self.bench.rootfs(container))], env=self.env()))
+        self.ids.append(name)
+        return s
+
+    def restore(self, backup_id: str, tag: str) -> tuple[float, Path]:
+        dest = self.bench.pool_dir / f"borg-restore-{tag}"
+        dest.mkdir()
+        s, _ = timed(partial(run, ["borg", "extract", "--numeric-ids",
+                                   f"{self.repo}::{backup_id}"], env=self.env(), cwd=dest))
+        return s, dest / self.bench.rootfs("bk").relative_to("/")
+
+    def stored(self) -> int:
+        return tree_bytes(self.repo)
+
+
+class ResticLane(Lane):
+    name = "restic"
+
+    def __init__(self, bench: ChunkedBench, where: str) -> None:
+        super().__init__(bench, where)
+        if where == "s3":
+            assert bench.cluster is not None
+            self.repo = f"s3:{bench.cluster.endpoint}/{bench.restic_bucket}/repo"
+        else:
+            self.repo = str(bench.root / "repo-restic")
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "RESTIC_PASSWORD": PASSPHRASE,
+                "RESTIC_CACHE_DIR": str(self.bench.root / f"restic-cache-{self.where}")}
+
+    def init(self) -> None:
+        run(["restic", "-r", self.repo, "init"], env=self.env())
+
+    def backup(self, container: str, step: str) -> float:
+        s, out = timed(partial(run, ["restic", "-r", self.repo, "backup", "--json",
+                                     "--host", "bench", str(self.bench.rootfs(container))],
+                               env=self.env()))
+        summary = [json.loads(line) for line in out.splitlines()
+                   if line.startswith("{") and '"summary"' in line][-1]
+        self.ids.append(summary["snapshot_id"])
+        self.extra.append({k: summary.get(k) for k in (
+            "files_new", "files_changed", "files_unmodified", "data_added",
+            "data_added_packed", "total_bytes_processed")})
+        return s
+
+    def restore(self, backup_id: str, tag: str) -> tuple[float, Path]:
+        dest = self.bench.pool_dir / f"restic-{self.where}-restore-{tag}"
+        s, _ = timed(partial(run, ["restic", "-r", self.repo, "restore", backup_id,
+                                   "--target", str(dest)], env=self.env()))
+        return s, dest / self.bench.rootfs("bk").relative_to("/")
+
+    def stored(self) -> int:
+        if self.where == "s3":
+            return self.bench.bucket_bytes(self.bench.restic_bucket, "repo/")
+        return tree_bytes(Path(self.repo))
+
+
+LANES: list[tuple[type[Lane], str]] = [(ProjectLane, "local"), (BorgLane, "local"),
+                                       (ResticLane, "local"), (ProjectLane, "s3"),
+                                       (ResticLane, "s3")]
+
+
+class ChunkedBench:
+    """The host, its two containers, the S3 cluster of a round, and the samples."""
+
+    bucket = "migrator-bench"
+    restic_bucket = "restic-bench"
+
+    def __init__(self, root: Path, size_mib: int) -> None:
+        self.root, self.size_mib = root, size_mib
+        self.host = Host(root)
+        self.cts = Containers(self.host)
+        self.pool_dir = root / "storage-pools" / "bt"
+        self.cluster: SeaweedCluster | None = None
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.stored: dict[str, dict[str, list[int]]] = {}
+        self.notes: dict[str, list[Any]] = {}
+
+    def rootfs(self, container: str) -> Path:
+        return self.cts.rootfs(self.cts.get(container))
+
+    def bucket_bytes(self, bucket: str, prefix: str) -> int:
+        assert self.cluster is not None
+        total = 0
+        pages = self.cluster.client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total
+
+    def setup(self) -> int:
+        h, cts = self.host, self.cts
+        h.init("mbench-bk", "198.51.100.1/24", None)
+        h.create_pool("bt", "btrfs", None, f"{6 * self.size_mib + 1024}MiB")
+        cts.images.build("busybox", None, lambda m: None)
+        for name in ("bk", "bk2"):
+            cts.create("busybox", name, "bt", {"security.privileged": "true"})
+        raw = fill(self.rootfs("bk") / "data", self.size_mib * MIB)
+        # the second container's copy: real copies (no reflink), other inodes, same bytes
+        subprocess.run(["cp", "-a", "--reflink=never", str(self.rootfs("bk") / "data"),
+                        str(self.rootfs("bk2"))], check=True)
+        return raw
+
+    def record(self, lane: Lane, what: str, value: float) -> None:
+        self.samples.setdefault(lane.label, {}).setdefault(what, []).append(value)
+
+    def round(self, rnd: int, rng: random.Random) -> None:
+        """Fresh repositories and cluster; the three backups, then the restores."""
+        self.cluster = SeaweedCluster(volumes=2 + self.size_mib // 1024, bucket=self.bucket,
+                                      base=self.root / "seaweed").start()
+        self.cluster.client().create_bucket(Bucket=self.restic_bucket)
+        lanes = [cls(self, where) for cls, where in LANES]
+        lanes = lanes[rnd % len(lanes):] + lanes[:rnd % len(lanes)]
+        for lane in lanes:
+            lane.init()
+        for step, container in zip(STEPS, ("bk", "bk", "bk2"), strict=True):
+            if step == "second":
+                changed = change_one_percent(self.rootfs("bk") / "data", rng)
+                self.notes.setdefault("changed_bytes", []).append(changed)
+            for lane in lanes:
+                s = lane.backup(container, step)
+                self.record(lane, f"backup_{step}", s)
+                stored = lane.stored()
+                self.stored.setdefault(lane.label, {}).setdefault(step, []).append(stored)
+                print(f"  {lane.label:15} {step:6} backup {s:6.2f}s, stored "
+                      f"{stored / MIB:7.1f} MiB", flush=True)
+        want = tree_digest(self.rootfs("bk") / "data")
+        for lane in lanes:
+            for what, fn in lane.restore_variants().items():
+                s, tree = fn(lane.ids[1], f"{lane.where}-{rnd}")
+                self.record(lane, what, s)
+                print(f"  {lane.label:15} {what} {s:6.2f}s", flush=True)
+                if tree_digest(tree / "data") != want:
+                    raise RuntimeError(f"{lane.label}: the restored data/ differs")
+            if isinstance(lane, ProjectLane):
+                lane.drop_restored()
+            self.notes.setdefault(f"{lane.label} said", []).append(lane.extra)
+        for d in self.pool_dir.glob("*-restore-*"):
+            shutil.rmtree(d)
+        for p in ("repo-project", "repo-borg", "repo-restic", "borg-home", "restic-cache-local",
+                  "restic-cache-s3"):
+            shutil.rmtree(self.root / p, ignore_errors=True)
+        self.cluster.stop()
+        self.cluster = None
+
+    def teardown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        problems = teardown(self.host, purge=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if problems:
+            print("teardown problems:", problems, file=sys.stderr)
+
+
+def summarize(bench: ChunkedBench, data_bytes: int, versions: dict[str, str]
+              ) -> dict[str, Any]:
+    med = {lane: {k: median(v) for k, v in d.items()} for lane, d in bench.samples.items()}
+    sto = {lane: {k: statistics.median(v) for k, v in d.items()}
+           for lane, d in bench.stored.items()}
+    ratios: dict[str, dict[str, float]] = {}
+    for where, other in (("local", "borg local"), ("local", "restic local"),
+                         ("s3", "restic s3")):
+        mine = f"project {where}"
+        if mine not in med or other not in med:
+            continue
+        r: dict[str, float] = {}
+        for k in med[mine]:
+            if k in med[other]:
+                r[k] = round(med[mine][k] / med[other][k], 2)
+        for step in STEPS:
+            r[f"stored_{step}"] = round(sto[mine][step] / sto[other][step], 2)
+        ratios[f"{mine} / {other}"] = r
+    return {"data_mib": round(data_bytes / MIB), "versions": versions,
+            "medians_seconds": {lane: {k: round(v, 2) for k, v in d.items()}
+                                for lane, d in med.items()},
+            "stored_mib_after": {lane: {k: round(v / MIB, 1) for k, v in d.items()}
+                                 for lane, d in sto.items()},
+            "ratios": ratios, "samples": bench.samples, "stored_bytes": bench.stored,
+            "notes": bench.notes}
+
+
+def table(out: dict[str, Any]) -> str:
+    """The medians as a Markdown table, then the ratios."""
+    med, sto = out["medians_seconds"], out["stored_mib_after"]
+    head = ("| lane | 1st backup s | stored MiB | 2nd (1% changed) s | +MiB | "
+            "3rd (2nd container) s | +MiB | restore s |")
+    lines = [head, "|" + "---|" * 8]
+    for lane, m in med.items():
+        s = sto[lane]
+        restore = f"{m['restore']:.2f}"
+        if "restore_streamed" in m:
+            restore += f" ({m['restore_streamed']:.2f} streamed)"
+        lines.append(f"| {lane} | {m['backup_first']:.2f} | {s['first']:.1f} | "
+                     f"{m['backup_second']:.2f} | {s['second'] - s['first']:.1f} | "
+                     f"{m['backup_third']:.2f} | {s['third'] - s['second']:.1f} | "
+                     f"{restore} |")
+    lines += ["", "| ratio (< 1: project faster or smaller) | 1st | 2nd | 3rd | restore | "
+              "stored after 1st | after 3rd |", "|" + "---|" * 7]
+    for name, r in out["ratios"].items():
+        lines.append(f"| {name} | {r['backup_first']:.2f} | {r['backup_second']:.2f} | "
+                     f"{r['backup_third']:.2f} | {r['restore']:.2f} | "
+                     f"{r['stored_first']:.2f} | {r['stored_third']:.2f} |")
+    return "\n".join(lines)
+
+
+def chunked_suite(args: argparse.Namespace) -> int:
+    versions = ensure_tools()
+    root = Path(f"/var/tmp/migrator-bench/backup-{os.getpid()}")
+    bench = ChunkedBench(root, args.size_mib)
+    rng = random.Random(7)
+    try:
+        data_bytes = bench.setup()
+        print(f"data: {data_bytes / MIB:.0f} MiB from /usr/lib in bk and in bk2; "
+              f"{versions['borg']}, {versions['restic']}", flush=True)
+        for rnd in range(args.repeat):
+            print(f"round {rnd + 1}", flush=True)
+            bench.round(rnd, rng)
+    finally:
+        bench.teardown()
+    out = summarize(bench, data_bytes, versions)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"backup-chunked-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
+        json.dumps(out, indent=2))
+    print(table(out))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--suite", choices=("chunked", "tar"), default="chunked",
+                    help="chunked: against borg and restic; tar: against tar | zstd")
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="rounds (default: 1 for chunked, 3 for tar)")
+    args = ap.parse_args()
+    if args.repeat is None:
+        args.repeat = 1 if args.suite == "chunked" else 3
+    if os.geteuid() != 0:
+        sys.exit("run as root (loop pools, namespaces, drop_caches)")
+    for tool in ("tar", "zstd", "btrfs"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing (run `make setup`)")
+    return chunked_suite(args) if args.suite == "chunked" else tar_suite(args)
 
 
 if __name__ == "__main__":
