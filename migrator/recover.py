@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from migrator.backends import VolumeRef
-from migrator.backup.remote import open_repository
+from migrator.backup.remote import close_repository, open_repository
 from migrator.backup.restore import complete_record
 from migrator.checkpoint.base import remove_images_dir
 from migrator.checkpoint.lxc import LxcCheckpointer, bounded_lxc, kill_helpers
-from migrator.core.errors import CorruptBackup, InvalidState, MigratorError, NotFound
+from migrator.core.errors import InvalidState, MigratorError
 from migrator.core.names import SnapshotName
 from migrator.p2c.convert import recover_p2c
 from migrator.runtime.containers import Containers
@@ -266,19 +266,16 @@ def _backup(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
 
 
 def _backup_committed(cts: Containers, spec: str, bid: str) -> bool:
-    """Whether backup ``bid`` has its index in the repository ``spec`` (a directory or
-    ``ssh://HOST/PATH``), asked through the repository itself: an unreachable repository
-    raises, so nothing is dropped on a guess."""
+    """Whether backup ``bid`` is in the repository ``spec`` (a directory, ``ssh://HOST/PATH``
+    or ``s3://BUCKET/PREFIX``), asked through the repository itself: an unreachable
+    repository raises, so nothing is dropped on a guess. The ids are the committed backups'
+    names (a directory repository's renamed ``backups/ID``, a chunked one's ``index/ID``),
+    listed without the key: recover needs no passphrase for a chunked repository."""
     repo = open_repository(cts.host, spec)
     try:
-        repo.get(bid)
-    except (NotFound, CorruptBackup):  # no backup, or one whose index was never written
-        return False
+        return bid in repo.ids()
     finally:
-        transport = getattr(repo, "t", None)
-        if transport is not None:
-            transport.close()
-    return True
+        close_repository(repo)
 
 
 def _restore(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:

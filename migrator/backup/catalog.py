@@ -4,6 +4,9 @@
 (``migrator.backup.prune.plan_prune``: keep-last/hourly/daily/weekly/monthly/yearly buckets per
 container, protected backups kept, every parent a kept incremental needs kept) and deletes
 what it says, under the writer lock, newest first. ``dry_run`` only plans.
+``collect_garbage`` then removes, in a chunked repository, the chunks no backup references
+any more (two phases: see ``migrator.backup.chunkrepo``); the CLI's prune and the
+scheduler's retention both call it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,23 @@ def row(b: BackupIndex) -> dict[str, Any]:
         "compression": b.compression, "snapshots": len(b.snapshots),
         "size": b.stored_size(), "raw_size": b.raw_size(), "protected": b.protected,
     }
+
+
+#: seconds an unreferenced chunk stays recorded before a later prune deletes it (``prune
+#: --gc-grace``; the scheduler's retention uses it too)
+GC_GRACE = 3600.0
+
+
+def collect_garbage(repo: BackupRepository, grace: float | None = None,
+                    dry_run: bool = False) -> Any | None:
+    """A chunked repository's garbage collection (its ``GcResult``), under its lock, with
+    ``grace`` seconds (default ``GC_GRACE``); None for a repository that stores no shared
+    chunks (the directory format frees a backup's bytes when it is deleted)."""
+    collect = getattr(repo, "collect_garbage", None)
+    if collect is None:
+        return None
+    with repo.lock():
+        return collect(GC_GRACE if grace is None else grace, dry_run)
 
 
 @dataclass

@@ -119,6 +119,19 @@ class WriteStats:
     new_chunks: int = 0
 
 
+def _read_stats(doc: Any) -> WriteStats | None:
+    """An index's ``stats`` (sealed with it, so authentic; still shape-checked)."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise TypeError("stats is not an object")
+    vals = {k: doc.get(k) for k in ("raw_bytes", "stored_bytes", "chunks", "new_chunks")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+               for v in vals.values()):
+        raise ValueError(f"stats {vals!r} are not counts")
+    return WriteStats(**vals)  # type: ignore[arg-type]
+
+
 def _check_config(doc: Any, where: str) -> dict[str, Any]:
     """The config object, validated (it is plain and comes from the store)."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -171,10 +184,15 @@ class ChunkedRepository:
         self._config: dict[str, Any] | None = None
         self._codec: Codec | None = None
         self._indexes: dict[str, tuple[BackupIndex, dict[str, ChunkList]]] = {}
+        self._stats: dict[str, WriteStats | None] = {}
         self.last_stats: WriteStats | None = None
 
     def __str__(self) -> str:
         return self.store.url
+
+    def close(self) -> None:
+        """Release the store (an ssh:// store's sessions and connection, S3's pool)."""
+        self.store.close()
 
     # set-up ----------------------------------------------------------------------------
     @classmethod
@@ -362,6 +380,7 @@ class ChunkedRepository:
             idx = BackupIndex.from_json(json.dumps(doc["index"]), backup_id)
             chunks = {str(rel): [(str(c), int(s)) for c, s in lst]
                       for rel, lst in doc["chunks"].items()}
+            stats = _read_stats(doc.get("stats"))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CorruptBackup(f"backup {backup_id}: index malformed: {e}") from e
         top = self._chunker_args()[2]
@@ -375,7 +394,15 @@ class ChunkedRepository:
                 raise CorruptBackup(f"backup {backup_id}: the chunks of part {part.path} "
                                     f"do not add up to its {part.size} bytes")
         self._indexes[backup_id] = (idx, chunks)
+        self._stats[backup_id] = stats
         return idx, chunks
+
+    def stats_of(self, backup_id: str) -> WriteStats | None:
+        """What the backup stored when it was written (``raw_bytes``, ``stored_bytes``: new
+        after dedup and compression, ``chunks``, ``new_chunks``); None for an index that
+        carries none (its protection changed since, or another writer)."""
+        self._load(backup_id)
+        return self._stats.get(backup_id)
 
     def get(self, backup_id: str) -> BackupIndex:
         return self._load(backup_id)[0]
@@ -450,11 +477,12 @@ class ChunkedRepository:
                                b"index:" + idx.id.encode())
         self.store.put(f"index/{idx.id}", blob)
         self._indexes[idx.id] = (BackupIndex.from_json(idx.to_json(), idx.id), chunks)
+        self._stats[idx.id] = stats
 
     def set_protected(self, backup_id: str, protected: bool) -> BackupIndex:
         idx, chunks = self._load(backup_id)
         idx.protected = protected
-        self._put_index(idx, chunks, None)
+        self._put_index(idx, chunks, self._stats.get(backup_id))  # the stats stay
         return idx
 
     def delete(self, backup_id: str) -> None:

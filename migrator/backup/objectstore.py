@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Protocol
 
 from migrator.core.errors import InvalidInput
@@ -43,6 +44,18 @@ def check_key(key: str) -> str:
         raise InvalidInput(f"invalid object key {key!r}",
                            "keys are made by the repository: a bug or a hostile caller")
     return key
+
+
+def check_path(path: str) -> str:
+    """An absolute, normalised repository path (no ``..``, no ``//``, no NUL): the path of
+    an ``ssh://HOST/PATH`` repository, checked on both sides (here, below the directory
+    repository's client and the ssh:// object store, so neither imports the other)."""
+    p = PurePosixPath(path)
+    if not p.is_absolute() or ".." in p.parts or str(p) != path.rstrip("/") or "\0" in path \
+            or "//" in path:
+        raise InvalidInput(f"repository path {path!r} must be absolute and normalised",
+                           "e.g. ssh://host-b/srv/backups")
+    return str(p)
 
 
 class ObjectStore(Protocol):

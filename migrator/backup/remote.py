@@ -29,11 +29,12 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from migrator.backup.model import BackupIndex, valid_id
+from migrator.backup.objectstore import check_path
 from migrator.backup.replicate import copy_chain
 from migrator.backup.repository import (
     CHUNK,
@@ -43,6 +44,7 @@ from migrator.backup.repository import (
     valid_part_path,
 )
 from migrator.backup.restore import restore_backup
+from migrator.backup.sshstore import SshObjectStore
 from migrator.core import errors
 from migrator.core.errors import CorruptBackup, InvalidInput
 from migrator.pipelines.remote_target import RemoteTarget
@@ -81,16 +83,6 @@ def parse_url(url: str) -> tuple[str, str | None]:
     if path in ("/", None):
         return parts.netloc, None
     return parts.netloc, check_path(path)
-
-
-def check_path(path: str) -> str:
-    """An absolute, normalised repository path (no ``..``, no ``//``, no NUL)."""
-    p = PurePosixPath(path)
-    if not p.is_absolute() or ".." in p.parts or str(p) != path.rstrip("/") or "\0" in path \
-            or "//" in path:
-        raise InvalidInput(f"repository path {path!r} must be absolute and normalised",
-                           "e.g. ssh://host-b/srv/backups")
-    return str(p)
 
 
 def _check_id(backup_id: object) -> str:
@@ -306,6 +298,10 @@ class RemoteRepository:
     def delete(self, backup_id: str) -> None:
         self.call("delete", id=backup_id)
 
+    def close(self) -> None:
+        """Close the connection (``open_repository`` made it for this repository)."""
+        self.t.close()
+
 
 def open_repository(host: Host, spec: str | None,
                     passphrase: Callable[[bool], str] | None = None,
@@ -314,20 +310,34 @@ def open_repository(host: Host, spec: str | None,
     on one of ``host``'s inventory hosts, ``s3://BUCKET/PREFIX``, or None for
     ``<state root>/backups``.
 
-    A directory holding a chunked repository's ``config`` and every ``s3://`` address are
-    ``ChunkedRepository``s (``passphrase``: how to ask for one when ``MIGRATOR_PASSPHRASE``
-    is not set; ``key_file``, else ``MIGRATOR_KEY_FILE``: where the key envelope is kept
-    when not in the repository). An ``ssh://`` repository is always the directory format
-    served by the far agent (a chunked one there is not reached through ssh:// yet)."""
+    A directory holding a chunked repository's ``config``, every ``s3://`` address, and an
+    ``ssh://`` directory holding such a ``config`` (asked through the far agent's object
+    session) are ``ChunkedRepository``s (``passphrase``: how to ask for one when
+    ``MIGRATOR_PASSPHRASE`` is not set; ``key_file``, else ``MIGRATOR_KEY_FILE``: where the
+    key envelope is kept when not in the repository). Any other ``ssh://`` repository is
+    the directory format, served by the far agent. ``close_repository`` releases what this
+    opened (an ssh:// repository's connection)."""
+    if key_file is None and os.environ.get("MIGRATOR_KEY_FILE"):
+        key_file = Path(os.environ["MIGRATOR_KEY_FILE"])
     if spec and spec.startswith("ssh:"):
         # paramiko only here, for an ssh:// repository: the agent imports this module for
         # its dispatch table, and ~0.3 s more on each agent's start-up would be paid by all
         from migrator.runtime.peers import inventory_transport
 
         name, path = parse_url(spec)
-        return RemoteRepository(inventory_transport(host, name).connect(), path)
-    if key_file is None and os.environ.get("MIGRATOR_KEY_FILE"):
-        key_file = Path(os.environ["MIGRATOR_KEY_FILE"])
+        t = inventory_transport(host, name).connect()  # one connection, whichever format
+        try:
+            store = SshObjectStore(t, path, owns_transport=True)
+            if store.exists("config"):
+                from migrator.backup.chunkrepo import ChunkedRepository
+
+                return ChunkedRepository(store, passphrase, key_file)
+            store.owns_transport = False  # the transport stays open for the repository
+            store.close()  # only its session's agent exits
+        except BaseException:
+            t.close()
+            raise
+        return RemoteRepository(t, path)
     if spec and spec.startswith("s3:"):
         # boto3 (slow to import) and the chunked format's crypto only for such a repository
         from migrator.backup.chunkrepo import ChunkedRepository
@@ -341,6 +351,14 @@ def open_repository(host: Host, spec: str | None,
 
         return ChunkedRepository(DirStore(where), passphrase, key_file)
     return Repository(where)
+
+
+def close_repository(repo: BackupRepository) -> None:
+    """Release what ``open_repository`` opened: an ssh:// repository's connection (and its
+    sessions' agents), an S3 client's pool; nothing for a directory."""
+    close = getattr(repo, "close", None)
+    if close is not None:
+        close()
 
 
 # the agent side ----------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """``backup restore``: a backup (through its incremental chain) back into a container.
 
 Nothing on the host changes until every part of every backup in the chain has been checked
-against its index (``migrator.backup.verify.verify_chain``): a damaged backup is refused whole. The
+against its index (``migrator.backup.verify.verify_chain``): a damaged backup is refused whole.
+From a chunked repository the parts are read once: every chunk is checked present first,
+then authenticated as it streams into the hidden scratch volume (removed on a bad one).
+Parts stream from the repository (or store) straight into the pool's receive: nothing is
+staged on local disk on the way. The
 container is then rebuilt in a scratch volume by replaying the chain, oldest backup first,
 point by point (full tar: received as the volume's new content; delta: removed paths, then
 the tar of changed entries over the volume; native stream: the driver's own receive), taking
@@ -36,7 +40,7 @@ from migrator.backup.delta import decode_paths, remove_paths
 from migrator.backup.model import BackupIndex, PartInfo, SnapshotInfo
 from migrator.backup.parts import PartStream, read_small, real_error
 from migrator.backup.repository import BackupRepository
-from migrator.backup.verify import tar_rules, verify_chain
+from migrator.backup.verify import as_chunked, tar_rules, verify_chain
 from migrator.core.errors import AlreadyExists, BackupError, InvalidInput, Protected
 from migrator.core.names import ContainerName, PoolName, SnapshotName
 from migrator.pipelines.transfer import Plan, execute, negotiate
@@ -115,11 +119,13 @@ def restore_backup(
     """Restore backup ``backup_id`` as container ``name`` (default: the backed-up name).
 
     ``verify_first``: read every part of the chain and check its sha256 before anything is
-    written (the default). Without it, the structure and every part's presence and size are
-    checked first and the checksums as the parts stream into the hidden scratch volume,
-    which is deleted on a mismatch: each part is read once (half the disk reads, or half
-    the network traffic from a remote repository), the existing container is untouched
-    either way, but a damaged backup is found only after its damaged part was written.
+    written (the default; not for a chunked repository, whose chunks are each authenticated
+    as they stream, after a check that every one is present). Without it, the structure
+    and every part's presence and size are checked first and the checksums as the parts
+    stream into the hidden scratch volume, which is deleted on a mismatch: each part is
+    read once (half the disk reads, or half the network traffic from a remote repository),
+    the existing container is untouched either way, but a damaged backup is found only
+    after its damaged part was written.
 
     ``allow_privileged``: the operator's ``--allow-privileged``, without which a privileged
     backup is refused (its root would be root on this host)."""
@@ -158,7 +164,11 @@ def restore_backup(
         recv_pool = PoolName(candidates[0])
     recv_b = host.backend(recv_pool)
 
-    chain = verify_chain(repo, idx, progress, read=verify_first)  # before anything is touched
+    # before anything is touched. A chunked repository is read once either way: its index
+    # is authenticated and every chunk is authenticated as it streams (and all of them are
+    # first checked to be present), so reading it all beforehand would only double the
+    # traffic from the store; a damaged chunk fails the restore inside the scratch volume
+    chain = verify_chain(repo, idx, progress, read=verify_first and as_chunked(repo) is None)
     method = "tar" if idx.kind == "generic" else idx.driver
     if recv_pool != pool_name:
         method += f" via pool {recv_pool}, then " + negotiate(recv_b.migration_types(),

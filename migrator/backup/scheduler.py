@@ -34,10 +34,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from migrator.backup.catalog import prune_repository
+from migrator.backup.catalog import collect_garbage, prune_repository
 from migrator.backup.create import create_backup
 from migrator.backup.prune import RetentionPolicy
-from migrator.backup.remote import open_repository
+from migrator.backup.remote import close_repository, open_repository
 from migrator.backup.repository import BackupRepository
 from migrator.core.errors import InvalidState, MigratorError
 from migrator.runtime.containers import Containers
@@ -228,6 +228,7 @@ class Scheduler:
         self.sleep = sleep
         self._live: dict[str, tuple[str, str]] | None = None
         self._repos: dict[str | None, BackupRepository] = {}
+        self._pruned: set[str | None] = set()  # repositories whose retention ran this tick
 
     def settings(self) -> dict[str, dict[str, str]]:
         defaults = host_defaults(self.cts.state)
@@ -255,6 +256,7 @@ class Scheduler:
                     if time.monotonic() - saved > 1.0:  # a crash repeats a second's jobs
                         state.save(self.state_path)
                         saved = time.monotonic()
+                result.results.extend(self._collect_garbage())
             finally:
                 self._close_repositories()
             result.expired = self._expire(at, result)
@@ -314,9 +316,37 @@ class Scheduler:
         retention = conf.get("backups.retention")
         if retention:
             pruned = prune_repository(repo, RetentionPolicy.parse(retention), container=name)
+            self._pruned.add(conf.get("backups.repo") or None)
             if pruned.removed:
                 detail += f", pruned {len(pruned.removed)}"
         return detail
+
+    def _collect_garbage(self) -> list[JobResult]:
+        """Once per tick and chunked repository whose retention ran: the chunks no backup
+        references any more are recorded, and those recorded by an earlier tick (at least
+        ``catalog.GC_GRACE`` ago, with no backup being written) deleted. A repository of
+        the directory format has nothing to collect. A failure is reported like a job's."""
+        out = []
+        for spec in sorted(self._pruned, key=str):
+            repo = self._repos[spec]
+            t0 = time.monotonic()
+            try:
+                gc = collect_garbage(repo)
+                if gc is None:  # the directory format: nothing shared to collect
+                    continue
+                detail = (f"{repo}: deleted {gc.deleted} unreferenced chunk(s), "
+                          f"{gc.pending} recorded for a later tick"
+                          + (f", {gc.postponed} postponed while backups are written"
+                             if gc.postponed else ""))
+                outcome = "ok"
+            except Exception as e:  # noqa: BLE001 - reported, like a failed job
+                detail = f"{repo}: " + (e.message if isinstance(e, MigratorError)
+                                        else f"{type(e).__name__}: {e}")
+                outcome = "failed"
+            out.append(JobResult(str(repo), "collect", outcome, detail,
+                                 time.monotonic() - t0))
+        self._pruned.clear()
+        return out
 
     def _repository(self, spec: str | None) -> BackupRepository:
         """One repository object per ``backups.repo`` value and tick: a remote one keeps its
@@ -327,9 +357,8 @@ class Scheduler:
 
     def _close_repositories(self) -> None:
         for repo in self._repos.values():
-            transport = getattr(repo, "t", None)
-            if transport is not None:
-                transport.close()
+            with contextlib.suppress(Exception):  # a connection that broke: gone anyway
+                close_repository(repo)
         self._repos.clear()
 
     def _expire(self, at: float, result: TickResult) -> list[str]:

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backup.dirstore import DirStore
-from migrator.backup.objectstore import MAX_KEY, check_key, valid_key
-from migrator.backup.remote import check_path
+from migrator.backup.objectstore import MAX_KEY, check_key, check_path, valid_key
 from migrator.core.errors import InvalidInput, MigratorError, NetworkError, StorageError
 from migrator.pipelines.remote_target import RemoteTarget
 from migrator.transport.base import Transport
@@ -131,8 +130,10 @@ class SshObjectStore:
     docstring); ``path`` None: that host's ``<root>/backups``."""
 
     def __init__(self, transport: Transport, path: str | None,
-                 sessions: int = MAX_SESSIONS) -> None:
+                 sessions: int = MAX_SESSIONS, owns_transport: bool = False) -> None:
         self.t = transport
+        #: ``close`` also closes the transport (``open_repository`` connected it for us)
+        self.owns_transport = owns_transport
         self.path = None if path is None else check_path(path)
         self.url = f"{SCHEME}{transport.name}{self.path or ''}"
         self.max_sessions = max(1, sessions)
@@ -288,6 +289,8 @@ class SshObjectStore:
             self._cond.notify_all()
         for s in idle:
             s.close()
+        if self.owns_transport:
+            self.t.close()
 
 
 # the agent side ----------------------------------------------------------------------------

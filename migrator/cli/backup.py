@@ -29,7 +29,8 @@ backup_app = typer.Typer(
     "parts themselves (zstd-compressed tar or btrfs/zfs send streams). A backup is complete "
     "or absent: it is written aside and appears only once its index is on disk. "
     "A repository on another host is reached through its agent: --repo ssh://HOST/PATH.\n\n"
-    "A chunked repository (`migrate backup init REPO`: a directory or s3://BUCKET/PREFIX) "
+    "A chunked repository (`migrate backup init REPO`: a directory, s3://BUCKET/PREFIX or "
+    "ssh://HOST/PATH) "
     "stores every part as deduplicated, compressed chunks, encrypted and authenticated "
     "with a key wrapped by a passphrase (MIGRATOR_PASSPHRASE or MIGRATOR_PASSPHRASE_FILE, "
     "else asked; the key may be "
@@ -80,7 +81,8 @@ def _chunked(path: str | None, key_file: Path | None) -> ChunkedRepository:
 
 @backup_app.command("init")
 def init_cmd(
-    repo: str = typer.Argument(..., help="A directory, or s3://BUCKET/PREFIX"),
+    repo: str = typer.Argument(..., help="A directory, s3://BUCKET/PREFIX, or "
+                               "ssh://HOST/PATH (a directory on an inventory host)"),
     encryption: str = typer.Option(
         "repokey", "--encryption", "-e",
         help="repokey: chunks and indexes encrypted and authenticated (AES-256-GCM) with a "
@@ -93,7 +95,9 @@ def init_cmd(
 
     The passphrase comes from MIGRATOR_PASSPHRASE or is asked twice. With --key-file the
     wrapped key is written to that file only (keep a copy!), not into the repository.
-    Examples: `migrate backup init /srv/backups`, `migrate backup init s3://bkt/host-a`
+    Over ssh:// only sealed chunks cross the link: the far host never sees the key.
+    Examples: `migrate backup init /srv/backups`, `migrate backup init s3://bkt/host-a`,
+    `migrate backup init ssh://host-b/srv/backups`
     """
     from migrator.backup.chunkrepo import ChunkedRepository
 
@@ -122,9 +126,20 @@ def _new_store(spec: str) -> ObjectStore:
 
         return S3Store.from_url(spec)
     if spec.startswith("ssh:"):
-        raise InvalidInput("a chunked repository cannot be made over ssh:// yet",
-                           "make it on that host (`migrate backup init PATH` there), or use "
-                           "a directory or s3://")
+        from migrator.backup.remote import parse_url
+        from migrator.backup.sshstore import SshObjectStore
+
+        name, far_path = parse_url(spec)
+        remote = SshObjectStore(transport_for(name).connect(), far_path, owns_transport=True)
+        try:
+            if next(iter(remote.list("")), None) is not None:
+                raise InvalidInput(f"{spec} exists and is not empty",
+                                   "give a new or empty directory on that host")
+            remote.create()
+        except BaseException:
+            remote.close()
+            raise
+        return remote
     from migrator.backup.dirstore import DirStore
 
     path = Path(spec)
@@ -250,18 +265,30 @@ def list_cmd(
 @backup_app.command("info")
 def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REPO_OPT,
              fmt: Format = FORMAT_OPT) -> None:
-    """Show one backup: its chain, snapshots, parts (sizes and checksums) and config."""
+    """Show one backup: its chain, snapshots, parts (sizes and checksums) and config.
+
+    In a chunked repository also what it stored when it was written: raw_bytes,
+    stored_bytes (new after dedup and compression), chunks and new_chunks."""
+    from dataclasses import asdict
+
     r = _repo(repo)
     r.check()
     idx = r.get(backup_id)
+    stats_of = getattr(r, "stats_of", None)
+    stats = stats_of(backup_id) if stats_of is not None else None
     if fmt == Format.json:
-        print_json(json.loads(idx.to_json()))
+        print_json({**json.loads(idx.to_json()),
+                    **(asdict(stats) if stats is not None else {})})
         return
     from migrator.backup.catalog import row
 
     for k, v in row(idx).items():
         if k != "created_epoch":
             typer.echo(f"{k}: {v}")
+    if stats is not None:
+        typer.echo(f"stored when written: {human_size(stats.stored_bytes)} new of "
+                   f"{human_size(stats.raw_bytes)}; chunks: {stats.chunks}, "
+                   f"{stats.new_chunks} new")
     typer.echo(f"final: {idx.final}")
     if idx.base_snapshot:
         typer.echo(f"base snapshot on the pool: {idx.base_snapshot}")
@@ -337,7 +364,8 @@ def restore_cmd(
         True, "--verify-first/--verify-while-restoring",
         help="Check every part's sha256 before writing anything (reads the backup twice), "
         "or while it streams into a hidden scratch volume that is deleted on a mismatch "
-        "(reads it once: faster, half the traffic from an ssh:// repository)"),
+        "(reads it once: faster, half the traffic from an ssh:// repository). A chunked "
+        "repository is always read once: each chunk is authenticated as it streams"),
     allow_privileged: bool = typer.Option(
         False, "--allow-privileged",
         help="Accept a privileged backup (the container's root is root on this host)"),
@@ -437,7 +465,7 @@ def prune_cmd(
     list_: bool = typer.Option(False, "--list", help="List every backup kept or removed, "
                                "with the reason"),
     gc_grace: float = typer.Option(
-        3600.0, "--gc-grace", min=0,
+        3600.0, "--gc-grace", min=0,  # catalog.GC_GRACE (not imported at start-up)
         help="Chunked repository: seconds an unreferenced chunk stays recorded as garbage "
         "before a later prune deletes it"),
     repo: str = REPO_OPT, fmt: Format = FORMAT_OPT,
@@ -454,18 +482,14 @@ def prune_cmd(
     in two phases: a prune records the chunks no backup references, and a later prune
     (after --gc-grace, and with no backup being written) deletes those still unreferenced.
     """
-    from migrator.backup.catalog import prune_repository
+    from migrator.backup.catalog import collect_garbage, prune_repository
     from migrator.backup.prune import RetentionPolicy
 
     policy = RetentionPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
                              keep_yearly)
     target = _repo(repo)
     r = prune_repository(target, policy, dry_run, container)
-    gc = None
-    collect = getattr(target, "collect_garbage", None)
-    if collect is not None:
-        with target.lock():
-            gc = collect(gc_grace, dry_run)
+    gc = collect_garbage(target, gc_grace, dry_run)
     if fmt == Format.json:
         print_json({**r.as_dict(), **({"gc": vars(gc)} if gc is not None else {})})
         return

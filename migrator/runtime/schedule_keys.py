@@ -14,6 +14,7 @@ scheduler (``backup/scheduler.py``) uses the same functions to act on them.
   LXD's letters), added to the snapshot's creation time by the calendar (a month after
   31 January is the end of February).
 - ``backups.retention``: ``keep-last=3,keep-daily=7`` (see ``backup/prune.py``).
+- ``backups.repo``: a directory, ``ssh://HOST/PATH`` or ``s3://BUCKET/PREFIX``.
 """
 
 from __future__ import annotations
@@ -166,7 +167,12 @@ def _retention(value: str) -> str:
     return ",".join(f"keep-{r}={n}" for r, n in rules.items())
 
 
+_S3_REPO = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._-]+)*")
+
+
 def _repo(value: str) -> str:
+    """A directory, ``ssh://HOST/PATH`` (either format there) or ``s3://BUCKET[/PREFIX]``
+    (syntax only here: ``backup/s3store.py`` parses it again, strictly, when used)."""
     value = value.strip()
     if value.startswith("ssh://"):
         host, _, path = value.removeprefix("ssh://").partition("/")
@@ -174,9 +180,18 @@ def _repo(value: str) -> str:
             raise InvalidInput(f"backups.repo {value!r} needs a host and a path",
                                "for example: ssh://host-b/var/backups/migrate")
         return value
+    if value.startswith("s3:"):
+        if not _S3_REPO.fullmatch(value) or ".." in value.split("/"):
+            raise InvalidInput(f"backups.repo {value!r} is not an s3://BUCKET/PREFIX address",
+                               "for example: s3://backups/host-a (a bucket name of lower-case "
+                               "letters, digits, '.' and '-'; the endpoint and credentials "
+                               "come from AWS_* variables, never from the address)")
+        return value
     if not value.startswith("/"):
-        raise InvalidInput(f"backups.repo {value!r} must be an absolute path or ssh://HOST/PATH",
-                           "for example: /srv/backups or ssh://host-b/srv/backups")
+        raise InvalidInput(f"backups.repo {value!r} must be an absolute path, ssh://HOST/PATH "
+                           "or s3://BUCKET/PREFIX",
+                           "for example: /srv/backups, ssh://host-b/srv/backups or "
+                           "s3://backups/host-a")
     return value
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from migrator import recover
 from migrator.checkpoint.lxc import BoundedLxc, find_helpers, helper_record, kill_helpers
-from migrator.core.errors import CommandTimeout, InvalidState, NetworkError, NotFound
+from migrator.core.errors import CommandTimeout, InvalidState, NetworkError
 from migrator.pipelines.live_target import RestoreMark
 from migrator.runtime.lxc import LxcDriver
 
@@ -31,15 +31,19 @@ class FakeTransport:
 
 
 class FakeRemoteRepo:
-    """Stands for ``RemoteRepository``: answers ``get`` like the agent would."""
+    """Stands for ``RemoteRepository``: answers ``ids`` like the agent would."""
 
     def __init__(self, have: set[str]) -> None:
         self.have, self.t = have, FakeTransport()
 
+    def ids(self) -> list[str]:
+        return sorted(self.have)
+
     def get(self, bid: str) -> Any:
-        if bid not in self.have:
-            raise NotFound(f"no backup {bid!r}")
-        return object()
+        raise AssertionError("get needs a chunked repository's key: recover asks ids()")
+
+    def close(self) -> None:
+        self.t.close()
 
 
 class Cts:
@@ -63,7 +67,7 @@ def test_ssh_repository_is_asked_through_the_interface(monkeypatch) -> None:  # 
 
 def test_unreachable_repository_decides_nothing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     class Down(FakeRemoteRepo):
-        def get(self, bid: str) -> Any:
+        def ids(self) -> list[str]:
             raise NetworkError("cannot reach host-b")
 
     monkeypatch.setattr(recover, "open_repository", lambda h, s: Down(set()))

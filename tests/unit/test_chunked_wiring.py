@@ -1,0 +1,147 @@
+"""Chunked repositories wired in everywhere the directory format works: ``open_repository``
+over ssh:// (a chunked one found by its config through the far agent's object session),
+``recover`` asking without the key, a backup's stats kept in its index, the schedule's
+``backups.repo`` syntax and the scheduler's garbage collection after retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from migrator import recover
+from migrator.backup import catalog, remote
+from migrator.backup.chunkrepo import ChunkedRepository
+from migrator.backup.dirstore import DirStore
+from migrator.backup.remote import RemoteRepository, close_repository, open_repository
+from migrator.backup.scheduler import Scheduler
+from migrator.backup.sshstore import SshObjectStore
+from migrator.core.errors import InvalidInput
+from migrator.runtime.config import validate
+from tests.unit.test_chunkrepo import BID, BID2, CHEAP, SMALL, backup, data, make_repo
+from tests.unit.test_sshstore import Agents
+
+
+@pytest.fixture(autouse=True)
+def _no_passphrase_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MIGRATOR_PASSPHRASE", "MIGRATOR_PASSPHRASE_FILE", "MIGRATOR_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+class Peer:
+    """``inventory_transport(host, name)``'s stand-in: connects to this process as the far
+    host (its agents serve ``objects`` and ``repository`` requests in threads)."""
+
+    def __init__(self, t: Agents) -> None:
+        self.t = t
+        self.closed = 0
+        t.close = self._count_close  # type: ignore[method-assign]
+
+    def _count_close(self) -> None:
+        self.closed += 1
+
+    def connect(self) -> Agents:
+        return self.t
+
+
+@pytest.fixture
+def peer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Peer:
+    import migrator.runtime.peers as peers
+
+    p = Peer(Agents(tmp_path))
+    monkeypatch.setattr(peers, "inventory_transport", lambda host, name: p)
+    return p
+
+
+def test_ssh_address_opens_a_chunked_repository_when_its_config_is_there(
+        tmp_path: Path, peer: Peer) -> None:
+    where = tmp_path / "far-repo"
+    store = SshObjectStore(peer.t, str(where))
+    store.create()
+    made = ChunkedRepository.create(store, "repokey", "pw", cost=CHEAP, chunker=SMALL)
+    blob = data(3 << 20, 7)
+    stats = backup(made, BID, blob)
+    store.close()
+    host: Any = SimpleNamespace(root=tmp_path)
+
+    repo = open_repository(host, f"ssh://far{where}", lambda _c: "pw")
+    assert isinstance(repo, ChunkedRepository) and str(repo) == f"ssh://far{where}"
+    assert repo.ids() == [BID]
+    got = repo.stats_of(BID)  # the stats went into the sealed index, and came back
+    assert got is not None and got.raw_bytes == len(blob) == stats.raw_bytes
+    assert got.new_chunks == got.chunks == stats.chunks > 3
+    with repo.open_part(BID, "container.tar") as f:
+        assert f.read() == blob
+    close_repository(repo)
+    assert peer.closed == 1  # the store owned the connection open_repository made
+
+    # recover asks for the ids only: no passphrase is needed (none is set here)
+    cts: Any = SimpleNamespace(host=host)
+    assert recover._backup_committed(cts, f"ssh://far{where}", BID)
+    assert not recover._backup_committed(cts, f"ssh://far{where}", BID2)
+    assert peer.closed == 3
+
+    # a directory-format repository there (no config): the far agent's repository, over
+    # the same connection (the object session's agent ended)
+    plain = open_repository(host, f"ssh://far{tmp_path / 'plain'}")
+    assert isinstance(plain, RemoteRepository) and plain.t is peer.t and peer.closed == 3
+    close_repository(plain)
+    assert peer.closed == 4
+
+
+def test_recover_reads_a_local_chunked_repository_without_its_key(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(1 << 20, 1))
+    cts: Any = SimpleNamespace(host=SimpleNamespace(root=tmp_path))
+    # no MIGRATOR_PASSPHRASE: opening the key would raise; listing the indexes does not
+    assert recover._backup_committed(cts, str(tmp_path / "repo"), BID)
+    assert not recover._backup_committed(cts, str(tmp_path / "repo"), BID2)
+
+
+def test_stats_survive_protect_and_a_fresh_reader(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(2 << 20, 3))
+    second = backup(repo, BID2, data(2 << 20, 3))  # the same data: nothing new
+    repo.set_protected(BID2, True)
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    got = fresh.stats_of(BID2)
+    assert fresh.get(BID2).protected and got == second
+    assert got is not None and got.new_chunks == 0 and got.stored_bytes == 0
+
+
+def test_backups_repo_takes_s3_addresses() -> None:
+    assert validate("backups.repo", "s3://backups/host-a") == "s3://backups/host-a"
+    assert validate("backups.repo", "s3://my.bucket-1") == "s3://my.bucket-1"
+    assert validate("backups.repo", " ssh://b/srv/chunked ") == "ssh://b/srv/chunked"
+    for bad in ("s3://", "s3://Upper/x", "s3://bk/../x", "s3://bk//x", "s3://bk/x/",
+                "s3://ab", "s3://user@bucket/x", "s3://bucket:9000/x", "s3:bucket/x"):
+        with pytest.raises(InvalidInput):
+            validate("backups.repo", bad)
+
+
+def test_a_tick_collects_the_garbage_of_a_chunked_repository_its_retention_pruned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(2 << 20, 4))
+    backup(repo, BID2, data(2 << 20, 5))
+    with repo.lock():
+        repo.delete(BID)
+    spec = str(tmp_path / "repo")
+    plain = tmp_path / "plain"
+    sched = Scheduler.__new__(Scheduler)  # only what _collect_garbage uses
+    sched._repos = {spec: repo, str(plain): remote.Repository(plain).init()}
+    sched._pruned = {spec, str(plain)}
+    first = sched._collect_garbage()
+    assert [(r.job, r.result) for r in first] == [("collect", "ok")]  # the directory: none
+    assert "0 unreferenced" in first[0].detail and "recorded" in first[0].detail
+    pending = repo.collect_garbage(grace=3600, dry_run=True).pending
+    assert pending >= 2  # BID's chunks, recorded for a later run
+    assert sched._pruned == set()
+    sched._pruned = {spec}
+    before = len(repo.chunk_ids())
+    monkeypatch.setattr(catalog, "GC_GRACE", 0.0)  # a later tick, past the grace period
+    later = sched._collect_garbage()
+    assert later[0].result == "ok" and f"deleted {pending} " in later[0].detail
+    assert len(repo.chunk_ids()) == before - pending
