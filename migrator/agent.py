@@ -38,6 +38,7 @@ from migrator.backup.sshstore import serve_objects
 from migrator.core import errors, proc
 from migrator.p2c.target import P2C_OPS
 from migrator.pipelines.delegated import delegate
+from migrator.pipelines.evacuate import serve_evacuate
 from migrator.pipelines.live_target import LIVE_OPS, WATCHED_OPS
 from migrator.pipelines.remote_target import TARGET_OPS, Handler, RemoteTarget
 from migrator.runtime.containers import Containers
@@ -59,6 +60,7 @@ OPS: dict[str, Handler] = {
     **TARGET_OPS,
     **LIVE_OPS,
     "delegate": delegate,
+    "evacuate": serve_evacuate,
     **P2C_OPS,
     "repository": serve_repository,
     "backup_restore": serve_restore,

@@ -14,6 +14,7 @@ from migrator.cli.options import format_option
 from migrator.cli.progress import Bars
 from migrator.cli.render import Format, human_size
 from migrator.core.errors import InvalidInput, MigratorError, NotFound
+from migrator.transport.replies import clean_event
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +23,9 @@ def register(app: typer.Typer) -> None:
 
 
 def evacuate_cmd(
-    host: str = typer.Argument(..., help="The host to empty: local (this host)"),
+    host: str = typer.Argument(..., help="The host to empty: local (this host), or an "
+                               "inventory host, which then evacuates itself to the hosts of "
+                               "its own inventory"),
     to: str = typer.Option(None, "--to",
                            help="Target hosts, comma-separated [default: every inventory host]"),
     parallel: int = typer.Option(1, "--parallel", "-j", min=1, max=16,
@@ -61,10 +64,14 @@ def evacuate_cmd(
       migrate evacuate local --to host-b,host-c -j 2   # two at a time
       migrate evacuate local --running-only --format json
       migrate evacuate local --restore                 # back here, live if running
+      migrate evacuate host-a --to host-b,host-c       # host-a empties itself (its inventory)
     """
     if host != "local":
-        raise InvalidInput(f"evacuating another host ({host}) from here is not supported",
-                           f"run it on {host}: `migrate evacuate local`")
+        _elsewhere(host, {"to": [t for t in (to or "").split(",") if t], "parallel": parallel,
+                          "dry_run": dry_run, "running_only": running_only,
+                          "restore": restore, "as_name": as_name, "pool": target_pool,
+                          "mode": mode, "compress": compress}, fmt)
+        return
     cts = current().containers
     inventory = [h.name for h in cts.state.list_hosts()]
     if restore:
@@ -227,3 +234,38 @@ def _report(o: Any) -> None:
         down = f", down {o.downtime:.2f}s" if o.downtime is not None else ""
         why = f" ({o.reason})" if o.reason else ""
         say(f"{o.name}: {o.how} {o.source} -> {o.to} in {o.seconds:.1f}s{down}{why}")
+
+
+def _elsewhere(host: str, args: dict[str, Any], fmt: Format) -> None:
+    """Another host evacuates itself (its agent runs ``migrate evacuate local`` there, with
+    its own inventory and record): its lines are shown as they come, then its rows."""
+    def line(event: dict[str, Any]) -> None:
+        if event.get("event") == "say" and event.get("text"):
+            say(f"{host}: {event['text']}")
+
+    with transport_for(host) as t:
+        reply = t.request("evacuate", args, on_event=line)
+    rows = clean_event({"rows": reply["rows"]})["rows"]
+    if fmt == Format.json:
+        print_json(rows)
+    else:
+        for row in rows:
+            say(_row_line(row))
+    if reply["exit_code"]:
+        raise typer.Exit(int(reply["exit_code"]))
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    """One row of a far evacuation (a move, a plan's line or a restore) as a sentence."""
+    name, how = row.get("name"), row.get("how")
+    if how == "failed":
+        return f"{name}: FAILED ({row.get('error') or row.get('reason')})"
+    if how == "stayed" or (row.get("to") is None and "seconds" not in row):
+        return f"{name}: stays ({row.get('reason')})"
+    if "seconds" in row:
+        down = f", down {row['downtime']:.2f}s" if isinstance(row.get("downtime"),
+                                                               float | int) else ""
+        return f"{name}: {how} {row.get('from')} -> {row.get('to')} in " \
+               f"{float(row.get('seconds') or 0):.1f}s{down}"
+    return f"{name}: {how} to {row.get('to')} pool {row.get('pool')}: {row.get('reason')}"
+

@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.checkpoint.base import tree_bytes
+from migrator.core import proc
 from migrator.core.errors import (
     CheckpointError,
     InvalidInput,
@@ -416,3 +419,76 @@ def _delegated_back(transport: Transport, name: str, self_target: dict[str, Any]
     down = res.get("downtime") if isinstance(res, dict) else None
     return ("stateless", f"live refused: {err.message}",
             float(down) if isinstance(down, (int, float)) else None)
+
+
+# another host's evacuation, asked for by a client ---------------------------------------------
+EVACUATE_COMPRESS = ("auto", "zstd", "none")
+MAX_ROWS_BYTES = 4 << 20  # the far evacuation's JSON rows
+
+
+def evacuate_argv(root: Path, req: dict[str, Any]) -> list[str]:
+    """``migrate --root ROOT evacuate local ... --format json`` from a client's request,
+    every value checked: host and pool names by the name rule, numbers and flags by type,
+    modes from their lists. Nothing from the request reaches the command line otherwise."""
+    from migrator.core.names import ContainerName, PoolName
+    from migrator.pipelines.live import MODES
+
+    def flag(key: str) -> bool:
+        value = req.get(key, False)
+        if not isinstance(value, bool):
+            raise InvalidInput(f"evacuate: {key!r} must be true or false")
+        return value
+
+    argv = [sys.executable, "-m", "migrator.cli.main", "--root", str(root), "evacuate", "local",
+            "--format", "json"]
+    to = req.get("to") or []
+    if not isinstance(to, list) or len(to) > 64:
+        raise InvalidInput("evacuate: 'to' must be a list of host names")
+    if to:
+        argv += ["--to", ",".join(str(ContainerName(str(h))) for h in to)]
+    parallel = req.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or not 1 <= parallel <= 16:
+        raise InvalidInput("evacuate: 'parallel' must be 1 to 16")
+    argv += ["--parallel", str(parallel)]
+    for key, option in (("dry_run", "--dry-run"), ("running_only", "--running-only"),
+                        ("restore", "--restore")):
+        if flag(key):
+            argv.append(option)
+    if req.get("as_name") is not None:
+        argv += ["--as", str(ContainerName(str(req["as_name"])))]
+    if req.get("pool") is not None:
+        argv += ["--target-pool", str(PoolName(str(req["pool"])))]
+    mode, compress = str(req.get("mode", "auto")), str(req.get("compress", "auto"))
+    if mode not in MODES or compress not in EVACUATE_COMPRESS:
+        raise InvalidInput("evacuate: unknown mode or compression")
+    return [*argv, "--mode", mode, "--compress", compress]
+
+
+def serve_evacuate(end: RemoteTarget, req: dict[str, Any], read: Any) -> dict[str, Any]:
+    """``migrate evacuate HOST`` run from another host's client: this host evacuates itself,
+    exactly as ``migrate evacuate local`` typed here would (its own inventory names the
+    targets, its own record remembers where each container went, so ``--restore`` works from
+    here or from there). It runs as this host's command, in a session of its own: if the
+    client goes away the evacuation still finishes, each container whole on one host. Its
+    lines come back as events while it runs; its JSON rows and exit code are the reply."""
+    child = proc.spawn_piped(evacuate_argv(end.host.root, req))
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    child.stdin.close()
+    stderr = child.stderr
+
+    def relay() -> None:
+        for line in stderr:
+            with contextlib.suppress(Exception):  # the client left: the evacuation goes on
+                end.notify({"event": "say", "text": line.decode(errors="replace").rstrip()})
+
+    talker = threading.Thread(target=relay, daemon=True, name="evacuate-lines")
+    talker.start()
+    out = child.stdout.read(MAX_ROWS_BYTES + 1)
+    rc = proc.wait_or_kill(child)
+    talker.join(10)
+    rows: Any = []
+    if out.strip() and len(out) <= MAX_ROWS_BYTES:
+        with contextlib.suppress(ValueError):
+            rows = json.loads(out)
+    return {"rows": rows if isinstance(rows, list) else [],
+            "exit_code": rc if rc >= 0 else 128 - rc}  # killed by a signal: as a shell says

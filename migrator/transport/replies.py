@@ -157,6 +157,13 @@ def _page_identity(op: str, r: dict[str, Any]) -> None:
         raise ProtocolError(f"the {op!r} reply's certificate is too long")
 
 
+def _evacuate(op: str, r: dict[str, Any]) -> None:
+    if not all(isinstance(row, dict) for row in _want(op, r, "rows", list)):
+        raise ProtocolError(f"the {op!r} reply's rows must be objects")
+    if not 0 <= _want(op, r, "exit_code", int) <= 255:
+        raise ProtocolError(f"the {op!r} reply's exit code is out of range")
+
+
 SHAPES: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "hello": _hello,
     "container_state": _container_state,
@@ -164,6 +171,7 @@ SHAPES: dict[str, Callable[[str, dict[str, Any]], None]] = {
     "commit_container": _commit,
     "live_settle": _settle,
     "page_identity": _page_identity,
+    "evacuate": _evacuate,
 }
 
 

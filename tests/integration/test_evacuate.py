@@ -166,4 +166,30 @@ def test_a_failure_is_named_and_the_container_stays(hosts, counter) -> None:  # 
     assert listing(a) == {"r1": "RUNNING"}
     assert not (a.root / "evacuation.json").exists()
     rc, _out, err = m(a, "evacuate", "host-x", check=False)
-    assert rc != 0 and "run it on host-x" in err
+    assert rc == 4 and "'host-x' is not in the inventory" in err, err
+
+
+def test_another_host_evacuates_itself(hosts, counter) -> None:  # type: ignore[no-untyped-def]
+    """``migrate evacuate a`` typed on b: a evacuates itself (its inventory, its record),
+    its lines shown on b with its name; ``--restore`` from b brings everything back."""
+    a, b, c = hosts
+    launch_counting(a, counter, "r1", mb=16, pool="dir")
+    m(a, "create", "busybox", "s1", "-p", "dir")
+    count = state(a, "r1")
+    _rc, out, err = m(b, "evacuate", "a", "--to", "c", "--format", "json")
+    recs = {r["name"]: r for r in json.loads(out)}
+    assert {n: (r["how"], r["to"]) for n, r in recs.items()} == {
+        "r1": ("live", "c"), "s1": ("stateless", "c")}, recs
+    assert "a: evacuating 2 of 2" in err, err
+    assert listing(a) == {} and listing(c) == {"r1": "RUNNING", "s1": "STOPPED"}
+    assert_kept_memory(c, "r1", count)
+    assert (a.root / "evacuation.json").exists() and not (b.root / "evacuation.json").exists()
+    # values are checked on a before its command line is made: nothing else runs
+    rc, _out, err = m(b, "evacuate", "a", "--to", "c,--restore", check=False)
+    assert rc == 3 and "invalid" in err.lower(), err
+    assert listing(c) == {"r1": "RUNNING", "s1": "STOPPED"}
+    count = state(c, "r1")
+    rc, out, err = m(b, "evacuate", "a", "--restore")
+    assert rc == 0 and "r1: live c -> local" in err, err
+    assert listing(a) == {"r1": "RUNNING", "s1": "STOPPED"} and listing(c) == {}
+    assert_kept_memory(a, "r1", count)
