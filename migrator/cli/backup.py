@@ -277,8 +277,11 @@ def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REP
     stats_of = getattr(r, "stats_of", None)
     stats = stats_of(backup_id) if stats_of is not None else None
     if fmt == Format.json:
+        # raw_bytes as `backup create` reports it: the container's streams (the chunk
+        # counts and stored_bytes also cover the small manifest part)
         print_json({**json.loads(idx.to_json()),
-                    **(asdict(stats) if stats is not None else {})})
+                    **({**asdict(stats), "raw_bytes": idx.raw_size()} if stats is not None
+                       else {})})
         return
     from migrator.backup.catalog import row
 
@@ -287,7 +290,7 @@ def info_cmd(backup_id: str = typer.Argument(..., metavar="ID"), repo: str = REP
             typer.echo(f"{k}: {v}")
     if stats is not None:
         typer.echo(f"stored when written: {human_size(stats.stored_bytes)} new of "
-                   f"{human_size(stats.raw_bytes)}; chunks: {stats.chunks}, "
+                   f"{human_size(idx.raw_size())}; chunks: {stats.chunks}, "
                    f"{stats.new_chunks} new")
     typer.echo(f"final: {idx.final}")
     if idx.base_snapshot:

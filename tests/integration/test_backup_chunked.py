@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,10 @@ from migrator.backup.chunks import chunk_key
 from migrator.backup.dirstore import DirStore
 from migrator.backup.keys import WrongPassphrase
 from migrator.backup.objectstore import ObjectStore
-from migrator.core.errors import CorruptBackup
+from migrator.core.errors import BackupError, CorruptBackup
+from testrigs.testhosts import TestHostSpec
+from tests.integration.test_remote import b_in_inventory, host_pair, m
+from tests.integration.test_remote import rootfs as rootfs_of
 from tests.integration.treecmp import populate, signature
 
 PASSPHRASE = "correct horse battery staple"
@@ -127,6 +132,17 @@ def test_chunked_repository_dedups_encrypts_restores_and_names_damage(
     host.cli("backup", "restore", b["id"], "--name", "ck1-r", "--pool", "btrfs",
              "--allow-privileged", "--repo", repo, check=True)
     assert signature(rootfs(host, "ck1-r")) == signature(rootfs(host, "ck1-b"))
+    # info shows what each backup stored when it was written
+    info = json.loads(host.cli("backup", "info", b["id"], "--repo", repo, "--format",
+                               "json", check=True).stdout)
+    assert {k: info[k] for k in ("raw_bytes", "stored_bytes", "chunks", "new_chunks")} == \
+        {k: b[k] for k in ("raw_bytes", "stored_bytes", "chunks", "new_chunks")}, info
+    # single files out of it, without a restore
+    out = host.root / f"extract-{kind}"
+    host.cli("backup", "extract", b["id"], "/srv/data.bin", "/srv/marker.txt", "--to",
+             str(out), "--repo", repo, check=True)
+    assert (out / "srv" / "data.bin").read_bytes() == (srv / "data.bin").read_bytes()
+    assert sorted(p.name for p in (out / "srv").iterdir()) == ["data.bin", "marker.txt"]
 
     if kind == "dir":  # native streams land in it too: an optimized btrfs backup, restored
         host.cts.create("busybox", "ck1-n", "btrfs", {"security.privileged": "true"})
@@ -138,6 +154,11 @@ def test_chunked_repository_dedups_encrypts_restores_and_names_damage(
 
     # a wrong passphrase is refused, with its own message, and writes nothing
     before = sorted(where.objects())
+    if kind == "dir":  # optimized backups cannot be read file by file: said so
+        res = host.cli("backup", "extract", n["id"], "/srv", "--to", str(out / "n"),
+                       "--repo", repo)
+        assert res.returncode == BackupError.exit_code and "send streams" in res.stderr
+        assert not (out / "n").exists()
     monkeypatch.setenv("MIGRATOR_PASSPHRASE", "wrong")
     res = host.cli("backup", "create", "ck1-a", "--repo", repo)
     assert res.returncode == WrongPassphrase.exit_code and "wrong passphrase" in res.stderr
@@ -163,3 +184,78 @@ def test_chunked_repository_dedups_encrypts_restores_and_names_damage(
                    "--repo", repo)
     assert res.returncode == CorruptBackup.exit_code and gone in res.stderr
     assert not host.cts.state.has_container("ck1-bad")
+
+
+# ssh:// ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ssh_pair(image_cache) -> Iterator[tuple[TestHostSpec, TestHostSpec]]:  # type: ignore[no-untyped-def]
+    """Hosts a and b (``mt17r-*``), b in a's inventory; containers ``ck2-*`` on a."""
+    with host_pair(Path("/var/tmp/migrator-tests/backup-chunked-ssh"), "mt17r", ("dir",),
+                   ("busybox",)) as (a, b), b_in_inventory(a, b):
+        yield a, b
+
+
+def test_chunked_repository_over_ssh_and_on_a_schedule(  # type: ignore[no-untyped-def]
+        ssh_pair, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    a, b = ssh_pair
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE", PASSPHRASE)
+    where = b.root / "chunked-ssh"
+    url = f"ssh://b{where}"
+    _rc, out, _e = m(a, "backup", "init", url, "--format", "json")
+    assert json.loads(out)["encryption"] == "repokey"
+    rc, _o, err = m(a, "backup", "init", url, check=False)  # not over an existing one
+    assert rc != 0 and "not empty" in err, err
+    m(a, "create", "busybox", "ck2-a", "-p", "dir")
+    srv = rootfs_of(a, "ck2-a") / "srv"
+    srv.mkdir(exist_ok=True)
+    marker = f"SSH-PLAINTEXT-{uuid.uuid4().hex}".encode()
+    (srv / "data.bin").write_bytes(os.urandom(24 << 20))
+    (srv / "marker.txt").write_bytes(marker * 1000)
+
+    first = json.loads(m(a, "backup", "create", "ck2-a", "--repo", url, "--format",
+                         "json")[1])
+    second = json.loads(m(a, "backup", "create", "ck2-a", "--repo", url, "--format",
+                          "json")[1])
+    assert first["new_chunks"] > 10 and second["new_chunks"] <= 2, (first, second)
+    assert second["stored_bytes"] < 0.02 * first["stored_bytes"], second
+    print(f"ssh: first {first['stored_bytes']} B, second {second['stored_bytes']} B "
+          f"({second['new_chunks']}/{second['chunks']} new chunks)")
+    # on b: only sealed objects, 0600 files (DirStore's), no plaintext of the container
+    files = [p for p in where.rglob("*") if p.is_file()]
+    assert any(p.parent.parent.name == "data" for p in files)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert not [p for p in files if marker in p.read_bytes()]
+    info = json.loads(m(a, "backup", "info", second["id"], "--repo", url, "--format",
+                        "json")[1])
+    assert info["new_chunks"] == second["new_chunks"] and info["raw_bytes"] > 24 << 20
+    # restore here from there (read once: each chunk authenticated as it streams)
+    m(a, "backup", "restore", second["id"], "--name", "ck2-r", "--repo", url)
+    assert signature(rootfs_of(a, "ck2-r")) == signature(rootfs_of(a, "ck2-a"))
+    out = tmp_path / "files"
+    m(a, "backup", "extract", second["id"], "/srv/marker.txt", "--to", str(out), "--repo",
+      url)
+    assert (out / "srv" / "marker.txt").read_bytes() == marker * 1000
+
+    # a schedule into it, the passphrase from a 0600 file; its retention prunes the two
+    # backups above and the tick then collects the repository's garbage
+    secret = tmp_path / "passphrase"
+    secret.write_text(PASSPHRASE + "\n")
+    secret.chmod(0o600)
+    monkeypatch.delenv("MIGRATOR_PASSPHRASE")
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE_FILE", str(secret))
+    m(a, "config", "set", "ck2-a", "backups.schedule=@daily", f"backups.repo={url}",
+      "backups.retention=keep-last=1")
+    (srv / "data.bin").write_bytes(os.urandom(8 << 20))  # the old data becomes garbage
+    m(a, "schedule", "tick", "--now", "2027-01-01T12:00:00")  # the schedule is first seen
+    _rc, out_json, _e = m(a, "schedule", "tick", "--now", "2027-01-02T00:05:00", "--format",
+                          "json")
+    jobs = {j["job"]: j for j in json.loads(out_json)["jobs"]}
+    assert jobs["backup"]["result"] == "ok" and "pruned 2" in jobs["backup"]["detail"], jobs
+    assert jobs["collect"]["result"] == "ok" and url in jobs["collect"]["container"], jobs
+    recorded = re.search(r"(\d+) recorded for a later tick", jobs["collect"]["detail"])
+    assert recorded and int(recorded.group(1)) > 10, jobs  # the old data.bin's chunks
+    _rc, listed, _e = m(a, "backup", "list", "--repo", url, "--format", "json")
+    kept = json.loads(listed)
+    assert len(kept) == 1 and kept[0]["id"] not in (first["id"], second["id"]), kept
+    m(a, "backup", "verify", kept[0]["id"], "--deep", "--repo", url)
+    m(a, "config", "unset", "ck2-a", "backups.schedule")
