@@ -145,3 +145,27 @@ def test_a_tick_collects_the_garbage_of_a_chunked_repository_its_retention_prune
     later = sched._collect_garbage()
     assert later[0].result == "ok" and f"deleted {pending} " in later[0].detail
     assert len(repo.chunk_ids()) == before - pending
+
+
+def test_schedule_install_passes_where_the_secrets_are_never_the_secrets(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from migrator.backup.schedule_install import install
+
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE_FILE", "/root/.backup-passphrase")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setenv("MIGRATOR_PASSPHRASE", "hunter2")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    unit = install(tmp_path, "systemd", unit_dir=tmp_path, dry_run=True)
+    service = unit.files[str(tmp_path / "migrate-schedule.service")]
+    assert "Environment=MIGRATOR_PASSPHRASE_FILE=/root/.backup-passphrase\n" in service
+    assert "Environment=AWS_ENDPOINT_URL=http://127.0.0.1:8333\n" in service
+    assert "hunter2" not in service and "s3cr3t" not in service
+    assert any("MIGRATOR_PASSPHRASE, AWS_SECRET_ACCESS_KEY not written" in s
+               for s in unit.next_steps), unit.next_steps
+    cron = install(tmp_path, "cron", cron_dir=tmp_path, dry_run=True)
+    text = cron.files[str(tmp_path / "migrate-schedule")]
+    assert "\nMIGRATOR_PASSPHRASE_FILE=/root/.backup-passphrase\n" in text
+    assert "hunter2" not in text and text.rstrip().splitlines()[-1].split()[5] == "root"
+    monkeypatch.setenv("MIGRATOR_KEY_FILE", "/root/my key")
+    with pytest.raises(InvalidInput, match="MIGRATOR_KEY_FILE"):
+        install(tmp_path, "cron", cron_dir=tmp_path, dry_run=True)
