@@ -9,7 +9,14 @@ export PATH="$PWD/.venv/bin:$PATH"
 ROOT=/var/tmp/migrator-demo/host-a
 m() { echo "+ migrate $*" >&2; migrate --root "$ROOT" "$@"; }
 HOSTS=/var/tmp/migrator-demo/hosts
+S3_BASE=/var/tmp/migrator-demo/s3
+sw_pid=
 cleanup() {
+  # the S3 cluster of the backup part: the one this run started (by its PID: SIGTERM makes
+  # it stop its weed processes), then any a killed run left under the demo's directory
+  if [ -n "$sw_pid" ]; then kill "$sw_pid" 2>/dev/null || true; wait "$sw_pid" 2>/dev/null || true; fi
+  python -m testrigs.seaweed clean "$S3_BASE" >/dev/null 2>&1 || true
+  rm -rf "$S3_BASE"
   # the two-host part first: its running containers hold copies of host-a's zfs-fuse
   # mounts, which would keep host-a's zpool from being exported
   python -m testrigs.testhosts down --base "$HOSTS" >/dev/null 2>&1 || true
@@ -117,6 +124,45 @@ a delete --force live1-restored
 a launch busybox app -p btrfs
 a exec app -- sh -c 'echo "state from host a" > /root/state'
 a snapshot create app s0
+# Backups in object storage: a SeaweedFS cluster on 127.0.0.1 (master, two volume servers,
+# filer, S3 gateway with a fresh key enforced), reached the standard AWS way (AWS_ENDPOINT_URL
+# and the key variables; AWS S3, Ceph RGW or MinIO are the same with their own values). A
+# chunked repository there: deduplicated, every chunk and index encrypted (AES-256-GCM, the
+# key wrapped by the passphrase). The cluster listens on this namespace's loopback, which the
+# hosts' namespaces cannot reach: host b's restore runs with b's state root from here.
+echo "+ python -m testrigs.seaweed --bucket migrator-demo up" >&2
+mkdir -p "$S3_BASE"
+install -m 600 /dev/null "$S3_BASE/env"   # it will hold the cluster's secret key
+TMPDIR="$S3_BASE" python -m testrigs.seaweed --bucket migrator-demo up > "$S3_BASE/env" &
+sw_pid=$!
+for _ in $(seq 1 600); do
+  grep -q '^# bucket' "$S3_BASE/env" && break
+  kill -0 "$sw_pid" 2>/dev/null || { echo "the SeaweedFS cluster did not start" >&2; exit 1; }
+  sleep 0.1
+done
+. "$S3_BASE/env"   # export AWS_ENDPOINT_URL=... AWS_ACCESS_KEY_ID=... (this run's key)
+export AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+export MIGRATOR_PASSPHRASE="demo passphrase, not for real use"
+S3=s3://migrator-demo/demo
+a backup init "$S3"
+a backup create app --repo "$S3" --format json > "$HOSTS/s3-1.json"
+a backup create app --repo "$S3" --format json > "$HOSTS/s3-2.json"
+python - "$HOSTS/s3-1.json" "$HOSTS/s3-2.json" >&2 <<'PY'
+import json, sys
+for n, f in enumerate(sys.argv[1:], 1):
+    r = json.load(open(f))
+    print(f"S3 backup {n} of app: raw {r['raw_bytes']} B, stored {r['stored_bytes']} B "
+          f"(new after dedup and compression), {r['new_chunks']} of {r['chunks']} chunks new")
+PY
+s3id=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["id"])' "$HOSTS/s3-2.json")
+b backup restore "$s3id" --name app-s3 --pool btrfs --repo "$S3"
+b start app-s3
+b exec app-s3 -- cat /root/state
+b snapshot list app-s3
+b delete --force app-s3
+kill "$sw_pid"; wait "$sw_pid" || true; sw_pid=
+unset AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION \
+  AWS_CONFIG_FILE AWS_SHARED_CREDENTIALS_FILE MIGRATOR_PASSPHRASE
 a copy app host-b:app-copy -p btrfs
 a exec app -- sh -c 'echo "newer state" > /root/state'
 a snapshot create app s1
