@@ -76,6 +76,7 @@ MAX_INDEX = 256 << 20  # chunk lists of a few TiB of parts
 UPLOADERS = 6
 IN_FLIGHT = 12  # chunks handed to uploaders and not yet stored: bounds the memory
 PREFETCH = 8
+ASK_BATCH = 4  # new chunks asked about at once (at most IN_FLIGHT)
 LOCK_WAIT = 10.0
 #: a lock, writer or collection entry not refreshed (every ``HEARTBEAT``) for this long is a
 #: dead process's: it is ignored and removed
@@ -688,9 +689,16 @@ class ChunkedBackupWriter:
         self.repo, self.id = repo, backup_id
         self.codec = repo.codec
         self._beat = _Heartbeat(repo.store, f"writers/{backup_id}").__enter__()
+        #: a store that answers "which of these do you lack" (ssh://) is asked per batch of
+        #: new chunks instead of listed whole: a large repository's listing crosses the link
+        #: every backup, a question about this backup's chunks costs one round trip per
+        #: ``ASK_BATCH``
+        missing = getattr(repo.store, "missing", None)
+        self._ask: Callable[[list[str]], set[str]] | None = \
+            missing if callable(missing) else None
         try:  # in this order: see collect_garbage and commit
             self._epoch = repo.wait_for_collection()
-            self.known = repo.chunk_ids()
+            self.known = set() if self._ask is not None else repo.chunk_ids()
         except BaseException:
             self._beat.__exit__(None, None, None)
             raise
@@ -701,6 +709,7 @@ class ChunkedBackupWriter:
         self._slots = threading.BoundedSemaphore(IN_FLIGHT)
         self._pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="upload")
         self._futures: list[Future[None]] = []
+        self._batch: list[tuple[str, bytes]] = []  # new here, not yet asked about
         self._closed = False
 
     def part(self, rel: str) -> ChunkedPartWriter:
@@ -719,12 +728,52 @@ class ChunkedBackupWriter:
         self.known.add(cid)
         self._check_failed()
         self._slots.acquire()
+        if self._ask is not None:
+            self._batch.append((cid, data))
+            if len(self._batch) >= ASK_BATCH:
+                self._flush_batch()
+            return cid, len(data)
         try:
-            self._futures.append(self._pool.submit(self._upload, cid, data))
+            fut = self._pool.submit(self._upload, cid, data)
         except BaseException:
             self._slots.release()
             raise
+        with self._lock:
+            self._futures.append(fut)
         return cid, len(data)
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            fut = self._pool.submit(self._ask_then_upload, batch)
+        except BaseException:
+            for _ in batch:
+                self._slots.release()
+            raise
+        with self._lock:
+            self._futures.append(fut)
+
+    def _ask_then_upload(self, batch: list[tuple[str, bytes]]) -> None:
+        """Ask the store which of ``batch`` it lacks; hand those to the uploaders (each
+        releases its slot), the rest are reused."""
+        assert self._ask is not None
+        try:
+            lacking = self._ask([chunk_key(c) for c, _ in batch])
+        except BaseException:
+            for _ in batch:
+                self._slots.release()
+            raise
+        for cid, data in batch:
+            if chunk_key(cid) in lacking:
+                fut = self._pool.submit(self._upload, cid, data)
+                with self._lock:
+                    self._futures.append(fut)
+            else:
+                with self._lock:
+                    self.reused.add(cid)
+                self._slots.release()
 
     def _upload(self, cid: str, data: bytes) -> None:
         try:
@@ -737,16 +786,23 @@ class ChunkedBackupWriter:
             self._slots.release()
 
     def _check_failed(self) -> None:
-        done = [f for f in self._futures if f.done()]
-        self._futures = [f for f in self._futures if not f.done()]
+        with self._lock:
+            done = [f for f in self._futures if f.done()]
+            self._futures = [f for f in self._futures if not f.done()]
         for f in done:
             f.result()  # raises the upload's error
 
     def drain(self) -> None:
-        """Wait for every upload handed out so far; raise the first failure."""
-        futures, self._futures = self._futures, []
-        for f in futures:
-            f.result()
+        """Wait for every upload handed out so far (and those a batch's question hands out
+        meanwhile); raise the first failure."""
+        self._flush_batch()
+        while True:
+            with self._lock:
+                futures, self._futures = self._futures, []
+            if not futures:
+                return
+            for f in futures:
+                f.result()
 
     def commit(self, index: BackupIndex) -> None:
         if index.id != self.id:
@@ -757,7 +813,11 @@ class ChunkedBackupWriter:
         if missing:
             raise BackupError(f"backup {self.id}: parts {missing} were never written")
         if self.repo.wait_for_collection() != self._epoch:  # a collection ran meanwhile
-            gone = self.reused - self.repo.chunk_ids()
+            if self._ask is not None:
+                lacking = self._ask([chunk_key(c) for c in self.reused])
+                gone = {c for c in self.reused if chunk_key(c) in lacking}
+            else:
+                gone = self.reused - self.repo.chunk_ids()
         else:
             gone = set()
         if gone:

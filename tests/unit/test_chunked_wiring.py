@@ -18,7 +18,7 @@ from migrator.backup.dirstore import DirStore
 from migrator.backup.remote import RemoteRepository, close_repository, open_repository
 from migrator.backup.scheduler import Scheduler
 from migrator.backup.sshstore import SshObjectStore
-from migrator.core.errors import InvalidInput
+from migrator.core.errors import BackupError, InvalidInput
 from migrator.runtime.config import validate
 from tests.unit.test_chunkrepo import BID, BID2, CHEAP, SMALL, backup, data, make_repo
 from tests.unit.test_sshstore import Agents
@@ -169,3 +169,61 @@ def test_schedule_install_passes_where_the_secrets_are_never_the_secrets(
     monkeypatch.setenv("MIGRATOR_KEY_FILE", "/root/my key")
     with pytest.raises(InvalidInput, match="MIGRATOR_KEY_FILE"):
         install(tmp_path, "cron", cron_dir=tmp_path, dry_run=True)
+
+
+class Asking(SshObjectStore):
+    """An ssh:// store that counts what the writer asks and sends."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.listed: list[str] = []
+        self.asked = 0
+        self.sent = 0
+
+    def list(self, prefix: str) -> Any:
+        self.listed.append(prefix)
+        return super().list(prefix)
+
+    def missing(self, keys: Any) -> set[str]:
+        self.asked += 1
+        return super().missing(keys)
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("data/"):
+            self.sent += len(data)
+        super().put(key, data)
+
+
+def test_a_writer_over_ssh_asks_which_chunks_the_far_side_lacks(tmp_path: Path) -> None:
+    store = Asking(Agents(tmp_path), str(tmp_path / "far"))
+    store.create()
+    repo = ChunkedRepository.create(store, "repokey", "pw", cost=CHEAP, chunker=SMALL)
+    blob = data(6 << 20, 11)
+    first = backup(repo, BID, blob)
+    assert first.new_chunks == first.chunks > 8 and store.sent > len(blob) * 0.95
+    sent = store.sent
+    half = blob[: 3 << 20] + data(3 << 20, 12)  # the first half known, the rest new
+    second = backup(repo, BID2, half)
+    assert "data/" not in store.listed  # never listed whole: asked
+    assert store.asked >= second.chunks // 4
+    assert 0 < second.new_chunks < second.chunks and store.sent - sent < 0.7 * len(half)
+    fresh = ChunkedRepository(SshObjectStore(Agents(tmp_path), str(tmp_path / "far")),
+                              lambda _c: "pw")
+    with fresh.open_part(BID2, "container.tar") as f:
+        assert f.read() == half
+    # a concurrent collection meanwhile: the chunks it reused are asked about again, and a
+    # removed one fails the backup instead of committing an index naming it
+    w = repo.writer("web-20261203T000000Z-cccccc")
+    p = w.part("container.tar")
+    p.write(blob[: 2 << 20])
+    size, sha = p.finish()
+    assert w.reused
+    repo.store.put("gc/epoch", b"another")
+    repo.store.delete(f"data/{next(iter(w.reused))[:2]}/{next(iter(w.reused))}")
+    from tests.unit.test_chunkrepo import index_for
+
+    with pytest.raises(BackupError, match="removed by a concurrent prune"):
+        w.commit(index_for("web-20261203T000000Z-cccccc", [("container.tar", size, sha)]))
+    w.abort()
+    fresh.close()
+    store.close()
