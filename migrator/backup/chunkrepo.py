@@ -44,7 +44,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -437,6 +437,16 @@ class ChunkedRepository:
     def chunk_ids(self) -> set[str]:
         """Every chunk in the store (one listing)."""
         return {k.rsplit("/", 1)[1] for k in self.store.list("data/")}
+
+    def present(self, ids: Iterable[str]) -> set[str]:
+        """Which of ``ids`` are in the store: asked about (a store that answers that,
+        ssh://: only these names cross the link), else one listing."""
+        wanted = set(ids)
+        ask = getattr(self.store, "missing", None)
+        if callable(ask):
+            lacking = ask([chunk_key(c) for c in wanted])
+            return {c for c in wanted if chunk_key(c) not in lacking}
+        return self.chunk_ids() & wanted
 
     def missing_chunks(self, backup_id: str, rel: str, have: set[str]) -> Names:
         return [c for c, _ in self.chunks_of(backup_id, rel) if c not in have]

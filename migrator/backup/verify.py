@@ -12,14 +12,17 @@ all collected, so one run reports everything that is wrong with a backup.
 
 In a chunked repository (``migrator.backup.chunkrepo``) the index is authenticated and the
 chunks sum to each part's size when it is read, so the quick check is that every chunk it
-lists is in the store (one listing of the store, not a read of the data). ``deep`` reads
-the parts (each chunk authenticated as it arrives, the part's sha256, the tar walk); when a
-chunk fails, every chunk of that part is read once more to name each bad one.
+lists is in the store (one listing of the store, or over ssh:// a question about those
+chunks only; not a read of the data). ``deep`` reads the parts (each chunk authenticated
+as it arrives, the part's sha256, the tar walk); when a chunk fails, every chunk of that
+part is read once more to name each bad one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +42,10 @@ class ChunkedParts(Protocol):
 
     def chunk_ids(self) -> set[str]: ...
 
+    def present(self, ids: Iterable[str]) -> set[str]: ...
+
+    def chunks_of(self, backup_id: str, rel: str) -> list[tuple[str, int]]: ...
+
     def missing_chunks(self, backup_id: str, rel: str, have: set[str]) -> list[str]: ...
 
     def check_chunks(self, backup_id: str, rel: str) -> list[str]: ...
@@ -47,6 +54,17 @@ class ChunkedParts(Protocol):
 def as_chunked(repo: BackupRepository) -> ChunkedParts | None:
     """``repo`` when it is a chunked repository, else None."""
     return repo if hasattr(repo, "check_chunks") else None  # type: ignore[return-value]
+
+
+def present_chunks(chunked: ChunkedParts, backups: list[BackupIndex]) -> set[str]:
+    """Which chunks of ``backups``' parts the store holds (asked about, or one listing); a
+    part without a chunk list is reported by ``missing_chunks`` itself."""
+    wanted: set[str] = set()
+    for b in backups:
+        for part in b.parts:
+            with contextlib.suppress(CorruptBackup):
+                wanted.update(c for c, _ in chunked.chunks_of(b.id, part.path))
+    return chunked.present(wanted)
 
 
 def missing_problem(backup_id: str, part: PartInfo, missing: list[str]) -> str | None:
@@ -178,7 +196,7 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
         report.problems.append(e.message)
     meter = ProgressMeter(progress, f"verify {backup_id}", idx.stored_size())
     chunked = as_chunked(repo)
-    have = chunked.chunk_ids() if chunked is not None else set()
+    have = present_chunks(chunked, [idx]) if chunked is not None else set()
     for part in idx.parts:
         report.parts += 1
         report.bytes += part.size
@@ -222,7 +240,7 @@ def verify_chain(repo: BackupRepository, idx: BackupIndex, progress: Progress = 
     total = sum(b.stored_size() for b in chain) if read else None
     meter = ProgressMeter(progress, f"check {idx.id}", total)
     chunked = as_chunked(repo)
-    have = chunked.chunk_ids() if chunked is not None else set()
+    have = present_chunks(chunked, chain) if chunked is not None else set()
     for b in chain:
         for part in b.parts:
             problem = None

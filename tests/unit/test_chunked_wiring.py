@@ -18,7 +18,7 @@ from migrator.backup.dirstore import DirStore
 from migrator.backup.remote import RemoteRepository, close_repository, open_repository
 from migrator.backup.scheduler import Scheduler
 from migrator.backup.sshstore import SshObjectStore
-from migrator.core.errors import BackupError, InvalidInput
+from migrator.core.errors import BackupError, CorruptBackup, InvalidInput
 from migrator.runtime.config import validate
 from tests.unit.test_chunkrepo import BID, BID2, CHEAP, SMALL, backup, data, make_repo
 from tests.unit.test_sshstore import Agents
@@ -226,4 +226,22 @@ def test_a_writer_over_ssh_asks_which_chunks_the_far_side_lacks(tmp_path: Path) 
         w.commit(index_for("web-20261203T000000Z-cccccc", [("container.tar", size, sha)]))
     w.abort()
     fresh.close()
+    store.close()
+
+
+def test_verify_over_ssh_asks_about_the_backups_chunks_only(tmp_path: Path) -> None:
+    from migrator.backup.verify import check_backup, verify_chain
+
+    store = Asking(Agents(tmp_path), str(tmp_path / "far"))
+    store.create()
+    repo = ChunkedRepository.create(store, "repokey", "pw", cost=CHEAP, chunker=SMALL)
+    backup(repo, BID, data(2 << 20, 21))
+    assert check_backup(repo, BID).ok
+    gone = repo.chunks_of(BID, "container.tar")[1][0]
+    store.delete(f"data/{gone[:2]}/{gone}")
+    report = check_backup(repo, BID)
+    assert not report.ok and gone in report.problems[0] and "missing" in report.problems[0]
+    with pytest.raises(CorruptBackup, match=gone):
+        verify_chain(repo, repo.get(BID), read=False)  # restore's check before it streams
+    assert "data/" not in store.listed
     store.close()
