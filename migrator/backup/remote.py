@@ -328,7 +328,13 @@ def open_repository(host: Host, spec: str | None,
         t = inventory_transport(host, name).connect()  # one connection, whichever format
         try:
             store = SshObjectStore(t, path, owns_transport=True)
-            if store.exists("config"):
+            try:
+                chunked = store.exists("config")
+            except InvalidInput as e:  # an agent from before chunked repositories
+                if "unknown agent request" not in e.message:
+                    raise
+                chunked = False
+            if chunked:
                 from migrator.backup.chunkrepo import ChunkedRepository
 
                 return ChunkedRepository(store, passphrase, key_file)

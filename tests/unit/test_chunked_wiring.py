@@ -245,3 +245,14 @@ def test_verify_over_ssh_asks_about_the_backups_chunks_only(tmp_path: Path) -> N
         verify_chain(repo, repo.get(BID), read=False)  # restore's check before it streams
     assert "data/" not in store.listed
     store.close()
+
+
+def test_an_agent_without_object_sessions_serves_the_directory_format(
+        tmp_path: Path, peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import migrator.agent as agent
+
+    monkeypatch.delitem(agent.OPS, "objects")  # a far host of an older version
+    host: Any = SimpleNamespace(root=tmp_path)
+    repo = open_repository(host, f"ssh://far{tmp_path / 'old'}")
+    assert isinstance(repo, RemoteRepository) and peer.closed == 0
+    close_repository(repo)
