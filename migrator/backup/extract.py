@@ -304,6 +304,13 @@ class _Tree:
         else:
             os.unlink(name, dir_fd=pfd)
 
+    @staticmethod
+    def _lstat_at(pfd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
     def lexists(self, rel: str) -> bool:
         parts = rel.split("/")
         try:
@@ -322,6 +329,14 @@ class _Tree:
         parts = rel.split("/")
         mode = m.mode & 0o777  # no setuid, setgid or sticky bit out of a backup
         if m.isdir():
+            pfd = self._dir(parts[:-1], create=True)
+            try:  # a delta's directory where an earlier point had a file or a link: that
+                # entry itself goes (never followed), as GNU tar replaces it in a restore
+                st = self._lstat_at(pfd, parts[-1])
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    self._clear(pfd, parts[-1])
+            finally:
+                os.close(pfd)
             os.close(self._dir(parts, create=True))
             self.dir_attrs.append((rel, mode, float(m.mtime)))
             self.result.dirs += 1

@@ -460,8 +460,8 @@ def extract_cmd(
             say(f"  skipped {x}")
     if r.missing:
         raise NotFound(f"not in backup {r.id} ({r.point}): {', '.join(r.missing)}",
-                       f"`migrate backup info {r.id}` shows what it holds; the rest was "
-                       "extracted")
+                       "the rest was extracted; a path through a symlink in the container "
+                       "(/bin -> usr/bin) is not followed: give the path it points to")
 
 
 @backup_app.command("copy")

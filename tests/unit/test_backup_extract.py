@@ -116,7 +116,8 @@ def test_an_incremental_chain_is_replayed_for_the_asked_paths(tmp_path: Path) ->
     repo = dir_repo(tmp_path)
     commit(repo, BID, [("container.tar.zst", "tar", "final", tar_of(*TREE))])
     delta = tar_of(("rootfs/srv", "dir", ""), ("rootfs/srv/new", "file", "added"),
-                   ("rootfs/srv/app", "file", "changed"))
+                   ("rootfs/srv/app", "file", "changed"),
+                   ("rootfs/srv/up", "dir", ""), ("rootfs/srv/up/in", "file", "a dir now"))
     commit(repo, BID2, [("deleted.zst", "deleted", "final",
                          encode_paths(["rootfs/srv/zeros", "rootfs/srv/shadow"])),
                         ("delta.tar.zst", "delta", "final", delta)], parent=BID)
@@ -127,6 +128,9 @@ def test_an_incremental_chain_is_replayed_for_the_asked_paths(tmp_path: Path) ->
     assert (out / "srv" / "new").read_text() == "added"
     assert (out / "srv" / "app2").read_bytes().startswith(b"\x7fELF")  # the old link kept
     assert not (out / "srv" / "zeros").exists() and not os.path.lexists(out / "srv/shadow")
+    # a link of the full backup replaced by a directory: the link itself went, unfollowed
+    assert (out / "srv" / "up").is_dir() and not (out / "srv" / "up").is_symlink()
+    assert (out / "srv" / "up" / "in").read_text() == "a dir now"
 
 
 def test_a_hostile_tar_or_a_damaged_part_leaves_nothing(tmp_path: Path) -> None:
