@@ -198,8 +198,9 @@ def criu_config(*options: str) -> str:
 
 @dataclass(frozen=True)
 class CriuTls:
-    """criu's TLS for the post-copy page stream (``transport/pagelink.py``): this end's key
-    and certificate and the peer's certificate as the only CA, in a private directory.
+    """criu's TLS for the post-copy page stream (``pipelines/live.page_server_address``):
+    this end's key and certificate and the peer's certificate as the only CA, in a private
+    directory.
 
     The certificates are ephemeral and self-signed, and crossed inside the SSH channel: the
     peer's certificate is pinned, not a name (``tls-no-cn-verify``: criu would check the

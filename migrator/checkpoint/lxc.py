@@ -659,16 +659,18 @@ class LxcCheckpointer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(t.pid, signal.SIGCONT)
         self.cts.thaw_if_frozen(rec.name)
-        # the SIGCONTs are processed at once; make sure nothing stayed stopped
+        # the SIGCONTs are processed at once; make sure nothing stayed stopped or frozen
         deadline = time.monotonic() + 5
         while True:
             stopped = [t for t in container_tasks(init) if t.state in ("T", "t")]
-            if not stopped:
+            if not stopped and self.cts.run_state(rec.name) == "RUNNING":
                 return
+            self.cts.thaw_if_frozen(rec.name)
             if time.monotonic() > deadline:
-                raise CheckpointError(
-                    f"container {rec.name!r}: processes {[t.pid for t in stopped]} stay "
-                    "stopped after the rollback", "send them SIGCONT by hand")
+                what = f"processes {[t.pid for t in stopped]} stay stopped" if stopped \
+                    else "it stays frozen"
+                raise CheckpointError(f"container {rec.name!r}: {what} after the rollback",
+                                      f"`migrate unfreeze {rec.name}`, or SIGCONT by hand")
             time.sleep(0.02)
 
     def release_source(self, name: str) -> None:
@@ -762,7 +764,7 @@ class LxcCheckpointer:
                         tls: base.CriuTls | None = None) -> LazyDump:
         """Start a post-copy dump; its page server serves on ``ps_socket`` (a connected
         socket, passed down to criu: nothing listens), or listens on ``address:port`` in
-        this host's network namespace; in TLS with ``tls`` (``transport/pagelink.py``).
+        this host's network namespace; in TLS with ``tls`` (``base.CriuTls``).
         The tasks stay stopped after it, whatever the stream does."""
         rec = self.cts.get(name)
         init = self._require_running(rec.name)

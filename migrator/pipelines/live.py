@@ -96,8 +96,7 @@ from migrator.runtime.temp_snapshots import (
 )
 from migrator.streams import Progress, SendStream, no_progress
 from migrator.transport.base import Transport
-from migrator.transport.link import Identity, decode_cert
-from migrator.transport.pagelink import PageLink
+from migrator.transport.link import Identity, decode_cert, listen
 
 if TYPE_CHECKING:  # paramiko: imported where post-copy runs, not on every agent's start-up
     from migrator.transport.tunnel import PageTunnel
@@ -266,6 +265,28 @@ def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None
     return plan
 
 
+def page_server_address(transport: Transport) -> tuple[str, int]:
+    """Where this host's page server listens for a post-copy's pages: the address the SSH
+    connection leaves from (the target reaches it: the sync's direct link just did) and a
+    free port there, in this host's network namespace.
+
+    The two criu processes then talk to each other, with nothing in between: the stream
+    does not depend on this process, so a client killed while the pages flow no longer
+    takes the migration down with it. criu's TLS is mutual, with each end trusting only the
+    other's certificate (``checkpoint.base.CriuTls``): whoever else connects can neither
+    read a page nor feed one; the first stranger to connect makes the page server fail, and
+    the migration goes back with the source's memory kept (criu serves one connection)."""
+    from migrator.transport.ssh import SshTransport  # paramiko: see ``_live``
+
+    if not isinstance(transport, SshTransport):
+        raise CheckpointError("a post-copy migration needs an SSH transport")
+    address = str(transport.connection().sock.getsockname()[0])
+    probe = listen(address, transport.netns)
+    port = int(probe.getsockname()[1])
+    probe.close()
+    return address, port
+
+
 def _images_stream(images: Path) -> SendStream:
     return SendStream([*TAR_TO_STDOUT, "--numeric-owner", "-C", str(images), "."],
                       "checkpoint images", "images")
@@ -320,7 +341,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     images: Path | None = None
     dumped = False
     lazy: LazyDump | None = None
-    tunnel: PageTunnel | PageLink | None = None
+    tunnel: PageTunnel | None = None
     pages: Any = None  # this end of the page server's socket pair (post-copy)
     how = first.method.split("+")[0]
 
@@ -348,21 +369,26 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
     beside: Future[int | None] | None = None
     tls: CriuTls | None = None
     me: Identity | None = None
+    direct: tuple[str, int] | None = None  # where this host's page server listens
     try:
         images = images_dir(cts.host.root, op.id)
         op.note(images=str(images))
         if plan.mode == "post-copy" and transport.fast_link and not transport.link_failed:
-            # the sync's direct link worked: the pages take that path too, in criu's TLS
-            # with certificates pinned through the channel (``transport/pagelink.py``)
+            # the sync's direct link worked: the target's criu fetches the pages from this
+            # one's page server directly, in criu's TLS with certificates pinned through
+            # the channel (see ``page_server_address``)
             me = Identity()
             peer = decode_cert(transport.request("page_identity", {"tag": op.id})["cert"])
             tls = CriuTls.write(ckpt.page_tls_dir(op.id), me.key_pem(), me.der, peer)
+            direct = page_server_address(transport)
         freeze = time.monotonic()
         side = ThreadPoolExecutor(1, thread_name_prefix="final-sync")
         beside = side.submit(sync_once_frozen)
         side.shutdown(wait=False)  # it runs on; ``beside.result()`` joins it
         with clock.stage(op, "dump", mode=plan.mode):
-            if plan.mode == "post-copy":
+            if plan.mode == "post-copy" and direct is not None:
+                lazy = ckpt.start_lazy_dump(rec.name, images, *direct, tls=tls)
+            elif plan.mode == "post-copy":
                 # the page server is handed one end of a connected pair (nothing listens:
                 # the container's memory is out of other local users' reach); the tunnel
                 # relays the other end to the target (``transport/tunnel.py``). Imported
@@ -372,10 +398,10 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
 
                 pages, criu_end = socket_pair()
                 try:
-                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno(),
-                                                tls=tls)
+                    lazy = ckpt.start_lazy_dump(rec.name, images, ps_socket=criu_end.fileno())
                 finally:
                     criu_end.close()
+            if lazy is not None:
                 dumped = True  # from here the source's tasks are frozen: resume on failure
                 op.note(source_helpers=[helper_record(lazy.pid, "lxc-checkpoint dump")])
                 lazy.wait_serving(SERVE_WAIT)
@@ -405,14 +431,12 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
 
                 assert isinstance(transport, SshTransport), "post-copy needs SSH"
                 args |= {"lazy": True, "timeout": PAGES_WAIT}
-                if tls is not None and me is not None:  # direct, spliced, criu's TLS inside
-                    ssh_sock = transport.connection().sock
-                    link = PageLink(ssh_sock.getsockname()[0], transport.netns,
-                                    ssh_sock.getpeername()[0], lambda: pages)
-                    tunnel = link
-                    args["link"] = {**link.describe(), "cert": me.encoded()}
-                    result.notes.append("pages: a direct TCP link between the hosts, in "
-                                        "criu's TLS (certificates pinned through SSH)")
+                if direct is not None and me is not None:
+                    args["link"] = {"address": direct[0], "port": direct[1],
+                                    "cert": me.encoded()}
+                    result.notes.append("pages: criu to criu over a direct TCP connection "
+                                        "between the hosts, in criu's TLS (certificates "
+                                        "pinned through SSH)")
                 else:  # the page stream rides a remote forward of the SSH connection
                     forward = PageTunnel(transport.connection(), lambda: pages)
                     tunnel = forward
@@ -433,11 +457,11 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
             end = restored[0] if restored else time.monotonic()
             result.downtime = round(end - (frozen_at[0] if frozen_at else freeze), 3)
             if lazy is not None:
-                assert tunnel is not None  # post-copy opened both
                 lazy.finish(60)
-                result.page_bytes = tunnel.to_target
-                if tunnel.error:
-                    raise CheckpointError(f"the page stream failed: {tunnel.error}")
+                if tunnel is not None:  # through the SSH forward: counted on the way
+                    result.page_bytes = tunnel.to_target
+                    if tunnel.error:
+                        raise CheckpointError(f"the page stream failed: {tunnel.error}")
         with clock.stage(op, "verify"):
             there = transport.request("container_state", {"name": rec.name})
             want = {s.name: s.uuid for s in cts.state.list_snapshots(rec.name)}
@@ -490,7 +514,7 @@ def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mo
 
 
 def _forward_after(e: BaseException, cts: Containers, transport: Transport, name: str,
-                   lazy: LazyDump | None, tunnel: PageTunnel | PageLink | None, op: Operation,
+                   lazy: LazyDump | None, tunnel: PageTunnel | None, op: Operation,
                    result: LiveResult) -> bool:
     """After a failure once the restore may have begun: True when the target resumed whole
     (its state is newer: the caller goes on to the release, a warning noted), False when
@@ -532,7 +556,7 @@ def _forward_after(e: BaseException, cts: Containers, transport: Transport, name
 
 def _roll_back(cts: Containers, transport: Transport, ckpt: Checkpointer, name: str,
                images: Path | None, dumped: bool, lazy: LazyDump | None,
-               tunnel: PageTunnel | PageLink | None, op: Operation) -> None:
+               tunnel: PageTunnel | None, op: Operation) -> None:
     """Target copy removed, source running again with its memory (if it was dumped)."""
     op.stage("rolling-back")
     if tunnel is not None:

@@ -319,7 +319,7 @@ def _port(value: Any) -> int:
 def page_identity(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:
     """This host's half of the page stream's TLS, made before the freeze: an ephemeral key
     and certificate (kept root-only for the restore), the certificate answered. The source
-    pins it; the restore's request brings the source's (``transport/pagelink.py``)."""
+    pins it; the restore's request brings the source's (``live.page_server_address``)."""
     tag = operation_tag(req["tag"])
     me = Identity()
     CriuTls.write(LxcCheckpointer(end.cts).page_tls_dir(tag), me.key_pem(), me.der)

@@ -330,8 +330,9 @@ class Containers:
             self.lxc.unfreeze(name)
 
     def thaw_if_frozen(self, name: str) -> None:
-        """Unfreeze ``name`` if it is frozen (a rollback or release does not know)."""
-        if self.lxc.state(name) == "FROZEN":
+        """Unfreeze ``name`` if it is frozen or freezing (a rollback or release does not
+        know; a freezer caught in its transition is thawed too, not left to finish it)."""
+        if self.lxc.state(name) in ("FROZEN", "FREEZING"):
             self.lxc.unfreeze(name)
 
     def memory_usage(self, name: str) -> int:

@@ -451,35 +451,48 @@ def test_restore_failing_on_target(hosts, counter_bin, monkeypatch) -> None:  # 
 @pytest.mark.parametrize("path", ["direct", "ssh"])
 def test_page_stream_cut_keeps_the_source(hosts, counter_bin, monkeypatch, path) -> None:  # type: ignore[no-untyped-def]
     """The post-copy hazard: pages stop mid-way. The source must resume, not be lost.
-    Both paths: the direct link (criu's TLS, spliced) and the SSH forward."""
-    from migrator.transport import pagelink, tunnel
+    Both paths: criu to criu over the direct link (its TCP connection reset with ``ss -K``
+    once pages flow) and the SSH forward (cut in the relay after 8 MB)."""
+    from migrator.pipelines import live
+    from migrator.transport import tunnel
 
     a, b = hosts
     name = f"f4{path[0]}"
     before = launch_counting(a, counter_bin, name, mb=256)
     used: list[str] = []
-
-    def cut_after_8mb(relay):  # type: ignore[no-untyped-def]
-        def cutter() -> None:
-            while relay.to_target < 8 << 20:
-                time.sleep(0.001)
-            relay.cut()
-        threading.Thread(target=cutter, daemon=True).start()
-
-    real_down, real_relay = tunnel.PageTunnel._down, pagelink.PageLink._relay_with
+    real_down, real_address = tunnel.PageTunnel._down, live.page_server_address
 
     def down(self, chan, sock):  # type: ignore[no-untyped-def]
         used.append("ssh")
-        cut_after_8mb(self)
+
+        def cutter() -> None:
+            while self.to_target < 8 << 20:
+                time.sleep(0.001)
+            self.cut()
+        threading.Thread(target=cutter, daemon=True).start()
         return real_down(self, chan, sock)
 
-    def relay_with(self, conn):  # type: ignore[no-untyped-def]
+    def address(transport):  # type: ignore[no-untyped-def]
+        where = real_address(transport)
         used.append("direct")
-        cut_after_8mb(self)
-        return real_relay(self, conn)
+
+        def reset() -> None:  # once the target's criu is connected and pages flow
+            flt = ["sport", "=", f":{where[1]}"]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                r = subprocess.run(["ip", "netns", "exec", a.netns, "ss", "-Htn", "state",
+                                    "established", *flt], capture_output=True, text=True)
+                if r.stdout.strip():
+                    time.sleep(0.3)
+                    subprocess.run(["ip", "netns", "exec", a.netns, "ss", "-K", *flt],
+                                   capture_output=True)
+                    return
+                time.sleep(0.01)
+        threading.Thread(target=reset, daemon=True).start()
+        return where
 
     monkeypatch.setattr(tunnel.PageTunnel, "_down", down)
-    monkeypatch.setattr(pagelink.PageLink, "_relay_with", relay_with)
+    monkeypatch.setattr(live, "page_server_address", address)
     with pytest.raises(errors.MigratorError):
         _live_in_process(a, name, "post-copy", data_link="ssh" if path == "ssh" else None)
     monkeypatch.undo()

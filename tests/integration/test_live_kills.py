@@ -53,6 +53,7 @@ from tests.integration.test_remote import (
 BASE = Path("/var/tmp/migrator-tests/live-kills")
 PREFIX = "mt16"
 MB = 16
+PAGES_MB = 256  # the kills while pages flow
 BUDGET = 30.0  # seconds from the kill to a container running on one host, recover included
 
 
@@ -286,7 +287,9 @@ TARGET_CASES = [
 @pytest.mark.parametrize("victim", TARGET_CASES)
 def test_helper_killed_during_pages(hosts, counter, victim) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
-    launch_counting(a, counter, "c1", mb=MB, pool="dir")
+    # enough memory that the pages still flow when the kill lands: criu to criu over the
+    # direct link, 16 MB can be across before the restore mark is even read
+    launch_counting(a, counter, "c1", mb=PAGES_MB, pool="dir")
     p = _migrate(a, "post-copy")
     killed_at, seen = _kill_when(a, p, _pages_flowing(b), victim)
     assert _ends_well(a, b, p, killed_at, seen, client_dies=False) == "a"
