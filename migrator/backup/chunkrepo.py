@@ -720,6 +720,7 @@ class ChunkedBackupWriter:
         self._pool = ThreadPoolExecutor(UPLOADERS, thread_name_prefix="upload")
         self._futures: list[Future[None]] = []
         self._batch: list[tuple[str, bytes]] = []  # new here, not yet asked about
+        self._failed = threading.Event()
         self._closed = False
 
     def part(self, rel: str) -> ChunkedPartWriter:
@@ -786,12 +787,20 @@ class ChunkedBackupWriter:
                 self._slots.release()
 
     def _upload(self, cid: str, data: bytes) -> None:
+        """Seal and store one chunk; after a failed one, the uploads still queued end at
+        once (the backup is failing: a store that is down would make each of them wait its
+        own timeout before the error reaches the command)."""
         try:
+            if self._failed.is_set():
+                raise BackupError(f"backup {self.id}: not uploaded after an earlier failure")
             blob = self.codec.seal_chunk(cid, data)
             self.repo.store.put(chunk_key(cid), blob)
             with self._lock:
                 self.stats.stored_bytes += len(blob)
                 self.stats.new_chunks += 1
+        except BaseException:
+            self._failed.set()
+            raise
         finally:
             self._slots.release()
 

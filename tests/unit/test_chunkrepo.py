@@ -11,6 +11,8 @@ import base64
 import json
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from migrator.backup.chunks import Chunker, Codec, chunk_key
 from migrator.backup.dirstore import DirStore
 from migrator.backup.keys import RepoKey, WrongPassphrase, unwrap, wrap
 from migrator.backup.model import BackupIndex, PartInfo
-from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NotFound
+from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NetworkError, NotFound
 
 CHEAP = (1024, 8, 1)  # scrypt cost for tests
 SMALL = (64 << 10, 128 << 10, 512 << 10)  # chunker for small synthetic streams
@@ -519,3 +521,43 @@ def test_a_commit_lists_the_store_again_only_after_a_collection(tmp_path: Path) 
     repo.store.put("gc/epoch", b"a collection ran")
     w.commit(index_for(w.id, [("container.tar", size, sha)]))
     assert listings.count("data/") == 2  # and again before the commit
+
+
+class DownStore(DirStore):
+    """Chunk puts take 0.3 s and fail once ``down`` is set (a store whose volume servers
+    died): each failure is paid in time, as with a real one."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.down = False
+        self.failed_puts = 0
+        self._count = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.down and key.startswith("data/"):
+            time.sleep(0.3)
+            with self._count:
+                self.failed_puts += 1
+            raise NetworkError("put: the object store failed (InternalError)")
+        super().put(key, data)
+
+
+def test_after_a_failed_upload_the_queued_ones_are_not_tried(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    store = DownStore(repo.store.path)  # type: ignore[attr-defined]
+    repo.store = store
+    w = repo.writer(BID)
+    part = w.part("container.tar")
+    blob = data(24 << 20, 3)
+    store.down = True
+    t0 = time.monotonic()
+    with pytest.raises(NetworkError, match="object store failed"):
+        for i in range(0, len(blob), 1 << 20):
+            part.write(blob[i:i + (1 << 20)])
+        part.finish()
+    w.abort()
+    took = time.monotonic() - t0
+    # the uploaders in flight when the store went down fail, the queued ones are not tried
+    assert store.failed_puts <= 6 + 1, store.failed_puts
+    assert took < 5, took  # not ~0.3 s for each of the 24 chunks, one after another
+    assert list(store.list("index/")) == [] and list(store.list("writers/")) == []
