@@ -62,7 +62,7 @@ from migrator.backup.chunks import (
 from migrator.backup.keys import RepoKey, WrongPassphrase, unwrap, wrap
 from migrator.backup.model import BackupIndex, valid_id
 from migrator.backup.objectstore import ObjectStore
-from migrator.backup.repository import ReadsInto, valid_part_path
+from migrator.backup.repository import ReadsInto, valid_part_path, write_atomic
 from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NotFound
 
 ChunkList = list[tuple[str, int]]  # a part: (chunk id, size) in order
@@ -863,19 +863,7 @@ class ChunkedBackupWriter:
 
 def write_key_file(path: Path, envelope: bytes) -> None:
     """The key envelope into ``path``, 0600, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(envelope)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_atomic(Path(path), envelope)
 
 
 def read_key_file(path: Path, what: str = "key file") -> bytes:

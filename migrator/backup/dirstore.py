@@ -25,17 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from migrator.backup.objectstore import check_key
+from migrator.backup.repository import write_atomic
 from migrator.core.errors import CorruptBackup, NotFound, StorageError
 
 TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirStore:
@@ -74,19 +67,8 @@ class DirStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._file(key)
         self._dir(path.parent)
-        tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(path.parent)
+        write_atomic(path, data,
+                     path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}"))
 
     def _open(self, key: str) -> int:
         """A read descriptor on the object, no symlink followed at any level."""

@@ -65,10 +65,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp name, fsync, rename over ``path``, fsync the directory; mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> None:
+    """Temp name (``tmp``, else a hidden one beside ``path``), fsync, rename over ``path``,
+    fsync the directory; mode 0600. Every atomic file of a repository is written here: a
+    crash leaves the old file or the new one, never a part of it."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
