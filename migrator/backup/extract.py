@@ -49,6 +49,7 @@ from migrator.backup.parts import CHUNK, check_digest, open_decompressed, read_s
 from migrator.backup.repository import BackupRepository
 from migrator.backup.verify import tar_rules, verify_chain
 from migrator.core.errors import BackupError, CorruptBackup, InvalidInput, NotFound, UnsafeArchive
+from migrator.runtime.inroot import lstat_at, remove_at
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.targuard import TarGuard
 
@@ -286,31 +287,6 @@ class _Tree:
             os.close(fd)
             raise
 
-    def _clear(self, pfd: int, name: str) -> None:
-        """Make room for a new entry ``name`` (a delta replacing what an earlier point
-        wrote here): the entry itself goes, a directory with what is in it."""
-        try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            import shutil
-
-            dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
-            try:
-                shutil.rmtree(name, dir_fd=dfd)
-            finally:
-                os.close(dfd)
-        else:
-            os.unlink(name, dir_fd=pfd)
-
-    @staticmethod
-    def _lstat_at(pfd: int, name: str) -> os.stat_result | None:
-        try:
-            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-
     def lexists(self, rel: str) -> bool:
         parts = rel.split("/")
         try:
@@ -318,10 +294,7 @@ class _Tree:
         except (FileNotFoundError, UnsafeArchive):
             return False
         try:
-            os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
-            return True
-        except FileNotFoundError:
-            return False
+            return lstat_at(pfd, parts[-1]) is not None
         finally:
             os.close(pfd)
 
@@ -332,9 +305,9 @@ class _Tree:
             pfd = self._dir(parts[:-1], create=True)
             try:  # a delta's directory where an earlier point had a file or a link: that
                 # entry itself goes (never followed), as GNU tar replaces it in a restore
-                st = self._lstat_at(pfd, parts[-1])
+                st = lstat_at(pfd, parts[-1])
                 if st is not None and not stat.S_ISDIR(st.st_mode):
-                    self._clear(pfd, parts[-1])
+                    remove_at(pfd, parts[-1])
             finally:
                 os.close(pfd)
             os.close(self._dir(parts, create=True))
@@ -356,7 +329,7 @@ class _Tree:
                 tparts = target.split("/")
                 tfd = self._dir(tparts[:-1], create=False)
                 try:
-                    self._clear(pfd, name)
+                    remove_at(pfd, name)
                     os.link(tparts[-1], name, src_dir_fd=tfd, dst_dir_fd=pfd,
                             follow_symlinks=False)
                 finally:
@@ -364,12 +337,12 @@ class _Tree:
                 self.files.add(rel)
                 self.result.links += 1
             elif m.issym():
-                self._clear(pfd, name)
+                remove_at(pfd, name)
                 os.symlink(m.linkname, name, dir_fd=pfd)  # stored, never resolved here
                 os.utime(name, (m.mtime, m.mtime), dir_fd=pfd, follow_symlinks=False)
                 self.result.links += 1
             elif m.isreg():
-                self._clear(pfd, name)
+                remove_at(pfd, name)
                 src = tf.extractfile(m)
                 assert src is not None
                 self._write(pfd, name, src, m, mode)
@@ -416,7 +389,7 @@ class _Tree:
                 except FileNotFoundError:
                     continue
                 try:
-                    self._clear(pfd, parts[-1])
+                    remove_at(pfd, parts[-1])
                 finally:
                     os.close(pfd)
                 self.files = {f for f in self.files if f != t and not f.startswith(t + "/")}

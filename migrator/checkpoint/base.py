@@ -80,6 +80,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import stat
 import time
 from collections.abc import Iterable
@@ -212,8 +213,6 @@ class CriuTls:
     def write(cls, directory: Path, key_pem: bytes, cert_der: bytes,
               peer_der: bytes | None = None) -> CriuTls:
         """This end's files (and the peer's certificate, or later with ``add_peer``)."""
-        import ssl  # only where a page stream is set up
-
         if any(c.isspace() for c in str(directory)):  # a config file splits on blanks
             raise CheckpointError(f"criu cannot be given TLS files under {directory}",
                                   "use a state root whose path has no blanks")
@@ -227,8 +226,6 @@ class CriuTls:
         return tls
 
     def add_peer(self, peer_der: bytes) -> None:
-        import ssl
-
         if not (self.directory / "key.pem").is_file():
             raise CheckpointError("this host's page-stream key is missing",
                                   "the migration's earlier step did not run here: retry")

@@ -80,6 +80,33 @@ def _parts(rel: str | os.PathLike[str]) -> list[str]:
     return [p for p in os.fspath(rel).split("/") if p not in ("", ".")]
 
 
+def lstat_at(pfd: int, name: str) -> os.stat_result | None:
+    """The entry ``name`` in directory ``pfd`` itself (a symlink is not followed); None
+    when there is none."""
+    try:
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def remove_at(pfd: int, name: str) -> bool:
+    """Remove the entry ``name`` in directory ``pfd`` itself: a file or link unlinked, a
+    directory with everything in it (no symlink followed). False when there was none."""
+    st = lstat_at(pfd, name)
+    if st is None:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        # rmtree needs a real directory descriptor, not O_PATH
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            shutil.rmtree(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+    else:
+        os.unlink(name, dir_fd=pfd)
+    return True
+
+
 class RootDir:
     """A root filesystem opened once; every method takes paths relative to it.
 
@@ -323,10 +350,7 @@ class RootDir:
                     os.fchmod(fd, mode)
                 finally:
                     os.close(fd)
-                old = self._lstat_at(pfd, name)
-                if old is not None and stat.S_ISDIR(old.st_mode):
-                    raise self._refuse(rel, "a directory is where a file goes")
-                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                self._rename_over(pfd, tmp, name, rel, "a directory is where a file goes")
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=pfd)
@@ -380,10 +404,7 @@ class RootDir:
             os.symlink(target, tmp, dir_fd=pfd)
             try:
                 os.chown(tmp, *owner, dir_fd=pfd, follow_symlinks=False)
-                old = self._lstat_at(pfd, name)
-                if old is not None and stat.S_ISDIR(old.st_mode):
-                    raise self._refuse(rel, "a directory is where a link goes")
-                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                self._rename_over(pfd, tmp, name, rel, "a directory is where a link goes")
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=pfd)
@@ -398,10 +419,8 @@ class RootDir:
         try:
             dpfd, dname = self._parent(new, create=True)
             try:
-                old = self._lstat_at(dpfd, dname)
-                if old is not None and stat.S_ISDIR(old.st_mode):
-                    raise self._refuse(new, "a directory is in the way")
-                os.rename(sname, dname, src_dir_fd=spfd, dst_dir_fd=dpfd)
+                self._rename_over(dpfd, sname, dname, new, "a directory is in the way",
+                                  src_pfd=spfd)
             finally:
                 os.close(dpfd)
         finally:
@@ -428,19 +447,7 @@ class RootDir:
         except FileNotFoundError:
             return False
         try:
-            st = self._lstat_at(pfd, name)
-            if st is None:
-                return False
-            if stat.S_ISDIR(st.st_mode):
-                # rmtree needs a real directory descriptor, not O_PATH
-                dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
-                try:
-                    shutil.rmtree(name, dir_fd=dfd)
-                finally:
-                    os.close(dfd)
-            else:
-                os.unlink(name, dir_fd=pfd)
-            return True
+            return remove_at(pfd, name)
         finally:
             os.close(pfd)
 
@@ -461,10 +468,12 @@ class RootDir:
         finally:
             os.close(path_fd)
 
-    @staticmethod
-    def _lstat_at(pfd: int, name: str) -> os.stat_result | None:
-        try:
-            return os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
+    def _rename_over(self, pfd: int, src: str, name: str, rel: str | os.PathLike[str],
+                     refusal: str, src_pfd: int | None = None) -> None:
+        """Rename ``src`` (in ``src_pfd``, else ``pfd``) over ``name`` in ``pfd``: what is
+        there is replaced in one step, unless it is a directory (refused with ``refusal``)."""
+        old = lstat_at(pfd, name)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise self._refuse(rel, refusal)
+        os.rename(src, name, src_dir_fd=pfd if src_pfd is None else src_pfd, dst_dir_fd=pfd)
 

@@ -91,6 +91,12 @@ GOOD_HELLO: dict[str, Any] = {"ok": True, "version": "0.1.0", "protocol": 1,
     ("commit_container", {"ok": True, "ipv4": ["10.0.0.2"]}, "ipv4"),
     ("live_settle", {"ok": True, "whole": "false"}, "whole"),
     ("live_settle", {"ok": True}, "whole"),
+    ("page_identity", {"ok": True, "cert": b"der"}, "cert"),
+    ("page_identity", {"ok": True, "cert": "A" * 9000}, "characters long"),
+    ("evacuate", {"ok": True, "rows": "all moved", "exit_code": 0}, "rows"),
+    ("evacuate", {"ok": True, "rows": ["r1"], "exit_code": 0}, "objects"),
+    ("evacuate", {"ok": True, "rows": [], "exit_code": 300}, "exit code"),
+    ("evacuate", {"ok": True, "rows": [], "exit_code": "0"}, "exit_code"),
 ])
 def test_a_reply_of_the_wrong_shape_is_a_protocol_error(op: str, reply: dict[str, Any],
                                                         what: str) -> None:
