@@ -179,7 +179,9 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
     g2 = created(run(a, env, "backup", "create", "cc-gone", "--repo", url,
                      "--format", "json").stdout)
     ra = make(a, "cc-a", {"g.bin": g, "n.bin": n, "a.bin": os.urandom(48 * MIB)})
-    rb = make(b, "cc-b", {"g.bin": g, "n.bin": n, "b.bin": os.urandom(24 * MIB)})
+    # b's own data is large enough that its uploads outlast the polling below on a busy
+    # machine: paused any later, it may already have committed and left writers/
+    rb = make(b, "cc-b", {"g.bin": g, "n.bin": n, "b.bin": os.urandom(80 * MIB)})
     populate(rb / "srv" / "tree")
 
     t0 = time.monotonic()
@@ -196,6 +198,11 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
                  60, pb)
         os.killpg(pb.pid, signal.SIGSTOP)
         t_stop = time.monotonic() - t0
+        # the premise of what follows: b is paused while still a writer (a prune that
+        # finds no writer may delete what is due, and rightly so)
+        assert any(k.split("/")[-1].startswith("cc-b-")
+                   for k in keys(seaweed, f"{prefix}/writers/")), \
+            "host b's backup ended before it could be paused: the test missed its window"
         p1 = json.loads(run(a, env, "backup", "prune", "--container", "cc-gone",
                             "--keep-last", "1", "--gc-grace", "0", "--repo", url,
                             "--format", "json").stdout)
