@@ -11,12 +11,28 @@ Layout in the store (any ``ObjectStore``: a directory, S3)::
                         (read first, validated; nothing secret)
     keys/repokey        the key envelope (``migrator.backup.keys``), unless kept in a key file
     data/ab/ab12...     chunks, named by keyed hash, sealed (``migrator.backup.chunks``)
-    index/ID            a backup: sealed JSON {"index": BackupIndex, "chunks": {part: [[id,
+    index/NAME          a backup: sealed JSON {"index": BackupIndex, "chunks": {part: [[id,
                         size], ...]}, "stats": {...}}; writing it is the commit
-    writers/ID          a backup being written (prune's garbage collection waits for it)
+    writers/NAME        a backup being written (prune's garbage collection waits for it)
     locks/TOKEN         the exclusive lock of prune, delete and protect
     gc/pending          sealed: unreferenced chunks and when they were first seen so
     gc/running, gc/epoch  a collection under way; the token of the last one
+
+Names (format version 2, encrypted): a backup id names a container and a time, so NAME is
+not the id but its keyed hash (``Codec.name``: ``index:ID`` and ``writer:ID`` hashed apart,
+so a writer's entry cannot be matched to the index it becomes); the id is inside the sealed
+object, which is bound to NAME (its AEAD's associated data) and checked to hash to it. The
+entries of ``writers/``, ``locks/`` and ``gc/running`` (owner ``host:pid``, time, the id)
+are sealed too: a listing of the store shows how many objects there are, nothing of whose.
+``ids()`` learns the ids by opening the indexes (in parallel, cached; ``list`` reads them
+anyway), ``get(ID)`` computes the name. An index object that does not open with the key is
+left out of ``ids()`` and ``list()`` (planted, damaged, or another repository's: it hides
+nothing else), named by ``unreadable_indexes()``, and stops a garbage collection (its chunks
+are unknown). A version-1 repository (written before names were keyed) and an unencrypted
+one (``--encryption none``: nothing to hide it from) name both by the plain id, with plain
+JSON entries, and stay so: a version-1 repository is read and written as before, by this
+program and by older ones; a new encrypted repository is version 2, which older programs
+refuse by its version instead of missing its indexes (and collecting their chunks).
 
 Several writers at once: chunks are content-addressed and index names unique, so backups
 take no lock; each announces itself in ``writers/`` while it runs. Deleting a backup
@@ -40,6 +56,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import secrets
 import socket
 import threading
@@ -69,7 +86,9 @@ ChunkList = list[tuple[str, int]]  # a part: (chunk id, size) in order
 Names = list[str]
 
 FORMAT = "migrator-chunked"
-VERSION = 1
+#: version 2: an encrypted repository's indexes and writers have keyed names (see above)
+VERSION = 2
+VERSIONS = (1, 2)
 ENCRYPTIONS = ("repokey", "none")
 MAX_CONFIG = 64 << 10
 MAX_INDEX = 256 << 20  # chunk lists of a few TiB of parts
@@ -85,6 +104,7 @@ HEARTBEAT = 60.0
 GC_GRACE = 24 * 3600.0
 
 PassphraseSource = Callable[[bool], str]  # (confirm) -> passphrase
+_KEYED = re.compile(r"[0-9a-f]{64}")  # a keyed name (``Codec.name``)
 
 
 def env_passphrase() -> str | None:
@@ -137,9 +157,10 @@ def _check_config(doc: Any, where: str) -> dict[str, Any]:
     """The config object, validated (it is plain and comes from the store)."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BackupError(f"{where} is not a chunked migrator repository")
-    if doc.get("version") != VERSION:
+    if doc.get("version") not in VERSIONS:
         raise BackupError(f"repository {where} has chunked format version "
-                          f"{doc.get('version')!r}, this program reads {VERSION}",
+                          f"{doc.get('version')!r}, this program reads "
+                          f"{', '.join(map(str, VERSIONS))}",
                           "use the migrator version that wrote it")
     rid = doc.get("id")
     if not isinstance(rid, str) or len(rid) != 32 or any(c not in "0123456789abcdef"
@@ -186,6 +207,9 @@ class ChunkedRepository:
         self._codec: Codec | None = None
         self._indexes: dict[str, tuple[BackupIndex, dict[str, ChunkList]]] = {}
         self._stats: dict[str, WriteStats | None] = {}
+        #: keyed names: backup id -> its index's key, as learnt by opening the indexes
+        self._names: dict[str, str] = {}
+        self._unreadable: dict[str, str] = {}  # index key -> why it does not open
         self.last_stats: WriteStats | None = None
 
     def __str__(self) -> str:
@@ -217,7 +241,9 @@ class ChunkedRepository:
                 write_key_file(key_file, env)
             else:
                 store.put("keys/repokey", env)
-        doc = {"format": FORMAT, "version": VERSION, "id": rid, "encryption": encryption,
+        # unencrypted: plain names, and version 1, which older programs read as well
+        doc = {"format": FORMAT, "version": VERSION if encryption == "repokey" else 1,
+               "id": rid, "encryption": encryption,
                "key": "keyfile" if key_file is not None and encryption == "repokey"
                else "repo", "chunker": dict(zip(("min", "avg", "max"), chunker, strict=True)),
                "level": 3}
@@ -323,7 +349,7 @@ class ChunkedRepository:
         mine = f"locks/{secrets.token_hex(8)}"
         deadline = time.monotonic() + wait
         while True:
-            self.store.put(mine, _stamp())
+            self.store.put(mine, self._stamp(mine))
             others = [k for k in self._live("locks/") if k != mine]
             if not others:
                 break
@@ -334,68 +360,218 @@ class ChunkedRepository:
                                   "wait for it to finish; a lock of a process that died "
                                   f"goes stale after {int(STALE // 60)} minutes")
             time.sleep(random.uniform(0.1, 0.4))  # noqa: S311 - a pause, not a secret
-        with _Heartbeat(self.store, mine):
+        with _Heartbeat(self, mine):
             yield
 
-    def _live(self, prefix: str) -> Names:
-        """Entries under ``prefix`` refreshed within ``STALE``; stale ones are removed."""
-        live = []
+    # entries: locks/, writers/, gc/running ---------------------------------------------
+    def _stamp(self, key: str, backup_id: str | None = None) -> bytes:
+        """The entry ``key`` says: who (``host:pid``), when (refreshed by its heartbeat),
+        for which backup; sealed under keyed names (a host name and a backup id are what
+        the names hide), plain JSON otherwise (older programs read those)."""
+        doc: dict[str, Any] = {"owner": f"{socket.gethostname()}:{os.getpid()}",
+                               "time": time.time()}
+        if backup_id is not None:
+            doc["id"] = backup_id
+        raw = json.dumps(doc).encode()
+        return self.codec.seal(raw, b"entry:" + key.encode()) if self.keyed_names else raw
+
+    def _entry(self, key: str) -> dict[str, Any]:
+        """An entry's content; ``NotFound``, or ``CorruptBackup``/``ValueError`` when it
+        does not open or parse."""
+        blob = self.store.get(key, 4096)
+        raw = self.codec.open(blob, b"entry:" + key.encode(), 4096, key) \
+            if self.keyed_names else blob
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{key} is not an object")
+        return doc
+
+    def _live(self, prefix: str) -> dict[str, dict[str, Any] | None]:
+        """Entries under ``prefix`` refreshed within ``STALE`` (key -> content, None when
+        unreadable); stale ones are removed."""
+        live: dict[str, dict[str, Any] | None] = {}
         for key in list(self.store.list(prefix)):
+            doc: dict[str, Any] | None
             try:
-                doc = json.loads(self.store.get(key, 4096))
+                doc = self._entry(key)
                 fresh = time.time() - float(doc["time"]) < STALE
             except NotFound:
                 continue
             except (CorruptBackup, ValueError, KeyError, TypeError, UnicodeDecodeError):
-                fresh = True  # unreadable: assume alive (it goes when its owner removes it)
+                doc, fresh = None, True  # unreadable: assume alive (its owner removes it)
             if fresh:
-                live.append(key)
+                live[key] = doc
             else:
                 self.store.delete(key)
         return live
 
     def _owner(self, key: str) -> str:
         with contextlib.suppress(Exception):
-            return str(json.loads(self.store.get(key, 4096))["owner"])
+            return str(self._entry(key)["owner"])
         return key
+
+    def writers(self) -> Names:
+        """The ids of the backups being written now (an entry that does not open is shown
+        by its key)."""
+        return sorted(self._writer_id(k, d) for k, d in self._live("writers/").items())
+
+    def _writer_id(self, key: str, doc: dict[str, Any] | None) -> str:
+        bid = doc.get("id") if doc else None
+        if isinstance(bid, str) and valid_id(bid):
+            return bid
+        name = key.split("/", 1)[1]
+        return name if valid_id(name) else f"unknown ({key})"
+
+    # names -----------------------------------------------------------------------------
+    @property
+    def keyed_names(self) -> bool:
+        """Whether indexes and writers are named by keyed hashes of the backup ids (format
+        version 2, encrypted; see the module docstring)."""
+        conf = self.config
+        return bool(conf["version"] >= 2 and conf["encryption"] != "none")
+
+    def index_key(self, backup_id: str) -> str:
+        """Where backup ``backup_id``'s index is, or will be, in the store."""
+        if self.keyed_names:
+            return f"index/{self.codec.name('index', backup_id)}"
+        return f"index/{backup_id}"
+
+    def writer_key(self, backup_id: str) -> str:
+        """The ``writers/`` entry of backup ``backup_id`` while it is written."""
+        if self.keyed_names:
+            return f"writers/{self.codec.name('writer', backup_id)}"
+        return f"writers/{backup_id}"
+
+    def _index_aad(self, key: str, backup_id: str | None) -> bytes:
+        """What an index's seal binds it to: its name under keyed names (the id is learnt
+        by opening it, then checked to hash to that name), else its id."""
+        if self.keyed_names:
+            return b"index:" + key.split("/", 1)[1].encode()
+        assert backup_id is not None
+        return b"index:" + backup_id.encode()
+
+    def committed(self, backup_id: str, index_key: str | None = None) -> bool:
+        """Whether backup ``backup_id`` is in the repository: one question to the store (its
+        name computed, not listed). Under keyed names computing it needs the key, unless
+        ``index_key`` says it: the name its writer had (``ChunkedBackupWriter.index_key``,
+        which ``backup create`` keeps in its journal so that ``recover`` asks without the
+        key)."""
+        if not valid_id(backup_id):
+            return False
+        if index_key is not None and self.keyed_names:
+            name = index_key.split("/", 1)[1] if index_key.startswith("index/") else ""
+            if not _KEYED.fullmatch(name):
+                raise InvalidInput(f"{index_key!r} is not an index's name",
+                                   "it comes from the journal: was it edited?")
+            return self.store.exists(index_key)
+        return self.store.exists(self.index_key(backup_id))
+
+    def _refuse_keyed_under_plain(self, names: Iterable[str], doing: str) -> None:
+        """A version-1 encrypted config over indexes with keyed names: the config was
+        rewritten (it is plain). Reading as version 1 would miss those backups; a collection
+        would take their chunks for garbage, and new names would be plain again."""
+        if self.config["encryption"] == "none":
+            return
+        keyed = [n for n in names if _KEYED.fullmatch(n.split("/", 1)[1])]
+        if keyed:
+            raise CorruptBackup(f"repository {self.store.url}: its config says format "
+                                f"version 1, but {keyed[0]} has a keyed name (version 2): "
+                                f"the config was altered; nothing was {doing}",
+                                "restore the config from a copy (version 2)")
 
     # reading ---------------------------------------------------------------------------
     def ids(self) -> Names:
-        return sorted(k.split("/", 1)[1] for k in self.store.list("index/")
-                      if valid_id(k.split("/", 1)[1]))
+        """The committed backups' ids: their index names, or, under keyed names, what the
+        indexes say once opened (see the module docstring; needs the key)."""
+        if not self.keyed_names:
+            return sorted(k.split("/", 1)[1] for k in self.store.list("index/")
+                          if valid_id(k.split("/", 1)[1]))
+        self._scan()
+        return sorted(self._names)
+
+    def unreadable_indexes(self) -> dict[str, str]:
+        """Objects under ``index/`` that do not open with the key (keyed names): key ->
+        why. They are in no listing; ``verify`` and a collection name them."""
+        if not self.keyed_names:
+            return {}
+        self._scan()
+        return dict(self._unreadable)
+
+    def _scan(self) -> None:
+        """Keyed names: list ``index/`` and open, in parallel, each index not opened before
+        (a deleted one is forgotten); one that does not open goes to ``_unreadable``."""
+        listed = set(self.store.list("index/"))
+        self._names = {i: k for i, k in self._names.items() if k in listed}
+        for bid in [i for i in self._indexes if i not in self._names]:
+            self._indexes.pop(bid, None)
+            self._stats.pop(bid, None)
+        known = set(self._names.values())
+        todo = sorted(listed - known)
+        self._unreadable = {}
+        if not todo:
+            return
+        with ThreadPoolExecutor(min(PREFETCH, len(todo)), thread_name_prefix="index") as pool:
+            futs = [(k, pool.submit(self._read_index, k, None)) for k in todo]
+            for key, fut in futs:
+                try:
+                    bid, idx, chunks, stats = fut.result()
+                except NotFound:
+                    continue  # deleted since the listing
+                except CorruptBackup as e:
+                    self._unreadable[key] = e.message
+                    continue
+                self._names[bid] = key
+                self._indexes[bid] = (idx, chunks)
+                self._stats[bid] = stats
+
+    def _read_index(self, key: str, backup_id: str | None
+                    ) -> tuple[str, BackupIndex, dict[str, ChunkList], WriteStats | None]:
+        """Index object ``key`` opened and checked: (id, index, chunk lists, stats).
+        ``backup_id`` None: learnt from the index (keyed names), which must hash to
+        ``key``. ``NotFound`` when absent, ``CorruptBackup`` when it does not open."""
+        where = f"backup {backup_id}" if backup_id else f"index object {key}"
+        blob = self.store.get(key, object_limit(MAX_INDEX))
+        raw = self.codec.open(blob, self._index_aad(key, backup_id), MAX_INDEX,
+                              f"{where}: index" if backup_id else where)
+        try:
+            doc = json.loads(raw)
+            bid = backup_id or str(doc["index"]["id"])
+            idx = BackupIndex.from_json(json.dumps(doc["index"]), bid)
+            chunks = {str(rel): [(str(c), int(s)) for c, s in lst]
+                      for rel, lst in doc["chunks"].items()}
+            stats = _read_stats(doc.get("stats"))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CorruptBackup(f"{where}: index malformed: {e}") from e
+        if self.index_key(bid) != key:  # sealed under this name, but not this id's name
+            raise CorruptBackup(f"{where}: holds backup {bid}, which is not named so",
+                                "it was copied under another name; remove it")
+        top = self._chunker_args()[2]
+        for part in idx.parts:
+            lst = chunks.get(part.path)
+            if lst is None:
+                raise CorruptBackup(f"backup {bid}: index lists no chunks for "
+                                    f"part {part.path}")
+            if any(len(c) != 64 or s <= 0 or s > top for c, s in lst) \
+                    or sum(s for _, s in lst) != part.size:
+                raise CorruptBackup(f"backup {bid}: the chunks of part {part.path} "
+                                    f"do not add up to its {part.size} bytes")
+        return bid, idx, chunks, stats
 
     def _load(self, backup_id: str) -> tuple[BackupIndex, dict[str, ChunkList]]:
         if backup_id in self._indexes:
             return self._indexes[backup_id]
         if not valid_id(backup_id):
             raise NotFound(f"no backup {backup_id!r} in {self}", "see `migrate backup list`")
+        key = self.index_key(backup_id)
         try:
-            blob = self.store.get(f"index/{backup_id}", object_limit(MAX_INDEX))
+            _bid, idx, chunks, stats = self._read_index(key, backup_id)
         except NotFound as e:
             raise NotFound(f"no backup {backup_id!r} in {self}",
                            "see `migrate backup list`") from e
-        raw = self.codec.open(blob, b"index:" + backup_id.encode(), MAX_INDEX,
-                              f"backup {backup_id}: index")
-        try:
-            doc = json.loads(raw)
-            idx = BackupIndex.from_json(json.dumps(doc["index"]), backup_id)
-            chunks = {str(rel): [(str(c), int(s)) for c, s in lst]
-                      for rel, lst in doc["chunks"].items()}
-            stats = _read_stats(doc.get("stats"))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise CorruptBackup(f"backup {backup_id}: index malformed: {e}") from e
-        top = self._chunker_args()[2]
-        for part in idx.parts:
-            lst = chunks.get(part.path)
-            if lst is None:
-                raise CorruptBackup(f"backup {backup_id}: index lists no chunks for "
-                                    f"part {part.path}")
-            if any(len(c) != 64 or s <= 0 or s > top for c, s in lst) \
-                    or sum(s for _, s in lst) != part.size:
-                raise CorruptBackup(f"backup {backup_id}: the chunks of part {part.path} "
-                                    f"do not add up to its {part.size} bytes")
         self._indexes[backup_id] = (idx, chunks)
         self._stats[backup_id] = stats
+        if self.keyed_names:
+            self._names[backup_id] = key
         return idx, chunks
 
     def stats_of(self, backup_id: str) -> WriteStats | None:
@@ -484,11 +660,14 @@ class ChunkedRepository:
         doc = {"index": json.loads(idx.to_json()),
                "chunks": {rel: [list(c) for c in lst] for rel, lst in chunks.items()},
                "stats": asdict(stats) if stats else None}
+        key = self.index_key(idx.id)
         blob = self.codec.seal(json.dumps(doc, separators=(",", ":")).encode(),
-                               b"index:" + idx.id.encode())
-        self.store.put(f"index/{idx.id}", blob)
+                               self._index_aad(key, idx.id))
+        self.store.put(key, blob)
         self._indexes[idx.id] = (BackupIndex.from_json(idx.to_json(), idx.id), chunks)
         self._stats[idx.id] = stats
+        if self.keyed_names:
+            self._names[idx.id] = key
 
     def set_protected(self, backup_id: str, protected: bool) -> BackupIndex:
         idx, chunks = self._load(backup_id)
@@ -499,21 +678,33 @@ class ChunkedRepository:
     def delete(self, backup_id: str) -> None:
         """Remove the backup's index: it no longer exists. Its chunks go at the next
         ``collect_garbage`` that finds them unreferenced."""
-        if not valid_id(backup_id) or not self.store.exists(f"index/{backup_id}"):
+        if not self.committed(backup_id):
             raise NotFound(f"no backup {backup_id!r} in {self}", "see `migrate backup list`")
-        self.store.delete(f"index/{backup_id}")
+        self.store.delete(self.index_key(backup_id))
         self._indexes.pop(backup_id, None)
+        self._names.pop(backup_id, None)
 
     # garbage collection ----------------------------------------------------------------
     def collect_garbage(self, grace: float = GC_GRACE, dry_run: bool = False) -> GcResult:
         """Delete chunks no backup references, in two phases (see the module docstring).
         Call it under ``lock``."""
         result = GcResult()
-        with _Heartbeat(self.store, "gc/running"):
+        self.check()
+        if not self.keyed_names:
+            self._refuse_keyed_under_plain(self.store.list("index/"), "collected")
+        with _Heartbeat(self, "gc/running"):
             self.store.put("gc/epoch", secrets.token_hex(8).encode())  # writers re-check
             referenced: set[str] = set()
-            for bid in self.ids():  # an unreadable index stops it: its chunks are unknown
-                self._indexes.pop(bid, None)
+            self._indexes.clear()  # every index read afresh
+            self._names.clear()
+            bad = self.unreadable_indexes()
+            if bad:  # an unreadable index stops it: its chunks are unknown
+                key, why = sorted(bad.items())[0]
+                raise CorruptBackup(f"{why}; no chunk was collected while an index does "
+                                    f"not open ({len(bad)} such: {', '.join(sorted(bad))})",
+                                    f"if {key} is not a backup of this repository (planted, "
+                                    "or copied from another), remove it, then prune again")
+            for bid in self.ids():
                 for lst in self._load(bid)[1].values():
                     referenced.update(c for c, _ in lst)
             unref = self.chunk_ids() - referenced
@@ -523,7 +714,7 @@ class ChunkedRepository:
             due = {c for c in unref if c in pending and now - pending[c] >= grace}
             if writers and due:
                 result.postponed = len(due)
-                result.writers = [w.split("/", 1)[1] for w in writers]
+                result.writers = sorted(self._writer_id(k, d) for k, d in writers.items())
                 due = set()
             keep = {c: pending.get(c, now) for c in unref if c not in due}
             result.pending, result.deleted = len(keep), len(due)
@@ -566,27 +757,24 @@ class GcResult:
     writers: list[str] | None = None
 
 
-def _stamp() -> bytes:
-    return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}",
-                       "time": time.time()}).encode()
-
-
 class _Heartbeat:
     """Refreshes an entry (``locks/...``, ``writers/...``) while its holder works, so it does
     not go stale; removes it at the end."""
 
-    def __init__(self, store: ObjectStore, key: str) -> None:
-        self.store, self.key = store, key
+    def __init__(self, repo: ChunkedRepository, key: str, backup_id: str | None = None
+                 ) -> None:
+        self.store, self.key = repo.store, key
+        self._stamp = lambda: repo._stamp(key, backup_id)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT):
             with contextlib.suppress(Exception):
-                self.store.put(self.key, _stamp())
+                self.store.put(self.key, self._stamp())
 
     def __enter__(self) -> _Heartbeat:
-        self.store.put(self.key, _stamp())
+        self.store.put(self.key, self._stamp())
         self._thread.start()
         return self
 
@@ -694,11 +882,15 @@ class ChunkedBackupWriter:
         if not valid_id(backup_id):
             raise BackupError(f"invalid backup id {backup_id!r}")
         repo.check()
-        if repo.store.exists(f"index/{backup_id}"):
+        if not repo.keyed_names:  # names would be plain where they were keyed
+            repo._refuse_keyed_under_plain(repo.store.list("index/"), "written")
+        if repo.committed(backup_id):
             raise BackupError(f"backup {backup_id} already exists")
         self.repo, self.id = repo, backup_id
         self.codec = repo.codec
-        self._beat = _Heartbeat(repo.store, f"writers/{backup_id}").__enter__()
+        #: where the index will be: kept in the journal, ``committed`` asks about it
+        self.index_key = repo.index_key(backup_id)
+        self._beat = _Heartbeat(repo, repo.writer_key(backup_id), backup_id).__enter__()
         #: a store that answers "which of these do you lack" (ssh://) is asked per batch of
         #: new chunks instead of listed whole: a large repository's listing crosses the link
         #: every backup, a question about this backup's chunks costs one round trip per

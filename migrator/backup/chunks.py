@@ -20,6 +20,13 @@ Naming and sealing (``Codec``):
 - ``none`` mode: id = sha256(plaintext); object = ``0x02 | zstd(plaintext)``, checked by
   its hash on reading (damage is found; a deliberate forgery is not: that is what a key
   is for).
+
+Naming the other objects (``Codec.name``): a backup id says which container was backed up
+and when (``web-20261201T000000Z-ab12cd``), so in an encrypted repository its index and its
+``writers/`` entry are not named by it but by HMAC-SHA256(name_key, kind + ":" + id), hex,
+where ``name_key`` is derived from ``id_key`` by HKDF (a key of its own: a name can never
+equal a chunk's id). Anyone who may list the store learns how many backups there are, and
+nothing of what or when; the id itself is kept inside the sealed object.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from collections.abc import Iterator
 
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyfastcdc import FastCDC
 
 from migrator.backup.keys import RepoKey
@@ -44,6 +53,8 @@ SEALED = 1  # AES-256-GCM over zstd
 PLAIN = 2  # zstd only (--encryption none)
 NONCE = 12
 TAG = 16
+#: HKDF's info for the key that names indexes and writers (``Codec.name``)
+NAMES_INFO = b"migrator-chunked object names v1"
 
 
 def object_limit(raw_limit: int) -> int:
@@ -95,6 +106,8 @@ class Codec:
     def __init__(self, key: RepoKey | None, level: int = 3) -> None:
         self.key = key
         self._aead = AESGCM(key.enc_key) if key is not None else None
+        self._name_key = None if key is None else HKDF(
+            hashes.SHA256(), 32, salt=None, info=NAMES_INFO).derive(key.id_key)
         self.level = level
 
     @property
@@ -105,6 +118,14 @@ class Codec:
         if self.key is None:
             return hashlib.sha256(data).hexdigest()
         return hmac.new(self.key.id_key, data, hashlib.sha256).hexdigest()
+
+    def name(self, kind: str, ident: str) -> str:
+        """The keyed name of object ``ident`` of ``kind`` (``index``, ``writer``): 64 hex
+        digits that reveal nothing of ``ident`` without the key (see the module docstring).
+        Only an encrypted codec names objects so."""
+        if self._name_key is None:
+            raise ValueError("an unencrypted repository names its objects by their ids")
+        return hmac.new(self._name_key, f"{kind}:{ident}".encode(), hashlib.sha256).hexdigest()
 
     # sealing ---------------------------------------------------------------------------
     def seal(self, data: bytes | memoryview, aad: bytes) -> bytes:

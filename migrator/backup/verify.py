@@ -221,6 +221,16 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
     return report
 
 
+def unreadable_reports(repo: BackupRepository) -> list[VerifyReport]:
+    """``verify --all``'s reports of index objects that do not open with the key (an
+    encrypted repository with keyed names learns ids by opening its indexes, so such an
+    object has no id: it is reported by its key, and would otherwise be in no listing)."""
+    find = getattr(repo, "unreadable_indexes", None)
+    if find is None:
+        return []
+    return [VerifyReport(key, ok=False, problems=[why]) for key, why in sorted(find().items())]
+
+
 def raise_if_damaged(reports: list[VerifyReport]) -> None:
     """``CorruptBackup`` naming every problem of every damaged backup among ``reports``:
     ``backup verify`` fails with it once each report was shown."""

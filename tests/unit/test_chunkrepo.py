@@ -11,6 +11,8 @@ import base64
 import json
 import os
 import random
+import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -285,12 +287,20 @@ def test_no_plaintext_in_any_stored_file(tmp_path: Path) -> None:
     marker = b"PLAINTEXT-MARKER-0123456789"
     blob = (marker + data(1000, 13)) * 3000  # compressible, repeated, and marked
     backup(repo, BID, blob)
+    w = repo.writer(BID2)  # a backup being written: its entry in writers/ too
     files = [p for p in (tmp_path / "repo").rglob("*") if p.is_file()]
-    assert len(files) > 3
+    assert len(files) > 3 and any(p.parent.name == "writers" for p in files)
     for p in files:
         content = p.read_bytes()
         assert marker not in content and b"container.tar" not in content, p
-        assert b"web" not in content or p.name == BID, p  # the container's name neither
+        # the containers' names and the backups' times neither, in content or names (in
+        # content, words long enough that random ciphertext does not hold them by chance)
+        for word in (BID, BID2, "20261201T0000", f"{socket.gethostname()}:{os.getpid()}"):
+            assert word.encode() not in content, (p, word)
+        rel = str(p.relative_to(tmp_path / "repo"))
+        assert re.fullmatch(r"config|keys/repokey|(data/[0-9a-f]{2}|index|writers)/"
+                            r"[0-9a-f]{64}", rel), rel
+    w.abort()
 
 
 def test_wrong_passphrase_refused_before_anything_else_is_read(tmp_path: Path) -> None:
@@ -322,7 +332,8 @@ def test_crash_before_the_index_leaves_nothing_visible(tmp_path: Path) -> None:
     assert repo.ids() == [] and repo.list() == []
     with pytest.raises(NotFound):
         repo.get(BID)
-    assert list(repo.store.list("writers/")) == [f"writers/{BID}"]  # it says it is running
+    assert list(repo.store.list("writers/")) == [repo.writer_key(BID)]  # it says it runs
+    assert repo.writers() == [BID]
     w.abort()
     assert list(repo.store.list("writers/")) == []
 
@@ -331,8 +342,8 @@ def test_tampered_and_swapped_indexes_are_refused(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     backup(repo, BID, data(1 << 20, 15))
     backup(repo, BID2, data(1 << 20, 16))
-    root = tmp_path / "repo/index"
-    (root / BID).write_bytes((root / BID2).read_bytes())  # one backup's index as another's
+    root = tmp_path / "repo"
+    (root / repo.index_key(BID)).write_bytes((root / repo.index_key(BID2)).read_bytes())
     fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
     with pytest.raises(CorruptBackup, match="authentication"):
         fresh.get(BID)
@@ -420,6 +431,7 @@ def test_garbage_collection_in_two_phases(tmp_path: Path) -> None:
     with repo.lock():
         held = repo.collect_garbage(grace=0)
     assert held.deleted == 0 and held.postponed == first.pending
+    assert held.writers == ["x-20261201T000002Z-abcdef"]  # its id, read from its entry
     w.abort()
     with repo.lock():
         second = repo.collect_garbage(grace=0)
@@ -561,3 +573,186 @@ def test_after_a_failed_upload_the_queued_ones_are_not_tried(tmp_path: Path) -> 
     assert store.failed_puts <= 6 + 1, store.failed_puts
     assert took < 5, took  # not ~0.3 s for each of the 24 chunks, one after another
     assert list(store.list("index/")) == [] and list(store.list("writers/")) == []
+
+
+# names: what a listing of the store shows ------------------------------------------------
+def test_encrypted_names_are_keyed_hashes_learnt_by_opening_the_indexes(
+        tmp_path: Path) -> None:
+    """Index and writer names are keyed hashes of the id, different for each kind and each
+    repository; ``get`` computes the name (no listing), ``ids`` opens each index once."""
+    repo = make_repo(tmp_path)
+    assert repo.config["version"] == 2 and repo.keyed_names
+    backup(repo, BID, data(1 << 20, 30))
+    backup(repo, BID2, data(1 << 20, 31))
+    names = sorted(repo.store.list("index/"))
+    assert names == sorted([repo.index_key(BID), repo.index_key(BID2)])
+    assert all(re.fullmatch(r"index/[0-9a-f]{64}", n) for n in names), names
+    assert repo.index_key(BID).split("/")[1] != repo.writer_key(BID).split("/")[1]
+    other = make_repo(tmp_path / "other")
+    assert other.index_key(BID) != repo.index_key(BID)  # a name depends on the key
+    assert (tmp_path / "repo" / repo.index_key(BID)).stat().st_mode & 0o777 == 0o600
+
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    gets: list[str] = []
+    lists: list[str] = []
+    orig_get, orig_list = fresh.store.get, fresh.store.list
+
+    def get(key: str, limit: int) -> bytes:
+        gets.append(key)
+        return orig_get(key, limit)
+
+    def lst(prefix: str):  # type: ignore[no-untyped-def]
+        lists.append(prefix)
+        return orig_list(prefix)
+    fresh.store.get, fresh.store.list = get, lst  # type: ignore[method-assign]
+    assert fresh.get(BID2).id == BID2 and lists == []  # the name computed, not listed
+    assert fresh.ids() == sorted([BID, BID2]) and fresh.committed(BID)
+    assert [b.id for b in fresh.list()] == sorted([BID, BID2], key=lambda i: i)
+    opened = [k for k in gets if k.startswith("index/")]
+    assert sorted(opened) == names  # each index read once, then cached
+    fresh.delete(BID)
+    assert fresh.ids() == [BID2] and not fresh.committed(BID)
+    assert ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw").ids() == [BID2]
+    with pytest.raises(ValueError):
+        Codec(None).name("index", BID)
+
+
+def test_entries_are_sealed_and_name_no_host(tmp_path: Path) -> None:
+    """``locks/`` and ``writers/`` entries hold host:pid and the backup id: sealed, bound
+    to their names; a lock's holder is still named to whoever has the key."""
+    repo = make_repo(tmp_path)
+    other = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    w = repo.writer(BID)
+    with repo.lock():
+        (lock,) = repo.store.list("locks/")
+        for key in (lock, repo.writer_key(BID)):
+            blob = (tmp_path / "repo" / key).read_bytes()
+            assert blob[0] == 1 and b"owner" not in blob and b"web" not in blob, key
+        holder = f"locked by {socket.gethostname()}:{os.getpid()}"
+        with pytest.raises(BackupError, match=holder), other.lock(wait=0.2):
+            pass
+    assert other.writers() == [BID]
+    # an entry copied to another name does not open there: unreadable, kept (alive)
+    wk = repo.writer_key(BID)
+    planted = f"writers/{'0' * 64}"
+    repo.store.put(planted, repo.store.get(wk, 4096))
+    assert other.writers() == sorted([BID, f"unknown ({planted})"])
+    w.abort()
+    repo.store.delete(planted)
+    assert other.writers() == []
+
+
+def test_a_planted_index_is_refused_and_hides_no_other(tmp_path: Path) -> None:
+    """Objects under index/ that do not open with the key (random bytes, another
+    repository's index, one of ours copied to a new name) are in no listing, named by
+    ``unreadable_indexes`` and verify, and stop a collection; the others are listed."""
+    from migrator.backup.verify import unreadable_reports
+
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(1 << 20, 32))
+    other = make_repo(tmp_path / "other")
+    backup(other, BID2, data(1 << 20, 33))
+    planted = {
+        f"index/{'a' * 64}": os.urandom(300),
+        f"index/{'b' * 64}": other.store.get(other.index_key(BID2), 1 << 20),
+        f"index/{'c' * 64}": repo.store.get(repo.index_key(BID), 1 << 20),
+        "index/not-a-name": b"\x01" + os.urandom(100),
+    }
+    for key, blob in planted.items():
+        repo.store.put(key, blob)
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    assert fresh.ids() == [BID] and [b.id for b in fresh.list()] == [BID]
+    bad = fresh.unreadable_indexes()
+    assert sorted(bad) == sorted(planted), bad
+    assert all(why.startswith(f"index object {k}: ") and ("authentication" in why or
+               "not a sealed object" in why) for k, why in bad.items()), bad
+    reports = unreadable_reports(fresh)
+    assert sorted(r.id for r in reports) == sorted(planted) and not any(r.ok for r in reports)
+    with fresh.lock(), pytest.raises(CorruptBackup, match="no chunk was collected") as e:
+        fresh.collect_garbage(grace=0)
+    assert f"index/{'a' * 64}" in e.value.message and "remove it" in (e.value.hint or "")
+    for key in planted:
+        repo.store.delete(key)
+    with fresh.lock():
+        assert fresh.collect_garbage(grace=0).pending == 0
+    assert read_back(fresh, BID) == data(1 << 20, 32)
+
+
+def v1_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChunkedRepository:
+    """An encrypted repository as this program wrote them before names were keyed (format
+    version 1): made with VERSION 1, which is also what every name and entry follows."""
+    with monkeypatch.context() as m:
+        m.setattr(chunkrepo, "VERSION", 1)
+        repo = make_repo(tmp_path)
+        backup(repo, BID, data(1 << 20, 34))
+    return repo
+
+
+def test_a_version_1_repository_stays_readable_and_writable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain names and plain entries in, plain names and entries out (older programs keep
+    reading it); its config is not upgraded behind its users' backs."""
+    v1_repo(tmp_path, monkeypatch)
+    root = tmp_path / "repo"
+    assert (root / "index" / BID).is_file()
+    repo = ChunkedRepository(DirStore(root), lambda _c: "pw")
+    assert not repo.keyed_names and repo.ids() == [BID] and repo.committed(BID)
+    w = repo.writer(BID2)
+    assert json.loads((root / "writers" / BID2).read_bytes())["id"] == BID2  # plain JSON
+    w.abort()
+    backup(repo, BID2, data(1 << 20, 35))
+    assert sorted(os.listdir(root / "index")) == sorted([BID, BID2])
+    assert read_back(repo, BID) == data(1 << 20, 34)
+    repo.delete(BID)
+    with repo.lock():
+        assert repo.collect_garbage(grace=0).pending > 0
+    assert json.loads((root / "config").read_text())["version"] == 1
+
+
+def test_a_config_rewritten_to_version_1_is_refused(tmp_path: Path) -> None:
+    """The config is plain: turning a keyed repository's into version 1 must not make a
+    client write plain names into it, nor a collection take the keyed backups' chunks for
+    garbage (it would list no backup)."""
+    repo = make_repo(tmp_path)
+    backup(repo, BID, data(1 << 20, 36))
+    chunks = repo.chunk_ids()
+    conf = tmp_path / "repo/config"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "version": 1}))
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), lambda _c: "pw")
+    with pytest.raises(CorruptBackup, match="config was altered"):
+        fresh.writer(BID2)
+    with fresh.lock(), pytest.raises(CorruptBackup, match="config was altered"):
+        fresh.collect_garbage(grace=0)
+    assert list(fresh.store.list("writers/")) == [] and repo.chunk_ids() == chunks
+    assert not (tmp_path / "repo/gc/pending").exists()
+
+
+def test_an_unencrypted_repository_keeps_readable_names(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, "none")
+    backup(repo, BID, data(1 << 20, 37))
+    assert repo.config["version"] == 1 and not repo.keyed_names
+    assert list(repo.store.list("index/")) == [f"index/{BID}"] and repo.ids() == [BID]
+
+
+def test_committed_is_asked_without_the_key_by_the_name_its_writer_had(
+        tmp_path: Path) -> None:
+    """``recover`` has no passphrase: the journal keeps the index's name the writer had
+    (``index_key``), and the store is asked about that name; the key stays closed."""
+    repo = make_repo(tmp_path)
+    w = repo.writer(BID)
+    hint = w.index_key
+    assert hint == repo.index_key(BID)
+    w.abort()
+    backup(repo, BID, data(1 << 20, 38))
+
+    def no_passphrase(_c: bool) -> str:
+        raise AssertionError("the key was opened")
+    keyless = ChunkedRepository(DirStore(tmp_path / "repo"), no_passphrase)
+    assert keyless.committed(BID, hint)
+    assert not keyless.committed(BID2, f"index/{'0' * 64}")
+    assert not keyless.committed("not an id", hint)
+    for bad in (f"index/{BID}", "data/ab/cd", f"index/{'0' * 64}/x"):
+        with pytest.raises(InvalidInput):
+            keyless.committed(BID, bad)
+    with pytest.raises(AssertionError, match="key was opened"):
+        keyless.committed(BID)  # without the name, it must be computed: the key is needed
