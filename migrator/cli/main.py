@@ -364,12 +364,13 @@ def cli_module(name: str) -> ModuleType:
 
 
 def _typer_app(name: str, entry: Entry) -> typer.Typer:
-    """A throw-away app holding just ``entry``'s module's commands (or its group), built the
-    way the full app used to be, so each command's click form is the same."""
+    """A throw-away app holding just command ``name`` (or group), registered the way the
+    full app used to register it, so its click form is the same."""
     mod = cli_module(entry.module)
     holder = typer.Typer(rich_markup_mode=None, add_completion=False)
     if entry.group is None:
-        mod.register(holder)
+        mod.register(holder)  # the module's commands; only ``name``'s is built
+        holder.registered_commands = [c for c in holder.registered_commands if c.name == name]
     else:
         sub: typer.Typer = getattr(mod, entry.group)
         if name == "config":  # `migrate config host ...` lives with the schedule keys
