@@ -127,6 +127,14 @@ def test_chunked_repository_dedups_encrypts_restores_and_names_damage(
     for name, content in stored.items():
         assert marker not in content and b"ck1-a" not in content \
             and b"shadow" not in content, name
+    # nor in any object's name: neither the containers' names nor the backups' times (an
+    # encrypted repository names indexes and writers by keyed hashes of the backup ids)
+    times = {x["id"].rsplit("-", 2)[1] for x in (a, b)}  # YYYYmmddTHHMMSSZ
+    assert all(re.fullmatch(r"\d{8}T\d{6}Z", t) for t in times), times
+    for name in stored:
+        assert "ck1" not in name and not any(t in name or t[:13] in name for t in times), \
+            name
+    assert len([n for n in stored if "/index/" in f"/{n}"]) >= 2
 
     # a byte-exact restore of the second (whose data is mostly the first's chunks)
     host.cli("backup", "restore", b["id"], "--name", "ck1-r", "--pool", "btrfs",

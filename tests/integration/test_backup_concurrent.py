@@ -32,7 +32,9 @@ from typing import Any
 
 import pytest
 
+from migrator.backup.chunkrepo import ChunkedRepository
 from migrator.backup.keys import WrongPassphrase
+from migrator.backup.s3store import S3Store
 from migrator.core.errors import NetworkError
 from testrigs.seaweed import SeaweedCluster
 from testrigs.testhosts import TestHostSpec
@@ -144,6 +146,13 @@ def new_repo(spec: TestHostSpec, cluster: SeaweedCluster) -> tuple[str, str]:
     return url, prefix
 
 
+def watcher(cluster: SeaweedCluster, url: str) -> ChunkedRepository:
+    """The repository at ``url``, opened here to see who writes: the ``writers/`` entries
+    are named by keyed hashes and sealed, so only the key tells whose they are."""
+    return ChunkedRepository(S3Store.from_url(url, client=cluster.client()),
+                             lambda _c: PASSPHRASE)
+
+
 def wait_for(what: str, cond: Any, timeout: float, *alive: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -184,13 +193,14 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
     rb = make(b, "cc-b", {"g.bin": g, "n.bin": n, "b.bin": os.urandom(80 * MIB)})
     populate(rb / "srv" / "tree")
 
+    watch = watcher(seaweed, url).check()  # the key opened before the clock starts
     t0 = time.monotonic()
     pa = start(a, env, "backup", "create", "cc-a", "--repo", url, "--format", "json")
     pb = start(b, env, "backup", "create", "cc-b", "--repo", url, "--format", "json")
     try:
         def both_writing() -> bool:
             """Both backups announced in writers/ in one listing: at once."""
-            names = [k.split("/")[-1] for k in keys(seaweed, f"{prefix}/writers/")]
+            names = watch.writers()
             return all(any(n.startswith(ct + "-") for n in names) for ct in ("cc-a", "cc-b"))
         wait_for("both writers at once", both_writing, 60, pa, pb)
         data0 = len(keys(seaweed, f"{prefix}/data/"))
@@ -200,8 +210,7 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
         t_stop = time.monotonic() - t0
         # the premise of what follows: b is paused while still a writer (a prune that
         # finds no writer may delete what is due, and rightly so)
-        assert any(k.split("/")[-1].startswith("cc-b-")
-                   for k in keys(seaweed, f"{prefix}/writers/")), \
+        assert any(n.startswith("cc-b-") for n in watch.writers()), \
             "host b's backup ended before it could be paused: the test missed its window"
         p1 = json.loads(run(a, env, "backup", "prune", "--container", "cc-gone",
                             "--keep-last", "1", "--gc-grace", "0", "--repo", url,
@@ -218,6 +227,7 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
                 os.killpg(p.pid, signal.SIGCONT)
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        watch.close()
     assert rc_a == 0, err_a
     assert rc_b == 0, err_b
     ba, bb = created(out_a), created(out_b)
