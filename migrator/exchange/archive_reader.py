@@ -5,8 +5,11 @@ The one design decision: the archive is read through ``migrator.targuard.TarGuar
 header checked before anything acts on it, and written anew: tarfile here reads only the
 guard's headers), and each rootfs section goes to GNU tar as its own tar stream with names
 rebased to ``rootfs/`` (a ``.bin`` member's bytes go as they are, to the pool's native
-receive). Ids are shifted as members pass, for an unprivileged container: an id outside
-0..65535 is refused, since it would land in another container's range.
+receive). Ids are shifted as members pass, for an unprivileged container, from the base the
+archive records (``exchange.lxd_idmap``: LXD 5.0 stores the ids it has on disk, 100000+N, and
+says so; ``[]`` or nothing means the container's view, 0+N) to this host's map: an id outside
+the 65536 from that recorded base is refused, since it would land in another container's
+range or on the host's own ids.
 """
 
 from __future__ import annotations
@@ -116,11 +119,14 @@ class ArchiveReader:
     (``sections``) and stops the thread at the end, whatever happened (``drain``)."""
 
     def __init__(self, tar: tarfile.TarFile, guard: TarGuard, index: ArchiveIndex,
-                 shift: int, optimized: bool):
+                 shift: int, optimized: bool, stored: int = 0):
+        """``shift``: this host's base for the container's root (0: privileged, ids kept);
+        ``stored``: the base the archive's generic sections are owned from."""
         self.tar = tar
         self.guard = guard
         self.index = index
         self.shift = shift
+        self.stored = stored
         self.optimized = optimized
         self._queue: queue.Queue[_Section | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
@@ -233,12 +239,15 @@ class ArchiveReader:
             cut = 3 if lparts[1:2] == ["container"] else 4
             info.linkname = "/".join(lparts[cut - 1:])
         if self.shift:
+            low = self.stored
             for what, ident in (("uid", m.uid), ("gid", m.gid)):
-                if not 0 <= ident < idmap.MAP_SIZE:
+                if not low <= ident < low + idmap.MAP_SIZE:
                     raise UnsafeArchive(
                         f"member {m.name!r} is owned by {what} {ident}, outside the "
-                        f"{idmap.MAP_SIZE} ids an unprivileged container maps")
-            info.uid, info.gid = m.uid + self.shift, m.gid + self.shift
+                        f"{idmap.MAP_SIZE} ids an unprivileged container maps (from "
+                        f"{low}, as the archive's volatile.last_state.idmap says)")
+            info.uid = m.uid - low + self.shift
+            info.gid = m.gid - low + self.shift
         # keep xattrs and ACLs; tarfile writes path, size, times and sparse data itself
         info.pax_headers = {k: v for k, v in m.pax_headers.items()
                             if k.startswith("SCHILY.") or k in ("mtime", "atime")}

@@ -199,7 +199,19 @@ def export_container(
     shift = 0 if privileged else idmap.default_idmap().base
     index = layout.index_document(rec, driver, snaps, optimized, shift if optimized else 0)
     tar = _TarOut(out, compression)
-    with consistent_snapshot(cts, rec, backend, vol, result.notes) as tmp_name:
+    # LXD's import of send streams rewrites the root disk's pool in the received volume's
+    # backup.yaml and fails without one: the container's stream carries it, written at the
+    # volume's top (beside rootfs/, out of the container's sight) for the snapshot only.
+    staged = backend.volume_path(vol) / "backup.yaml" if optimized else None
+    if staged is not None:
+        _write_new(staged, layout.backup_yaml(rec, driver, snaps, shift))
+    with contextlib.ExitStack() as cleanup:
+        if staged is not None:
+            cleanup.callback(staged.unlink, missing_ok=True)
+        tmp_name = cleanup.enter_context(
+            consistent_snapshot(cts, rec, backend, vol, result.notes))
+        if staged is not None:
+            staged.unlink(missing_ok=True)
         current = next(s for s in backend.list_snapshots(vol) if s.name == tmp_name)
         tar.add_dir("backup")
         tar.add_bytes(layout.INDEX, index)
@@ -207,7 +219,7 @@ def export_container(
             _export_native(tar, backend, [on_disk[s.name] for s in snaps], current, progress)
         else:
             _export_generic(tar, backend, rec, [on_disk[s.name] for s in snaps], current,
-                            shift, progress)
+                            shift, progress, layout.backup_yaml(rec, driver, snaps))
         tar.close()
     result.bytes = tar.bytes
     result.seconds = time.monotonic() - t0
@@ -218,10 +230,16 @@ def export_container(
     return result
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (no symlink followed, an existing file replaced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def _export_generic(tar: _TarOut, backend: StorageBackend, rec: ContainerRecord,
                     snaps: list[Snapshot], current: Snapshot, shift: int,
-                    progress: Progress) -> None:
-    backup_yaml = layout.backup_yaml(rec)
+                    progress: Progress, backup_yaml: bytes) -> None:
     xattrs = bool(backend.supports_xattrs)
     if snaps:
         tar.add_dir("backup/snapshots")

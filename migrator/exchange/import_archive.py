@@ -1,13 +1,15 @@
 """``migrate import``: create a container from an LXD/Incus export (a file or stdin).
 
 The archive is read once (``exchange.archive_reader``); each rootfs section is unpacked by
-GNU tar, each optimized ``.bin`` member received by the pool's btrfs driver. Rootfs ownership
-in a generic archive is the container's view (0..65535, as LXD's tar writer unshifts it), so
-an unprivileged container's ids are shifted to this host's map as they pass. Optimized
-streams carry the ids as they were on the exporting host's disk, recorded in LXD's
-``volatile.last_state.idmap`` (``exchange.lxd_idmap``), and the received trees are shifted by
-the difference to this host's map (``[]``, LXD's value for an unshifted disk, means a shift
-by the whole base). Nothing checks a send stream's content on its way in, so the streams are
+GNU tar, each optimized ``.bin`` member received by the pool's btrfs driver. Both kinds
+carry the ids as they were on the exporting host's disk, and LXD records that map in
+``volatile.last_state.idmap`` (``exchange.lxd_idmap``): LXD 5.0's generic tarball of an
+unprivileged container holds 100000+N (its on-disk ids), ``migrate export``'s and an
+unshifted disk's hold the container's view 0+N and say ``[]`` (or nothing). The recorded map
+must be one sane range and every owner must lie in its 65536 ids from that base: a generic
+member's ids are checked and shifted to this host's map as they pass
+(``archive_reader``); the received optimized trees are walked, then shifted by the
+difference. Nothing checks a send stream's content on its way in, so the streams are
 received confined and the received trees are walked before the shift
 (``migrator.runtime.treecheck``): that map must be one sane range, every rootfs owner inside
 it, and an unprivileged container's device nodes and foreign setuid/setgid files are refused.
@@ -133,11 +135,11 @@ def import_container(
     if extra_devices:
         result.dropped += [f"device {d} (devices are not converted)" for d in extra_devices]
     shift = 0 if index.privileged else idmap.default_idmap().base
-    # what the native streams' ids are, checked before anything is received
-    stored = disk_shift(index.config) if index.optimized and not index.privileged else 0
+    # what the archive's ids are on the exporting disk, checked before anything is received
+    stored = 0 if index.privileged else disk_shift(index.config)
     scratch = VolumeRef("container", f"{target[:40]}-import-{secrets.token_hex(3)}")
     final = VolumeRef("container", target)
-    reader = ArchiveReader(tar, guard, index, shift, index.optimized)
+    reader = ArchiveReader(tar, guard, index, shift, index.optimized, stored)
     with Stages() as st:
         st.add_undo("delete the imported volume", lambda: remove_leftover(backend, scratch))
         reader.start()
@@ -162,10 +164,13 @@ def import_container(
             assert isinstance(backend, BtrfsBackend)
             inspect_volume(backend, scratch, TreePolicy(False, stored, all_owners=True),
                            "the archive's btrfs streams")
-            _reshift_native(backend, scratch, stored, shift, result.notes)
+            _settle_native(backend, scratch, shift - stored, result.notes)
         else:
             inspect_volume(backend, scratch, container_policy(index.privileged),
                            "the archive")
+            if index.optimized:
+                assert isinstance(backend, BtrfsBackend)
+                _settle_native(backend, scratch, 0, result.notes)
         rootfs = backend.volume_path(scratch) / "rootfs"
         if "image.init" not in config:
             config["image.init"] = _detect_init(rootfs)
@@ -178,24 +183,32 @@ def import_container(
                             origin=f"the archive's {INDEX}", allow_privileged=allow_privileged)
     result.bytes = guard.summary.bytes
     result.seconds = time.monotonic() - t0
-    if not index.privileged:
-        result.notes.append(f"rootfs ids shifted by {shift} for this host's unprivileged map")
+    if not index.privileged and not index.optimized:
+        result.notes.append(f"rootfs ids shifted by {shift - stored} (from the archive's "
+                            f"base {stored}) for this host's unprivileged map")
     return result
 
 
-def _reshift_native(backend: BtrfsBackend, vol: VolumeRef, stored: int, shift: int,
-                    notes: list[str]) -> None:
-    """Send streams carry the ids as they were on the exporting host's disk (LXD records
-    that map in ``volatile.last_state.idmap``); shift the received trees to this host's."""
-    delta = shift - stored
-    if delta == 0:
-        return
-    idmap.shift_tree(backend.volume_path(vol) / "rootfs", delta)
+def _settle_native(backend: BtrfsBackend, vol: VolumeRef, delta: int,
+                   notes: list[str]) -> None:
+    """Received subvolumes made like this host's volumes.
+
+    Send streams carry the ids as they were on the exporting host's disk (LXD records that
+    map in ``volatile.last_state.idmap``): the trees are shifted by ``delta`` to this host's.
+    And they carry their top directory's mode: LXD keeps it 0100 (root only), which stops
+    LXC, once it is the container's root in its user namespace, from opening the rootfs
+    ("Permission denied"): the tops become 0711, as ``create_volume`` makes them."""
+    os.chmod(backend.volume_path(vol), 0o711)
+    if delta:
+        idmap.shift_tree(backend.volume_path(vol) / "rootfs", delta)
     for snap in backend.list_snapshots(vol):
-        # these snapshots take no more streams: made writable for the shift only
+        # these snapshots take no more streams: made writable for this only
         with backend.writable_snapshot(snap) as path:
-            idmap.shift_tree(path / "rootfs", delta)
-    notes.append(f"native streams' ids shifted by {delta} to this host's map")
+            os.chmod(path, 0o711)
+            if delta:
+                idmap.shift_tree(path / "rootfs", delta)
+    if delta:
+        notes.append(f"native streams' ids shifted by {delta} to this host's map")
 
 
 def _created(doc: dict[str, Any] | None, default: float) -> float:

@@ -97,12 +97,21 @@ def _instance_doc(rec: ContainerRecord, pool: str, snaps: list[SnapshotRecord],
     }
 
 
+def config_document(rec: ContainerRecord, driver: str, snaps: list[SnapshotRecord],
+                    disk_base: int) -> dict[str, Any]:
+    """The instance document LXD keeps twice: as ``config`` in ``backup/index.yaml`` and as
+    each volume's ``backup.yaml`` (where LXD's import looks for the root disk device to
+    point at the target pool: without it, "No root device could be found")."""
+    config_doc = _instance_doc(rec, rec.pool, snaps, disk_base)
+    config_doc["pool"]["driver"] = driver
+    return config_doc
+
+
 def index_document(rec: ContainerRecord, driver: str, snaps: list[SnapshotRecord],
                    optimized: bool, disk_base: int) -> bytes:
     """``backup/index.yaml`` for container ``rec`` on a pool of ``driver``; ``disk_base``:
     the host id its optimized streams store for the container's root (0: not shifted)."""
-    config_doc = _instance_doc(rec, rec.pool, snaps, disk_base)
-    config_doc["pool"]["driver"] = driver
+    config_doc = config_document(rec, driver, snaps, disk_base)
     index = {
         "name": rec.name, "backend": driver, "pool": rec.pool, "optimized": optimized,
         "optimized_header": optimized, "type": "container",
@@ -120,9 +129,13 @@ def metadata_yaml(rec: ContainerRecord) -> bytes:
     return yaml.safe_dump(doc, sort_keys=True).encode()
 
 
-def backup_yaml(rec: ContainerRecord) -> bytes:
-    """A volume's ``backup.yaml`` (LXD's older home of the config; only the name here)."""
-    return yaml.safe_dump({"container": {"name": rec.name}}, sort_keys=False).encode()
+def backup_yaml(rec: ContainerRecord, driver: str, snaps: list[SnapshotRecord],
+                disk_base: int = 0) -> bytes:
+    """A volume's ``backup.yaml``: the whole instance document, as LXD writes it (its import
+    rewrites the root disk's pool in this file and refuses an archive whose file has none).
+    """
+    return yaml.dump(config_document(rec, driver, snaps, disk_base), Dumper=_NoAliasDumper,
+                     sort_keys=False).encode()
 
 
 def optimized_header(subvolumes: list[tuple[str, str]]) -> bytes:

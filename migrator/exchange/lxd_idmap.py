@@ -1,10 +1,12 @@
-"""LXD's ``volatile.last_state.idmap``: how the files of an archive's native (btrfs) streams
-are shifted on disk, written by an export and checked by an import.
+"""LXD's ``volatile.last_state.idmap``: how the files of an archive are shifted on the
+exporting host's disk, written by an export and checked by an import.
 
-Generic sections carry the container's own view (0..65535) and need no such record; a send
-stream carries the ids as they are on the exporting host's disk, so the index says by how
-much. The one design decision: the archive decides this itself and every file of its streams
-is shifted by it, so only one plain range is accepted (``disk_shift``).
+A send stream carries the ids as they are on the exporting host's disk, and so does LXD
+5.0's generic tarball of an unprivileged container (100000+N, not the container's view), so
+the index says by how much; ``migrate export``'s generic sections hold the container's view
+and say ``[]``. The one design decision: the archive decides this itself and every file is
+shifted by it, so only one plain range is accepted (``disk_shift``), and the files are then
+held to it (``archive_reader`` as members pass, ``runtime.treecheck`` for send streams).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def disk_shift(config: dict[str, str]) -> int:
         if ns != 0 or size < idmap.MAP_SIZE or not 0 <= host <= 2**32 - 1 - idmap.MAP_SIZE:
             raise refuse(f"maps {size} ids from container id {ns} to host id {host}, not "
                          f"{idmap.MAP_SIZE} or more from 0 to a valid host id")
+        if host + size > 2**32 - 1:  # LXD maps 1e9 ids from 1000000; ids are 32 bits
+            raise refuse(f"maps {size} ids from host id {host}, past the last valid id")
     if uids[0]["Hostid"] != gids[0]["Hostid"]:
         raise refuse("maps uids and gids to different host ids")
     return int(uids[0]["Hostid"])
