@@ -19,9 +19,10 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NoReturn, TypeAlias
+from typing import IO, Any, NoReturn, TypeAlias
 
 from migrator.core.errors import CommandFailed, CommandTimeout, MissingDependency
+from migrator.core.netns import call_in_netns, netns_path
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +95,49 @@ def run(
     capture: bool = True,
     hint: str | None = None,
     cwd: str | Path | None = None,
+    mounts: bool = True,
 ) -> Completed:
-    """Run ``argv`` to completion; raise ``CommandFailed`` on a non-zero exit when ``check``."""
-    full = netns_prefix(netns) + [str(a) for a in argv]
-    log.debug("run: %s", full)
+    """Run ``argv`` to completion; raise ``CommandFailed`` on a non-zero exit when ``check``.
+
+    ``mounts=False`` enters only ``netns``'s network namespace, not a private mount namespace
+    with its /sys and cgroups: enough for a command that only talks to sockets of the
+    namespace (``lxc-ls``, ``lxc-info``), and ~15 ms cheaper, because the child is started
+    from a thread that joined the namespace (``core/netns.py``) instead of through the
+    ``nsexec`` helper, a Python process of its own.
+    """
+    light = bool(netns) and not mounts
+    full = ([] if light else netns_prefix(netns)) + [str(a) for a in argv]
+    log.debug("run%s: %s", f" (in netns {netns})" if light else "", full)
     text = not isinstance(input, bytes)
+
+    def start() -> subprocess.CompletedProcess[Any]:
+        return subprocess.run(
+            full,
+            input=input,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            timeout=timeout,
+            text=text,
+            env=_merged_env(env),
+            cwd=cwd,
+            close_fds=True,
+        )
+
     try:
-        with _tool_must_exist(argv):
-            cp = subprocess.run(
-                full,
-                input=input,
-                stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.PIPE if capture else None,
-                stdin=None if input is not None else subprocess.DEVNULL,
-                timeout=timeout,
-                text=text,
-                env=_merged_env(env),
-                cwd=cwd,
-                close_fds=True,
-            )
+        if light:
+            assert netns
+            try:
+                cp = call_in_netns(netns, start)
+            except FileNotFoundError as e:
+                if e.filename != netns_path(netns):
+                    raise missing_tool(str(argv[0])) from e
+                # what the nsexec helper answers for a namespace that is gone
+                gone = f"nsexec: network namespace {netns!r} not found ({e.strerror})\n"
+                cp = subprocess.CompletedProcess(full, 125, "", gone)
+        else:
+            with _tool_must_exist(argv):
+                cp = start()
     except subprocess.TimeoutExpired as e:
         raise CommandTimeout(f"command {argv[0]!r} did not finish within {timeout:.0f}s") from e
     out = cp.stdout if isinstance(cp.stdout, str) else (cp.stdout or b"").decode(errors="replace")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from migrator.core import proc
 from migrator.core.errors import CommandFailed, ContainerError, InvalidInput
+from migrator.core.netns import call_in_netns
 from migrator.runtime.idmap import IdMap
 from migrator.runtime.network import NetworkConfig
 
@@ -163,6 +164,13 @@ def render_config(spec: ContainerSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def abstract_socket_names(proc_net_unix: str) -> set[str]:
+    """The abstract names (``@...``) in the text of ``/proc/net/unix``: the path is
+    everything after the seventh field (it may hold blanks)."""
+    rows = [line.split(None, 7) for line in proc_net_unix.splitlines()[1:]]
+    return {r[7] for r in rows if len(r) == 8 and r[7].startswith("@")}
+
+
 class LxcDriver:
     """lxc-* commands for one host (lxcpath + network namespace)."""
 
@@ -194,11 +202,50 @@ class LxcDriver:
             with contextlib.suppress(OSError):
                 d.rmdir()
 
+    def _query(self, argv: list[str], check: bool = True) -> proc.Completed:
+        """An lxc-* command that only asks a container's monitor over its command socket
+        (lxc-ls, lxc-info): run in the host's network namespace (where those sockets are)
+        without the private mount namespace, /sys and cgroups that starting needs."""
+        return proc.run(argv, netns=self.netns, check=check, mounts=False)
+
+    def _command_sockets(self) -> set[str] | None:
+        """The abstract unix socket names bound in this host's network namespace, or None
+        when they cannot be read (then the lxc-* tools are asked)."""
+
+        def read() -> set[str]:
+            with open("/proc/thread-self/net/unix") as f:  # this thread's namespace
+                return abstract_socket_names(f.read())
+
+        try:
+            return call_in_netns(self.netns, read) if self.netns else read()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _monitor_possible(self, name: str | None = None) -> bool:
+        """Whether LXC could answer anything but STOPPED for ``name`` (None: for any
+        container in this lxcpath).
+
+        A container that is not stopped has a monitor process listening on the abstract
+        socket ``@LXCPATH/NAME/command`` in the namespace it was started in (LXC names it
+        ``@lxc/HASH/command`` when that path is too long); lxc-ls and lxc-info report
+        STOPPED for a container whose socket is not there, so without one no subprocess is
+        needed to know it. Unreadable sockets, or a hashed name (which cannot be told
+        apart): True, and LXC is asked."""
+        socks = self._command_sockets()
+        if socks is None or any(s.startswith("@lxc/") for s in socks):
+            return True
+        if name is not None:
+            return f"@{self.lxcpath}/{name}/command" in socks
+        prefix = f"@{self.lxcpath}/"
+        return any(s.startswith(prefix) for s in socks)
+
     def states(self) -> dict[str, tuple[str, str]]:
-        """name -> (STATE, IPV4) for every container LXC knows in this host's namespace."""
-        if not any(self.lxcpath.iterdir()):
+        """name -> (STATE, IPV4) for the containers LXC knows in this host's namespace;
+        one missing is STOPPED (none is listed when no container of this lxcpath has a
+        monitor: nothing runs, and no lxc-ls is started to say so)."""
+        if not any(self.lxcpath.iterdir()) or not self._monitor_possible():
             return {}
-        out = self._run(["lxc-ls", "-P", str(self.lxcpath), "-f", "-F", "NAME,STATE,IPV4"]).stdout
+        out = self._query(["lxc-ls", "-P", str(self.lxcpath), "-f", "-F", "NAME,STATE,IPV4"]).stdout
         result = {}
         for line in out.splitlines()[1:]:
             parts = line.split()
@@ -208,7 +255,11 @@ class LxcDriver:
         return result
 
     def state(self, name: str) -> str:
-        r = self._run(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-sH"], check=False)
+        """RUNNING, FROZEN, STOPPED... as lxc-info says (STOPPED also for a container LXC
+        does not know); no lxc-info is started when the container has no monitor."""
+        if not self._monitor_possible(name):
+            return "STOPPED"
+        r = self._query(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-sH"], check=False)
         return r.stdout.strip() or "STOPPED"
 
     def start(self, name: str, timeout: float = 30) -> None:
@@ -293,7 +344,9 @@ class LxcDriver:
     # checkpoint / restore (CRIU through lxc-checkpoint) ------------------------------------
     def init_pid(self, name: str) -> int | None:
         """The container's init as seen from the machine, or None when it is not running."""
-        r = self._run(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-pH"], check=False)
+        if not self._monitor_possible(name):
+            return None
+        r = self._query(["lxc-info", "-P", str(self.lxcpath), "-n", name, "-pH"], check=False)
         out = r.stdout.strip()
         return int(out) if out.isdigit() and int(out) > 0 else None
 
