@@ -1,9 +1,17 @@
-"""``migrate agent``: the far side of a host-to-host operation, one request per channel.
+"""``migrate agent``: the far side of a host-to-host operation, one request at a time.
 
-The client opens an SSH channel per request and runs ``migrate --root R agent`` there. The
-first frame is the JSON request ``{"op": ..., "protocol": N, ...}``; a ``receive`` request
-is followed by DATA frames and an END trailer; the agent answers with one JSON frame:
-``{"ok": true, ...}`` or ``{"ok": false, "error": {"type", "message", "hint"}}``.
+The client opens an SSH channel and runs ``migrate --root R agent`` there. The first frame
+is the JSON request ``{"op": ..., "protocol": N, ...}``; a ``receive`` request is followed
+by DATA frames and an END trailer; the agent answers with one JSON frame: ``{"ok": true,
+...}`` or ``{"ok": false, "error": {"type", "message", "hint"}}``.
+
+A request that carries ``"session": true`` (the client sends it with requests that have no
+data stream and no calls back) keeps the agent for the next one: its successful reply says
+``"session": true`` and the agent then waits on the same channel for another request, until
+the channel ends. Starting an agent costs sshd's session, Python and its imports (~0.3 s,
+more on a busy host); a migration's dozen small requests no longer pay it each. After a
+failure, a watched request or one that handed its channel to another program, the agent
+ends as before, so a channel is only ever reused in a state both ends know.
 
 The agent only dispatches: it parses a request, looks its handler up in :data:`OPS` and
 writes the reply. Each handler lives beside the pipeline whose far end it is (a push's in
@@ -73,9 +81,38 @@ def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter
     """Handle one request from ``read``; answer on ``write``. Returns the exit status.
     ``channel_fd``: the descriptor ``read`` reads (stdin), watched during a request of
     ``WATCHED_OPS`` (see the module docstring)."""
+    while True:
+        status, again = _serve_one(cts_factory, read, write, channel_fd)
+        if not again:
+            return status
+        try:  # the next request of the session; the channel's end is the session's
+            first = read(1)
+        except (OSError, EOFError):
+            return 0
+        if not first:
+            return 0
+        read = _prepend(first, read)
+
+
+def _prepend(first: bytes | memoryview, read: Reader) -> Reader:
+    """``read`` with ``first`` (already read, to tell the channel's end from a request) in
+    front of what it returns."""
+    pending = [first]
+
+    def reader(n: int = -1, /) -> bytes | memoryview:
+        if pending:
+            return pending.pop()
+        return read(n)
+    return reader
+
+
+def _serve_one(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter,
+               channel_fd: int | None) -> tuple[int, bool]:
+    """One request and its reply: (exit status, whether the session goes on)."""
     done = threading.Event()
     try:
         req = read_json(read)
+        session = req.pop("session", None) is True
         if req.get("protocol") != PROTOCOL:
             raise ProtocolError(
                 f"protocol {req.get('protocol')} requested; this agent speaks {PROTOCOL}",
@@ -93,19 +130,20 @@ def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter
                              name="channel-watch").start()
         result = op(end, req, read)
         done.set()
-        write_json(write, {"ok": True, **result})
+        again = session and not end.exec_after_reply and req.get("op") not in WATCHED_OPS
+        write_json(write, {"ok": True, **result, **({"session": True} if again else {})})
         if end.exec_after_reply:
             proc.exec_replace(end.exec_after_reply)
-        return 0
+        return 0, again
     except (KeyError, TypeError, ValueError) as e:
         done.set()
         write_json(write, error_reply(errors.InvalidInput(f"malformed request: {e!r}")))
-        return errors.InvalidInput.exit_code
+        return errors.InvalidInput.exit_code, False
     except BaseException as e:  # noqa: BLE001 - every failure becomes a typed reply
         done.set()
         with contextlib.suppress(OSError):  # the channel is gone: nobody to tell
             write_json(write, error_reply(e))
-        return getattr(e, "exit_code", 1)
+        return getattr(e, "exit_code", 1), False
 
 
 def _watch_channel(fd: int, done: threading.Event) -> None:

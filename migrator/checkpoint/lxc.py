@@ -103,6 +103,7 @@ from migrator.core import proc
 from migrator.core.errors import CheckpointError, CommandTimeout, InvalidState, MigratorError
 from migrator.runtime import network
 from migrator.runtime.containers import Containers
+from migrator.runtime.freezer import is_frozen
 from migrator.runtime.lxc import LxcDriver
 from migrator.runtime.operations import process_start
 from migrator.runtime.state import ContainerRecord
@@ -173,34 +174,6 @@ def container_tasks(init_pid: int) -> list[Task]:
             tasks.append(parse_status(pid, status, _ns(pid, "uts"), _ns(pid, "user")))
     tasks.sort(key=lambda t: (t.pid != init_pid, t.pid))
     return tasks
-
-
-def freezer_state_file(init_pid: int) -> Path | None:
-    """The file that says whether ``init_pid``'s cgroup is frozen: the v1 freezer's
-    ``freezer.state`` where that controller is mounted, else cgroup v2's ``cgroup.events``.
-    None when the process is gone or has neither."""
-    try:
-        lines = _read(f"/proc/{init_pid}/cgroup").splitlines()
-    except OSError:
-        return None
-    v2 = None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "freezer" in controllers.split(","):
-            f = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
-            if f.exists():
-                return f
-        elif controllers == "":
-            v2 = Path("/sys/fs/cgroup/unified" if Path("/sys/fs/cgroup/unified").is_dir()
-                      else "/sys/fs/cgroup") / path.lstrip("/") / "cgroup.events"
-    return v2 if v2 is not None and v2.exists() else None
-
-
-def is_frozen(state_file: Path) -> bool:
-    text = _read(state_file)
-    if state_file.name == "freezer.state":
-        return text.strip() == "FROZEN"
-    return "frozen 1" in text.splitlines()
 
 
 def seized_by_criu(pid: int) -> bool:

@@ -36,9 +36,11 @@ stays frozen and the operation is left to ``migrate recover``. The downtime is m
 from the freeze (the moment the final-sync thread saw it; the dump's start when it did
 not) to the restore's return.
 
-Every request finds its agent already started: ``transport.warm(3)`` keeps three agents
+Every request finds its agent already started: ``transport.warm(2)`` keeps two agents
 ready from the first request on (each costs ~0.3 s to start; paid inside each request, that
-was most of a small container's migration time).
+was most of a small container's migration time), and an agent serves one request after
+another (``agent.py``'s sessions): the main thread's and the final sync's requests each
+reuse one, and only the restore, which ends its agent, is replaced, once it is over.
 
 The journal names every helper process started (``source_helpers``: lxc-checkpoint here;
 ``target_helpers``: criu lazy-pages and lxc-checkpoint there, announced by the target) with
@@ -70,7 +72,6 @@ from migrator.checkpoint.base import (
 from migrator.checkpoint.lxc import (
     LazyDump,
     LxcCheckpointer,
-    freezer_state_file,
     helper_record,
     wait_frozen,
 )
@@ -88,6 +89,7 @@ from migrator.core.names import SnapshotName
 from migrator.pipelines.remote_copy import RemoteCopy, choose_pool, negotiate_session
 from migrator.pipelines.transfer import NATIVE_TYPES, negotiate
 from migrator.runtime.containers import Containers
+from migrator.runtime.freezer import freezer_state_file
 from migrator.runtime.operations import Operation, journaled
 from migrator.runtime.temp_snapshots import (
     clean_stale_temp_snapshots,
@@ -321,7 +323,7 @@ def live_migrate(cts: Containers, transport: Transport, name: str, pool: str | N
 def _live(cts: Containers, transport: Transport, name: str, pool: str | None, mode: str,
           keep_source: bool, compress: str, progress: Progress, op: Operation) -> LiveResult:
     t_start = time.monotonic()
-    transport.warm(3)  # every request from here finds its agent started (see ``warm``)
+    transport.warm(2)  # every request from here finds its agent started (see ``warm``)
     plan = plan_live(cts, transport, name, pool, mode, compress)
     op.stage("check", plan=plan.as_dict(), pool=plan.pool, mode=plan.mode,
              method=f"{plan.storage}+{plan.compress}")

@@ -29,7 +29,7 @@ from migrator.core.errors import (
 )
 from migrator.core.names import ContainerName, SnapshotName, next_snapshot_name
 from migrator.runtime import config as cfg
-from migrator.runtime import idmap
+from migrator.runtime import freezer, idmap
 from migrator.runtime.host import Host
 from migrator.runtime.images import ImageStore
 from migrator.runtime.lxc import ContainerSpec, LxcDriver, cpuset
@@ -322,12 +322,29 @@ class Containers:
     @contextlib.contextmanager
     def frozen(self, name: str) -> Iterator[None]:
         """Freeze the running container ``name`` for the block (a consistent snapshot is
-        taken in it), then thaw it, whatever the block's outcome."""
-        self.lxc.freeze(name)
+        taken in it), then thaw it, whatever the block's outcome. Through the cgroup's
+        freezer files where they are found (``runtime/freezer.py``: ``lxc-freeze`` may
+        keep it frozen a second longer), else through LXC."""
+        init = self.lxc.init_pid(name)
+        state_file = freezer.freezer_state_file(init) if init else None
+        direct = False
+        if state_file is not None:
+            try:
+                direct = freezer.freeze(state_file)
+            except OSError:
+                direct = False
+        if not direct:
+            self.lxc.freeze(name)
         try:
             yield
         finally:
-            self.lxc.unfreeze(name)
+            if direct and state_file is not None:
+                try:
+                    freezer.thaw(state_file)
+                except OSError:
+                    self.lxc.unfreeze(name)
+            else:
+                self.lxc.unfreeze(name)
 
     def thaw_if_frozen(self, name: str) -> None:
         """Unfreeze ``name`` if it is frozen or freezing (a rollback or release does not

@@ -22,6 +22,7 @@ not wait for a link again, and the pipelines note it in the operation's log.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import shlex
@@ -79,6 +80,12 @@ class _Remember(paramiko.MissingHostKeyPolicy):
         if not self.accept or (self.expect and fingerprint(key) != self.expect):
             raise paramiko.SSHException(f"unknown host key for {hostname}")
         client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+#: requests with a data stream whose agent may serve another request after a successful
+#: reply: their receiver reads the stream to its END trailer before it answers
+#: (``streams.receive_with``), so nothing of it is left on the channel
+SESSION_STREAMS = frozenset({"receive", "receive_images"})
 
 
 class SshTransport:
@@ -277,11 +284,25 @@ class SshTransport:
     def _take_agent(self, transport: paramiko.Transport) -> Any:
         """A warm agent when there is one (then its successor is started), else a new one."""
         with self._warm_lock:
-            chan = self._warm.pop(0) if self._warm else None
+            chan = None
+            while self._warm and chan is None:
+                chan = self._warm.pop(0)
+                if chan.closed or chan.exit_status_ready() or chan.eof_received:
+                    chan.close()  # its agent ended while it waited (killed, restarted)
+                    chan = None
         if chan is None:
             return self._open_agent(transport)
-        self._top_up()
+        if len(self._warm) < self._keep_warm - 1:
+            self._top_up()  # else after the request, if it used its agent up (``request``)
         return chan
+
+    def _replace_used(self) -> None:
+        """A request ended its agent: start its successor now that the request is over (not
+        while it ran: a migration's requests run while the container is down, and a Python
+        starting beside them slows them)."""
+        if self._keep_warm and self.client is not None:
+            with contextlib.suppress(errors.NetworkError):
+                self._top_up()
 
     def agent_argv(self) -> list[str]:
         argv = [*shlex.split(self.command)]
@@ -294,6 +315,7 @@ class SshTransport:
         the agent's "ready" reply is read here, the open channel is returned."""
         transport = self.connection()
         chan = self._take_agent(transport)
+        self._replace_used()  # this one goes to another protocol for good
         try:
             write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **args})
             reply = read_json(chan.recv)
@@ -318,8 +340,15 @@ class SshTransport:
         each with the channel's reader and writer."""
         transport = self.connection()
         chan = self._take_agent(transport)
+        # a request with no calls back, and no stream or one whose receiver reads it to
+        # its trailer, leaves the agent in a known state: it may serve the next request
+        # too (see ``agent.py``)
+        session = on_call is None and (stream is None or op in SESSION_STREAMS)
+        keep = False
         try:
-            write_json(chan.sendall, {"op": op, "protocol": PROTOCOL, **(args or {})})
+            write_json(chan.sendall, {"op": op, "protocol": PROTOCOL,
+                                      **({"session": True} if session else {}),
+                                      **(args or {})})
             if stream is not None:
                 link, early = self._offer_link(transport, chan) if self.fast_link \
                     else (None, None)
@@ -352,6 +381,9 @@ class SshTransport:
                     elif on_event is not None:
                         on_event(clean_event(reply))  # shown: no escape sequences
                     reply = read_json(chan.recv)
+                if reply.pop("session", None) is True and session \
+                        and reply.get("ok") is True:
+                    keep = True
             except ProtocolError as e:
                 # the exit status may arrive just after the EOF: give it a moment
                 status = chan.exit_status if chan.status_event.wait(5) else None
@@ -373,8 +405,26 @@ class SshTransport:
         except paramiko.SSHException as e:
             raise errors.NetworkError(f"SSH error talking to {self.name}: {e}") from e
         finally:
+            if not keep:
+                chan.close()
+                self._replace_used()
+        try:
+            parsed = parse_reply(self.name, op, reply)  # checked before anything reads it
+        except BaseException:
             chan.close()
-        return parse_reply(self.name, op, reply)  # checked before anything reads it
+            raise
+        if keep:
+            self._give_back(chan)
+        return parsed
+
+    def _give_back(self, chan: Any) -> None:
+        """An agent whose session goes on (its reply said so) waits for the next request:
+        first in line, as it is surely ready (a warm one may still be starting)."""
+        with self._warm_lock:
+            if self.client is not None and not chan.closed and not chan.exit_status_ready():
+                self._warm.insert(0, chan)
+                return
+        chan.close()
 
 
 def connect_tcp(what: str, address: str, port: int, netns: str | None, timeout: float,
