@@ -202,11 +202,13 @@ class LxcDriver:
             with contextlib.suppress(OSError):
                 d.rmdir()
 
-    def _query(self, argv: list[str], check: bool = True) -> proc.Completed:
-        """An lxc-* command that only asks a container's monitor over its command socket
-        (lxc-ls, lxc-info): run in the host's network namespace (where those sockets are)
-        without the private mount namespace, /sys and cgroups that starting needs."""
-        return proc.run(argv, netns=self.netns, check=check, mounts=False)
+    def _query(self, argv: list[str], check: bool = True,
+               timeout: float | None = proc.DEFAULT_TIMEOUT) -> proc.Completed:
+        """An lxc-* command that only talks to a container's monitor over its command
+        socket (lxc-ls, lxc-info, lxc-wait): run in the host's network namespace (where
+        those sockets are) without the private mount namespace, /sys and cgroups that
+        starting needs, so a command pays for at most one helper process."""
+        return proc.run(argv, netns=self.netns, check=check, timeout=timeout, mounts=False)
 
     def _command_sockets(self) -> set[str] | None:
         """The abstract unix socket names bound in this host's network namespace, or None
@@ -267,7 +269,7 @@ class LxcDriver:
         log_file.unlink(missing_ok=True)
         try:
             self._run(["lxc-start", "-P", str(self.lxcpath), "-n", name], timeout=timeout)
-            self._run(
+            self._query(
                 [
                     "lxc-wait",
                     "-P",
@@ -303,8 +305,8 @@ class LxcDriver:
 
     def wait_state(self, name: str, state: str, timeout: float = 30) -> bool:
         """Wait until the container is in ``state``; False on timeout."""
-        r = self._run(["lxc-wait", "-P", str(self.lxcpath), "-n", name, "-s", state, "-t",
-                       str(int(timeout))], check=False, timeout=timeout + 5)
+        r = self._query(["lxc-wait", "-P", str(self.lxcpath), "-n", name, "-s", state, "-t",
+                         str(int(timeout))], check=False, timeout=timeout + 5)
         return r.returncode == 0 or self.state(name) == state
 
     def freeze(self, name: str) -> None:
