@@ -94,7 +94,12 @@ MAX_CONFIG = 64 << 10
 MAX_INDEX = 256 << 20  # chunk lists of a few TiB of parts
 UPLOADERS = 6
 IN_FLIGHT = 12  # chunks handed to uploaders and not yet stored: bounds the memory
-PREFETCH = 8
+PREFETCH = 8  # verify's and the index scan's parallel reads
+#: a part read back (``ChunkReader``): chunks fetched at once, and how far ahead it reads,
+#: in chunks and in bytes (what bounds its memory: plaintext waiting to be read)
+FETCHERS = 8
+READ_AHEAD = 32
+READ_AHEAD_BYTES = 48 << 20
 ASK_BATCH = 4  # new chunks asked about at once (at most IN_FLIGHT)
 LOCK_WAIT = 10.0
 #: a lock, writer or collection entry not refreshed (every ``HEARTBEAT``) for this long is a
@@ -632,8 +637,11 @@ class ChunkedRepository:
         parallel): ``verify --deep`` names each bad chunk."""
         problems: Names = []
         where = f"backup {backup_id}: part {rel}"
+        def check(c: str, s: int) -> None:  # the bytes dropped at once: a part's memory
+            self.read_chunk(c, s)
+
         with ThreadPoolExecutor(PREFETCH, thread_name_prefix="verify") as pool:
-            futs = [(c, pool.submit(self.read_chunk, c, s))
+            futs = [(c, pool.submit(check, c, s))
                     for c, s in self.chunks_of(backup_id, rel)]
             for c, f in futs:
                 try:
@@ -643,12 +651,13 @@ class ChunkedRepository:
                                     else f"{where}: chunk {c}: {e.message}")
         return problems
 
-    def read_chunk(self, chunk_id: str, size: int) -> bytes:
+    def read_chunk(self, chunk_id: str, size: int, rehash: bool = True) -> bytes:
+        """A chunk, authenticated (``rehash``: see ``Codec.open_chunk``)."""
         try:
             blob = self.store.get(chunk_key(chunk_id), object_limit(size))
         except NotFound as e:
             raise CorruptBackup(f"chunk {chunk_id} is missing") from e
-        return self.codec.open_chunk(chunk_id, blob, size)
+        return self.codec.open_chunk(chunk_id, blob, size, rehash)
 
     # writing ---------------------------------------------------------------------------
     def writer(self, backup_id: str, fresh: bool = True) -> ChunkedBackupWriter:
@@ -786,29 +795,44 @@ class _Heartbeat:
 
 
 class ChunkReader(ReadsInto):
-    """A part read back: its chunks fetched in order, ``PREFETCH`` ahead in parallel, each
-    authenticated before a byte of it is returned."""
+    """A part read back: its chunks fetched in order, ``PREFETCH`` ahead on ``FETCHERS``
+    threads, each authenticated before a byte of it is returned.
+
+    A sealed chunk's id is not recomputed here (``rehash=False``): its AEAD tag binds it to
+    the id already, and every reader of a part hashes the whole part against its index's
+    sha256 (restore, extract, verify, copy), which finds a chunk sealed with other bytes
+    under its name; the recomputation was a second SHA-256 pass over every byte in a
+    restore that is CPU-bound on small machines (``verify --deep`` still rehashes each
+    chunk to name a bad one: ``check_chunks``)."""
 
     def __init__(self, repo: ChunkedRepository, chunks: ChunkList, where: str
                  ) -> None:
         self.repo, self.where = repo, where
         self._todo = iter(chunks)
-        self._pool = ThreadPoolExecutor(min(PREFETCH, 4), thread_name_prefix="fetch")
-        self._window: list[Future[bytes]] = []
+        self._pool = ThreadPoolExecutor(FETCHERS, thread_name_prefix="fetch")
+        self._window: list[tuple[Future[bytes], int]] = []
+        self._ahead = 0  # bytes in the window
         self._buf = memoryview(b"")
         self._fill()
 
     def _fill(self) -> None:
-        while len(self._window) < PREFETCH:
+        """Keep up to ``READ_AHEAD`` chunks and ``READ_AHEAD_BYTES`` in flight or waiting
+        (at least one): an object store's latency is hidden behind many requests at once,
+        and a part's memory stays bounded whatever its chunks' sizes."""
+        while len(self._window) < READ_AHEAD and (
+                not self._window or self._ahead < READ_AHEAD_BYTES):
             nxt = next(self._todo, None)
             if nxt is None:
                 return
-            self._window.append(self._pool.submit(self.repo.read_chunk, *nxt))
+            self._window.append((self._pool.submit(self.repo.read_chunk, *nxt, False),
+                                 nxt[1]))
+            self._ahead += nxt[1]
 
     def _next(self) -> bool:
         if not self._window:
             return False
-        fut = self._window.pop(0)
+        fut, size = self._window.pop(0)
+        self._ahead -= size
         try:
             self._buf = memoryview(fut.result())
         except CorruptBackup as e:
@@ -830,7 +854,7 @@ class ChunkReader(ReadsInto):
         return data
 
     def close(self) -> None:
-        for f in self._window:
+        for f, _ in self._window:
             f.cancel()
         self._window = []
         self._pool.shutdown(wait=False, cancel_futures=True)

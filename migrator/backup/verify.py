@@ -206,7 +206,7 @@ def check_backup(repo: BackupRepository, backup_id: str, deep: bool = False,
             if deep:
                 if problem is None:
                     problem = _deep(repo, idx, part)
-                if problem is not None and "chunk" in problem:  # name every bad chunk
+                if problem is not None:  # name every bad chunk (each rehashed), if any
                     report.problems.extend(chunked.check_chunks(idx.id, part.path)
                                            or [problem])
                     continue

@@ -152,6 +152,12 @@ def test_chunk_sealed_under_its_own_id_but_other_content_is_refused() -> None:
     a, b = data(1000, 5), data(1000, 6)
     with pytest.raises(CorruptBackup, match="does not match its name"):
         c.open_chunk(c.chunk_id(a), c.seal_chunk(c.chunk_id(a), b), 1000)
+    # a part's reader skips the rehash (it hashes the whole part): only then is it let by
+    assert c.open_chunk(c.chunk_id(a), c.seal_chunk(c.chunk_id(a), b), 1000, False) == b
+    plain = Codec(None)  # unencrypted: the hash is the only check, never skipped
+    with pytest.raises(CorruptBackup, match="does not match its name"):
+        plain.open_chunk(plain.chunk_id(a), plain.seal_chunk(plain.chunk_id(a), b), 1000,
+                         False)
 
 
 def test_decompression_bomb_is_stopped_at_the_declared_size() -> None:
@@ -756,3 +762,57 @@ def test_committed_is_asked_without_the_key_by_the_name_its_writer_had(
             keyless.committed(BID, bad)
     with pytest.raises(AssertionError, match="key was opened"):
         keyless.committed(BID)  # without the name, it must be computed: the key is needed
+
+
+def test_a_chunk_sealed_with_other_bytes_fails_the_part_and_deep_verify_names_it(
+        tmp_path: Path) -> None:
+    """The reader does not rehash sealed chunks; the part's sha256 (every reader checks
+    it) still finds other bytes sealed under a chunk's name, and ``verify --deep`` names
+    that chunk (it rehashes each)."""
+    from migrator.backup.parts import check_digest, open_decompressed
+    from migrator.backup.verify import check_backup
+
+    repo = make_repo(tmp_path)
+    blob = data(2 << 20, 40)
+    backup(repo, BID, blob)
+    cid, size = repo.chunks_of(BID, "container.tar")[1]
+    repo.store.put(chunk_key(cid), repo.codec.seal_chunk(cid, data(size, 41)))
+    assert read_back(repo, BID) != blob  # the reader lets it by: the part's hash is next
+    part = repo.get(BID).parts[0]
+    reader, hashing = open_decompressed(repo, BID, part, "none")  # as restore reads it
+    while reader.read(1 << 20):
+        pass
+    hashing.drain()
+    hashing.f.close()
+    with pytest.raises(CorruptBackup, match="checksum|sha256"):
+        check_digest(hashing, BID, part)
+    report = check_backup(repo, BID, deep=True)
+    assert not report.ok and any(cid in p and "does not match its name" in p
+                                 for p in report.problems), report.problems
+
+
+def test_the_read_ahead_is_bounded_in_chunks_and_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path)
+    blob = data(6 << 20, 42)
+    backup(repo, BID, blob)
+    chunks = repo.chunks_of(BID, "container.tar")
+    assert len(chunks) > 12
+    asked: list[str] = []
+    orig = repo.read_chunk
+
+    def spy(cid: str, size: int, rehash: bool = True) -> bytes:
+        asked.append(cid)
+        return orig(cid, size, rehash)
+    repo.read_chunk = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(chunkrepo, "READ_AHEAD", 5)
+    with repo.open_part(BID, "container.tar") as f:
+        time.sleep(0.2)
+        assert len(asked) == 5
+        assert f.read(1) == blob[:1]
+    asked.clear()
+    monkeypatch.setattr(chunkrepo, "READ_AHEAD_BYTES", 2 * chunks[0][1] - 1)
+    with repo.open_part(BID, "container.tar") as f:
+        time.sleep(0.2)
+        assert len(asked) == 2  # the second one crossed the bytes bound
+    assert read_back(repo, BID) == blob
