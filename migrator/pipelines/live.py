@@ -219,12 +219,14 @@ def plan_live(cts: Containers, transport: Transport, name: str, pool: str | None
         raise InvalidState(f"{rec.name!r} is {status.lower()}, not running",
                            f"a stopped container moves with `migrate move {rec.name} "
                            f"{transport.name}`")
-    remote = transport.request("hello", {"criu_features": True})
+    ckpt = LxcCheckpointer(cts)
+    with ThreadPoolExecutor(1, thread_name_prefix="criu-check") as beside:
+        here = beside.submit(ckpt.check)  # this host's criu checks while the far side's run
+        remote = transport.request("hello", {"criu_features": True})
+        local = here.result()
     if not remote.get("criu"):
         raise MissingDependency(f"CRIU is not installed on {transport.name}",
                                 "run `make setup` there (CRIU 4.x)")
-    ckpt = LxcCheckpointer(cts)
-    local = ckpt.check()
     if not local.criu_version:
         raise MissingDependency("CRIU is not installed on this host", "run `make setup`")
     chosen, reasons = choose_mode(mode, local, remote,

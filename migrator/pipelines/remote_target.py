@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from migrator.backends import VolumeRef
-from migrator.checkpoint.lxc import criu_binary, criu_supports, criu_version, unprivileged_uffd
+from migrator.checkpoint.lxc import (
+    criu_binary,
+    criu_supports_all,
+    criu_version,
+    unprivileged_uffd,
+)
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName, SnapshotName
 from migrator.runtime.containers import Containers
@@ -55,8 +60,7 @@ def criu_features() -> dict[str, bool]:
     if criu_binary() is None:
         return {}
     # not criu's: whether an unprivileged container may fault its pages in (post-copy)
-    return {**{f: criu_supports(f) for f in CRIU_FEATURES},
-            "unprivileged-uffd": unprivileged_uffd()}
+    return {**criu_supports_all(CRIU_FEATURES), "unprivileged-uffd": unprivileged_uffd()}
 
 
 def memory_info(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
