@@ -88,6 +88,14 @@ class _Remember(paramiko.MissingHostKeyPolicy):
 SESSION_STREAMS = frozenset({"receive", "receive_images"})
 
 
+def session_goes_on(asked: bool, reply: dict[str, Any]) -> bool:
+    """Whether the agent that sent ``reply`` waits for another request on its channel: only
+    when this end asked (``asked``), the reply is a success and it says so with ``true``
+    itself. The marker is taken out of the reply (it is the transport's, not the op's)."""
+    said = reply.pop("session", None)
+    return asked and said is True and reply.get("ok") is True
+
+
 class SshTransport:
     """A connection to one inventory host's agent."""
 
@@ -381,9 +389,7 @@ class SshTransport:
                     elif on_event is not None:
                         on_event(clean_event(reply))  # shown: no escape sequences
                     reply = read_json(chan.recv)
-                if reply.pop("session", None) is True and session \
-                        and reply.get("ok") is True:
-                    keep = True
+                keep = session_goes_on(session, reply)
             except ProtocolError as e:
                 # the exit status may arrive just after the EOF: give it a moment
                 status = chan.exit_status if chan.status_event.wait(5) else None
