@@ -45,6 +45,10 @@ not as a failed run. Post-copy into an unprivileged container needs
 ``vm.unprivileged_userfaultfd = 1`` on the target: the bench sets it for the run when
 post-copy is among the methods and puts the old value back at the end.
 
+``--systemd``: the container is Debian bookworm with systemd as init (the test image
+``debian/bookworm``, launched with ``--wait`` until systemd says it is running) instead of
+busybox; the counter runs the same way beside systemd's own services.
+
 ``--shape 1gbit`` shapes host a's side of the link (``testhosts.shape``: a tc tbf qdisc at
 that rate, burst 256kb, latency 50ms, on link0 in host a's namespace) for the whole run; the
 qdisc is removed at the end.
@@ -90,6 +94,7 @@ AGENT = f"env PYTHONPATH={REPO} {sys.executable} -m migrator.cli.main"  # this c
 CMD_TIMEOUT = 900
 METHODS = ("stop-and-copy", "post-copy", "baseline", "move")
 UFFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
+SYSTEMD_IMAGE = "debian/bookworm"
 SHORT = {"stop-and-copy": "sc", "post-copy": "pc", "baseline": "bl", "move": "mv"}
 
 
@@ -143,8 +148,9 @@ def fmt_state(s: dict[str, int]) -> str:
 
 
 def launch_counting(a: TestHostSpec, counter: Path, name: str, mb: int,
-                    privileged: bool = True) -> dict[str, int]:
-    m(a, "launch", "busybox", name, "-p", POOL,
+                    privileged: bool = True, image: str = "busybox") -> dict[str, int]:
+    # --wait: a systemd container counts as up once systemd says it is running
+    m(a, "launch", image, name, "-p", POOL, *(["--wait"] if image != "busybox" else []),
       *(["-c", "security.privileged=true"] if privileged else []))
     dest = rootfs(a, name) / "counter"
     shutil.copy(counter, dest)
@@ -172,6 +178,7 @@ class Bench:
     shm: Path  # images of the baseline, both sides
     shape: str | None = None
     privileged: bool = True
+    image: str = "busybox"
     shaped = False
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -299,7 +306,8 @@ class Bench:
         name = f"{SHORT[method]}{size}"
         row: dict[str, Any] = {"size_mb": size, "method": method, "container": name}
         try:
-            before = launch_counting(self.a, self.counter, name, size, self.privileged)
+            before = launch_counting(self.a, self.counter, name, size, self.privileged,
+                                     self.image)
             if method == "baseline":
                 downtime, total, extra = self.baseline(name)
                 target = Path(extra["target_rootfs"])
@@ -393,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(METHODS), help=",".join(METHODS))
     ap.add_argument("--unprivileged", action="store_true",
                     help="unprivileged containers (migrate launch's default)")
+    ap.add_argument("--systemd", action="store_true",
+                    help=f"Debian with systemd as init ({SYSTEMD_IMAGE}) instead of busybox")
     ap.add_argument("--shape", default=None, metavar="RATE",
                     help="shape host a's side of the link with tbf at RATE (e.g. 1gbit)")
     args = ap.parse_args(argv)
@@ -408,6 +418,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.shape is not None and not re.fullmatch(r"\d+(\.\d+)?[kmg]?(bit|bps)", args.shape):
         ap.error("--shape: a tc rate such as 1gbit or 500mbit")
     return args
+
+
+def bench_image(args: argparse.Namespace) -> str:
+    return SYSTEMD_IMAGE if args.systemd else "busybox"
 
 
 def _sigterm(_signum: int, _frame: Any) -> None:
@@ -434,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"cannot clear an earlier run: {problems}")
         counter = work / "counter"
         run(["gcc", "-static", "-O2", "-o", counter, WORKLOAD])
-        a, b = testhosts.up(("a", "b"), BASE, pools=(POOL,), images=("busybox",),
+        a, b = testhosts.up(("a", "b"), BASE, pools=(POOL,), images=(bench_image(args),),
                             prefix=PREFIX)
         shm.mkdir(mode=0o700)
-        bench = Bench(a, b, counter, shm, args.shape, privileged=not args.unprivileged)
+        bench = Bench(a, b, counter, shm, args.shape, privileged=not args.unprivileged,
+                      image=bench_image(args))
         if args.unprivileged and "post-copy" in args.methods:
             uffd_old = UFFD.read_text().strip()
             UFFD.write_text("1")
