@@ -98,6 +98,7 @@ class LxdRig:
         self.netns = netns
         self.lxd_dir = base / "lxd"
         self.env = {"LXD_DIR": str(self.lxd_dir), "LXD_CONF": str(base / "client")}
+        self._child: proc.Child | None = None
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> LxdRig:
@@ -125,6 +126,7 @@ class LxdRig:
         proc.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         child = proc.spawn(["lxd", "--group", "", "--logfile", str(self.base / "lxd.log")],
                            netns=self.netns, env=self.env, output=self.base / "lxd.out")
+        self._child = child  # reaped by down()
         (self.base / "lxd.pid").write_text(f"{child.pid}\n")
         try:
             proc.run(["lxd", "waitready", "--timeout", "60"], env=self.env, timeout=70)
@@ -195,6 +197,10 @@ class LxdRig:
             deadline = time.monotonic() + 10
             while any(_alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.1)
+        if self._child is not None:  # started by this process: reaped, not left a zombie
+            with contextlib.suppress(Exception):
+                self._child.wait(timeout=10)
+            self._child = None
         problems += [f"process {p} is still alive" for p in pids if _alive(p)]
         for img in sorted(self.lxd_dir.glob("disks/*.img")) if self.lxd_dir.exists() else []:
             for dev in _loops_of(img):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from migrator.runtime.idmap import default_idmap
 from tests.integration.test_exchange import _boundary, host_state, lxd_archive, lxd_index
 from tests.unit.test_safety import END, data, pax, raw_header, sparse10
 
@@ -142,3 +145,72 @@ def test_hostile_images_are_refused_and_change_nothing(  # type: ignore[no-untyp
     assert sorted(p.name for p in host.host.images_dir.iterdir()) == images  # no copy left
     assert host.cli("image", "list", "--format", "json", check=True).stdout == records
     assert not Path("/", CANARY).exists()
+
+
+def _map(host: int, size: int = 1000000000, ns: int = 0, gid_host: int | None = None) -> str:
+    """``volatile.last_state.idmap`` as LXD 5.0 writes it (one uid and one gid range)."""
+    return json.dumps([{"Isuid": True, "Isgid": False, "Hostid": host, "Nsid": ns,
+                        "Maprange": size},
+                       {"Isuid": False, "Isgid": True, "Hostid": host if gid_host is None
+                        else gid_host, "Nsid": ns, "Maprange": size}])
+
+
+def _tree(base: int, stray: int | None = None) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """A small rootfs as LXD's generic tarball stores it: owners at ``base`` + N (``stray``:
+    one more file owned by that uid)."""
+    out = [_info(R, tarfile.DIRTYPE, uid=base, gid=base, mode=0o755),
+           _info(f"{R}/etc", tarfile.DIRTYPE, uid=base, gid=base, mode=0o755),
+           _info(f"{R}/etc/hostname", uid=base, gid=base, mode=0o644, size=3),
+           _info(f"{R}/home", tarfile.DIRTYPE, uid=base, gid=base, mode=0o755),
+           _info(f"{R}/home/notes", uid=base + 1000, gid=base + 1000, mode=0o600, size=3)]
+    if stray is not None:
+        out.append(_info(f"{R}/etc/stray", uid=stray, gid=base, mode=0o644, size=3))
+    return [(i, b"hi\n" if i.isreg() else b"") for i in out]
+
+
+TWO_UID_RANGES = json.dumps([{"Isuid": True, "Isgid": True, "Hostid": h, "Nsid": 0,
+                              "Maprange": 65536} for h in (100000, 0)])
+# what, recorded map, the tree's owners, None (imports) or the refusal
+IDMAPS: list[tuple[str, str, list[tuple[tarfile.TarInfo, bytes]], str | None]] = [
+    ("LXD 5.0's map, files at its base", _map(100000), _tree(100000), None),
+    ("a map from 1000000", _map(1000000), _tree(1000000), None),
+    ("no map: the container's view", "[]", _tree(0), None),
+    ("map at 100000, files at 0", _map(100000), _tree(0),
+     f"member '{R}' is owned by uid 0, outside the 65536 ids"),
+    ("no map, files at 100000", "[]", _tree(100000), "is owned by uid 100000, outside"),
+    ("base 0 claimed, files at 100000", _map(0), _tree(100000),
+     "is owned by uid 100000, outside"),
+    ("one file past the range", _map(100000), _tree(100000, stray=165536),
+     f"member '{R}/etc/stray' is owned by uid 165536, outside the 65536 ids"),
+    ("one file below the base", _map(100000), _tree(100000, stray=99999),
+     "is owned by uid 99999, outside"),
+    ("several ranges", TWO_UID_RANGES, _tree(100000), "one range for uids and one for gids"),
+    ("root mapped elsewhere", _map(100000, ns=1), _tree(100000), "from container id 1"),
+    ("huge range", _map(4294000000), _tree(4294000000), "past the last valid id"),
+    ("uids and gids apart", _map(100000, gid_host=0), _tree(100000), "different host ids"),
+    ("not JSON", "[{", _tree(100000), "is not JSON"),
+]
+
+
+def test_recorded_idmap_is_honoured_and_held_to_the_tree(host) -> None:  # type: ignore[no-untyped-def]
+    """LXD 5.0's generic tarball stores an unprivileged rootfs at its on-disk ids and records
+    the map: the map must be one sane range and every owner inside its 65536 ids; the ids
+    land at this host's base. Anything else is refused and changes nothing."""
+    before = host_state(host)
+    archive = host.root / "idmap.tar.gz"
+    here = default_idmap().base
+    for what, idmap, tree, refusal in IDMAPS:
+        config = {"volatile.last_state.idmap": idmap}
+        archive.write_bytes(lxd_archive(lxd_index("idm", config), None, tree))
+        r = host.cli("import", str(archive), "hx-idmap", "--pool", "dir")
+        if refusal is None:
+            assert r.returncode == 0, (what, r.stderr)
+            rootfs = host.cts.rootfs(host.cts.get("hx-idmap"))
+            assert os.lstat(rootfs).st_uid == here, what
+            assert os.lstat(rootfs / "home/notes").st_uid == here + 1000, what
+            assert os.lstat(rootfs / "home/notes").st_gid == here + 1000, what
+            host.cli("delete", "--force", "hx-idmap", check=True)
+        else:
+            assert r.returncode == 22, (what, r.stderr)
+            assert refusal in r.stderr, (what, r.stderr)
+        assert host_state(host) == before, what

@@ -131,6 +131,9 @@ def test_disk_idmap_round_trips_through_lxds_key() -> None:
      '{"Isuid":false,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "different host"),
     ('[{"Isuid":true,"Isgid":true,"Hostid":100000,"Nsid":0,"Maprange":65536},'
      '{"Isuid":true,"Isgid":true,"Hostid":0,"Nsid":0,"Maprange":65536}]', "one range"),
+    # LXD's own 1e9 ids are fine from 1000000, not past the 32-bit ids
+    ('[{"Isuid":true,"Isgid":true,"Hostid":4294000000,"Nsid":0,"Maprange":1000000000}]',
+     "past the last valid id"),
 ])
 def test_an_archives_idmap_must_be_one_sane_range(claimed: str, why: str) -> None:
     with pytest.raises(UnsafeArchive, match=why):
