@@ -4,7 +4,10 @@ and cgroup hierarchies match it.
 Why not ``ip netns exec``: it remounts /sys but hides the cgroup hierarchies, and lxc-start
 then fails with "Failed to setup cgroup limits"; ``nsenter --net`` alone leaves the old /sys,
 so LXC cannot find the namespace's bridge. LXC's command sockets are abstract unix sockets,
-which are per network namespace, so *every* lxc-* command for the host must run here.
+which are per network namespace, so *every* lxc-* command for the host must run in it:
+those that start or change a container run here; those that only talk to a container's
+command socket (lxc-ls, lxc-info, lxc-wait) enter just the network namespace, from a thread
+(``proc.run(..., mounts=False)``), which costs ~3 ms instead of this helper's ~15 ms.
 
 Usage: python3 -S nsexec.py NETNS -- CMD [ARG...]   (standard library only; runs as a script)
 

@@ -5,8 +5,10 @@ Every external command the project runs goes through here: ``run`` to completion
 streamed or runs beside the caller, ``exec_replace`` for a process that becomes another
 program. Commands for a host that lives in a network namespace are prefixed with the
 namespace entry helper (``core/nsexec.py``), so callers never build that prefix
-themselves and nothing ever goes through a shell. A program that is not installed is
-reported once, here, as ``MissingDependency`` naming it (``missing_tool``).
+themselves and nothing ever goes through a shell; one that only talks to the namespace's
+sockets may enter just the network namespace instead (``run(..., mounts=False)``). A
+program that is not installed is reported once, here, as ``MissingDependency`` naming it
+(``missing_tool``).
 """
 
 from __future__ import annotations
