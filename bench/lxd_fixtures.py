@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="lxd-compat-", dir="/var/tmp"))
+    os.chmod(work, 0o711)  # an unprivileged container's root must reach the host's pools
     try:
         with LxdRig() as rig:
             print(f"LXD {rig.version()} up in netns {rig.netns}", file=sys.stderr)
