@@ -236,6 +236,15 @@ HELPER_PROGRAMS = ("criu", "lxc-checkpoint")
 KILL_WAIT = 5.0  # seconds for killed helpers to be gone
 
 
+def lazy_pages_complete(log: str) -> bool:
+    """Whether a lazy-pages daemon's log (``LxcCheckpointer.lazy_pages_log``, criu's info
+    level) shows it done and nothing failing: what its exit status would have said, for
+    when the process that started it is gone and cannot be told. criu logs "Disconnect
+    from the page server" once it leaves its request loop, which it does when every task
+    has all its pages; any failure on the way is logged as an "Error" first."""
+    return "page-xfer: Disconnect from the page server" in log and "Error" not in log
+
+
 def helper_record(pid: int, what: str) -> dict[str, Any]:
     """What the journal keeps of a helper process: its pid, start time and role."""
     return {"pid": int(pid), "start": process_start(int(pid)), "what": what}
@@ -777,6 +786,12 @@ class LxcCheckpointer:
         return LazyDump(self, rec.name, images, 0 if ps_socket is not None else int(port or 0),
                         p, out, ready_r)
 
+    def lazy_pages_log(self, images: Path) -> Path:
+        """The log of the lazy-pages daemon serving ``images``: at criu's info level (-v3,
+        not -v4's lines per page fault, which slowed the pages by a fifth), so it says when
+        the daemon has finished (``lazy_pages_complete``)."""
+        return self._workdir() / f"lazy-pages-{images.name}.log"
+
     def start_lazy_pages(self, images: Path, address: str | None = None, port: int | None = None,
                          timeout: float = 30, ps_socket: int | None = None,
                          tls: base.CriuTls | None = None) -> LazyPages:
@@ -787,13 +802,13 @@ class LxcCheckpointer:
         criu = criu_binary()
         if criu is None:
             raise CheckpointError("criu is not installed", "run `make setup`")
-        log = self._workdir() / f"lazy-pages-{images.name}.log"
+        log = self.lazy_pages_log(images)
         log.unlink(missing_ok=True)
         (images / "lazy-pages.socket").unlink(missing_ok=True)
         server = ["--ps-socket", str(int(ps_socket))] if ps_socket is not None else \
             ["--address", str(address), "--port", str(int(port or 0))]
         p = proc.spawn([criu, "lazy-pages", "--page-server", *server, "--images-dir",
-                        str(images), "-o", str(log), "-v2",
+                        str(images), "-o", str(log), "-v3",
                         *(tls.argv() if tls is not None else [])], netns=self.netns,
                        pass_fds=() if ps_socket is None else (ps_socket,))
         lp = LazyPages(p, images, log)

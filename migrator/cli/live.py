@@ -177,8 +177,10 @@ def _delegate(src: str, dst: str, names: list[str], pool: str | None, mode: str,
 
 
 def _report(r: dict[str, Any]) -> None:
+    # no downtime when the target's "restored" was cut off and the migration went forward
+    down = "unknown" if r.get("downtime") is None else f"{r['downtime']:.2f}s"
     say(f"{r['container']}: live-migrated to {r['target']} ({r['mode']}, storage "
-        f"{r['storage']}+{r['compress']}) in {r['seconds']:.1f}s, down {r['downtime']:.2f}s")
+        f"{r['storage']}+{r['compress']}) in {r['seconds']:.1f}s, down {down}")
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in r["stages"].items())
     say(f"  stages: {stages}")
     say(f"  sent: rootfs {human_size(r['storage_bytes'])}, images "

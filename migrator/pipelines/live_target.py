@@ -40,7 +40,14 @@ from typing import Any
 from migrator.backends import VolumeRef
 from migrator.backends.generic import tar_extract
 from migrator.checkpoint.base import CriuTls, images_dir, remove_images_dir
-from migrator.checkpoint.lxc import LxcCheckpointer, bounded_lxc, helper_record, kill_helpers
+from migrator.checkpoint.lxc import (
+    LxcCheckpointer,
+    bounded_lxc,
+    find_helpers,
+    helper_record,
+    kill_helpers,
+    lazy_pages_complete,
+)
 from migrator.core import errors
 from migrator.core.names import ContainerName, PoolName
 from migrator.pipelines.live import cpu_flags
@@ -52,6 +59,9 @@ from migrator.transport.link import Identity, decode_cert
 
 LXC_WAIT = 20.0  # seconds any lxc-* command may take while settling a cut migration
 PAGES_GRACE = 5.0  # seconds the pages may still need when the channel ends after "restored"
+#: how long a settle waits for a resumed restore's pages when its agent is gone (within the
+#: 30 s a cut migration has to end in)
+SETTLE_PAGES_WAIT = 15.0
 MARK_AGE = 7 * 86400.0  # seconds a restore mark is kept (recover may come days later)
 
 
@@ -247,10 +257,14 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
     mark = RestoreMark(end.host.root, tag)
     with mark.locked() as m:
         phase = m.get("phase")
-        if phase != "complete":
-            m["phase"] = "abandoned"
         helpers = [h for h in [*(req.get("helpers") or []), *m.get("helpers", [])]
                    if isinstance(h, dict)]
+    if phase == "restored":  # resumed: it may be whole though its agent is gone
+        phase = _pages_finished(LxcCheckpointer(cts), images, helpers, mark)
+    with mark.locked() as m:
+        phase = m.get("phase")
+        if phase != "complete":
+            m["phase"] = "abandoned"
     with bounded_lxc(cts, LXC_WAIT):
         exists = cts.state.has_container(name)
         if phase == "complete" and exists and cts.run_state(name) == "RUNNING":
@@ -269,6 +283,30 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
             cts.stop_now(name, force=True)
     remove_images_dir(images)
     return {"whole": False, "phase": phase, "killed": killed}
+
+
+def _pages_finished(ckpt: LxcCheckpointer, images: Path, helpers: list[dict[str, Any]],
+                    mark: RestoreMark) -> str | None:
+    """The phase of a restore that had resumed when its migration was cut, once its pages
+    are settled: "complete" when the lazy-pages daemon delivered every page, though the
+    agent that waited for it is gone (killed: nobody else would mark it). The container
+    then runs with all its memory and state newer than the source's, so going back would
+    lose what it did since; only a daemon that failed, or still fetches after
+    ``SETTLE_PAGES_WAIT``, leaves it short of memory, and the migration goes back."""
+    daemons = [h for h in helpers if h.get("what") == "criu lazy-pages"]
+    deadline = time.monotonic() + SETTLE_PAGES_WAIT
+    while daemons and find_helpers(daemons, None, ("criu",)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    with mark.locked() as m:
+        if m.get("phase") == "restored" and daemons \
+                and not find_helpers(daemons, None, ("criu",)):
+            with contextlib.suppress(OSError):
+                if lazy_pages_complete(ckpt.lazy_pages_log(images).read_text(
+                        errors="replace")):
+                    m["phase"] = "complete"
+        return m.get("phase")
 
 
 def drop_images(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:

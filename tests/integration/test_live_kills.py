@@ -274,23 +274,30 @@ def _source_criu(op: OperationRecord) -> int:
     raise AssertionError("no criu serving pages on the source")
 
 
-# while the pages flow: the target's lazy-pages daemon, the agent that started it, the
-# source's page server. Each leaves the target's copy short of memory (dead), so the
-# migration goes back by itself (the client lives) and recover finds nothing left
+# while the pages flow: the target's lazy-pages daemon or the source's page server leave
+# the target's copy short of memory (dead), so the migration goes back by itself (the
+# client lives) and recover finds nothing left. The agent that started the lazy-pages
+# daemon is another matter: the daemon lives on in its own session and delivers every
+# page, so the target's copy is whole, has run, and is newer than the source: the
+# migration goes forward (the settle reads the daemon's log, as nobody is left to hear
+# its exit status) and the client ends well, with a warning
 TARGET_CASES = [
-    pytest.param(_lazy_pages, id="target-lazy-pages"),
-    pytest.param(lambda op: _ppid(_lazy_pages(op)), id="target-agent"),
-    pytest.param(_source_criu, id="source-page-server"),
+    pytest.param(_lazy_pages, "a", id="target-lazy-pages"),
+    pytest.param(lambda op: _ppid(_lazy_pages(op)), "b", id="target-agent"),
+    pytest.param(_source_criu, "a", id="source-page-server"),
 ]
 
 
-@pytest.mark.parametrize("victim", TARGET_CASES)
-def test_helper_killed_during_pages(hosts, counter, victim) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("victim", "ends_on"), TARGET_CASES)
+def test_helper_killed_during_pages(hosts, counter, victim, ends_on) -> None:  # type: ignore[no-untyped-def]
     a, b = hosts
     # enough memory that the pages still flow when the kill lands: criu to criu over the
     # direct link, 16 MB can be across before the restore mark is even read
     launch_counting(a, counter, "c1", mb=PAGES_MB, pool="dir")
     p = _migrate(a, "post-copy")
     killed_at, seen = _kill_when(a, p, _pages_flowing(b), victim)
-    assert _ends_well(a, b, p, killed_at, seen, client_dies=False) == "a"
-    assert p.returncode != 0
+    assert _ends_well(a, b, p, killed_at, seen, client_dies=False) == ends_on
+    if ends_on == "a":
+        assert p.returncode != 0
+    else:
+        assert p.returncode == 0  # forward, the cut noted as a warning

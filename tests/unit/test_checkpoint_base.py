@@ -215,3 +215,20 @@ def test_socket_inodes_and_a_process_holding_inet_sockets() -> None:
     finally:
         srv.close()
     assert base.inet_sockets([]) == 0
+
+
+def test_lazy_pages_complete_needs_the_closing_line_and_no_error() -> None:
+    """The lazy-pages daemon's log stands in for its exit status when the agent that
+    started it is gone: only its closing line with no error before it counts as whole."""
+    from migrator.checkpoint.lxc import lazy_pages_complete
+
+    start = ("(00.2286) Connecting to server 198.51.100.10:38959\n"
+             "(00.2303) tls: TLS handshake completed\n"
+             "(00.2655) pr6-1 Read 668000 1 pages\n")
+    done = start + "(04.0512) page-xfer: Disconnect from the page server\n"
+    assert lazy_pages_complete(done)
+    assert not lazy_pages_complete("")  # killed before it said anything
+    assert not lazy_pages_complete(start)  # killed while it fetched
+    assert not lazy_pages_complete(
+        start + "(01.19) Error (criu/uffd.c:1234): uffd: 6-11: failed to read pages\n"
+        "(01.19) page-xfer: Disconnect from the page server\n")
