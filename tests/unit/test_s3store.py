@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -213,3 +214,27 @@ def test_client_from_the_standard_variables(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(InvalidInput) as e:
         make_client()
     assert "AWS_PROFILE" in e.value.hint
+
+
+def test_transport_checksums_only_when_required_unless_the_operator_says(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every object is authenticated by the repository: botocore's CRC32 on each PUT and
+    GET is left out by default (CPU, and stores that refuse its headers); a variable or a
+    profile that says otherwise wins."""
+    names = ("request_checksum_calculation", "response_checksum_validation")
+    for name in names:
+        monkeypatch.delenv(f"AWS_{name.upper()}", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    conf = make_client().meta.config
+    assert [getattr(conf, n) for n in names] == ["when_required", "when_required"]
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_supported")
+    conf = make_client().meta.config
+    assert [getattr(conf, n) for n in names] == ["when_required", "when_supported"]
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION")
+    cfg = tmp_path / "config"
+    cfg.write_text("[default]\nrequest_checksum_calculation = when_supported\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(cfg))
+    conf = make_client().meta.config
+    assert [getattr(conf, n) for n in names] == ["when_supported", "when_required"]
