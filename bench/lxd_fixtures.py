@@ -9,10 +9,11 @@ One run:
 
 1. LXD up in its own network namespace (install if needed; dir pool, btrfs pool on a loop
    file; the fixtures' tiny image and the project's busybox image imported from files).
-2. ``fixtures``: four containers from the tiny image (dir/btrfs x privileged/unprivileged),
-   each started once (LXD shifts an unprivileged rootfs on disk at its first start), stopped,
-   snapshotted as ``s0``, then given ``/etc/motd`` (so the snapshot and the container differ),
-   then exported in every kind the suite covers, into ``--out``.
+2. ``fixtures``: containers from the tiny image (dir/btrfs x privileged/unprivileged, and
+   two unprivileged ones with a snapshot ``before`` taken before the first start), each
+   started once (LXD shifts an unprivileged rootfs on disk at its first start, not its
+   snapshots), stopped, snapshotted as ``s0``, then given ``/etc/motd`` (so the snapshots and
+   the container differ), then exported in every kind the suite covers, into ``--out``.
 3. ``here``: each fixture imported by ``migrate import`` on a project host and started (the
    suite does the same with more checks, ``tests/integration/test_lxd_fixtures.py``).
 4. ``into-lxd``: busybox containers made here (unprivileged with a snapshot, privileged)
@@ -72,11 +73,15 @@ class Kind:
 
     @property
     def snapshots(self) -> list[str]:
-        return [] if "--instance-only" in self.flags else ["s0"]
+        early = ["before"] if SOURCES[self.source][2] else []
+        return [] if "--instance-only" in self.flags else [*early, "s0"]
 
 
-SOURCES = {"udir": ("dir", False), "pdir": ("dir", True), "ubt": ("bt", False),
-           "pbt": ("bt", True)}
+# name: pool, privileged, a snapshot "before" its first start (LXD shifts only the
+# container's rootfs at a start: that snapshot stays at 0+N and records "[]")
+SOURCES = {"udir": ("dir", False, False), "pdir": ("dir", True, False),
+           "ubt": ("bt", False, False), "pbt": ("bt", True, False),
+           "umix": ("dir", False, True), "umixbt": ("bt", False, True)}
 KINDS = [
     Kind("dir-unpriv-gzip.tar.gz", "udir"),
     Kind("dir-unpriv-zstd.tar.zst", "udir", ("--compression", "zstd")),
@@ -86,6 +91,8 @@ KINDS = [
     Kind("btrfs-unpriv-gzip.tar.gz", "ubt"),
     Kind("btrfs-unpriv-optimized.tar.gz", "ubt", ("--optimized-storage",)),
     Kind("btrfs-priv-optimized.tar.gz", "pbt", ("--optimized-storage",)),
+    Kind("dir-unpriv-mixed.tar.gz", "umix"),
+    Kind("btrfs-unpriv-mixed-optimized.tar.gz", "umixbt", ("--optimized-storage",)),
 ]
 
 
@@ -100,9 +107,11 @@ class Row:
 def make_fixtures(rig: LxdRig, out: Path, work: Path) -> list[Row]:
     """The LXD-made archives, from the tiny image (a few kB of rootfs)."""
     rig.import_image(tiny_image(work / "tiny.tar.gz", work / "tiny"), "tiny")
-    for name, (pool, privileged) in SOURCES.items():
+    for name, (pool, privileged, early) in SOURCES.items():
         rig.lxc("init", "tiny", name, "-s", pool,
                 *(["-c", "security.privileged=true"] if privileged else []))
+        if early:
+            rig.lxc("snapshot", name, "before")
         rig.lxc("start", name)
         rig.lxc("stop", name, "--timeout", "20")
         rig.lxc("snapshot", name, "s0")

@@ -119,14 +119,15 @@ class ArchiveReader:
     (``sections``) and stops the thread at the end, whatever happened (``drain``)."""
 
     def __init__(self, tar: tarfile.TarFile, guard: TarGuard, index: ArchiveIndex,
-                 shift: int, optimized: bool, stored: int = 0):
+                 shift: int, optimized: bool, bases: dict[str, int] | None = None):
         """``shift``: this host's base for the container's root (0: privileged, ids kept);
-        ``stored``: the base the archive's generic sections are owned from."""
+        ``bases``: the base each generic section ("container" or a snapshot's name) is
+        owned from, as its recorded map says (absent: 0)."""
         self.tar = tar
         self.guard = guard
         self.index = index
         self.shift = shift
-        self.stored = stored
+        self.bases = bases or {}
         self.optimized = optimized
         self._queue: queue.Queue[_Section | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
@@ -239,13 +240,13 @@ class ArchiveReader:
             cut = 3 if lparts[1:2] == ["container"] else 4
             info.linkname = "/".join(lparts[cut - 1:])
         if self.shift:
-            low = self.stored
+            low = self.bases.get(section.key, 0)
             for what, ident in (("uid", m.uid), ("gid", m.gid)):
                 if not low <= ident < low + idmap.MAP_SIZE:
                     raise UnsafeArchive(
                         f"member {m.name!r} is owned by {what} {ident}, outside the "
                         f"{idmap.MAP_SIZE} ids an unprivileged container maps (from "
-                        f"{low}, as the archive's volatile.last_state.idmap says)")
+                        f"{low}, as the archive's recorded idmap for {section.key} says)")
             info.uid = m.uid - low + self.shift
             info.gid = m.gid - low + self.shift
         # keep xattrs and ACLs; tarfile writes path, size, times and sparse data itself

@@ -43,6 +43,7 @@ from migrator.exchange.compression import open_archive
 from migrator.exchange.layout import (
     INDEX,
     TAR_RULES,
+    ArchiveIndex,
     BackupFormatError,
     parse_index,
     read_small,
@@ -54,7 +55,13 @@ from migrator.runtime import idmap
 from migrator.runtime.containers import Containers, Stages
 from migrator.runtime.leftovers import remove_leftover
 from migrator.runtime.state import SnapshotRecord
-from migrator.runtime.treecheck import TreePolicy, container_policy, inspect_volume
+from migrator.runtime.treecheck import (
+    TreePolicy,
+    TreeReport,
+    container_policy,
+    inspect_tree,
+    inspect_volume,
+)
 from migrator.streams import Progress, ProgressMeter, no_progress
 from migrator.targuard import GnuTarInfo, TarGuard, device_refused
 
@@ -137,9 +144,12 @@ def import_container(
     shift = 0 if index.privileged else idmap.default_idmap().base
     # what the archive's ids are on the exporting disk, checked before anything is received
     stored = 0 if index.privileged else disk_shift(index.config)
+    bases = {"container": stored} | {
+        snap: 0 if index.privileged else _snapshot_base(index, snap, stored)
+        for snap in index.snapshots}
     scratch = VolumeRef("container", f"{target[:40]}-import-{secrets.token_hex(3)}")
     final = VolumeRef("container", target)
-    reader = ArchiveReader(tar, guard, index, shift, index.optimized, stored)
+    reader = ArchiveReader(tar, guard, index, shift, index.optimized, bases)
     with Stages() as st:
         st.add_undo("delete the imported volume", lambda: remove_leftover(backend, scratch))
         reader.start()
@@ -162,15 +172,15 @@ def import_container(
         # cheaply).
         if index.optimized and not index.privileged:
             assert isinstance(backend, BtrfsBackend)
-            inspect_volume(backend, scratch, TreePolicy(False, stored, all_owners=True),
-                           "the archive's btrfs streams")
-            _settle_native(backend, scratch, shift - stored, result.notes)
+            _inspect_native(backend, scratch, bases)
+            _settle_native(backend, scratch, {k: shift - b for k, b in bases.items()},
+                           result.notes)
         else:
             inspect_volume(backend, scratch, container_policy(index.privileged),
                            "the archive")
             if index.optimized:
                 assert isinstance(backend, BtrfsBackend)
-                _settle_native(backend, scratch, 0, result.notes)
+                _settle_native(backend, scratch, {}, result.notes)
         rootfs = backend.volume_path(scratch) / "rootfs"
         if "image.init" not in config:
             config["image.init"] = _detect_init(rootfs)
@@ -184,31 +194,64 @@ def import_container(
     result.bytes = guard.summary.bytes
     result.seconds = time.monotonic() - t0
     if not index.privileged and not index.optimized:
-        result.notes.append(f"rootfs ids shifted by {shift - stored} (from the archive's "
-                            f"base {stored}) for this host's unprivileged map")
+        result.notes.append(
+            f"rootfs ids shifted by {shift - stored} (from the archive's base {stored})"
+            + (", snapshots' each from its own" if set(bases.values()) != {stored} else "")
+            + " for this host's unprivileged map")
     return result
 
 
-def _settle_native(backend: BtrfsBackend, vol: VolumeRef, delta: int,
+def _snapshot_base(index: ArchiveIndex, snap: str, default: int) -> int:
+    """The base a snapshot's rootfs is stored from: its own ``volatile.last_state.idmap``.
+
+    LXD shifts only the container's rootfs at a start: a snapshot taken before the first
+    start stays at the container's view (0+N) and says ``[]``, while the container says
+    100000. A snapshot document without the key takes the container's."""
+    doc = index.snapshot_docs.get(snap) or {}
+    conf = doc.get("expanded_config") or doc.get("config")
+    if not isinstance(conf, dict) or "volatile.last_state.idmap" not in conf:
+        return default
+    return disk_shift({"volatile.last_state.idmap": str(conf["volatile.last_state.idmap"])})
+
+
+def _inspect_native(backend: BtrfsBackend, vol: VolumeRef, bases: dict[str, int]) -> None:
+    """The received trees walked before they are shifted or recorded (send streams passed
+    no member check), each held to the ids its own recorded map claims."""
+    report = TreeReport()
+    what = "the archive's btrfs streams"
+    inspect_tree(backend.volume_path(vol),
+                 TreePolicy(False, bases["container"], all_owners=True), what, report)
+    for snap in backend.list_snapshots(vol):
+        with backend.mount_snapshot(snap) as path:
+            policy = TreePolicy(False, bases.get(snap.name, bases["container"]),
+                                all_owners=True)
+            inspect_tree(path, policy, f"{what} (snapshot {snap.name})", report)
+
+
+def _settle_native(backend: BtrfsBackend, vol: VolumeRef, deltas: dict[str, int],
                    notes: list[str]) -> None:
     """Received subvolumes made like this host's volumes.
 
     Send streams carry the ids as they were on the exporting host's disk (LXD records that
-    map in ``volatile.last_state.idmap``): the trees are shifted by ``delta`` to this host's.
-    And they carry their top directory's mode: LXD keeps it 0100 (root only), which stops
-    LXC, once it is the container's root in its user namespace, from opening the rootfs
+    map in ``volatile.last_state.idmap``, per snapshot): each tree is shifted by its delta
+    (``deltas``, by section: "container" or the snapshot's name) to this host's map. And
+    they carry their top directory's mode: LXD keeps it 0100 (root only), which stops LXC,
+    once it is the container's root in its user namespace, from opening the rootfs
     ("Permission denied"): the tops become 0711, as ``create_volume`` makes them."""
     os.chmod(backend.volume_path(vol), 0o711)
+    delta = deltas.get("container", 0)
     if delta:
         idmap.shift_tree(backend.volume_path(vol) / "rootfs", delta)
     for snap in backend.list_snapshots(vol):
         # these snapshots take no more streams: made writable for this only
         with backend.writable_snapshot(snap) as path:
             os.chmod(path, 0o711)
-            if delta:
-                idmap.shift_tree(path / "rootfs", delta)
-    if delta:
-        notes.append(f"native streams' ids shifted by {delta} to this host's map")
+            if deltas.get(snap.name, delta):
+                idmap.shift_tree(path / "rootfs", deltas.get(snap.name, delta))
+    if any(deltas.values()):
+        notes.append("native streams' ids shifted by "
+                     + ", ".join(f"{d} ({k})" for k, d in deltas.items())
+                     + " to this host's map")
 
 
 def _created(doc: dict[str, Any] | None, default: float) -> float:

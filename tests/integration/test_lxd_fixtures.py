@@ -6,7 +6,9 @@ writes (an unprivileged rootfs stored at its on-disk ids 100000+N with the map r
 0100 volume tops in send streams), and the suite must not need LXD itself. The rootfs is a
 tiny one (an init of a few kB that exits on a halt signal, a user's home owned 1000:1000,
 /etc/shadow group 42, a symlink, a hard link); each container got ``/etc/motd`` after its
-snapshot ``s0``, so snapshot and container differ.
+snapshot ``s0``, so snapshot and container differ. The ``mixed`` ones also have a
+snapshot ``before`` taken before the first start, which LXD leaves unshifted (0+N, map
+``[]``) while the container is at 100000+N: each section is held to its own recorded map.
 
 One module-scoped host (pools dir and btrfs, no image); containers ``lxf-*``, deleted after
 each case, pass or fail; the host torn down after the module.
@@ -41,6 +43,9 @@ CASES = [
     ("btrfs-unpriv-gzip.tar.gz", False, False, ["s0"]),
     ("btrfs-unpriv-optimized.tar.gz", False, True, ["s0"]),
     ("btrfs-priv-optimized.tar.gz", True, True, ["s0"]),
+    # "before" was taken before the first start: stored at 0+N, its own map "[]"
+    ("dir-unpriv-mixed.tar.gz", False, False, ["before", "s0"]),
+    ("btrfs-unpriv-mixed-optimized.tar.gz", False, True, ["before", "s0"]),
 ]
 
 
