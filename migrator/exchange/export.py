@@ -6,9 +6,11 @@ its end blocks can be cut off, or the pool's native send streams, whose size is 
 first counting pass, since a tar header needs it up front. No temporary copy of the
 container is ever made.
 
-Rootfs ownership in the archive is the container's view: LXD's tar writer *unshifts* the
-uids of an unprivileged container (0..65535, ``ShiftFromNs``), and so does this one, with GNU
-tar's ``--owner-map``/``--group-map`` (the volume is read once, never copied). POSIX ACL
+Rootfs ownership in the archive is the container's view (0..65535), unshifted with GNU tar's
+``--owner-map``/``--group-map`` (the volume is read once, never copied), and the index
+records no map (``[]``): LXD 5.0.2 itself stores its on-disk ids (100000+N) and records its
+map, but it imports either (``[]`` means "remap at the first start"; checked against a real
+LXD, ``bench/lxd_fixtures.py``), and the container's view is what any host can read. POSIX ACL
 entries and file capabilities inside an unprivileged rootfs are not unshifted (GNU tar stores
 them as text), and a file whose owner lies outside the container's range (made from the host)
 keeps its host id, where LXD leaves it out: both are known gaps. Optimized (btrfs) streams
