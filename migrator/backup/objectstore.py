@@ -1,7 +1,8 @@
 """Where a chunked repository keeps its objects: one small interface, three kinds of store.
 
 A chunked backup repository (issue: backups beyond one machine) is a set of named objects
-(``config``, ``keys/...``, ``data/XX/ID`` chunks, ``index/ID`` backup indexes, ``locks/...``).
+(``config``, ``keys/...``, ``data/XX/ID`` chunks, ``index/NAME`` backup indexes, ``locks/...``;
+an encrypted repository's NAMEs are keyed hashes, see ``migrator.backup.chunkrepo``).
 Every store, a local directory, an ``ssh://`` host through its agent, or an ``s3://`` bucket,
 offers the same few operations, so the repository logic is written once.
 
