@@ -505,6 +505,7 @@ class ChunkedRepository:
     def _scan(self) -> None:
         """Keyed names: list ``index/`` and open, in parallel, each index not opened before
         (a deleted one is forgotten); one that does not open goes to ``_unreadable``."""
+        self.check()  # the key opened here, once, not by each of the threads below
         listed = set(self.store.list("index/"))
         self._names = {i: k for i, k in self._names.items() if k in listed}
         for bid in [i for i in self._indexes if i not in self._names]:

@@ -816,3 +816,18 @@ def test_the_read_ahead_is_bounded_in_chunks_and_bytes(
         time.sleep(0.2)
         assert len(asked) == 2  # the second one crossed the bytes bound
     assert read_back(repo, BID) == blob
+
+
+def test_the_passphrase_is_asked_once_when_the_indexes_are_opened_in_parallel(
+        tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    for i, bid in enumerate((BID, BID2, "x-20261201T000002Z-abcdef")):
+        backup(repo, bid, data(256 << 10, 50 + i))
+    asked: list[bool] = []
+
+    def passphrase(confirm: bool) -> str:
+        asked.append(confirm)
+        time.sleep(0.05)  # a prompt takes a while: threads racing to it would all ask
+        return "pw"
+    fresh = ChunkedRepository(DirStore(tmp_path / "repo"), passphrase)
+    assert len(fresh.ids()) == 3 and asked == [False]
