@@ -33,6 +33,7 @@ turns it into the SIGTERM path below: the handler unwinds and gives up its own h
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import select
 import signal
@@ -41,14 +42,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from migrator.backup.remote import serve_repository, serve_restore
-from migrator.backup.sshstore import serve_objects
 from migrator.core import errors, proc
-from migrator.p2c.target import P2C_OPS
-from migrator.pipelines.delegated import delegate
-from migrator.pipelines.evacuate import serve_evacuate
-from migrator.pipelines.live_target import LIVE_OPS, WATCHED_OPS
-from migrator.pipelines.remote_target import TARGET_OPS, Handler, RemoteTarget
+from migrator.pipelines.remote_target import Handler, RemoteTarget
 from migrator.runtime.containers import Containers
 from migrator.runtime.host import Host
 from migrator.transport.base import Transport
@@ -63,17 +58,56 @@ from migrator.transport.frames import (
 from migrator.transport.local import LocalTransport
 from migrator.transport.replies import error_reply
 
-# every request this agent answers, by its name on the wire
-OPS: dict[str, Handler] = {
-    **TARGET_OPS,
-    **LIVE_OPS,
-    "delegate": delegate,
-    "evacuate": serve_evacuate,
-    **P2C_OPS,
-    "repository": serve_repository,
-    "backup_restore": serve_restore,
-    "objects": serve_objects,
+_TARGET = ("migrator.pipelines.remote_target", "TARGET_OPS")
+_LIVE = ("migrator.pipelines.live_target", "LIVE_OPS")
+_P2C = ("migrator.p2c.target", "P2C_OPS")
+
+#: every request this agent answers, by its name on the wire: the module its handler lives
+#: in and the name there (a table of handlers, or the handler itself). A module is imported
+#: when its first request comes: an agent serves a few kinds of request, and importing
+#: every handler's module (backups, conversions, live migration, TLS) cost ~0.1 s of each
+#: agent's start. tests/unit/test_agent_ops.py holds this table to the modules' own.
+HOMES: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("hello", "container_state", "receive", "commit_container",
+                     "rsync_receive", "snapshot_volume", "abort_container", "delete_snapshot",
+                     "sink", "start", "delete_container", "sync_container"), _TARGET),
+    **dict.fromkeys(("live_check", "page_identity", "receive_images", "checkpoint_restore",
+                     "live_settle", "drop_images"), _LIVE),
+    "delegate": ("migrator.pipelines.delegated", "delegate"),
+    "evacuate": ("migrator.pipelines.evacuate", "serve_evacuate"),
+    **dict.fromkeys(("p2c_pull", "p2c_finish"), _P2C),
+    "repository": ("migrator.backup.remote", "serve_repository"),
+    "backup_restore": ("migrator.backup.remote", "serve_restore"),
+    "objects": ("migrator.backup.sshstore", "serve_objects"),
 }
+
+#: requests that, once read, wait on this host with nothing more to read from the channel
+#: (``live_target.WATCHED_OPS``, which the test above holds this to): the agent watches
+#: their channel and gives them up when it ends
+WATCHED_OPS = frozenset({"checkpoint_restore"})
+
+
+class _Handlers(dict[str, Handler]):
+    """The handlers by request name, each looked up in ``HOMES`` on first use."""
+
+    def __missing__(self, op: str) -> Handler:
+        home = HOMES.get(op)
+        if home is None:
+            raise KeyError(op)
+        found = getattr(importlib.import_module(home[0]), home[1])
+        handler: Handler = found[op] if isinstance(found, dict) else found
+        self[op] = handler
+        return handler
+
+
+OPS = _Handlers()
+
+
+def handler_for(op: str) -> Handler | None:
+    try:
+        return OPS[op]
+    except KeyError:
+        return None
 
 
 def serve(cts_factory: Callable[[], Containers], read: Reader, write: DataWriter,
@@ -117,7 +151,7 @@ def _serve_one(cts_factory: Callable[[], Containers], read: Reader, write: DataW
             raise ProtocolError(
                 f"protocol {req.get('protocol')} requested; this agent speaks {PROTOCOL}",
                 "install the same migrator version on both hosts")
-        op = OPS.get(str(req.get("op")))
+        op = handler_for(str(req.get("op")))
         if op is None:
             raise errors.InvalidInput(f"unknown agent request {req.get('op')!r}")
         end = RemoteTarget(cts_factory(), lambda ev: write_json(write, ev))
