@@ -256,7 +256,7 @@ def _backup(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     here only the base snapshot an optimized backup kept on the pool is dropped, unless the
     backup was committed (its index exists), which makes the operation complete."""
     bid, name, base = op.detail["backup"], op.detail["container"], op.detail.get("base_snapshot")
-    if _backup_committed(cts, op.detail["repo"], bid):
+    if _backup_committed(cts, op.detail["repo"], bid, op.detail.get("index")):
         return f"completed: backup {bid} is in the repository"
     if base and cts.state.has_container(name):
         backend = cts.host.backend(op.detail.get("pool") or cts.state.get_container(name).pool)
@@ -265,14 +265,20 @@ def _backup(cts: Containers, op: OperationRecord, _t: TransportFor) -> str:
     return f"rolled back: backup {bid} was not made; the next writer clears its partial files"
 
 
-def _backup_committed(cts: Containers, spec: str, bid: str) -> bool:
+def _backup_committed(cts: Containers, spec: str, bid: str, index: str | None = None
+                      ) -> bool:
     """Whether backup ``bid`` is in the repository ``spec`` (a directory, ``ssh://HOST/PATH``
     or ``s3://BUCKET/PREFIX``), asked through the repository itself: an unreachable
-    repository raises, so nothing is dropped on a guess. The ids are the committed backups'
-    names (a directory repository's renamed ``backups/ID``, a chunked one's ``index/ID``),
-    listed without the key: recover needs no passphrase for a chunked repository."""
+    repository raises, so nothing is dropped on a guess. A directory repository lists its
+    committed backups' names (its renamed ``backups/ID``); a chunked one is asked about the
+    index object ``index``, the name the journal kept from the writer (an encrypted one names
+    indexes by a keyed hash of the id, which only the key computes): recover needs no
+    passphrase."""
     repo = open_repository(cts.host, spec)
     try:
+        committed = getattr(repo, "committed", None)
+        if committed is not None:
+            return bool(committed(bid, index))
         return bid in repo.ids()
     finally:
         close_repository(repo)

@@ -188,9 +188,12 @@ def create_backup(
             (result.snapshots_stored if stored_in == bid
              else result.snapshots_referenced).append(s.name)
         writer = repo.writer(bid)
+        # index: where a chunked repository will hold the index (a keyed name when it is
+        # encrypted), so that recover asks the store about it without the key
         with journaled(cts.state, "backup", container=rec.name, backup=bid, repo=str(repo),
-                       backup_kind=kind, pool=rec.pool, base_snapshot=final if optimized
-                       else None) as op, Stages() as st:
+                       index=getattr(writer, "index_key", None), backup_kind=kind,
+                       pool=rec.pool, base_snapshot=final if optimized else None
+                       ) as op, Stages() as st:
             result.operation = op.id
             st.add_undo("remove the partial backup", writer.abort)
             op.stage("write")

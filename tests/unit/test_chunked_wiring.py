@@ -77,10 +77,12 @@ def test_ssh_address_opens_a_chunked_repository_when_its_config_is_there(
     close_repository(repo)
     assert peer.closed == 1  # the store owned the connection open_repository made
 
-    # recover asks for the ids only: no passphrase is needed (none is set here)
+    # recover asks about the index's name the journal kept: no passphrase is needed (none
+    # is set here)
     cts: Any = SimpleNamespace(host=host)
-    assert recover._backup_committed(cts, f"ssh://far{where}", BID)
-    assert not recover._backup_committed(cts, f"ssh://far{where}", BID2)
+    assert recover._backup_committed(cts, f"ssh://far{where}", BID, made.index_key(BID))
+    assert not recover._backup_committed(cts, f"ssh://far{where}", BID2,
+                                         made.index_key(BID2))
     assert peer.closed == 3
 
     # a directory-format repository there (no config): the far agent's repository, over
@@ -95,9 +97,13 @@ def test_recover_reads_a_local_chunked_repository_without_its_key(tmp_path: Path
     repo = make_repo(tmp_path)
     backup(repo, BID, data(1 << 20, 1))
     cts: Any = SimpleNamespace(host=SimpleNamespace(root=tmp_path))
-    # no MIGRATOR_PASSPHRASE: opening the key would raise; listing the indexes does not
-    assert recover._backup_committed(cts, str(tmp_path / "repo"), BID)
-    assert not recover._backup_committed(cts, str(tmp_path / "repo"), BID2)
+    # no MIGRATOR_PASSPHRASE: opening the key would raise; asking about the index's name
+    # the journal kept (its keyed hash) does not
+    spec = str(tmp_path / "repo")
+    assert recover._backup_committed(cts, spec, BID, repo.index_key(BID))
+    assert not recover._backup_committed(cts, spec, BID2, repo.index_key(BID2))
+    with pytest.raises(BackupError, match="no passphrase"):  # a journal without the name
+        recover._backup_committed(cts, spec, BID)
 
 
 def test_stats_survive_protect_and_a_fresh_reader(tmp_path: Path) -> None:
