@@ -193,6 +193,17 @@ def test_chunked_repository_dedups_encrypts_restores_and_names_damage(
     assert res.returncode == CorruptBackup.exit_code and gone in res.stderr
     assert not host.cts.state.has_container("ck1-bad")
 
+    # a planted index object (not sealed with the key) hides no backup, and verify --all
+    # names it
+    planted = "index/" + "5a" * 32
+    r.store.put(planted, b"not an index")
+    listed = json.loads(host.cli("backup", "list", "--repo", repo, "--format", "json",
+                                 check=True).stdout)
+    assert b["id"] in {x["id"] for x in listed}, listed
+    every = host.cli("backup", "verify", "--all", "--repo", repo)
+    assert every.returncode == CorruptBackup.exit_code
+    assert planted.split("/")[1] in every.stderr + every.stdout, every.stderr
+
 
 # ssh:// ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
