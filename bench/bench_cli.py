@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -45,9 +44,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scratchhost import interrupt, tear_down  # noqa: E402
+
 from migrator.runtime.containers import Containers  # noqa: E402
 from migrator.runtime.host import Host  # noqa: E402
-from migrator.runtime.teardown import teardown  # noqa: E402
 
 SUBNET = "198.51.100.1/24"  # TEST-NET-2 only, inside the bench's own namespace
 IMAGE = "busybox"
@@ -99,39 +99,6 @@ def setup(root: Path, netns: str, n: int) -> tuple[Host, Containers, list[str]]:
     return host, cts, names
 
 
-def cleanup(base: Path, netns: str, host: Host | None) -> list[str]:
-    """Best effort, every step; returns what is left behind (nothing, normally)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-    if host is not None:
-        try:
-            for problem in teardown(host, purge=True):
-                print(f"cleanup: {problem}", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001 - keep cleaning
-            print(f"cleanup: teardown: {e}", file=sys.stderr)
-    for mnt in mounts_under(base):
-        subprocess.run(["umount", "-l", mnt], check=False)
-    if Path(f"/run/netns/{netns}").exists():
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-    shutil.rmtree(base, ignore_errors=True)
-    left = mounts_under(base)
-    if Path(f"/run/netns/{netns}").exists():
-        left.append(f"netns {netns}")
-    if base.exists():
-        left.append(str(base))
-    return left
-
-
-def mounts_under(base: Path) -> list[str]:
-    prefix = str(base).rstrip("/") + "/"
-    with open("/proc/self/mounts") as f:
-        found = [line.split()[1] for line in f]
-    return sorted((m for m in found if m.startswith(prefix)), key=len, reverse=True)
-
-
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def summarize(samples: dict[str, list[float]], n: int) -> list[dict[str, Any]]:
     goals = {k.format(n=n): v for k, v in GOALS.items()}
     rows = []
@@ -173,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     netns = f"mbcli{pid % 10000}"
     if base.exists() or Path(f"/run/netns/{netns}").exists():
         sys.exit(f"{base} or netns {netns} already exists; not touching someone else's")
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, interrupt)
     host: Host | None = None
     n = args.containers
     t0 = time.monotonic()
@@ -224,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         return 130
     finally:
-        left = cleanup(base, netns, host)
+        left = tear_down(base, netns, host)
         if left:
             print(f"LEFT BEHIND: {left}", file=sys.stderr)
 

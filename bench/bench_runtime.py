@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -55,12 +54,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scratchhost import interrupt, tear_down  # noqa: E402
+
 from migrator.backends import VolumeRef  # noqa: E402
 from migrator.core.proc import netns_prefix  # noqa: E402
 from migrator.runtime.containers import Containers  # noqa: E402
 from migrator.runtime.host import Host  # noqa: E402
 from migrator.runtime.lxc import ContainerSpec, render_config  # noqa: E402
-from migrator.runtime.teardown import teardown  # noqa: E402
 
 SUBNET = "198.51.100.1/24"  # TEST-NET-2 only
 RAW_IP = "198.51.100.200"  # far above the project's allocations (.10 up)
@@ -331,28 +331,7 @@ def cleanup(root: Path, netns: str, host: Host | None, raws: list[RawLxc]) -> No
             raw.destroy_all()
         except Exception as e:  # noqa: BLE001 - keep cleaning
             print(f"cleanup: raw containers in {raw.lxcpath}: {e}", file=sys.stderr)
-    if host is not None:
-        try:
-            for problem in teardown(host, purge=True):
-                print(f"cleanup: {problem}", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001
-            print(f"cleanup: teardown: {e}", file=sys.stderr)
-    for mnt in mounts_under(root):
-        subprocess.run(["umount", "-l", mnt], check=False)
-    if Path(f"/run/netns/{netns}").exists():
-        subprocess.run(["ip", "netns", "del", netns], check=False)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def mounts_under(root: Path) -> list[str]:
-    prefix = str(root).rstrip("/") + "/"
-    with open("/proc/self/mounts") as f:
-        found = [line.split()[1] for line in f]
-    return sorted((m for m in found if m.startswith(prefix)), key=len, reverse=True)
-
-
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
+    tear_down(root, netns, host)
 
 
 # main ----------------------------------------------------------------------------------------
@@ -376,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     netns = f"mbench{pid % 10000}"
     if root.exists() or Path(f"/run/netns/{netns}").exists():
         sys.exit(f"{root} or netns {netns} already exists; not touching someone else's")
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, interrupt)
     host: Host | None = None
     raws: list[RawLxc] = []
     t0 = time.monotonic()
