@@ -14,8 +14,8 @@ on the same data, in the same run, and reports the ratio project time / baseline
    project:  ``copy_container(..., refresh=True)`` (incremental from the shared ``base``).
    baseline: ``btrfs send -p PARENT SNAP | btrfs receive DIR``; PARENT is the snapshot the
              baseline's full copy sent, SNAP a new read-only snapshot (taken untimed).
-3. dir -> dir full copy.  project: copy (rsync method); baseline:
-   ``rsync -aHAX --numeric-ids --sparse SRC/ DST/``.
+3. dir -> dir full copy.  project: copy (rsync method: ``cp -a`` into the new target, then
+   rsync); baseline: ``rsync -aHAX --numeric-ids --sparse SRC/ DST/``.
 4. dir -> dir refresh after ~1% of the files were rewritten. project: refresh; baseline:
    ``rsync -aHAX --numeric-ids --sparse --delete SRC/ DST/`` over the baseline's earlier copy.
 5. dir -> btrfs full copy (cross-driver, rsync). baseline: the rsync of 3 into a fresh
