@@ -190,7 +190,7 @@ def test_move_into_full_pool_leaves_container_whole(make_host) -> None:  # type:
     assert not any((Path(tiny.path) / "containers-snapshots").glob("fat/*"))
 
 
-@pytest.mark.parametrize("victim", ["btrfs receive", "rsync"])
+@pytest.mark.parametrize("victim", ["btrfs receive", "cp -a --preserve=all"])
 def test_move_with_receiver_killed_mid_stream(make_host, victim) -> None:  # type: ignore[no-untyped-def]
     th = make_host()
     th.host.create_pool("btrfs2", "btrfs", None, "3GiB")
@@ -225,9 +225,9 @@ def test_interrupted_move_is_recovered(make_host) -> None:  # type: ignore[no-un
     sig = signature(rootfs(th, "i"))
     p = subprocess.Popen([*_migrate(th), "move", "i", "--pool", "btrfs"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _kill_when_running("rsync", p, kill_parent=True)
+    assert _kill_when_running("cp -a --preserve=all", p, kill_parent=True)
     p.communicate(timeout=60)
-    subprocess.run(["pkill", "-KILL", "-f", f"rsync.*{th.root}"], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"cp -a --preserve=all.*{th.root}"], check=False)
     _assert_intact(th, "i", "dir", sig)
     ops = json.loads(th.cli("operations", "--format", "json", check=True).stdout)
     assert [(o["kind"], o["status"], o["stage"]) for o in ops] == [
