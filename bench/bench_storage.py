@@ -71,10 +71,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from scratchhost import interrupt, mounts_under, tear_down  # noqa: E402
+
 from migrator.pipelines.copy import CopyResult, copy_container  # noqa: E402
 from migrator.runtime.containers import Containers  # noqa: E402
 from migrator.runtime.host import Host  # noqa: E402
-from migrator.runtime.teardown import teardown  # noqa: E402
 
 BASE_DIR = Path("/var/tmp/migrator-bench")
 NETNS = "mbench-st"
@@ -443,28 +444,10 @@ def setup(host: Host, data: Data, size_mib: int) -> Bench:
 
 def cleanup(root: Path, host: Host | None) -> list[str]:
     """Tear the host down (best effort, every step); return what is still left over."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-    if host is not None:
-        try:
-            for problem in teardown(host, purge=True):
-                print(f"cleanup: {problem}", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001 - keep cleaning
-            print(f"cleanup: teardown: {e}", file=sys.stderr)
-    for mnt in mounts_under(root):
-        subprocess.run(["umount", "-l", mnt], check=False)
-    if Path(f"/run/netns/{NETNS}").exists():  # ours: main() refuses to start otherwise
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)
-    shutil.rmtree(root, ignore_errors=True)
+    tear_down(root, NETNS, host)  # the namespace is ours: main() refuses to start otherwise
     with contextlib.suppress(OSError):
         BASE_DIR.rmdir()  # only when no other bench host lives there
     return leftovers(root)
-
-
-def mounts_under(root: Path) -> list[str]:
-    prefix = str(root).rstrip("/") + "/"
-    with open("/proc/self/mounts") as f:
-        found = [line.split()[1] for line in f]
-    return sorted((m for m in found if m.startswith(prefix)), key=len, reverse=True)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -476,10 +459,6 @@ def leftovers(root: Path) -> list[str]:
     if root.exists():
         left.append(f"directory {root}")
     return left
-
-
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 # main ----------------------------------------------------------------------------------------
@@ -508,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"{root} or netns {NETNS} already exists (another run, or the leftover of a "
                  f"crashed one: `ip netns del {NETNS}`); not touching it")
     BASE_DIR.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, interrupt)
     data = Data.plan(args.size_mib, args.files)
     host: Host | None = None
     t0 = time.monotonic()
