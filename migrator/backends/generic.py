@@ -10,7 +10,9 @@ Both keep ownership numerically: an unprivileged container's shifted uids stay a
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,6 +148,19 @@ def tar_receive(
     return backend.snapshot(vol, SnapshotName(name))
 
 
+#: how often a first copy's progress is looked at (seconds)
+PROGRESS_EVERY = 0.25
+
+
+def _fs_used(path: Path) -> int | None:
+    """Bytes in use on the filesystem holding ``path`` (None when it cannot be asked)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
 def copy_into_empty(src: Path, dst: Path, meter: ProgressMeter | None = None) -> int:
     """Fill the empty directory ``dst`` with an exact copy of ``src``; return the bytes.
 
@@ -160,14 +175,32 @@ def copy_into_empty(src: Path, dst: Path, meter: ProgressMeter | None = None) ->
     """
     argv = ["cp", "-a", "--preserve=all", "--reflink=auto", "--sparse=always", "-T", "--",
             str(src), str(dst)]
-    r = proc.run(argv, check=False, timeout=None)
-    if r.returncode != 0:
-        if "No space left" in r.stderr:
+    with tempfile.TemporaryFile() as errfile:
+        child = proc.start_process(argv, stderr=errfile)
+        try:
+            # cp says nothing while it works: the progress shown is what the target's
+            # filesystem has gained (nothing for a CoW clone, which is instant anyway)
+            base = _fs_used(dst)
+            while True:
+                try:
+                    rc = child.wait(timeout=PROGRESS_EVERY)
+                    break
+                except proc.TimeoutExpired:
+                    if meter is not None and base is not None:
+                        meter.set_done(max(0, (_fs_used(dst) or base) - base))
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        errfile.seek(0)
+        err = errfile.read().decode(errors="replace")
+    if rc != 0:
+        if "No space left" in err:
             raise NoSpace(f"copy to {dst}: no space left on the target pool",
                           "free space on the target pool or pick another pool")
-        if "Operation not supported" in r.stderr:
-            raise _not_storable(dst, r.stderr)
-        raise CommandFailed(argv, r.returncode, r.stderr.strip())
+        if "Operation not supported" in err:
+            raise _not_storable(dst, err)
+        raise CommandFailed(argv, rc, err.strip())
     size = tree_size(dst) or 0
     if meter is not None:
         meter.set_done(size, size)
