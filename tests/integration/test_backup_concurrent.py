@@ -241,9 +241,11 @@ def test_two_hosts_back_up_at_once_while_a_prune_runs_and_nothing_is_lost(
     assert p2["remove"] == [] and p2["gc"]["deleted"] == 0, p2
     assert p2["gc"]["postponed"] > 0 and any(w.startswith("cc-b-")
                                              for w in p2["gc"]["writers"]), p2
-    # g's chunks were reused by both, not stored again
-    assert ba["stored_bytes"] < ba["raw_bytes"] - 12 * MIB, ba
-    assert bb["stored_bytes"] < bb["raw_bytes"] - 12 * MIB, bb
+    # g's chunks were reused by both, not stored again: g is 16 MiB, and the chunk at
+    # each of its edges may straddle a neighbouring file's bytes (a chunk is at most
+    # 4 MiB), so at least 8 MiB of it is reused whenever it is reused at all
+    assert ba["stored_bytes"] < ba["raw_bytes"] - 8 * MIB, ba
+    assert bb["stored_bytes"] < bb["raw_bytes"] - 8 * MIB, bb
 
     # nothing lost: the list, a deep verify, every backup restored on the other host
     listed = json.loads(run(a, env, "backup", "list", "--repo", url,
