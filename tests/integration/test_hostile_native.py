@@ -184,6 +184,8 @@ def test_zfs_streams_are_inspected_and_lose_their_properties(make_host) -> None:
     _zfs("inherit", "mountpoint", ds)
     b.delete_volume(src)
     b.delete_volume(dst)
+    if evil.exists():  # made by `zfs set mountpoint` on the sender's side, left empty
+        evil.rmdir()
 
 
 def _zfs(*args: str) -> str:
