@@ -554,10 +554,8 @@ class LxcCheckpointer:
         if criu_binary() is None:
             return Features(None, False, False, "criu is not installed",
                             "criu is not installed")
-        with ThreadPoolExecutor(1, thread_name_prefix="criu-version") as pool:
-            asked = pool.submit(criu_version)
-            has = criu_supports_all(("uffd", "uffd-noncoop", "mem_dirty_track"))
-            version = asked.result()
+        version = criu_version()
+        has = criu_supports_all(("uffd", "uffd-noncoop", "mem_dirty_track"))
         lazy = has["uffd"] and has["uffd-noncoop"]
         pre = has["mem_dirty_track"]
         return Features(

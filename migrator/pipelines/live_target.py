@@ -260,7 +260,7 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
         helpers = [h for h in [*(req.get("helpers") or []), *m.get("helpers", [])]
                    if isinstance(h, dict)]
     if phase == "restored":  # resumed: it may be whole though its agent is gone
-        phase = _pages_finished(LxcCheckpointer(cts), images, helpers, mark)
+        _settle_pages(LxcCheckpointer(cts), images, helpers, mark)
     with mark.locked() as m:
         phase = m.get("phase")
         if phase != "complete":
@@ -285,11 +285,11 @@ def live_settle(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[st
     return {"whole": False, "phase": phase, "killed": killed}
 
 
-def _pages_finished(ckpt: LxcCheckpointer, images: Path, helpers: list[dict[str, Any]],
-                    mark: RestoreMark) -> str | None:
-    """The phase of a restore that had resumed when its migration was cut, once its pages
-    are settled: "complete" when the lazy-pages daemon delivered every page, though the
-    agent that waited for it is gone (killed: nobody else would mark it). The container
+def _settle_pages(ckpt: LxcCheckpointer, images: Path, helpers: list[dict[str, Any]],
+                  mark: RestoreMark) -> None:
+    """Mark "complete" a restore that had resumed when its migration was cut, once its
+    lazy-pages daemon has delivered every page though the agent that waited for it is
+    gone (killed: nobody else would mark it). The container
     then runs with all its memory and state newer than the source's, so going back would
     lose what it did since; only a daemon that failed, or still fetches after
     ``SETTLE_PAGES_WAIT``, leaves it short of memory, and the migration goes back."""
@@ -306,7 +306,6 @@ def _pages_finished(ckpt: LxcCheckpointer, images: Path, helpers: list[dict[str,
                 if lazy_pages_complete(ckpt.lazy_pages_log(images).read_text(
                         errors="replace")):
                     m["phase"] = "complete"
-        return m.get("phase")
 
 
 def drop_images(end: RemoteTarget, req: dict[str, Any], read: Reader) -> dict[str, Any]:

@@ -328,22 +328,19 @@ class Containers:
         init = self.lxc.init_pid(name)
         state_file = freezer.freezer_state_file(init) if init else None
         direct = False
-        if state_file is not None:
-            try:
-                direct = freezer.freeze(state_file)
-            except OSError:
-                direct = False
+        with contextlib.suppress(OSError):
+            direct = state_file is not None and freezer.freeze(state_file)
         if not direct:
             self.lxc.freeze(name)
         try:
             yield
         finally:
+            thawed = False
             if direct and state_file is not None:
-                try:
+                with contextlib.suppress(OSError):
                     freezer.thaw(state_file)
-                except OSError:
-                    self.lxc.unfreeze(name)
-            else:
+                    thawed = True
+            if not thawed:
                 self.lxc.unfreeze(name)
 
     def thaw_if_frozen(self, name: str) -> None:

@@ -21,6 +21,7 @@ import pytest
 from migrator.core import proc
 from migrator.core.errors import MissingDependency
 from migrator.runtime.lxc import LxcDriver, abstract_socket_names
+from tests.conftest import unavailable
 
 PROC_NET_UNIX = """\
 Num       RefCount Protocol Flags    Type St Inode Path
@@ -106,7 +107,7 @@ def test_an_empty_lxcpath_asks_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.fixture
 def netns() -> Iterator[str]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (a network namespace)")
+        unavailable("needs root (a network namespace)")
     name = f"mig-unit-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
